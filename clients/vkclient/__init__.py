@@ -1,0 +1,1 @@
+"""vkclient: the vkernel SDK."""

@@ -1,0 +1,1 @@
+"""The kernel proper: pure Python + numpy, no gRPC. Names follow Linux's mm."""
