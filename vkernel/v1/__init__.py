@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for the vkernel.v1 API (make proto). Do not edit."""
