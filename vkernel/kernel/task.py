@@ -7,12 +7,9 @@ import enum
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vkernel.kernel.cred import DEFAULT_RLIMITS, Cred, Rlimit
-
-if TYPE_CHECKING:
-    pass
 
 
 class TaskState(enum.Enum):

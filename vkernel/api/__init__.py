@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: decode, call the kernel, encode. No mm logic lives here."""

@@ -1,0 +1,183 @@
+"""Daemon options: command line first, then VKERNEL_* environment variables, then defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+PAGE_SIZE = 4096
+
+
+def parse_size(text: str) -> int:
+    """Parse ``4096``, ``64K``, ``512M``, ``1G`` or ``1GiB`` into bytes (binary multiples)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M or 1G)")
+    return int(m.group(1)) << _SIZE_SHIFT[m.group(2).lower()]
+
+
+def default_socket_path() -> Path:
+    """The per-user default socket: $XDG_RUNTIME_DIR/vkernel/vkernel.sock, else /tmp."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "vkernel" if runtime else Path(f"/tmp/vkernel-{os.getuid()}")
+    return base / "vkernel.sock"
+
+
+def default_address() -> str:
+    """The address clients use when neither --addr nor VKERNEL_ADDR is given."""
+    return f"unix://{default_socket_path()}"
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One listening address: a UNIX socket path or a TCP host:port."""
+
+    scheme: str
+    """``unix`` or ``tcp``."""
+    target: str
+    """The socket path (unix) or ``host:port`` (tcp)."""
+
+    @classmethod
+    def parse(cls, text: str) -> Listen:
+        """Parse ``unix:///abs/path`` or ``tcp://host:port``."""
+        if text.startswith("unix://"):
+            path = text[len("unix://") :]
+            if not path.startswith("/"):
+                raise ValueError(f"unix socket path must be absolute: {text!r}")
+            return cls("unix", path)
+        if text.startswith("tcp://"):
+            hostport = text[len("tcp://") :]
+            host, sep, port = hostport.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ValueError(f"expected tcp://host:port, got {text!r}")
+            return cls("tcp", hostport)
+        raise ValueError(f"listen address must be unix:///path or tcp://host:port, got {text!r}")
+
+    def grpc_address(self) -> str:
+        """The address string grpc's add_insecure_port takes."""
+        return f"unix:{self.target}" if self.scheme == "unix" else self.target
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.target}"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `vkernel serve` is configured with."""
+
+    listen: tuple[Listen, ...]
+    """Addresses to listen on (--listen, repeatable)."""
+    token: str | None
+    """The bearer token TCP clients must present (read from --token-file)."""
+    memory_bytes: int = 1 << 30
+    """Physical memory size (--memory)."""
+    movable_bytes: int = 0
+    """Movable region size (--movable)."""
+    arch: str = "x86_64"
+    """Page-table-freeing rules to model (--arch)."""
+    thp: str = "madvise"
+    """Transparent hugepage policy (--thp)."""
+    log_format: str = "json"
+    """json or console (--log-format)."""
+    grace: float = 5.0
+    """Seconds in-flight calls get on shutdown (--grace)."""
+    session_timeout: float = 1.0
+    """Seconds of keepalive silence after which a session ends (--session-timeout)."""
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(f"VKERNEL_{name}")
+    return value if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `vkernel` command line."""
+    parser = argparse.ArgumentParser(prog="vkernel", description="a virtual Linux mm kernel")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon", description="run the vkernel daemon")
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help="unix:///path or tcp://host:port; repeatable (env VKERNEL_LISTEN, comma-separated; "
+        "default: a per-user UNIX socket)",
+    )
+    serve.add_argument(
+        "--token-file", help="file holding the TCP bearer token (VKERNEL_TOKEN_FILE)"
+    )
+    serve.add_argument("--memory", help="physical memory size, e.g. 1G (VKERNEL_MEMORY)")
+    serve.add_argument("--movable", help="movable region size, e.g. 256M (VKERNEL_MOVABLE)")
+    serve.add_argument("--arch", choices=["x86_64", "arm64", "generic"], help="(VKERNEL_ARCH)")
+    serve.add_argument("--thp", choices=["always", "madvise", "never"], help="(VKERNEL_THP)")
+    serve.add_argument("--log-format", choices=["json", "console"], help="(VKERNEL_LOG_FORMAT)")
+    serve.add_argument("--grace", type=float, help="shutdown grace in seconds (VKERNEL_GRACE)")
+    serve.add_argument(
+        "--session-timeout", type=float, help="keepalive silence that ends a session, seconds"
+    )
+    return parser
+
+
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str], stdout_isatty: bool
+) -> ServeConfig:
+    """Merge parsed arguments with the environment; raise ValueError on bad values."""
+    listen_texts: Sequence[str]
+    if args.listen:
+        listen_texts = args.listen
+    elif env_listen := _env(environ, "LISTEN"):
+        listen_texts = [t.strip() for t in env_listen.split(",") if t.strip()]
+    else:
+        listen_texts = [f"unix://{default_socket_path()}"]
+    listen = tuple(Listen.parse(t) for t in listen_texts)
+
+    token_file = args.token_file or _env(environ, "TOKEN_FILE")
+    token = None
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read token file {token_file}: {e.strerror}") from e
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+    if any(item.scheme == "tcp" for item in listen) and token is None:
+        raise ValueError("a tcp:// listener requires --token-file")
+
+    def pick(flag: object, env_name: str, default: str) -> str:
+        return str(flag) if flag is not None else (_env(environ, env_name) or default)
+
+    memory = parse_size(pick(args.memory, "MEMORY", "1G"))
+    movable = parse_size(pick(args.movable, "MOVABLE", "0"))
+    if memory < 16 * PAGE_SIZE or memory % PAGE_SIZE:
+        raise ValueError("--memory must be a multiple of 4 KiB and at least 64 KiB")
+    if movable % PAGE_SIZE or movable >= memory:
+        raise ValueError("--movable must be a multiple of 4 KiB and smaller than --memory")
+    arch = pick(args.arch, "ARCH", "x86_64")
+    if arch not in ("x86_64", "arm64", "generic"):
+        raise ValueError(f"unknown arch {arch!r}")
+    thp = pick(args.thp, "THP", "madvise")
+    if thp not in ("always", "madvise", "never"):
+        raise ValueError(f"unknown thp policy {thp!r}")
+    log_format = pick(args.log_format, "LOG_FORMAT", "console" if stdout_isatty else "json")
+    if log_format not in ("json", "console"):
+        raise ValueError(f"unknown log format {log_format!r}")
+    grace = float(pick(args.grace, "GRACE", "5"))
+    session_timeout = float(pick(args.session_timeout, "SESSION_TIMEOUT", "1.0"))
+    if grace < 0 or session_timeout <= 0:
+        raise ValueError("--grace must be >= 0 and --session-timeout > 0")
+    return ServeConfig(
+        listen=listen,
+        token=token,
+        memory_bytes=memory,
+        movable_bytes=movable,
+        arch=arch,
+        thp=thp,
+        log_format=log_format,
+        grace=grace,
+        session_timeout=session_timeout,
+    )

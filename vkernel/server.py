@@ -1,0 +1,238 @@
+"""The daemon: a grpc.aio server around one Kernel, with health, reflection and clean shutdown."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from vkernel import __version__
+from vkernel.api.process import ProcessServicer
+from vkernel.api.rpc import InflightCalls, KernelInterceptor
+from vkernel.api.session import SessionServicer
+from vkernel.api.system import SystemServicer
+from vkernel.config import Listen, ServeConfig
+from vkernel.kernel.kernel import Kernel, KernelConfig
+from vkernel.sessions import SessionTable
+from vkernel.v1 import (
+    process_service_pb2,
+    process_service_pb2_grpc,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    system_service_pb2,
+    system_service_pb2_grpc,
+)
+
+log = structlog.get_logger("vkernel.server")
+
+SERVICE_NAMES = (
+    session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    process_service_pb2.DESCRIPTOR.services_by_name["ProcessService"].full_name,
+    system_service_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
+)
+# 64 MiB messages: page data moves in large chunks, and a malformed huge request must be
+# refused by size rather than crash anything.
+MAX_MESSAGE = 64 << 20
+GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a live daemon's port must not be silently shared
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class StartupError(Exception):
+    """The daemon cannot start (address in use, bad socket path …): a clear message, exit 1."""
+
+
+def prepare_unix_socket(path: str) -> None:
+    """Make a UNIX socket path bindable: create its folder (0700) and remove a stale socket.
+
+    A socket file whose daemon is gone refuses connections: it is replaced. One that accepts
+    a connection belongs to a live daemon: that is an error, never a takeover.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        st = p.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            p.unlink(missing_ok=True)
+            log.info("stale_socket_removed", path=path)
+            return
+        raise StartupError(f"cannot probe {path}: {e.strerror}") from e
+    finally:
+        probe.close()
+    raise StartupError(f"{path} is in use by a running daemon")
+
+
+def bind(server: grpc.aio.Server, listen: Listen) -> str:
+    """Bind one listener; UNIX sockets get mode 0600. Returns the bound address."""
+    if listen.scheme == "unix":
+        prepare_unix_socket(listen.target)
+        old = os.umask(0o177)  # the socket is born 0600: no window with wider permissions
+        try:
+            server.add_insecure_port(listen.grpc_address())
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on {listen}: {e}") from e
+        finally:
+            os.umask(old)
+        os.chmod(listen.target, 0o600)
+        return str(listen)
+    try:
+        port = server.add_insecure_port(listen.grpc_address())
+    except RuntimeError as e:
+        raise StartupError(f"cannot listen on {listen}: address in use or unavailable") from e
+    host = listen.target.rpartition(":")[0]
+    return f"tcp://{host}:{port}"
+
+
+async def serve(
+    cfg: ServeConfig,
+    *,
+    on_ready: Callable[[list[str]], None] | None = None,
+    shutdown: anyio.Event | None = None,
+    handle_signals: bool = True,
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or ``shutdown`` is set); return the exit status."""
+    kernel = Kernel(
+        KernelConfig(
+            memory_bytes=cfg.memory_bytes,
+            arch=cfg.arch,
+            movable_bytes=cfg.movable_bytes,
+            thp=cfg.thp,
+        )
+    )
+    sessions = SessionTable(kernel)
+    inflight = InflightCalls()
+    server = grpc.aio.server(
+        interceptors=[KernelInterceptor(cfg.token, inflight)], options=GRPC_OPTIONS
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    session_service_pb2_grpc.add_SessionServiceServicer_to_server(
+        SessionServicer(sessions, cfg.session_timeout), server
+    )
+    process_service_pb2_grpc.add_ProcessServiceServicer_to_server(
+        ProcessServicer(kernel, sessions), server
+    )
+    system_service_pb2_grpc.add_SystemServiceServicer_to_server(
+        SystemServicer(kernel, sessions), server
+    )
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+    try:
+        addresses = [bind(server, item) for item in cfg.listen]
+    except StartupError as e:
+        log.error("startup_failed", error=str(e))
+        return 1
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "server_started",
+        addresses=addresses,
+        version=__version__,
+        arch=cfg.arch,
+        memory_bytes=cfg.memory_bytes,
+        pid=os.getpid(),
+    )
+    if on_ready is not None:
+        on_ready(addresses)
+
+    stop = shutdown or anyio.Event()
+    async with anyio.create_task_group() as tg:
+        if handle_signals:
+            tg.start_soon(_watch_signals, stop)
+        await stop.wait()
+        tg.cancel_scope.cancel()
+
+    with anyio.CancelScope(shield=True):
+        await health_servicer.enter_graceful_shutdown()
+        stopping = _spawn_stop(server, cfg.grace)
+        # In-flight calls get the grace; long-lived keepalive streams would hold it all, so
+        # sessions end (with close semantics) once the ordinary calls are done.
+        with anyio.move_on_after(cfg.grace):
+            await inflight.wait_idle()
+        sessions.close_all("daemon shutting down")
+        await stopping.wait()
+        _remove_sockets(cfg.listen)
+    log.info("server_stopped")
+    return 0
+
+
+def _remove_sockets(listen: tuple[Listen, ...]) -> None:
+    """Unlink our UNIX sockets so the next daemon finds no stale file."""
+    for item in listen:
+        if item.scheme == "unix":
+            Path(item.target).unlink(missing_ok=True)
+
+
+def _spawn_stop(server: grpc.aio.Server, grace: float) -> anyio.Event:
+    """Start server.stop(grace) in the background; the returned event fires when it is done."""
+    import asyncio
+
+    done = anyio.Event()
+
+    async def run() -> None:
+        try:
+            await server.stop(grace)
+        finally:
+            done.set()
+
+    task = asyncio.get_running_loop().create_task(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return done
+
+
+_background: set[object] = set()
+
+
+async def _watch_signals(stop: anyio.Event) -> None:
+    """First SIGTERM/SIGINT: orderly shutdown. A second one: exit at once."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                log.warning("shutdown_forced", signal=signal.Signals(signum).name)
+                os._exit(1)
+            log.info("shutdown_requested", signal=signal.Signals(signum).name)
+            stop.set()
+            _install_second_signal_handler()
+            return
+
+
+def _install_second_signal_handler() -> None:
+    """After the first signal the receiver is gone; a plain handler catches the second."""
+
+    def force(signum: int, frame: object) -> None:
+        log.warning("shutdown_forced", signal=signal.Signals(signum).name)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, force)
+    signal.signal(signal.SIGINT, force)
