@@ -1,0 +1,160 @@
+"""Start the real vkernel daemon for a benchmark and talk to it with the generated stubs.
+
+Why a subprocess and raw stubs: a benchmark must see what a client sees — the daemon's own
+process, its interceptors, logging and event loop — with client and server on separate
+processes exactly like the floor server (perf-floor.md), and without the SDK's conveniences
+adding client-side cost the floor does not pay.  Later ``bench_*.py`` modules reuse
+:func:`vkernel_daemon`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import cast
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2
+
+from bench._harness import ServerProcess, probe_channel
+from vkernel.v1 import (
+    process_service_pb2_grpc,
+    session_service_pb2,
+    session_service_pb2_grpc,
+    system_service_pb2_grpc,
+)
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass
+class Vkernel:
+    """A running daemon with one open session.
+
+    ``metadata`` must go on every call; ``keepalive`` is the session's long-lived Keepalive
+    stream (kept open for the session's whole life, as a real client does), which
+    :meth:`ping` drives one request → one response.
+    """
+
+    server: ServerProcess
+    channel: grpc.aio.Channel
+    session_id: str
+    token: str
+    metadata: Metadata
+    session: session_service_pb2_grpc.SessionServiceAsyncStub
+    system: system_service_pb2_grpc.SystemServiceAsyncStub
+    process: process_service_pb2_grpc.ProcessServiceAsyncStub
+    keepalive: grpc.aio.StreamStreamCall[
+        session_service_pb2.KeepaliveRequest, session_service_pb2.KeepaliveResponse
+    ]
+
+    async def ping(self, sequence: int) -> session_service_pb2.KeepaliveResponse:
+        """One keepalive round trip; raises if the daemon breaks the echo contract."""
+        await self.keepalive.write(session_service_pb2.KeepaliveRequest(sequence=sequence))
+        got = await self.keepalive.read()
+        if got is grpc.aio.EOF:
+            raise RuntimeError(
+                f"Keepalive stream ended after ping {sequence}: {await self.keepalive.code()}"
+            )
+        resp = cast(session_service_pb2.KeepaliveResponse, got)
+        if resp.sequence != sequence:
+            raise RuntimeError(
+                f"Keepalive answered sequence {resp.sequence} to ping {sequence}"
+                " (the proto promises one response per request, same sequence)"
+            )
+        return resp
+
+
+async def _healthy(target: str) -> bool:
+    async with probe_channel(target) as ch:
+        # The typeshed stub of HealthStub lacks its methods; a typed multicallable instead.
+        check: grpc.aio.UnaryUnaryMultiCallable[
+            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        ] = ch.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        resp = await check(
+            health_pb2.HealthCheckRequest(service=""), timeout=1.0, wait_for_ready=True
+        )
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@contextlib.asynccontextmanager
+async def vkernel_daemon(
+    scratch: Path,
+    *,
+    client_name: str = "bench",
+    extra_args: Sequence[str] = (),
+    start_limit_s: float = 30.0,
+) -> AsyncIterator[Vkernel]:
+    """Run ``python -m vkernel serve`` on a UNIX socket in ``scratch`` until the block ends.
+
+    Waits for gRPC health "" to say SERVING, opens a session and its Keepalive stream, and on
+    exit closes the session and stops the daemon with SIGTERM.  Raises, quoting the daemon's
+    log, if it fails to start or does not exit cleanly.
+    """
+    sock = scratch / "vk.sock"
+    target = f"unix://{sock}"
+    server = ServerProcess(
+        [
+            sys.executable,
+            "-m",
+            "vkernel",
+            "serve",
+            "--listen",
+            target,
+            "--log-format",
+            "json",
+            *extra_args,
+        ],
+        scratch,
+        "vkernel",
+    )
+    clean_exit = False
+    try:
+        await server.wait_until(lambda: _healthy(target), start_limit_s, "SERVING")
+        async with grpc.aio.insecure_channel(target) as channel:
+            session = session_service_pb2_grpc.SessionServiceStub(channel)
+            opened = await session.OpenSession(
+                session_service_pb2.OpenSessionRequest(client_name=client_name), timeout=10
+            )
+            if not opened.token:
+                raise RuntimeError(f"OpenSession returned no token: {opened}")
+            md: Metadata = (("vkernel-session", opened.token),)
+            keepalive = session.Keepalive(metadata=md)
+            vk = Vkernel(
+                server=server,
+                channel=channel,
+                session_id=opened.session_id,
+                token=opened.token,
+                metadata=md,
+                session=session,
+                system=system_service_pb2_grpc.SystemServiceStub(channel),
+                process=process_service_pb2_grpc.ProcessServiceStub(channel),
+                keepalive=keepalive,
+            )
+            try:
+                await vk.ping(0)
+                yield vk
+                server.check_alive()
+                await session.CloseSession(
+                    session_service_pb2.CloseSessionRequest(), metadata=md, timeout=10
+                )
+                clean_exit = True
+            finally:
+                keepalive.cancel()
+    finally:
+        rc = await server.stop()
+        # 0 is a clean shutdown; -SIGTERM means the daemon let the signal kill it, which is
+        # only acceptable when we are already failing for another reason.
+        if clean_exit and rc != 0:
+            raise RuntimeError(
+                f"vkernel (pid {server.pid}) exited with status {rc} on SIGTERM; log tail:\n"
+                f"{server.log_tail()}"
+            )
