@@ -1,1 +1,36 @@
-"""vkclient: the vkernel SDK."""
+"""vkclient: the vkernel SDK.
+
+    async with vkclient.connect() as k:
+        async with await k.spawn("worker") as p:
+            ...
+
+Errors come back as the OSError subclass Python's os module would raise for the errno
+(ProcessLookupError for ESRCH, PermissionError for EPERM …). ``vkclient.sync`` offers the
+same calls without async.
+"""
+
+from vkclient._kernel import (
+    CAP_IPC_LOCK,
+    CAP_SYS_PTRACE,
+    Kernel,
+    Process,
+    ProcessInfo,
+    SystemInfo,
+    WaitResult,
+    connect,
+)
+from vkclient.errors import SessionError, UserFaultError, VkernelError
+
+__all__ = [
+    "CAP_IPC_LOCK",
+    "CAP_SYS_PTRACE",
+    "Kernel",
+    "Process",
+    "ProcessInfo",
+    "SessionError",
+    "SystemInfo",
+    "UserFaultError",
+    "VkernelError",
+    "WaitResult",
+    "connect",
+]

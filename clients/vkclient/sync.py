@@ -1,0 +1,130 @@
+"""A thin synchronous façade over the async SDK: an event loop in a background thread.
+
+with vkclient.sync.connect() as k:
+    p = k.spawn("worker")
+    print(k.ps())
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any, Self
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from vkclient import _kernel
+from vkclient._kernel import ProcessInfo, SystemInfo, WaitResult
+
+
+class Process:
+    """Synchronous twin of :class:`vkclient.Process`."""
+
+    def __init__(self, kernel: Kernel, proc: _kernel.Process) -> None:
+        self._kernel = kernel
+        self._proc = proc
+        self.pid = proc.pid
+        self.info = proc.info
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        return self._kernel._portal.call(fn, *args)
+
+    def kill(self, sig: int = _signal.SIGKILL) -> None:
+        """kill(2)."""
+        self._run(self._proc.kill, sig)
+
+    def wait(self, timeout: float | None = None) -> WaitResult:
+        """waitpid(2)."""
+        result: WaitResult = self._run(self._proc.wait, timeout)
+        return result
+
+    def fork(self) -> Process:
+        """fork(2)."""
+        return Process(self._kernel, self._run(self._proc.fork))
+
+    def __getattr__(self, name: str) -> Any:
+        # Later capabilities (memory, uffd …) add async methods on the async Process; they
+        # are reachable here unchanged, each call run to completion on the portal.
+        attr = getattr(self._proc, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._kernel._portal.call(lambda: attr(*args, **kwargs))
+
+        return call
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._run(self._proc.__aexit__, et, e, tb)
+
+
+class Kernel:
+    """Synchronous twin of :class:`vkclient.Kernel`."""
+
+    def __init__(self, portal: BlockingPortal, cm: AbstractContextManager[Any], k: Any) -> None:
+        self._portal = portal
+        self._portal_cm = cm
+        self._k: _kernel.Kernel = k
+        self.session_id = self._k.session_id
+
+    def info(self) -> SystemInfo:
+        """Version, arch, memory size, uptime."""
+        result: SystemInfo = self._portal.call(self._k.info)
+        return result
+
+    def vmstat(self) -> dict[str, int]:
+        """/proc/vmstat."""
+        result: dict[str, int] = self._portal.call(self._k.vmstat)
+        return result
+
+    def ps(self, all_sessions: bool = False) -> list[ProcessInfo]:
+        """The process table."""
+        result: list[ProcessInfo] = self._portal.call(self._k.ps, all_sessions)
+        return result
+
+    def health(self) -> str:
+        """grpc.health.v1 status."""
+        result: str = self._portal.call(self._k.health)
+        return result
+
+    def spawn(self, name: str, **kwargs: Any) -> Process:
+        """Spawn a process owned by this session."""
+        proc = self._portal.call(lambda: self._k.spawn(name, **kwargs))
+        return Process(self, proc)
+
+    def process(self, pid: int) -> Process:
+        """A handle on an existing process."""
+        return Process(self, self._k.process(pid))
+
+    def close(self) -> None:
+        """End the session and stop the background loop."""
+        try:
+            self._portal.call(self._k.close)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def connect(addr: str | None = None, **kwargs: Any) -> Kernel:
+    """Synchronous :func:`vkclient.connect`; close with ``with`` or ``.close()``."""
+    cm = start_blocking_portal("asyncio")
+    portal = cm.__enter__()
+    try:
+        k = portal.call(lambda: _kernel.connect(addr, **kwargs)._open())
+    except BaseException:
+        cm.__exit__(None, None, None)
+        raise
+    return Kernel(portal, cm, k)
