@@ -262,8 +262,17 @@ class ServerProcess:
     """A server child process whose output goes to files, so a chatty log can never block it
     on a full pipe, and whose log tail can be quoted when it misbehaves."""
 
-    def __init__(self, argv: Sequence[str], scratch: Path, label: str) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        scratch: Path,
+        label: str,
+        *,
+        quiet: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Start ``argv``; ``quiet`` tells routine log lines to leave out of quoted tails."""
         self.label = label
+        self._quiet = quiet
         self.log_path = scratch / f"{label}.log"
         self._log: TextIO = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -286,7 +295,8 @@ class ServerProcess:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        kept = [ln for ln in text.splitlines() if not (self._quiet and self._quiet(ln))]
+        return "\n".join(kept[-lines:])
 
     def check_alive(self) -> None:
         """Raise, quoting the log, if the server has exited."""

@@ -9,6 +9,7 @@ adding client-side cost the floor does not pay.  Later ``bench_*.py`` modules re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import sys
@@ -54,11 +55,16 @@ class Vkernel:
 
     async def ping(self, sequence: int) -> session_service_pb2.KeepaliveResponse:
         """One keepalive round trip; raises if the daemon breaks the echo contract."""
-        await self.keepalive.write(session_service_pb2.KeepaliveRequest(sequence=sequence))
-        got = await self.keepalive.read()
+        try:
+            await self.keepalive.write(session_service_pb2.KeepaliveRequest(sequence=sequence))
+            got = await self.keepalive.read()
+        except asyncio.InvalidStateError:
+            got = grpc.aio.EOF
         if got is grpc.aio.EOF:
             raise RuntimeError(
-                f"Keepalive stream ended after ping {sequence}: {await self.keepalive.code()}"
+                f"the daemon ended the Keepalive stream at ping {sequence}: "
+                f"{await self.keepalive.code()} {await self.keepalive.details()!r}; "
+                f"daemon log tail:\n{self.server.log_tail()}"
             )
         resp = cast(session_service_pb2.KeepaliveResponse, got)
         if resp.sequence != sequence:
@@ -91,6 +97,7 @@ async def vkernel_daemon(
     *,
     client_name: str = "bench",
     extra_args: Sequence[str] = (),
+    session_timeout_s: float = 3600.0,
     start_limit_s: float = 30.0,
 ) -> AsyncIterator[Vkernel]:
     """Run ``python -m vkernel serve`` on a UNIX socket in ``scratch`` until the block ends.
@@ -98,6 +105,11 @@ async def vkernel_daemon(
     Waits for gRPC health "" to say SERVING, opens a session and its Keepalive stream, and on
     exit closes the session and stops the daemon with SIGTERM.  Raises, quoting the daemon's
     log, if it fails to start or does not exit cleanly.
+
+    ``session_timeout_s`` is passed as ``--session-timeout``: the daemon ends a session whose
+    keepalive stream is silent that long (1 s by default), and a benchmark must be free to
+    leave the stream idle while it times something else rather than ping in the background
+    and disturb its own measurement.
     """
     sock = scratch / "vk.sock"
     target = f"unix://{sock}"
@@ -111,10 +123,14 @@ async def vkernel_daemon(
             target,
             "--log-format",
             "json",
+            "--session-timeout",
+            f"{session_timeout_s:g}",
             *extra_args,
         ],
         scratch,
         "vkernel",
+        # One info line per RPC would push everything telling out of a quoted log tail.
+        quiet=lambda line: '"rpc_finished"' in line and '"code": "OK"' in line,
     )
     clean_exit = False
     try:
