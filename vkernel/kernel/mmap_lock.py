@@ -416,7 +416,8 @@ class MmapLock:
             raise _eintr(write)
         t0 = perf_counter_ns()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(self, fut, write, _current_task(), t0)
+        # Only a read hold is keyed by its task (for per-hold timing); a writer is alone.
+        waiter = _Waiter(self, fut, write, None if write else _current_task(), t0)
         self._waiters.append(waiter)
         if sleeper is not None:
             sleeper.add_kill_hook(waiter)
