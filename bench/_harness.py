@@ -497,10 +497,17 @@ def fmt(v: Any) -> str:
     return f"{v:.3g}"
 
 
-def _spread(rec: Record, key: str, lo: str, hi: str) -> str:
-    s = fmt(rec.get(key))
+def fmt_ratio(v: Any) -> str:
+    """Ratios and goals always with two decimals, so a column of them lines up."""
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+        return f"{v:.2f}"
+    return fmt(v)
+
+
+def _spread(rec: Record, key: str, lo: str, hi: str, form: Callable[[Any], str] = fmt) -> str:
+    s = form(rec.get(key))
     if rec.get(lo) is not None and rec.get(hi) is not None:
-        s += f" [{fmt(rec[lo])}–{fmt(rec[hi])}]"
+        s += f" [{form(rec[lo])}–{form(rec[hi])}]"
     return s
 
 
@@ -520,8 +527,8 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
                     r["unit"],
                     _spread(r, "value", "min", "max"),
                     _spread(r, "floor", "floor_min", "floor_max"),
-                    _spread(r, "ratio", "ratio_min", "ratio_max"),
-                    "–" if r.get("goal") is None else f"≥{fmt(r['goal'])}",
+                    _spread(r, "ratio", "ratio_min", "ratio_max", fmt_ratio),
+                    "–" if r.get("goal") is None else f"≥{fmt_ratio(r['goal'])}",
                     fmt(r.get("goal_met")),
                 )
             )
