@@ -114,9 +114,10 @@ async def serve(
     on_ready: Callable[[list[str]], None] | None = None,
     shutdown: anyio.Event | None = None,
     handle_signals: bool = True,
+    kernel: Kernel | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT (or ``shutdown`` is set); return the exit status."""
-    kernel = Kernel(
+    kernel = kernel or Kernel(
         KernelConfig(
             memory_bytes=cfg.memory_bytes,
             arch=cfg.arch,
