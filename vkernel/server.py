@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vkernel import __version__
+from vkernel.api.memory import MemoryServicer
 from vkernel.api.process import ProcessServicer
 from vkernel.api.rpc import InflightCalls, KernelInterceptor
 from vkernel.api.session import SessionServicer
@@ -25,6 +26,8 @@ from vkernel.config import Listen, ServeConfig
 from vkernel.kernel.kernel import Kernel, KernelConfig
 from vkernel.sessions import SessionTable
 from vkernel.v1 import (
+    memory_service_pb2,
+    memory_service_pb2_grpc,
     process_service_pb2,
     process_service_pb2_grpc,
     session_service_pb2,
@@ -39,6 +42,7 @@ SERVICE_NAMES = (
     session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     process_service_pb2.DESCRIPTOR.services_by_name["ProcessService"].full_name,
     system_service_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
+    memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
 )
 # 64 MiB messages: page data moves in large chunks, and a malformed huge request must be
 # refused by size rather than crash anything.
@@ -143,6 +147,9 @@ async def serve(
     system_service_pb2_grpc.add_SystemServiceServicer_to_server(
         SystemServicer(kernel, sessions), server
     )
+    memory_service_pb2_grpc.add_MemoryServiceServicer_to_server(
+        MemoryServicer(kernel, sessions), server
+    )
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -175,9 +182,11 @@ async def serve(
 
     with anyio.CancelScope(shield=True):
         await health_servicer.enter_graceful_shutdown()
-        stopping = _spawn_stop(server, cfg.grace)
-        # In-flight calls get the grace; long-lived keepalive streams would hold it all, so
-        # sessions end (with close semantics) once the ordinary calls are done.
+        # Stop accepting now. Ordinary in-flight calls get the grace; long-lived keepalive
+        # streams would hold all of it, so sessions end (with close semantics) once the
+        # ordinary calls are done or the grace is up, and calls still waiting on a session's
+        # processes (waitpid …) then complete. The extra second lets those answers go out.
+        stopping = _spawn_stop(server, cfg.grace + 1.0)
         with anyio.move_on_after(cfg.grace):
             await inflight.wait_idle()
         sessions.close_all("daemon shutting down")
@@ -219,13 +228,11 @@ async def _watch_signals(stop: anyio.Event) -> None:
     """First SIGTERM/SIGINT: orderly shutdown. A second one: exit at once."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            if stop.is_set():
-                log.warning("shutdown_forced", signal=signal.Signals(signum).name)
-                os._exit(1)
             log.info("shutdown_requested", signal=signal.Signals(signum).name)
             stop.set()
-            _install_second_signal_handler()
-            return
+            break
+    # Leaving the receiver restored the default handlers; replace them only now.
+    _install_second_signal_handler()
 
 
 def _install_second_signal_handler() -> None:
