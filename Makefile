@@ -28,6 +28,7 @@ check: lint type proto-check unit
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/buf lint
 
 type: $(STAMP)
 	$(VENV)/bin/mypy
