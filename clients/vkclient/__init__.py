@@ -6,9 +6,11 @@
 
 Errors come back as the OSError subclass Python's os module would raise for the errno
 (ProcessLookupError for ESRCH, PermissionError for EPERM …). ``vkclient.sync`` offers the
-same calls without async.
+same calls without async. Linux's memory constants (PROT_READ, MAP_PRIVATE, MADV_DONTNEED,
+the pagemap bits PM_PRESENT …) are importable from here too.
 """
 
+from vkclient import constants
 from vkclient._kernel import (
     CAP_IPC_LOCK,
     CAP_SYS_PTRACE,
@@ -19,6 +21,7 @@ from vkclient._kernel import (
     WaitResult,
     connect,
 )
+from vkclient.constants import *  # PROT_*, MAP_*, MADV_*, MREMAP_*, PM_* …
 from vkclient.errors import SessionError, UserFaultError, VkernelError
 
 __all__ = [
@@ -33,4 +36,6 @@ __all__ = [
     "VkernelError",
     "WaitResult",
     "connect",
+    "constants",
 ]
+__all__ += constants.__all__

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vkclient._address import grpc_target, resolve_address, resolve_token
+from vkclient._memory import KernelMemoryMixin, MemoryMixin
 from vkclient.errors import VkernelError, from_rpc_error
 from vkernel.v1 import (
     process_service_pb2,
@@ -60,7 +61,7 @@ class WaitResult:
     signal: int
 
 
-class Kernel:
+class Kernel(KernelMemoryMixin):
     """A connection to one vkernel daemon with one session; use ``async with connect()``."""
 
     def __init__(self, channel: grpc.aio.Channel, auth: tuple[tuple[str, str], ...]) -> None:
@@ -232,7 +233,7 @@ class Kernel:
         return await _call(method(request, metadata=self._metadata, timeout=timeout))
 
 
-class Process:
+class Process(MemoryMixin):
     """A process owned by the kernel handle's session."""
 
     def __init__(self, kernel: Kernel, info: ProcessInfo) -> None:

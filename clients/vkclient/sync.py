@@ -93,6 +93,16 @@ class Kernel:
         result: str = self._portal.call(self._k.health)
         return result
 
+    def dump_page(self, pfn: int) -> dict[str, Any]:
+        """dump_page(): one frame's struct page."""
+        result: dict[str, Any] = self._portal.call(self._k.dump_page, pfn)
+        return result
+
+    def audit(self) -> list[str]:
+        """The kernel's audit: the problems found (empty when clean)."""
+        result: list[str] = self._portal.call(self._k.audit)
+        return result
+
     def spawn(self, name: str, **kwargs: Any) -> Process:
         """Spawn a process owned by this session."""
         proc = self._portal.call(lambda: self._k.spawn(name, **kwargs))
