@@ -1,4 +1,9 @@
-"""vkctl: inspect a running vkernel (health, info, ps, vmstat …). Tables for people, --json."""
+"""vkctl: inspect a running vkernel (health, info, ps, vmstat, maps, pagemap, page, audit …).
+
+Tables for people, --json for programs. vkctl runs in a session of its own, so the
+per-process views (maps, smaps, pagemap) read other sessions' processes: the daemon allows
+read-only introspection of any process.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,16 @@ from rich.table import Table
 
 from vkclient._address import grpc_target, resolve_address, resolve_token
 from vkclient._kernel import Kernel, connect
+from vkclient.constants import (
+    PAGE_SIZE,
+    PM_FILE,
+    PM_MMAP_EXCLUSIVE,
+    PM_PRESENT,
+    PM_SOFT_DIRTY,
+    PM_SWAP,
+    PM_UFFD_WP,
+    pagemap_pfn,
+)
 from vkclient.errors import VkernelError
 
 _CAP_NAMES = {14: "CAP_IPC_LOCK", 19: "CAP_SYS_PTRACE"}
@@ -115,11 +130,125 @@ async def cmd_vmstat(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+async def cmd_maps(args: argparse.Namespace, out: Console) -> int:
+    """/proc/PID/maps, exactly as Linux prints it."""
+    async with await _session(args) as k:
+        text = await k.process(args.pid).maps()
+    if args.json:
+        _emit_json({"pid": args.pid, "maps": text.splitlines()})
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+async def cmd_smaps(args: argparse.Namespace, out: Console) -> int:
+    """/proc/PID/smaps, exactly as Linux prints it."""
+    async with await _session(args) as k:
+        text = await k.process(args.pid).smaps()
+    if args.json:
+        _emit_json({"pid": args.pid, "smaps": text.splitlines()})
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+def pagemap_rows(addr: int, entries: list[int]) -> list[dict[str, Any]]:
+    """One decoded row per pagemap entry, from ``addr``'s page on."""
+    base = addr & ~(PAGE_SIZE - 1)
+    return [
+        {
+            "vaddr": f"{base + i * PAGE_SIZE:#x}",
+            "present": bool(e & PM_PRESENT),
+            "swap": bool(e & PM_SWAP),
+            "file": bool(e & PM_FILE),
+            "exclusive": bool(e & PM_MMAP_EXCLUSIVE),
+            "uffd_wp": bool(e & PM_UFFD_WP),
+            "soft_dirty": bool(e & PM_SOFT_DIRTY),
+            "pfn": pagemap_pfn(e),
+            "entry": f"{e:#018x}",
+        }
+        for i, e in enumerate(entries)
+    ]
+
+
+async def cmd_pagemap(args: argparse.Namespace, out: Console) -> int:
+    """/proc/PID/pagemap entries for N pages from ADDR, decoded."""
+    async with await _session(args) as k:
+        entries = await k.process(args.pid).pagemap(args.address, args.npages)
+    rows = pagemap_rows(args.address, entries)
+    if args.json:
+        _emit_json(rows)
+        return 0
+    table = Table(title=f"pagemap of pid {args.pid}")
+    table.add_column("VADDR", justify="right")
+    for col in ("PRESENT", "EXCLUSIVE", "UFFD-WP", "SOFT-DIRTY", "SWAP", "FILE"):
+        table.add_column(col, justify="center")
+    table.add_column("PFN", justify="right")
+    mark = {True: "y", False: "-"}
+    for r in rows:
+        table.add_row(
+            r["vaddr"],
+            mark[r["present"]],
+            mark[r["exclusive"]],
+            mark[r["uffd_wp"]],
+            mark[r["soft_dirty"]],
+            mark[r["swap"]],
+            mark[r["file"]],
+            f"{r['pfn']:#x}" if r["present"] else "-",
+        )
+    out.print(table)
+    return 0
+
+
+async def cmd_page(args: argparse.Namespace, out: Console) -> int:
+    """dump_page() of one frame: counts, flags, compound and mapping."""
+    async with await _session(args) as k:
+        page = await k.dump_page(args.pfn)
+    if args.json:
+        _emit_json(page)
+        return 0
+    table = Table(title=f"page {page['pfn']:#x}", show_header=False)
+    table.add_row("refcount", str(page["refcount"]))
+    table.add_row("mapcount", str(page["mapcount"]))
+    table.add_row("pincount", str(page["pincount"]))
+    table.add_row("flags", f"{page['flag_bits']:#x} ({'|'.join(page['flags']) or '-'})")
+    table.add_row("compound", f"head {page['compound_head']:#x}, order {page['compound_order']}")
+    table.add_row("mapping", page["mapping"] or "-")
+    table.add_row("index", f"{page['index']:#x}")
+    out.print(table)
+    return 0
+
+
+async def cmd_audit(args: argparse.Namespace, out: Console) -> int:
+    """Recompute every frame's counts; exit 1 and list the problems when not clean."""
+    async with await _session(args) as k:
+        problems = await k.audit()
+    if args.json:
+        _emit_json({"clean": not problems, "problems": problems})
+    elif problems:
+        out.print(f"audit found {len(problems)} problem(s):", highlight=False)
+        for p in problems:
+            out.print(f"  {p}", highlight=False, markup=False)
+    else:
+        out.print("audit clean")
+    return 1 if problems else 0
+
+
+def _int(text: str) -> int:
+    """An integer in decimal, or hex with 0x (addresses, pfns)."""
+    return int(text, 0)
+
+
 COMMANDS: dict[str, tuple[Command, str]] = {
     "health": (cmd_health, "gRPC health of the daemon (exit 0 when SERVING)"),
     "info": (cmd_info, "version, arch, memory, uptime"),
     "ps": (cmd_ps, "list processes"),
     "vmstat": (cmd_vmstat, "print /proc/vmstat"),
+    "maps": (cmd_maps, "print /proc/PID/maps"),
+    "smaps": (cmd_smaps, "print /proc/PID/smaps"),
+    "pagemap": (cmd_pagemap, "decode /proc/PID/pagemap for N pages from ADDR"),
+    "page": (cmd_page, "dump one physical page (refcount, mapcount, flags …)"),
+    "audit": (cmd_audit, "check every frame's counts (exit 1 when not clean)"),
 }
 
 
@@ -135,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "health":
             p.add_argument("--service", default="", help="service name (default: the server)")
             p.add_argument("--timeout", type=float, default=5.0)
+        if name in ("maps", "smaps", "pagemap"):
+            p.add_argument("pid", type=int, help="process id (any session's)")
+        if name == "pagemap":
+            p.add_argument("address", type=_int, metavar="ADDR", help="virtual address (0x…)")
+            p.add_argument("npages", type=_int, metavar="N", help="number of pages")
+        if name == "page":
+            p.add_argument("pfn", type=_int, metavar="PFN", help="page frame number (0x…)")
     return parser
 
 
