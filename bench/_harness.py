@@ -32,6 +32,7 @@ import math
 import os
 import pkgutil
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -194,6 +195,21 @@ def _number(rec: Record, key: str, *, optional: bool) -> float | None:
     return float(v)
 
 
+_GOAL_TEXT = re.compile(r"^\s*(?:ratio\s*)?(?:>=|≥)\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def _parse_goal(name: str, text: str) -> float:
+    """Accept a goal written as text ("ratio >= 0.7", "≥0.7"): it can only mean a minimum
+    ratio, and a number is what the comparison and the JSON consumers need."""
+    m = _GOAL_TEXT.match(text)
+    if m is None:
+        raise ValueError(
+            f"record {name!r}: goal {text!r} is neither a number (the minimum ratio) nor "
+            "of the form 'ratio >= X'"
+        )
+    return float(m.group(1))
+
+
 def normalize_record(rec: Any) -> Record:
     """Validate one record and fill in ``ratio`` and ``goal_met``.
 
@@ -209,9 +225,12 @@ def normalize_record(rec: Any) -> Record:
         raise TypeError(f"record {out['name']!r}: 'unit' must be a string")
     value = _number(out, "value", optional=False)
     floor = _number(out, "floor", optional=True)
+    if isinstance(out.get("goal"), str):
+        out["goal_text"] = out["goal"]
+        out["goal"] = _parse_goal(out["name"], out["goal"])
     goal = _number(out, "goal", optional=True)
     out.setdefault("floor", None)
-    out.setdefault("goal", None)
+    out["goal"] = goal
     ratio = _number(out, "ratio", optional=True)
     if ratio is None and floor is not None and value is not None:
         better = out.get("better") or _infer_better(out["unit"])

@@ -106,6 +106,12 @@ def test_normalize_fills_ratio_from_the_unit_and_goal_met() -> None:
     )
     assert fast["ratio"] == pytest.approx(0.9)
     assert fast["goal_met"] is True
+    texted = normalize_record(
+        {"name": "g", "value": 2.0, "unit": "ns/op", "floor": 1.0, "goal": "ratio >= 0.4"}
+    )
+    assert texted["goal"] == 0.4
+    assert texted["goal_text"] == "ratio >= 0.4"
+    assert texted["goal_met"] is True
     info = normalize_record({"name": "i", "value": 1.0, "unit": "pages"})
     assert info["floor"] is None
     assert info["ratio"] is None
@@ -120,6 +126,7 @@ def test_normalize_fills_ratio_from_the_unit_and_goal_met() -> None:
         {"name": "n", "unit": "µs", "value": math.nan},
         {"name": "n", "unit": "widgets", "value": 1.0, "floor": 2.0},
         {"name": "n", "value": 1.0},
+        {"name": "n", "unit": "µs", "value": 1.0, "floor": 1.0, "goal": "fast enough"},
         ["not", "a", "dict"],
     ],
 )
