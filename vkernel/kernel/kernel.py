@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import signal
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vkernel import __version__
@@ -64,7 +65,19 @@ class Kernel:
         self._init_memory()
 
     def _init_memory(self) -> None:
-        """mm_init(): bring up physical memory. The mm core fills this in."""
+        """mm_init(): bring up physical memory, the zero page and the mm registries."""
+        from vkernel.kernel.physmem import PhysMem
+        from vkernel.kernel.uapi import DEFAULT_MAX_MAP_COUNT
+
+        self.mem = PhysMem(self.config.memory_bytes, self.config.movable_bytes, self.vmstat)
+        self.sysctl_max_map_count = DEFAULT_MAX_MAP_COUNT
+        """vm.max_map_count."""
+        self.extra_refs: Counter[int] = Counter()
+        """pfn (folio head) → references held outside page tables (GUP, DMA …); audit uses it."""
+        self.extra_pins: Counter[int] = Counter()
+        """folio head pfn → expected _pincount of a large folio; audit uses it."""
+        self.pgtable_free_hooks: list[Callable[[int], None]] = []
+        """Called with the pfn of each page-table page just before tlb_remove_table frees it."""
 
     @property
     def version(self) -> str:
@@ -123,8 +136,16 @@ class Kernel:
         return task
 
     def _mm_alloc(self, task: Task) -> object:
-        """mm_alloc(): a new empty address space for ``task``. The mm core fills this in."""
-        return None
+        """mm_alloc(): a new empty address space for ``task``."""
+        from vkernel.kernel.mm import MmStruct
+
+        return MmStruct(self)
+
+    async def fork(self, task: Task) -> Task:
+        """kernel_clone(): a child with a COW copy of ``task``'s address space (dup_mmap)."""
+        from vkernel.kernel.fork import dup_task
+
+        return await dup_task(self, task)
 
     def kill(self, task: Task, signo: int) -> None:
         """kill(2) on a task without handlers: the default action of ``signo``."""

@@ -1,0 +1,284 @@
+"""fork(): duplicate an address space with COW (kernel/fork.c dup_mmap, mm/memory.c copy_page_range,
+mm/huge_memory.c copy_huge_pmd).
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vkernel.kernel import thp
+from vkernel.kernel.errors import KernelError
+from vkernel.kernel.memory import ANON_FLAGS
+from vkernel.kernel.mm import MM_ANONPAGES, MM_SHMEMPAGES, MmStruct
+from vkernel.kernel.pgtable import (
+    U64_NOT_ACCESSED,
+    U64_NOT_DIRTY,
+    U64_NOT_RW,
+    U64_PFN_MASK,
+    U64_PRESENT,
+    U64_RW,
+    U64_SHIFT,
+    pgtable_alloc,
+    pmd_slot,
+    pte_alloc,
+    table_of,
+    walk_pmds,
+)
+from vkernel.kernel.task import Task
+from vkernel.kernel.uapi import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PFN_MASK,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_UFFD_WP,
+    HPAGE_PMD_NR,
+    HPAGE_PMD_ORDER,
+    MMF_HAS_PINNED,
+    PAGE_SHIFT,
+    PTRS_PER_TABLE,
+    VM_DONTCOPY,
+    VM_LOCKED,
+    VM_LOCKONFAULT,
+    VM_SHARED,
+    VM_UFFD_MINOR,
+    VM_UFFD_MISSING,
+    VM_UFFD_WP,
+    VM_WIPEONFORK,
+    VM_WRITE,
+    PG_anon,
+    PG_anon_exclusive,
+)
+from vkernel.kernel.vma import VMA, AnonVma
+
+if TYPE_CHECKING:
+    from vkernel.kernel.kernel import Kernel
+
+_U64_NOT_UFFD_WP = np.uint64(~_PAGE_UFFD_WP & 0xFFFFFFFFFFFFFFFF)
+_ANON_EXCL = np.uint32(PG_anon_exclusive)
+_NOT_ANON_EXCL = np.uint32(~PG_anon_exclusive & 0xFFFFFFFF)
+
+
+def folio_maybe_dma_pinned_vec(mm: MmStruct, heads: np.ndarray) -> np.ndarray:
+    """folio_maybe_dma_pinned() for many folio heads: pincount>0 if large, refcount ≥ 1024 if small."""
+    mem = mm.mem
+    small = mem.order[heads] == 0
+    rc = mem.refcount[heads].view(np.uint32)
+    out: np.ndarray = np.where(small, rc >= 1024, mem.pincount[heads] > 0)
+    return out
+
+
+def copy_present_page(dst_vma: VMA, src_pfn: int, src_pte: int, addr: int) -> int:
+    """copy_present_page(): the child gets its own copy of a maybe-pinned exclusive anon page."""
+    mem = dst_vma.mm.mem
+    new = mem.alloc_page(movable=True)
+    if new < 0:
+        raise KernelError(errno.ENOMEM, "out of memory copying a pinned page at fork")
+    mem.mv[new << PAGE_SHIFT : (new + 1) << PAGE_SHIFT] = mem.mv[
+        src_pfn << PAGE_SHIFT : (src_pfn + 1) << PAGE_SHIFT
+    ]
+    anon = dst_vma.anon_vma_prepare()
+    mem.flags[new] |= ANON_FLAGS
+    mem.mapping[new] = anon.id
+    mem.index[new] = dst_vma.linear_page_index(addr)
+    mem.mapcount[new] = 1
+    pte = (new << PAGE_SHIFT) | dst_vma.vm_page_prot | _PAGE_DIRTY | _PAGE_SOFT_DIRTY
+    if dst_vma.vm_flags & VM_WRITE:
+        pte |= _PAGE_RW
+    if src_pte & _PAGE_UFFD_WP and dst_vma.vm_flags & VM_UFFD_WP:
+        pte |= _PAGE_UFFD_WP
+    return pte
+
+
+def copy_pte_range(dst_vma: VMA, src_vma: VMA, src_t: int, dst_t: int, a: int, b: int) -> None:
+    """copy_pte_range()/copy_present_ptes(), vectorised over one leaf table."""
+    src_mm = src_vma.mm
+    dst_mm = dst_vma.mm
+    mem = src_mm.mem
+    u = mem.u64
+    i0 = (a >> PAGE_SHIFT) & 511
+    n = (b - a) >> PAGE_SHIFT
+    s = u[src_t * PTRS_PER_TABLE + i0 : src_t * PTRS_PER_TABLE + i0 + n]
+    d = u[dst_t * PTRS_PER_TABLE + i0 : dst_t * PTRS_PER_TABLE + i0 + n]
+    idx = np.flatnonzero((s & U64_PRESENT) != 0)
+    if not len(idx):
+        return
+    pv = s[idx]
+    pfns = ((pv & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
+    is_cow = src_vma.is_cow_mapping()
+    zero = pfns == mem.zero_pfn
+    normal = ~zero
+    child = pv.copy()
+    npfns = pfns[normal]
+    heads = mem.compound_heads(npfns)
+    pflags = mem.flags[npfns]
+    anon = (pflags & PG_anon) != 0
+    early = np.zeros(len(npfns), dtype=bool)
+    if is_cow and src_mm.flags & MMF_HAS_PINNED and len(npfns):
+        early = anon & ((pflags & _ANON_EXCL) != 0) & folio_maybe_dma_pinned_vec(src_mm, heads)
+    nidx = np.flatnonzero(normal)
+    if early.any():
+        for j in np.flatnonzero(early).tolist():
+            k = int(nidx[j])
+            addr = a + ((int(idx[k])) << PAGE_SHIFT)
+            child[k] = np.uint64(copy_present_page(dst_vma, int(npfns[j]), int(pv[k]), addr))
+        dst_mm.add_rss(MM_ANONPAGES, int(np.count_nonzero(early)))
+    shared = ~early
+    sh_pfns = npfns[shared]
+    if len(sh_pfns):
+        np.add.at(mem.mapcount, sh_pfns, 1)
+        np.add.at(mem.refcount, heads[shared], 1)
+        sh_anon = anon[shared]
+        if sh_anon.any():
+            mem.flags[sh_pfns[sh_anon]] &= _NOT_ANON_EXCL
+        na = int(np.count_nonzero(sh_anon))
+        if na:
+            dst_mm.add_rss(MM_ANONPAGES, na)
+        if na != len(sh_pfns):
+            dst_mm.add_rss(MM_SHMEMPAGES, len(sh_pfns) - na)
+    nz = int(np.count_nonzero(zero))
+    if nz:
+        mem.zero_maps += nz
+    # Entries copied by sharing (zero page + shared pages): write-protect both sides if COW.
+    share_mask = zero.copy()
+    share_mask[nidx[shared]] = True
+    if is_cow:
+        wp = share_mask & ((pv & U64_RW) != 0)
+        if wp.any():
+            s[idx[wp]] = pv[wp] & U64_NOT_RW
+            child[wp] &= U64_NOT_RW
+    if src_vma.vm_flags & VM_SHARED:
+        child[share_mask] &= U64_NOT_DIRTY
+    child[share_mask] &= U64_NOT_ACCESSED
+    if not dst_vma.vm_flags & VM_UFFD_WP:
+        child[share_mask] &= _U64_NOT_UFFD_WP
+    d[idx] = child
+
+
+def copy_huge_pmd(dst_vma: VMA, src_vma: VMA, src_slot: int, addr: int) -> bool:
+    """copy_huge_pmd(): share a PMD-mapped THP COW; False (after splitting) if it may be pinned."""
+    src_mm = src_vma.mm
+    dst_mm = dst_vma.mm
+    mem = src_mm.mem
+    u = mem.u64
+    e = u.item(src_slot)
+    head = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    if (
+        src_mm.flags & MMF_HAS_PINNED
+        and mem.flags[head] & PG_anon_exclusive
+        and mem.pincount[head] > 0
+    ):
+        thp.split_huge_pmd(src_mm, src_slot)
+        return False
+    deposit = pgtable_alloc(dst_mm)
+    if deposit < 0:
+        raise KernelError(errno.ENOMEM, "out of memory for a page table at fork")
+    dslot = pmd_slot(dst_mm, addr, alloc=True)
+    if dslot < 0:
+        from vkernel.kernel.pgtable import tlb_remove_table
+
+        tlb_remove_table(dst_mm, deposit)
+        raise KernelError(errno.ENOMEM, "out of memory for a page table at fork")
+    mem.refcount[head] += 1
+    mem.entire_mapcount[head >> HPAGE_PMD_ORDER] += 1
+    mem.flags[head] &= _NOT_ANON_EXCL
+    e &= ~_PAGE_RW
+    u[src_slot] = e
+    child = e & ~_PAGE_ACCESSED
+    if not dst_vma.vm_flags & VM_UFFD_WP:
+        child &= ~_PAGE_UFFD_WP
+    u[dslot] = child
+    dst_mm.deposited[dslot] = deposit
+    dst_mm.add_rss(MM_ANONPAGES, HPAGE_PMD_NR)
+    return True
+
+
+def copy_page_range(dst_vma: VMA, src_vma: VMA) -> None:
+    """copy_page_range(): copy the page tables of one VMA, COW-protecting private anon memory."""
+    src_mm = src_vma.mm
+    dst_mm = dst_vma.mm
+    u = src_mm.mem.u64
+    if src_vma.anon_vma is None:
+        return  # vma_needs_copy(): nothing anonymous to copy; shmem pages refault in the child
+    is_cow = src_vma.is_cow_mapping()
+    if is_cow:
+        src_mm.write_protect_seq += 1  # raw_write_seqcount_begin()
+    try:
+        for slot, a, b in walk_pmds(src_mm, src_vma.vm_start, src_vma.vm_end):
+            e = u.item(slot)
+            if not e:
+                continue
+            if e & _PAGE_PSE:
+                if copy_huge_pmd(dst_vma, src_vma, slot, a):
+                    continue
+                e = u.item(slot)
+            dslot = pmd_slot(dst_mm, a, alloc=True)
+            if dslot < 0:
+                raise KernelError(errno.ENOMEM, "out of memory for page tables at fork")
+            dt = pte_alloc(dst_mm, dslot)
+            if dt < 0:
+                raise KernelError(errno.ENOMEM, "out of memory for page tables at fork")
+            copy_pte_range(dst_vma, src_vma, table_of(e), dt, a, b)
+    finally:
+        if is_cow:
+            src_mm.write_protect_seq += 1  # raw_write_seqcount_end()
+
+
+def dup_mmap(mm: MmStruct, oldmm: MmStruct) -> None:
+    """dup_mmap(): copy every VMA except VM_DONTCOPY; VM_WIPEONFORK ones start empty."""
+    mm.mmap_base = oldmm.mmap_base
+    for vma in oldmm.vmas:
+        if vma.vm_flags & VM_DONTCOPY:
+            continue
+        flags = vma.vm_flags & ~(VM_LOCKED | VM_LOCKONFAULT)
+        flags &= ~(VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR)
+        new = VMA(
+            mm=mm,
+            vm_start=vma.vm_start,
+            vm_end=vma.vm_end,
+            vm_flags=flags,
+            vm_pgoff=vma.vm_pgoff,
+            anon_vma=None,
+            shmem=vma.shmem,
+        )
+        mm.insert_vma(new)
+        if vma.vm_flags & VM_WIPEONFORK:
+            continue
+        if vma.anon_vma is not None:
+            new.anon_vma = AnonVma(mm.mem, parent=vma.anon_vma)
+        copy_page_range(new, vma)
+    mm.hiwater_rss = mm.get_mm_rss()
+
+
+async def dup_task(kernel: Kernel, parent: Task) -> Task:
+    """kernel_clone()/copy_process(): the child task with a duplicated mm (COW)."""
+    oldmm = parent.mm
+    if oldmm is None:
+        raise KernelError(errno.ESRCH, f"process {parent.pid} has no address space")
+    async with oldmm.mmap_lock.write(parent):
+        mm = MmStruct(kernel)
+        try:
+            dup_mmap(mm, oldmm)
+        except KernelError:
+            mm.exit_mmap()
+            raise
+    child = Task(
+        pid=kernel._alloc_pid(),
+        comm=parent.comm,
+        cred=parent.cred,
+        rlimits=dict(parent.rlimits),
+        owner=parent.owner,
+        ppid=parent.pid,
+        start_time=time.monotonic(),
+    )
+    child.mm = mm
+    kernel.tasks[child.pid] = child
+    return child
+
+
+_ = (_PAGE_PSE, U64_RW)

@@ -1,0 +1,152 @@
+"""Virtual memory areas (include/linux/mm_types.h struct vm_area_struct, mm/vma.c) and shmem objects."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vkernel.kernel.pgtable import vm_get_page_prot
+from vkernel.kernel.uapi import (
+    PAGE_SHIFT,
+    VM_ACCESS_FLAGS,
+    VM_HUGEPAGE,
+    VM_MAYSHARE,
+    VM_MAYWRITE,
+    VM_NOHUGEPAGE,
+    VM_SHARED,
+    VM_SOFTDIRTY,
+    VM_SPECIAL,
+)
+
+if TYPE_CHECKING:
+    from vkernel.kernel.mm import MmStruct
+    from vkernel.kernel.physmem import PhysMem
+
+_shmem_ino = itertools.count(1)
+
+
+class AnonVma:
+    """struct anon_vma: identity of the anonymous memory a VMA's private pages belong to."""
+
+    def __init__(self, mem: PhysMem, parent: AnonVma | None = None) -> None:
+        self.mem = mem
+        self.id = mem.register_mapping(self)
+        self.parent = parent
+        self.refs = 0
+
+
+class ShmemObject:
+    """shmem_inode_info of an anonymous shared mapping (mm/shmem.c shmem_zero_setup).
+
+    Its page cache maps file page index → pfn; each cached page holds one reference.
+    """
+
+    def __init__(self, mem: PhysMem, size_bytes: int) -> None:
+        self.mem = mem
+        self.id = mem.register_mapping(self)
+        self.ino = next(_shmem_ino)
+        self.size = size_bytes
+        self.pages: dict[int, int] = {}
+        self.users = 0
+
+    def get(self) -> None:
+        """get_file(): one more VMA refers to the object."""
+        self.users += 1
+
+    def put(self) -> None:
+        """fput(): the last VMA gone truncates the page cache (shmem_evict_inode)."""
+        self.users -= 1
+        if self.users == 0:
+            pfns = np.fromiter(self.pages.values(), dtype=np.int64, count=len(self.pages))
+            self.pages.clear()
+            if len(pfns):
+                self.mem.put_folios(self.mem.compound_heads(pfns))
+            self.mem.unregister_mapping(self.id)
+
+
+@dataclass(eq=False)
+class VMA:
+    """struct vm_area_struct."""
+
+    mm: MmStruct
+    vm_start: int
+    vm_end: int
+    vm_flags: int
+    vm_pgoff: int
+    anon_vma: AnonVma | None = None
+    shmem: ShmemObject | None = None
+    vm_page_prot: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vm_page_prot = vm_get_page_prot(self.vm_flags)
+
+    def set_flags(self, flags: int) -> None:
+        """vm_flags_reset(): new flags and the matching vm_page_prot."""
+        self.vm_flags = flags
+        self.vm_page_prot = vm_get_page_prot(flags)
+
+    @property
+    def size(self) -> int:
+        """vma_pages() << PAGE_SHIFT."""
+        return self.vm_end - self.vm_start
+
+    def is_anonymous(self) -> bool:
+        """vma_is_anonymous(): no backing object (private anonymous memory)."""
+        return self.shmem is None
+
+    def is_shared(self) -> bool:
+        """VM_SHARED mapping (writes go to the shared object)."""
+        return bool(self.vm_flags & VM_SHARED)
+
+    def is_cow_mapping(self) -> bool:
+        """is_cow_mapping(): private and may become writable."""
+        return (self.vm_flags & (VM_SHARED | VM_MAYWRITE)) == VM_MAYWRITE
+
+    def is_accessible(self) -> bool:
+        """vma_is_accessible()."""
+        return bool(self.vm_flags & VM_ACCESS_FLAGS)
+
+    def linear_page_index(self, addr: int) -> int:
+        """linear_page_index()."""
+        return self.vm_pgoff + ((addr - self.vm_start) >> PAGE_SHIFT)
+
+    def thp_enabled(self, thp_mode: str) -> bool:
+        """thp_vma_allowable_order(PMD_ORDER) for anonymous private memory."""
+        if not self.is_anonymous() or self.vm_flags & (VM_NOHUGEPAGE | VM_SPECIAL | VM_SHARED):
+            return False
+        if thp_mode == "always":
+            return True
+        return thp_mode == "madvise" and bool(self.vm_flags & VM_HUGEPAGE)
+
+    def anon_vma_prepare(self) -> AnonVma:
+        """anon_vma_prepare(): the VMA's anon_vma, created on first anonymous fault."""
+        if self.anon_vma is None:
+            self.anon_vma = AnonVma(self.mm.mem)
+        return self.anon_vma
+
+    def __repr__(self) -> str:
+        return f"VMA({self.vm_start:#x}-{self.vm_end:#x} flags={self.vm_flags:#x})"
+
+
+def vma_flags_mergeable(a: int, b: int) -> bool:
+    """is_mergeable_vma(): flags equal ignoring VM_SOFTDIRTY."""
+    return (a ^ b) & ~VM_SOFTDIRTY == 0
+
+
+def can_merge(prev: VMA, nxt: VMA) -> bool:
+    """can_vma_merge_after(): ``prev`` ends where ``nxt`` starts and both describe the same thing."""
+    if prev.vm_end != nxt.vm_start or not vma_flags_mergeable(prev.vm_flags, nxt.vm_flags):
+        return False
+    if prev.vm_flags & VM_SPECIAL:
+        return False
+    if prev.shmem is not nxt.shmem:
+        return False
+    if prev.vm_pgoff + ((prev.vm_end - prev.vm_start) >> PAGE_SHIFT) != nxt.vm_pgoff:
+        return False
+    if prev.shmem is None and prev.vm_flags & VM_MAYSHARE:
+        return False
+    a, b = prev.anon_vma, nxt.anon_vma
+    return a is None or b is None or a is b
