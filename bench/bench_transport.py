@@ -8,6 +8,8 @@ floor server of :mod:`bench._floors` in the same run, interleaved round by round
 Figures (ratio 1.0 = as fast as the bare transport, higher is better):
 
 - ``unary_seq``: sequential unary µs/call — ``SystemService.GetInfo`` vs the floor's Unary.
+- ``unary_seq_health``: the same with the daemon's ``grpc.health.v1.Health/Check``, which does
+  no kernel work: what the daemon's server stack (interceptor, logging) adds by itself.
 - ``unary_c8``: unary calls/s with 8 concurrent callers on one channel (the CPU-bound limit).
 - ``unary_server_cpu_c8``: the server process's CPU µs per unary call during ``unary_c8``,
   which explains the throughput figure without the client's share.
@@ -23,6 +25,10 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2
 
 from bench._floors import floor_server
 from bench._harness import BenchContext, Record, make_record
@@ -45,6 +51,9 @@ class Side:
     unary: Callable[[], Awaitable[object]]
     ping: Callable[[int], Awaitable[object]]
     cpu_ns: Callable[[], int]
+    #: A second unary that does no kernel work (the daemon's health Check), to tell transport
+    #: and interceptor overhead from the cost of GetInfo's handler.
+    bare_unary: Callable[[], Awaitable[object]] | None = None
     samples: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, metric: str, value: float) -> None:
@@ -59,7 +68,19 @@ def vkernel_side(vk: Vkernel) -> Side:
     async def unary() -> object:
         return await get_info(request, metadata=md)
 
-    return Side("vkernel", unary, vk.ping, vk.server.cpu_ns)
+    check: grpc.aio.UnaryUnaryMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    ] = vk.channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    health_request = health_pb2.HealthCheckRequest(service="")
+
+    async def bare_unary() -> object:
+        return await check(health_request)
+
+    return Side("vkernel", unary, vk.ping, vk.server.cpu_ns, bare_unary)
 
 
 async def _unary_seq(side: Side, n: int) -> None:
@@ -67,6 +88,11 @@ async def _unary_seq(side: Side, n: int) -> None:
     for _ in range(n):
         await side.unary()
     side.add("unary_seq", (time.perf_counter() - t0) / n * 1e6)
+    if side.bare_unary is not None:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await side.bare_unary()
+        side.add("unary_seq_health", (time.perf_counter() - t0) / n * 1e6)
 
 
 async def _unary_conc(side: Side, n: int) -> None:
@@ -109,6 +135,8 @@ async def measure(sides: list[Side], ctx: BenchContext) -> None:
     for side in sides:
         for _ in range(max(10, n_unary // 10)):
             await side.unary()
+            if side.bare_unary is not None:
+                await side.bare_unary()
         for _ in range(max(10, n_bidi // 10)):
             seq += 1
             await side.ping(seq)
@@ -151,6 +179,18 @@ async def run(ctx: BenchContext) -> list[Record]:
             goal=UNARY_GOAL,
             better="lower",
             vkernel_rpc="SystemService.GetInfo",
+            n=_counts(ctx)[0],
+            **common,
+        ),
+        make_record(
+            "unary_seq_health",
+            v["unary_seq_health"],
+            "µs/call",
+            floor=f["unary_seq"],
+            goal=UNARY_GOAL,
+            better="lower",
+            vkernel_rpc="grpc.health.v1.Health/Check",
+            note="the daemon's per-RPC overhead without kernel work",
             n=_counts(ctx)[0],
             **common,
         ),
