@@ -1,0 +1,228 @@
+"""MemoryService: the mmap family, user memory reads and writes, and mm introspection.
+
+Thin, like every servicer: decode, check who may act on the process, call the kernel's mm
+facade (:mod:`vkernel.kernel.mm_api`), encode. Access rule (see memory_service.proto):
+calls that change an address space or touch user memory need the caller's own process
+(EPERM otherwise); read-only introspection works on any process, like /proc/PID files for
+a tool running in its own session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import grpc
+
+from vkernel.api.process import owned_task
+from vkernel.api.rpc import note_pid, require_session
+from vkernel.kernel.errors import einval
+from vkernel.kernel.kernel import Kernel
+from vkernel.kernel.task import Task
+from vkernel.kernel.uapi import PAGE_FLAG_NAMES, PAGE_MASK, PAGE_SHIFT
+from vkernel.sessions import SessionTable
+from vkernel.v1 import memory_service_pb2 as pb
+from vkernel.v1 import memory_service_pb2_grpc as pb_grpc
+
+try:
+    from vkernel.kernel import mm_api  # type: ignore[attr-defined, unused-ignore]
+except ImportError:  # the mm facade has not landed yet
+    mm_api = None
+
+U64_LIMIT = 1 << 64
+"""One past the largest unsigned long: a range must not wrap around the address space."""
+PAGEMAP_MAX_PAGES = 1 << 22
+"""Pagemap entries per call: 4 Mi pages (16 GiB of address space) fit 32 MiB of entries."""
+_PID_MAX = 2**31 - 1
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def check_range(addr: int, length: int, field: str = "length") -> None:
+    """EINVAL naming ``field`` when [addr, addr + length) wraps past the top of u64."""
+    if addr + length > U64_LIMIT:
+        raise einval(f"{field} {length:#x} from {addr:#x} wraps around the address space", field)
+
+
+class MemoryServicer(pb_grpc.MemoryServiceServicer):
+    """Thin servicer over the kernel's mm facade."""
+
+    def __init__(self, kernel: Kernel, sessions: SessionTable) -> None:
+        self._kernel = kernel
+        self._sessions = sessions
+
+    # ---- access ---------------------------------------------------------------------------
+
+    def _owned(self, context: Context, pid: int) -> Task:
+        """The caller's own process ``pid`` (ESRCH if none, EPERM if another session's)."""
+        session = require_session(context, self._sessions)
+        return owned_task(self._kernel, session, pid)
+
+    def _any(self, context: Context, pid: int) -> Task:
+        """Any session's process ``pid``, for read-only introspection (ESRCH if none)."""
+        require_session(context, self._sessions)
+        if pid <= 0 or pid > _PID_MAX:
+            raise einval(f"pid {pid} out of range", field="pid")
+        note_pid(pid)
+        return self._kernel.find_task(pid)
+
+    # ---- the mmap family ------------------------------------------------------------------
+
+    async def Mmap(self, request: pb.MmapRequest, context: Context) -> pb.MmapResponse:
+        task = self._owned(context, request.pid)
+        addr = await mm_api.sys_mmap(
+            task,
+            request.addr,
+            request.length,
+            request.prot,
+            request.flags,
+            request.fd,
+            request.offset,
+        )
+        return pb.MmapResponse(addr=addr)
+
+    async def Munmap(self, request: pb.MunmapRequest, context: Context) -> pb.MunmapResponse:
+        task = self._owned(context, request.pid)
+        check_range(request.addr, request.length)
+        await mm_api.sys_munmap(task, request.addr, request.length)
+        return pb.MunmapResponse()
+
+    async def Mprotect(self, request: pb.MprotectRequest, context: Context) -> pb.MprotectResponse:
+        task = self._owned(context, request.pid)
+        # No wrap check: mprotect(2) answers ENOMEM for a wrapping range, and the kernel does.
+        await mm_api.sys_mprotect(task, request.addr, request.length, request.prot)
+        return pb.MprotectResponse()
+
+    async def Mremap(self, request: pb.MremapRequest, context: Context) -> pb.MremapResponse:
+        task = self._owned(context, request.pid)
+        check_range(request.old_addr, request.old_length, "old_length")
+        addr = await mm_api.sys_mremap(
+            task,
+            request.old_addr,
+            request.old_length,
+            request.new_length,
+            request.flags,
+            request.new_addr,
+        )
+        return pb.MremapResponse(addr=addr)
+
+    async def Madvise(self, request: pb.MadviseRequest, context: Context) -> pb.MadviseResponse:
+        task = self._owned(context, request.pid)
+        check_range(request.addr, request.length)
+        await mm_api.sys_madvise(task, request.addr, request.length, request.advice)
+        return pb.MadviseResponse()
+
+    # ---- user memory ----------------------------------------------------------------------
+
+    async def ReadMemory(
+        self, request: pb.ReadMemoryRequest, context: Context
+    ) -> AsyncIterator[pb.ReadMemoryResponse]:
+        # A plain linear generator (no task group, no cancel scope), so yield is safe here
+        # (conventions §1.4); the interceptor relays each item with context.write, whose
+        # await is the backpressure.
+        task = self._owned(context, request.pid)
+        check_range(request.addr, request.length)
+        addr = request.addr
+        async for chunk in mm_api.read_user(task, request.addr, request.length):
+            yield pb.ReadMemoryResponse(addr=addr, data=bytes(chunk))
+            addr += len(chunk)
+
+    async def WriteMemory(
+        self, request_iterator: AsyncIterator[pb.WriteMemoryRequest], context: Context
+    ) -> pb.WriteMemoryResponse:
+        session = require_session(context, self._sessions)
+        task: Task | None = None
+        start = written = 0
+        async for request in request_iterator:
+            if task is None:
+                task = owned_task(self._kernel, session, request.pid)
+                start = request.addr
+            elif request.pid and request.pid != task.pid:
+                raise einval(
+                    f"pid changed from {task.pid} to {request.pid} within one write", "pid"
+                )
+            if request.data:
+                check_range(start + written, len(request.data), "data")
+                await mm_api.write_user(task, start + written, request.data)
+                written += len(request.data)
+        if task is None:
+            raise einval("an empty write stream names no process", field="pid")
+        return pb.WriteMemoryResponse(bytes_written=written)
+
+    # ---- introspection --------------------------------------------------------------------
+
+    async def GetMaps(self, request: pb.GetMapsRequest, context: Context) -> pb.GetMapsResponse:
+        task = self._any(context, request.pid)
+        return pb.GetMapsResponse(text=mm_api.proc_maps(task))
+
+    async def GetSmaps(self, request: pb.GetSmapsRequest, context: Context) -> pb.GetSmapsResponse:
+        task = self._any(context, request.pid)
+        return pb.GetSmapsResponse(text=mm_api.proc_smaps(task))
+
+    async def GetPagemap(
+        self, request: pb.GetPagemapRequest, context: Context
+    ) -> pb.GetPagemapResponse:
+        task = self._any(context, request.pid)
+        if request.npages > PAGEMAP_MAX_PAGES:
+            raise einval(
+                f"npages {request.npages} is more than {PAGEMAP_MAX_PAGES} per call", "npages"
+            )
+        addr = request.addr & PAGE_MASK
+        check_range(addr, request.npages << PAGE_SHIFT, "npages")
+        entries = mm_api.pagemap(task, addr, request.npages)
+        return pb.GetPagemapResponse(addr=addr, entries=bytes(entries))
+
+    async def DumpPage(self, request: pb.DumpPageRequest, context: Context) -> pb.DumpPageResponse:
+        require_session(context, self._sessions)
+        return dump_page_response(request.pfn, mm_api.dump_page(self._kernel, request.pfn))
+
+    async def GetMmapLockStats(
+        self, request: pb.GetMmapLockStatsRequest, context: Context
+    ) -> pb.GetMmapLockStatsResponse:
+        task = self._any(context, request.pid)
+        return pb.GetMmapLockStatsResponse(stats=named_values(mm_api.mmap_lock_stats(task)))
+
+    async def GetProcessStatus(
+        self, request: pb.GetProcessStatusRequest, context: Context
+    ) -> pb.GetProcessStatusResponse:
+        task = self._any(context, request.pid)
+        return pb.GetProcessStatusResponse(fields=named_values(mm_api.proc_status_mm(task)))
+
+    async def Audit(self, request: pb.AuditRequest, context: Context) -> pb.AuditResponse:
+        require_session(context, self._sessions)
+        problems = [str(p) for p in mm_api.audit(self._kernel)]
+        return pb.AuditResponse(clean=not problems, problems=problems)
+
+
+def named_values(values: Mapping[str, Any]) -> list[pb.NamedValue]:
+    """A name → number mapping as NamedValues, in the mapping's order."""
+    return [pb.NamedValue(name=str(k), value=int(v)) for k, v in values.items()]
+
+
+def _flags(raw: Any) -> tuple[int, list[str]]:
+    """Page flags as (bits, names), whether the kernel gave bits or names."""
+    if isinstance(raw, int):
+        return raw, [name for bit, name in PAGE_FLAG_NAMES if raw & bit]
+    names = [str(n) for n in raw or ()]
+    bits_by_name = {name: bit for bit, name in PAGE_FLAG_NAMES}
+    return sum(bits_by_name.get(n, 0) for n in set(names)), names
+
+
+def dump_page_response(pfn: int, page: Mapping[str, Any]) -> pb.DumpPageResponse:
+    """The kernel's dump_page() dict as a DumpPageResponse."""
+    bits, names = _flags(page.get("flags", 0))
+    if "flag_names" in page:
+        names = [str(n) for n in page["flag_names"]]
+    mapping = page.get("mapping")
+    return pb.DumpPageResponse(
+        pfn=int(page.get("pfn", pfn)),
+        refcount=int(page.get("refcount", 0)),
+        mapcount=int(page.get("mapcount", 0)),
+        pincount=int(page.get("pincount", 0)),
+        flags=bits,
+        flag_names=names,
+        compound_head=int(page.get("compound_head", page.get("head", pfn))),
+        compound_order=int(page.get("compound_order", page.get("order", 0))),
+        mapping="" if mapping is None else str(mapping),
+        index=int(page.get("index", 0) or 0),
+    )
