@@ -435,7 +435,8 @@ def _versions() -> dict[str, str | None]:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            # --dirty: other engineers' uncommitted edits are part of what was measured.
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
