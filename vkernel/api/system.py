@@ -23,7 +23,10 @@ class SystemServicer(pb_grpc.SystemServiceServicer):
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetInfoResponse:
         k = self._kernel
-        free_pages = dict(k.vmstat.items()).get("nr_free_pages", 0)
+        try:
+            free_pages = k.vmstat["nr_free_pages"]  # one gauge, not the whole vmstat
+        except KeyError:
+            free_pages = 0
         return pb.GetInfoResponse(
             version=k.version,
             arch=k.config.arch,
