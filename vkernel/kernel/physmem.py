@@ -152,7 +152,7 @@ class PhysMem:
     """The machine's RAM (a memfd) and mem_map (struct page arrays), plus the page allocator."""
 
     def __init__(self, memory_bytes: int, movable_bytes: int, vmstat: VmStat) -> None:
-        if memory_bytes < 4 * HPAGE_PMD_NR * PAGE_SIZE or memory_bytes % PAGE_SIZE:
+        if memory_bytes < 2 * HPAGE_PMD_NR * PAGE_SIZE or memory_bytes % PAGE_SIZE:
             raise einval("memory must be a multiple of 4096 and at least 4 MiB", field="memory")
         if movable_bytes < 0 or movable_bytes % PAGE_SIZE or movable_bytes >= memory_bytes // 2:
             raise einval("movable memory must be page aligned and below half", field="movable")

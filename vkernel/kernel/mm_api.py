@@ -1,0 +1,59 @@
+"""The mm facade the API layer calls: every entry point takes the acting Task.
+
+Thin re-exports of the mm core (mmap.py, uaccess.py, fork.py, proc.py, audit.py); all errors
+are ``KernelError`` (or its subclass ``UserFault``) carrying Linux's errno.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from vkernel.kernel.audit import audit
+from vkernel.kernel.errors import KernelError
+from vkernel.kernel.mmap import sys_madvise, sys_mmap, sys_mprotect, sys_mremap, sys_munmap
+from vkernel.kernel.proc import (
+    dump_page,
+    lookup_pte,
+    mmap_lock_stats,
+    pagemap,
+    proc_maps,
+    proc_smaps,
+    proc_status_mm,
+)
+from vkernel.kernel.uaccess import access_user, read_user, read_user_bytes, write_user
+
+if TYPE_CHECKING:
+    from vkernel.kernel.task import Task
+
+__all__ = [
+    "access_user",
+    "audit",
+    "dump_page",
+    "fork",
+    "lookup_pte",
+    "mmap_lock_stats",
+    "pagemap",
+    "proc_maps",
+    "proc_smaps",
+    "proc_status_mm",
+    "read_user",
+    "read_user_bytes",
+    "sys_madvise",
+    "sys_mmap",
+    "sys_mprotect",
+    "sys_mremap",
+    "sys_munmap",
+    "write_user",
+]
+
+
+async def fork(task: Task) -> Task:
+    """fork(2): a child process sharing ``task``'s memory copy-on-write."""
+    from vkernel.kernel.fork import dup_task
+
+    mm = task.mm
+    kernel = mm.kernel if mm is not None else None
+    if kernel is None:
+        raise KernelError(errno.ESRCH, f"process {task.pid} has no address space", pid=task.pid)
+    return await dup_task(kernel, task)
