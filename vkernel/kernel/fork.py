@@ -261,6 +261,7 @@ async def dup_task(kernel: Kernel, parent: Task) -> Task:
     if oldmm is None:
         raise KernelError(errno.ESRCH, f"process {parent.pid} has no address space")
     async with oldmm.mmap_lock.write(parent):
+        oldmm.check_alive()
         mm = MmStruct(kernel)
         try:
             dup_mmap(mm, oldmm)
@@ -279,6 +280,3 @@ async def dup_task(kernel: Kernel, parent: Task) -> Task:
     child.mm = mm
     kernel.tasks[child.pid] = child
     return child
-
-
-_ = (_PAGE_PSE, U64_RW)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.mmap_lock import MmapLock
 from vkernel.kernel.pgtable import pgtable_alloc
-from vkernel.kernel.uapi import MMAP_BASE, PAGE_SHIFT
+from vkernel.kernel.uapi import MMAP_BASE, PAGE_SHIFT, VM_LOCKED
 from vkernel.kernel.vma import VMA
 
 if TYPE_CHECKING:
@@ -103,6 +103,8 @@ class MmStruct:
         self._ends.insert(i, vma.vm_end)
         self.total_vm += vma.size >> PAGE_SHIFT
         self.hiwater_vm = max(self.hiwater_vm, self.total_vm)
+        if vma.vm_flags & VM_LOCKED:
+            self.locked_vm += vma.size >> PAGE_SHIFT
         if vma.shmem is not None:
             vma.shmem.get()
 
@@ -112,6 +114,8 @@ class MmStruct:
         del self.vmas[i]
         del self._ends[i]
         self.total_vm -= vma.size >> PAGE_SHIFT
+        if vma.vm_flags & VM_LOCKED:
+            self.locked_vm -= vma.size >> PAGE_SHIFT
         if vma.shmem is not None:
             vma.shmem.put()
 
@@ -120,6 +124,8 @@ class MmStruct:
         i = self._index(vma)
         vma.vm_pgoff += (start - vma.vm_start) >> PAGE_SHIFT
         self.total_vm += ((end - start) - vma.size) >> PAGE_SHIFT
+        if vma.vm_flags & VM_LOCKED:
+            self.locked_vm += ((end - start) - vma.size) >> PAGE_SHIFT
         self.hiwater_vm = max(self.hiwater_vm, self.total_vm)
         vma.vm_start = start
         vma.vm_end = end
@@ -140,6 +146,11 @@ class MmStruct:
         return (
             self.rss_stat[MM_FILEPAGES] + self.rss_stat[MM_ANONPAGES] + self.rss_stat[MM_SHMEMPAGES]
         )
+
+    def check_alive(self) -> None:
+        """After sleeping on mmap_lock: the owner may have exited meanwhile (EINTR, like a kill)."""
+        if self.dead:
+            raise KernelError(errno.EINTR, "the process exited while waiting for mmap_lock")
 
     # ---- teardown ---------------------------------------------------------------------------
 

@@ -310,7 +310,7 @@ def do_vmi_munmap(mm: MmStruct, start: int, length: int) -> None:
 def _check_munmap_args(start: int, length: int) -> int:
     if start & ~PAGE_MASK:
         raise einval("address is not page aligned", field="addr")
-    if start > TASK_SIZE or length > TASK_SIZE - start:
+    if start < 0 or length < 0 or start > TASK_SIZE or length > TASK_SIZE - start:
         raise einval("range exceeds the user address space", field="length")
     length = page_align(length)
     if length == 0:
@@ -323,6 +323,7 @@ async def sys_munmap(task: Task, addr: int, length: int) -> None:
     length = _check_munmap_args(addr, length)
     mm = _mm_of(task)
     async with mm.mmap_lock.write(task):
+        mm.check_alive()
         do_vmi_munmap(mm, addr, length)
 
 
@@ -343,8 +344,6 @@ def _mmap_region(
         if mm.map_count + _count_splits(mm, addr, end) > mm.kernel.sysctl_max_map_count:
             raise KernelError(errno.ENOMEM, "too many mappings", field="addr")
         do_vmi_munmap(mm, addr, length)
-    if mm.map_count >= mm.kernel.sysctl_max_map_count:
-        raise KernelError(errno.ENOMEM, "too many mappings", field="addr")
     shmem = None
     if vm_flags & VM_SHARED:
         shmem = ShmemObject(mm.mem, length)
@@ -396,6 +395,7 @@ async def sys_mmap(
             raise einval("MAP_GROWSDOWN with MAP_SHARED", field="flags")
         vm_flags |= VM_SHARED | VM_MAYSHARE
     async with mm.mmap_lock.write(task):
+        mm.check_alive()
         if mm.map_count > mm.kernel.sysctl_max_map_count:
             raise KernelError(errno.ENOMEM, "too many mappings", field="addr")
         got = get_unmapped_area(mm, addr, length, pgoff, flags, typ == MAP_PRIVATE)
@@ -416,8 +416,6 @@ async def sys_mmap(
         else:
             pgoff = 0
         vma = _mmap_region(mm, task, addr, length, vm_flags, pgoff)
-        if vm_flags & VM_LOCKED:
-            mm.locked_vm += length >> PAGE_SHIFT
         populate = (flags & (MAP_POPULATE | MAP_NONBLOCK)) == MAP_POPULATE or vm_flags & VM_LOCKED
         if populate:
             from vkernel.kernel.uaccess import populate_range
@@ -468,6 +466,7 @@ async def sys_mprotect(task: Task, addr: int, length: int, prot: int) -> None:
         raise einval("PROT_GROWSDOWN/UP on a non-stack mapping", field="prot")
     mm = _mm_of(task)
     async with mm.mmap_lock.write(task):
+        mm.check_alive()
         vmas = mm.vmas_in(addr, end)
         if not vmas or vmas[0].vm_start > addr:
             raise KernelError(errno.ENOMEM, "range not fully mapped", field="addr")
@@ -547,8 +546,6 @@ def move_vma(
     # The old range's pages are now mapped at the new place; unmap the (now empty) old range.
     do_vmi_munmap(mm, old_addr, old_len)
     vma_try_merge_around(mm, new_vma)
-    if vma.vm_flags & VM_LOCKED:
-        mm.locked_vm += (new_len - old_len) >> PAGE_SHIFT
     return new_addr
 
 
@@ -588,6 +585,7 @@ async def sys_mremap(
         raise einval("new_size is zero", field="new_size")
     mm = _mm_of(task)
     async with mm.mmap_lock.write(task):
+        mm.check_alive()
         vma = mm.vma_lookup(old_addr)
         if vma is None:
             raise KernelError(errno.EFAULT, "no mapping at old_address", field="old_address")
@@ -612,8 +610,6 @@ async def sys_mremap(
                 ):
                     vma.shmem.size = vma.linear_page_index(end) << PAGE_SHIFT
                 mm.resize_vma(vma, vma.vm_start, end)
-                if vma.vm_flags & VM_LOCKED:
-                    mm.locked_vm += (new_len - old_len) >> PAGE_SHIFT
                 vma_try_merge_around(mm, vma)
                 return old_addr
         if not flags & MREMAP_MAYMOVE:
@@ -782,10 +778,12 @@ async def sys_madvise(task: Task, addr: int, length: int, advice: int) -> None:
         from vkernel.kernel.uaccess import populate_range
 
         async with mm.mmap_lock.read(task):
+            mm.check_alive()
             populate_range(mm, task, addr, end, advice == MADV_POPULATE_WRITE, madvise=True)
         return
     guard = mm.mmap_lock.write(task) if advice in _WRITE_LOCK_ADVICE else mm.mmap_lock.read(task)
     async with guard:
+        mm.check_alive()
         unmapped = False
         start = addr
         while start < end:
@@ -800,6 +798,3 @@ async def sys_madvise(task: Task, addr: int, length: int, advice: int) -> None:
             start = tmp
         if unmapped:
             raise KernelError(errno.ENOMEM, "range has unmapped parts", field="addr")
-
-
-_ = (VM_MAYSHARE, VM_HUGEPAGE)

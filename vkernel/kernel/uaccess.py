@@ -38,7 +38,6 @@ from vkernel.kernel.uapi import (
     FAULT_FLAG_TRIED,
     FAULT_FLAG_USER,
     FAULT_FLAG_WRITE,
-    HPAGE_PMD_NR,
     PAGE_SHIFT,
     PAGE_SIZE,
     PMD_MASK,
@@ -196,6 +195,7 @@ async def write_user(task: Task, addr: int, data: bytes | bytearray | memoryview
     pos = 0
     while pos < total:
         async with mm.mmap_lock.read(task):
+            mm.check_alive()
             # Work through up to 16 MiB per lock hold to let writers in between.
             budget = 16 << 20
             while pos < total and budget > 0:
@@ -273,6 +273,7 @@ async def read_user(task: Task, addr: int, length: int) -> AsyncIterator[memoryv
         err: KernelError | None = None
         chunk: memoryview | None = None
         async with mm.mmap_lock.read(task):
+            mm.check_alive()
             vma = _user_vma(mm, pos, False)
             cend = min((pos // READ_CHUNK + 1) * READ_CHUNK, end, vma.vm_end)
             ret, fail = fault_in_range(vma, pos, cend, flags, task)
@@ -345,6 +346,3 @@ def populate_range(
                     raise KernelError(EHWPOISON, "poisoned page", address=f"{fail:#x}")
                 raise KernelError(errno.EFAULT, "fault failed", address=f"{fail:#x}")
             addr = cend
-
-
-_ = HPAGE_PMD_NR

@@ -208,3 +208,47 @@ async def test_killed_while_waiting_for_mmap_lock_unwinds(kernel: Kernel, task: 
     assert ei.value.errno == errno.EINTR
     mm.mmap_lock.write_unlock()
     assert not mm.vmas
+
+
+async def test_unshare_fault_gives_an_exclusive_read_only_copy(kernel: Kernel, task: Task) -> None:
+    """B.29 / A.10: FAULT_FLAG_UNSHARE on a shared COW page copies it, PTE stays R/O; a later
+    write reuses the now-exclusive copy (pgreuse +1) and the child keeps the old data."""
+    from vkernel.kernel.memory import handle_mm_fault
+    from vkernel.kernel.mm_api import lookup_pte
+    from vkernel.kernel.uapi import FAULT_FLAG_ALLOW_RETRY, FAULT_FLAG_KILLABLE, FAULT_FLAG_UNSHARE
+
+    a = await mmap_anon(task, P)
+    await write_user(task, a, b"shared")
+    child = await fork(task)
+    old = pfn_at(task, a)
+    vma = task.mm.vma_lookup(a)
+    flags = FAULT_FLAG_UNSHARE | FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_KILLABLE
+    assert handle_mm_fault(vma, a, flags, task) == 0
+    new = pfn_at(task, a)
+    assert new != old
+    assert kernel.mem.flags[new] & PG_anon_exclusive
+    assert not lookup_pte(task, a) & 2
+    reuse = kernel.vmstat["pgreuse"]
+    await write_user(task, a, b"S")
+    assert pfn_at(task, a) == new
+    assert kernel.vmstat["pgreuse"] == reuse + 1
+    assert await read_user_bytes(child, a, 6) == b"shared"
+    # Unshare of an already exclusive page is a no-op.
+    assert handle_mm_fault(vma, a, flags, task) == 0
+    assert pfn_at(task, a) == new
+    kernel.do_exit(child)
+
+
+async def test_kill_between_read_chunks_stops_the_stream(kernel: Kernel, task: Task) -> None:
+    """§4: a process killed while its memory is being streamed: the stream ends with EINTR."""
+    from vkernel.kernel.mm_api import read_user
+
+    a = await mmap_anon(task, 4 * MiB)
+    await write_user(task, a, b"k" * (4 * MiB))
+    it = read_user(task, a, 4 * MiB)
+    first = await it.__anext__()
+    assert len(first) == MiB
+    kernel.kill(task, 9)
+    with pytest.raises(KernelError) as ei:
+        await it.__anext__()
+    assert ei.value.errno in (errno.EINTR, errno.ESRCH)
