@@ -6,7 +6,8 @@
 # 2. Prepare the wheelhouse on the host (the host's pip reaches PyPI, the build does not):
 #    .build/wheels/project/ the vkernel wheel, .build/wheels/deps/ every runtime dependency as
 #    binary wheels for the base image's Python version, libc and machine.
-# 3. docker build --build-arg BASE_IMAGE=... -t $VKERNEL_IMAGE (default vkernel:latest).
+# 3. docker build --build-arg BASE_IMAGE=... -t $VKERNEL_IMAGE (default vkernel:latest); the
+#    dependency stage is also tagged <name>:deps (vkernel:deps) to keep its cache.
 #
 # Re-running is cheap: the dependency download is skipped while pyproject.toml and the base
 # image's Python are unchanged, the project wheel is reproducible, and docker's layer cache
@@ -93,16 +94,34 @@ if [[ ! -f $WHEELS/deps/.stamp || $(cat "$WHEELS/deps/.stamp") != "$stamp_want" 
 else
     log "runtime dependencies up to date"
 fi
-log "wheelhouse: $(ls "$WHEELS"/deps/*.whl | wc -l) dependency wheels, $(basename "$wheel")"
+log "wheelhouse: $(find "$WHEELS/deps" -name "*.whl" | wc -l) dependency wheels, $(basename "$wheel")"
 
 # --- 3. docker build -----------------------------------------------------------------------
 # The classic builder unless buildx is installed (docker 20.10 engine, no buildx here).
 if [[ -z ${DOCKER_BUILDKIT:-} ]] && ! docker buildx version >/dev/null 2>&1; then
     export DOCKER_BUILDKIT=0
 fi
-if ! docker build --build-arg BASE_IMAGE="$base" -t "$IMAGE" . >.build/docker-build.log 2>&1; then
-    tail -n 40 .build/docker-build.log >&2
-    die "docker build failed (full log: .build/docker-build.log)"
+previous=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+# The deps stage is tagged too (${IMAGE%%:*}:deps), so that `docker image prune` does not
+# throw away its cache: it is the slow part of the build.
+: >.build/docker-build.log
+for target in deps final; do
+    args=(--build-arg BASE_IMAGE="$base")
+    if [[ $target == deps ]]; then
+        args+=(--target deps -t "${IMAGE%%:*}:deps")
+    else
+        args+=(-t "$IMAGE")
+    fi
+    if ! docker build "${args[@]}" . >>.build/docker-build.log 2>&1; then
+        tail -n 40 .build/docker-build.log >&2
+        die "docker build failed (full log: .build/docker-build.log)"
+    fi
+done
+# The image this build replaced, now untagged: remove it (kept if a container still uses it).
+current=$(docker image inspect -f '{{.Id}}' "$IMAGE")
+if [[ -n $previous && $previous != "$current" ]] \
+    && [[ -z $(docker image inspect -f '{{join .RepoTags ","}}' "$previous" 2>/dev/null) ]]; then
+    docker rmi "$previous" >/dev/null 2>&1 || true
 fi
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 log "built $IMAGE ($((size / 1000000)) MB) in $((SECONDS - start))s"

@@ -83,7 +83,7 @@ fi
 rootfs=$(mktemp -d "${TMPDIR:-/var/tmp}/vkernel-rootfs.XXXXXX")
 trap 'rm -rf --one-file-system "$rootfs"' EXIT
 
-args=(--variant=minbase --include=python3,python3-venv --components=main)
+args=(--variant=minbase "--include=python3,python3-venv" --components=main)
 if [[ $keyring != "-" && -r $keyring ]]; then
     args+=(--keyring="$keyring")
 fi
