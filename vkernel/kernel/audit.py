@@ -131,6 +131,8 @@ def audit(kernel: Kernel) -> list[str]:
         problems.append(f"zero page refcount {int(mem.refcount[zero])} != 1")
     if zero_maps != mem.zero_maps:
         problems.append(f"zero page mapped {zero_maps} times, bookkeeping says {mem.zero_maps}")
+    if mem.frames[zero].any():
+        problems.append("the shared zero page has been written to")
     exp_ref[zero] = mem.refcount[zero]
     exp_map[zero] = mem.mapcount[zero]
 

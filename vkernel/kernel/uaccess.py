@@ -106,7 +106,7 @@ def fault_in_range(
             return VM_FAULT_OOM, start
         base = t * PTRS_PER_TABLE
         i0 = (start >> PAGE_SHIFT) & 511
-        i1 = i0 + ((end - start + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        i1 = i0 + ((end - 1) >> PAGE_SHIFT) - (start >> PAGE_SHIFT) + 1
         s = u[base + i0 : base + i1]
         if vma.is_anonymous():
             none = np.flatnonzero(s == 0)

@@ -176,3 +176,14 @@ async def test_exit_frees_everything(kernel: Kernel) -> None:
     kernel.do_exit(child)
     assert kernel.mem.nr_free_pages == boot
     assert kernel.vmstat["nr_page_table_pages"] == 0
+
+
+async def test_unaligned_write_into_zero_page_mapped_neighbour(kernel: Kernel, task: Task) -> None:
+    """A.10: a store that starts mid-page and ends in a zero-page-mapped page COWs that page too
+    (the zero page itself is never written; regression for a page-count off-by-one)."""
+    a = await mmap_anon(task, 2 * P)
+    await read_user_bytes(task, a, 2 * P)
+    await write_user(task, a + 10, b"w" * P)
+    assert not kernel.mem.frames[kernel.mem.zero_pfn].any()
+    assert pfn_at(task, a + P) != kernel.mem.zero_pfn
+    assert await read_user_bytes(task, a + P, 11) == b"w" * 10 + b"\0"
