@@ -78,7 +78,8 @@ class KernelMemoryMixin:
 
         Returns a dict with ``pfn``, ``refcount``, ``mapcount``, ``pincount``, ``flags``
         (flag names such as ``anon`` and ``anon_exclusive``), ``flag_bits``,
-        ``compound_head``, ``compound_order``, ``mapping`` and ``index``.
+        ``compound_head``, ``compound_order``, ``mapping``, ``index``, ``entire_mapcount``
+        (PMD mappings, included in ``mapcount``), ``zone`` and ``maybe_dma_pinned``.
         """
         resp: pb.DumpPageResponse = await self._memory_call(
             self._memory.DumpPage, pb.DumpPageRequest(pfn=_ulong(pfn, "pfn"))
@@ -94,6 +95,9 @@ class KernelMemoryMixin:
             "compound_order": resp.compound_order,
             "mapping": resp.mapping,
             "index": resp.index,
+            "entire_mapcount": resp.entire_mapcount,
+            "zone": resp.zone,
+            "maybe_dma_pinned": resp.maybe_dma_pinned,
         }
 
     async def audit(self) -> list[str]:
@@ -268,7 +272,7 @@ class MemoryMixin:
         return entries.tolist()
 
     async def status(self) -> dict[str, int]:
-        """The memory fields of /proc/PID/status (VmSize, VmRSS, VmPin …)."""
+        """The memory fields of /proc/PID/status (VmSize, VmRSS, VmPin …), in kB like the file."""
         resp: pb.GetProcessStatusResponse = await self._unary_memory(
             "GetProcessStatus", pb.GetProcessStatusRequest(pid=self.pid)
         )

@@ -180,10 +180,11 @@ async def cmd_pagemap(args: argparse.Namespace, out: Console) -> int:
         _emit_json(rows)
         return 0
     table = Table(title=f"pagemap of pid {args.pid}")
-    table.add_column("VADDR", justify="right")
-    for col in ("PRESENT", "EXCLUSIVE", "UFFD-WP", "SOFT-DIRTY", "SWAP", "FILE"):
+    # Addresses and pfns must never be cut short, whatever the terminal's width.
+    table.add_column("VADDR", justify="right", no_wrap=True, min_width=14)
+    for col in ("PRESENT", "EXCL", "UFFD-WP", "SOFT-DIRTY", "SWAP", "FILE"):
         table.add_column(col, justify="center")
-    table.add_column("PFN", justify="right")
+    table.add_column("PFN", justify="right", no_wrap=True, min_width=8)
     mark = {True: "y", False: "-"}
     for r in rows:
         table.add_row(
@@ -209,12 +210,14 @@ async def cmd_page(args: argparse.Namespace, out: Console) -> int:
         return 0
     table = Table(title=f"page {page['pfn']:#x}", show_header=False)
     table.add_row("refcount", str(page["refcount"]))
-    table.add_row("mapcount", str(page["mapcount"]))
+    table.add_row("mapcount", f"{page['mapcount']} ({page['entire_mapcount']} PMD)")
     table.add_row("pincount", str(page["pincount"]))
+    table.add_row("maybe_dma_pinned", "yes" if page["maybe_dma_pinned"] else "no")
     table.add_row("flags", f"{page['flag_bits']:#x} ({'|'.join(page['flags']) or '-'})")
     table.add_row("compound", f"head {page['compound_head']:#x}, order {page['compound_order']}")
     table.add_row("mapping", page["mapping"] or "-")
     table.add_row("index", f"{page['index']:#x}")
+    table.add_row("zone", page["zone"] or "-")
     out.print(table)
     return 0
 

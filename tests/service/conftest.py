@@ -12,6 +12,7 @@ import pytest
 import vkclient
 from vkernel.config import Listen, ServeConfig
 from vkernel.kernel.kernel import Kernel, KernelConfig
+from vkernel.kernel.mm_api import audit
 from vkernel.server import serve
 
 
@@ -50,6 +51,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
         yield Daemon(addr=f"unix://{sock}", kernel=kernel, socket_path=sock)
         stop.set()
     assert not kernel.tasks, "every process must be gone once the daemon has stopped"
+    assert audit(kernel) == [], "every frame's counts must match once everything has exited"
 
 
 @pytest.fixture

@@ -16,23 +16,18 @@ import grpc
 
 from vkernel.api.process import owned_task
 from vkernel.api.rpc import note_pid, require_session
+from vkernel.kernel import mm_api
 from vkernel.kernel.errors import einval
 from vkernel.kernel.kernel import Kernel
+from vkernel.kernel.proc import MAX_PAGEMAP_PAGES
 from vkernel.kernel.task import Task
 from vkernel.kernel.uapi import PAGE_FLAG_NAMES, PAGE_MASK, PAGE_SHIFT
 from vkernel.sessions import SessionTable
 from vkernel.v1 import memory_service_pb2 as pb
 from vkernel.v1 import memory_service_pb2_grpc as pb_grpc
 
-try:
-    from vkernel.kernel import mm_api  # type: ignore[attr-defined, unused-ignore]
-except ImportError:  # the mm facade has not landed yet
-    mm_api = None
-
 U64_LIMIT = 1 << 64
 """One past the largest unsigned long: a range must not wrap around the address space."""
-PAGEMAP_MAX_PAGES = 1 << 22
-"""Pagemap entries per call: 4 Mi pages (16 GiB of address space) fit 32 MiB of entries."""
 _PID_MAX = 2**31 - 1
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -124,8 +119,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         check_range(request.addr, request.length)
         addr = request.addr
         async for chunk in mm_api.read_user(task, request.addr, request.length):
-            yield pb.ReadMemoryResponse(addr=addr, data=bytes(chunk))
-            addr += len(chunk)
+            data = _as_bytes(chunk)
+            yield pb.ReadMemoryResponse(addr=addr, data=data)
+            addr += len(data)
 
     async def WriteMemory(
         self, request_iterator: AsyncIterator[pb.WriteMemoryRequest], context: Context
@@ -163,9 +159,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self, request: pb.GetPagemapRequest, context: Context
     ) -> pb.GetPagemapResponse:
         task = self._any(context, request.pid)
-        if request.npages > PAGEMAP_MAX_PAGES:
+        if request.npages > MAX_PAGEMAP_PAGES:
             raise einval(
-                f"npages {request.npages} is more than {PAGEMAP_MAX_PAGES} per call", "npages"
+                f"npages {request.npages} is more than {MAX_PAGEMAP_PAGES} per call", "npages"
             )
         addr = request.addr & PAGE_MASK
         check_range(addr, request.npages << PAGE_SHIFT, "npages")
@@ -194,6 +190,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return pb.AuditResponse(clean=not problems, problems=problems)
 
 
+def _as_bytes(chunk: bytes | memoryview) -> bytes:
+    """A chunk as the bytes protobuf needs, without a second copy when it already is one."""
+    if isinstance(chunk, bytes):
+        return chunk
+    whole = chunk.obj
+    if isinstance(whole, bytes) and chunk.nbytes == len(whole) and chunk.c_contiguous:
+        return whole
+    return chunk.tobytes()
+
+
 def named_values(values: Mapping[str, Any]) -> list[pb.NamedValue]:
     """A name → number mapping as NamedValues, in the mapping's order."""
     return [pb.NamedValue(name=str(k), value=int(v)) for k, v in values.items()]
@@ -208,12 +214,20 @@ def _flags(raw: Any) -> tuple[int, list[str]]:
     return sum(bits_by_name.get(n, 0) for n in set(names)), names
 
 
+def _mapping(page: Mapping[str, Any]) -> str:
+    """page->mapping as "kind:id", or empty when the page has none."""
+    mapping = page.get("mapping")
+    if not mapping:
+        return ""
+    if isinstance(mapping, int):
+        kind = str(page.get("mapping_kind") or "mapping")
+        return f"{kind}:{mapping:#x}"
+    return str(mapping)
+
+
 def dump_page_response(pfn: int, page: Mapping[str, Any]) -> pb.DumpPageResponse:
     """The kernel's dump_page() dict as a DumpPageResponse."""
     bits, names = _flags(page.get("flags", 0))
-    if "flag_names" in page:
-        names = [str(n) for n in page["flag_names"]]
-    mapping = page.get("mapping")
     return pb.DumpPageResponse(
         pfn=int(page.get("pfn", pfn)),
         refcount=int(page.get("refcount", 0)),
@@ -221,8 +235,11 @@ def dump_page_response(pfn: int, page: Mapping[str, Any]) -> pb.DumpPageResponse
         pincount=int(page.get("pincount", 0)),
         flags=bits,
         flag_names=names,
-        compound_head=int(page.get("compound_head", page.get("head", pfn))),
-        compound_order=int(page.get("compound_order", page.get("order", 0))),
-        mapping="" if mapping is None else str(mapping),
-        index=int(page.get("index", 0) or 0),
+        compound_head=int(page.get("compound_head", pfn)),
+        compound_order=int(page.get("order", page.get("compound_order", 0))),
+        mapping=_mapping(page),
+        index=int(page.get("index", 0)),
+        entire_mapcount=int(page.get("entire_mapcount", 0)),
+        zone=str(page.get("zone", "")),
+        maybe_dma_pinned=bool(page.get("maybe_dma_pinned", False)),
     )

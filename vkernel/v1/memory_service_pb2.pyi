@@ -29,7 +29,9 @@ class NamedValue(_message.Message):
     name: _builtins.str
     """The name, as Linux spells it (VmRSS, read_acquired …)."""
     value: _builtins.int
-    """The value; sizes are in bytes."""
+    """The value, in the unit the kernel's file uses (kB for /proc/PID/status, ns for
+    lock wait and hold times).
+    """
     def __init__(
         self,
         *,
@@ -622,14 +624,17 @@ class DumpPageResponse(_message.Message):
     COMPOUND_ORDER_FIELD_NUMBER: _builtins.int
     MAPPING_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    ENTIRE_MAPCOUNT_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    MAYBE_DMA_PINNED_FIELD_NUMBER: _builtins.int
     pfn: _builtins.int
     """The page frame number."""
     refcount: _builtins.int
-    """page_ref_count(): references, pins included (each FOLL_PIN adds 1024 to small pages)."""
+    """The folio's reference count, pins included (each FOLL_PIN adds 1024 to small pages)."""
     mapcount: _builtins.int
-    """page_mapcount(): page-table mappings."""
+    """Page-table mappings of this page: its own PTE mappings plus the folio's PMD mappings."""
     pincount: _builtins.int
-    """folio_maybe_dma_pinned()'s pincount for large folios, else 0."""
+    """The large folio's pincount (pins of small pages are counted in refcount)."""
     flags: _builtins.int
     """The raw flag bits."""
     compound_head: _builtins.int
@@ -637,9 +642,17 @@ class DumpPageResponse(_message.Message):
     compound_order: _builtins.int
     """The compound order (0 for a small page)."""
     mapping: _builtins.str
-    """What ->mapping points to ("anon", a file name …), empty when nothing."""
+    """What ->mapping points to, as "kind:id" (an anon_vma or a shmem object), empty when
+    nothing.
+    """
     index: _builtins.int
     """->index: the page offset within the mapping."""
+    entire_mapcount: _builtins.int
+    """The folio's PMD (entire) mappings, included in mapcount."""
+    zone: _builtins.str
+    """The zone the frame lies in: Normal or Movable."""
+    maybe_dma_pinned: _builtins.bool
+    """folio_maybe_dma_pinned(): the folio may be pinned for DMA."""
     @_builtins.property
     def flag_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The names of the set flags (anon, anon_exclusive, head, dirty …)."""
@@ -657,10 +670,13 @@ class DumpPageResponse(_message.Message):
         compound_order: _builtins.int = ...,
         mapping: _builtins.str = ...,
         index: _builtins.int = ...,
+        entire_mapcount: _builtins.int = ...,
+        zone: _builtins.str = ...,
+        maybe_dma_pinned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compound_head", b"compound_head", "compound_order", b"compound_order", "flag_names", b"flag_names", "flags", b"flags", "index", b"index", "mapcount", b"mapcount", "mapping", b"mapping", "pfn", b"pfn", "pincount", b"pincount", "refcount", b"refcount"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compound_head", b"compound_head", "compound_order", b"compound_order", "entire_mapcount", b"entire_mapcount", "flag_names", b"flag_names", "flags", b"flags", "index", b"index", "mapcount", b"mapcount", "mapping", b"mapping", "maybe_dma_pinned", b"maybe_dma_pinned", "pfn", b"pfn", "pincount", b"pincount", "refcount", b"refcount", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -743,7 +759,9 @@ class GetProcessStatusResponse(_message.Message):
     FIELDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedValue]:
-        """The fields in /proc/PID/status order (VmPeak, VmSize, VmLck, VmPin, VmRSS …), in bytes."""
+        """The fields in /proc/PID/status order (VmPeak, VmSize, VmLck, VmPin, VmRSS …), in kB
+        as that file prints them.
+        """
 
     def __init__(
         self,
