@@ -17,8 +17,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -69,6 +71,87 @@ async def ps_table(k: Kernel, title: str) -> None:
     out.print(table)
 
 
+def page_table(title: str, rows: list[tuple[str, int, dict[str, Any]]]) -> Table:
+    """Pages side by side: who maps them, their pfn, counts and flags."""
+    table = Table(title=title, title_justify="left")
+    for col in ("mapped by", "pfn", "refcount", "mapcount", "anon-exclusive", "pagemap"):
+        table.add_column(col, justify="right" if col in ("refcount", "mapcount") else "left")
+    table.add_column("other flags")
+    for who, entry, page in rows:
+        exclusive = "anon_exclusive" in page["flags"]
+        table.add_row(
+            who,
+            f"{page['pfn']:#x}",
+            str(page["refcount"]),
+            str(page["mapcount"]),
+            "[bold green]yes[/]" if exclusive else "[bold yellow]no[/]",
+            " ".join(f for f in vkclient.pagemap_flags(entry) if f != "soft-dirty"),
+            ", ".join(f for f in page["flags"] if f != "anon_exclusive"),
+        )
+    return table
+
+
+async def cow_tour(k: Kernel, parent: vkclient.Process) -> bool:
+    """mmap, write, fork, write in the child: show the page being shared, then copied."""
+    addr = await parent.mmap(4 * vkclient.PAGE_SIZE)
+    await parent.write(addr, b"hello from the parent")
+    out.print(
+        f"  pid {parent.pid}: mmap(NULL, 16384, PROT_READ|PROT_WRITE, "
+        f"MAP_PRIVATE|MAP_ANONYMOUS) = [bold]{addr:#x}[/]"
+    )
+    out.print(f"  pid {parent.pid}: write({addr:#x}, 'hello from the parent')")
+    out.print("  /proc/PID/maps of the parent:")
+    for line in (await parent.maps()).splitlines():
+        out.print(f"    [dim]{escape(line)}[/]")
+
+    async def look(p: vkclient.Process, who: str) -> tuple[str, int, dict[str, Any]]:
+        [entry] = await p.pagemap(addr, 1)
+        return who, entry, await k.dump_page(vkclient.pagemap_pfn(entry))
+
+    before = await look(parent, f"parent {parent.pid}")
+    out.print(page_table("after the write: a private, exclusive anonymous page", [before]))
+    ok = before[2]["refcount"] == 1 and "anon_exclusive" in before[2]["flags"]
+
+    child = await parent.fork()
+    shared = [await look(parent, f"parent {parent.pid}"), await look(child, f"child {child.pid}")]
+    out.print(
+        f"  fork() = {child.pid}: both now map the [bold]same frame[/], write-protected; "
+        "it is no longer exclusive to either"
+    )
+    out.print(page_table("after fork", shared))
+    ok = ok and shared[0][2]["pfn"] == shared[1][2]["pfn"] == before[2]["pfn"]
+    ok = ok and shared[0][2]["refcount"] == 2 and shared[0][2]["mapcount"] == 2
+
+    await child.write(addr, b"HELLO FROM THE CHILD!")
+    after = [await look(parent, f"parent {parent.pid}"), await look(child, f"child {child.pid}")]
+    out.print(
+        "  the child writes → write fault on a shared page → [bold]wp_page_copy[/]: "
+        "the child gets a new frame"
+    )
+    out.print(page_table("after the child's write", after))
+    parent_sees = await parent.read(addr, 21)
+    child_sees = await child.read(addr, 21)
+    out.print(f"  parent reads {parent_sees.decode()!r}, child reads {child_sees.decode()!r}")
+    ok = ok and after[0][2]["pfn"] == before[2]["pfn"] != after[1][2]["pfn"]
+    ok = ok and after[0][2]["refcount"] == 1 and parent_sees == b"hello from the parent"
+    ok = ok and child_sees == b"HELLO FROM THE CHILD!"
+
+    await parent.write(addr, b"parent writes again!!")
+    [entry] = await parent.pagemap(addr, 1)
+    page = await k.dump_page(vkclient.pagemap_pfn(entry))
+    out.print(
+        f"  the parent writes: its page has refcount 1, so the fault [bold]reuses[/] it "
+        f"(no copy): pfn {page['pfn']:#x}, anon-exclusive again: "
+        f"{'yes' if 'anon_exclusive' in page['flags'] else 'no'}"
+    )
+    ok = ok and page["pfn"] == before[2]["pfn"] and "anon_exclusive" in page["flags"]
+    if not ok:
+        out.print("  [bold red]copy-on-write did not behave as Linux does[/]")
+    await child.kill()
+    await child.wait()
+    return ok
+
+
 async def tour(addr: str | None, token_file: str | None) -> int:
     """Run the demo against the daemon at ``addr``; returns 0 when every step behaved."""
     async with vkclient.connect(addr, token_file=token_file, client_name="demo") as k:
@@ -97,7 +180,11 @@ async def tour(addr: str | None, token_file: str | None) -> int:
             out.print(f"  spawned pid [bold]{p.pid}[/] {p.info.name:<10} {why}")
         await ps_table(k, "ps")
 
-        step("2. errors come back as Linux errno")
+        step("2. fork and copy-on-write")
+        if not await cow_tour(k, db):
+            return 1
+
+        step("3. errors come back as Linux errno")
         try:
             await k.process(4_000_000).kill()
         except ProcessLookupError as e:
@@ -112,7 +199,7 @@ async def tour(addr: str | None, token_file: str | None) -> int:
             except PermissionError as e:
                 show_errno(f"another session: kill({db.pid}, SIGKILL) — not its process:", e)
 
-        step("3. signals and wait")
+        step("4. signals and wait")
         await monitor.kill(signal.SIGTERM)
         result = await monitor.wait()
         out.print(
@@ -121,7 +208,7 @@ async def tour(addr: str | None, token_file: str | None) -> int:
         )
         await ps_table(k, "ps after the monitor was reaped")
 
-        step("4. /proc/vmstat")
+        step("5. /proc/vmstat")
         counters = await k.vmstat()
         table = Table(show_header=True, title=f"{len(counters)} counters (excerpt)")
         table.add_column("counter")
@@ -130,7 +217,7 @@ async def tour(addr: str | None, token_file: str | None) -> int:
             table.add_row(name, str(value))
         out.print(table)
 
-        step("5. closing the session")
+        step("6. closing the session")
         out.print(
             "  the session ends → its processes exit with it (close semantics), "
             "nothing is left behind"
@@ -140,6 +227,18 @@ async def tour(addr: str | None, token_file: str | None) -> int:
         out.print(f"  processes left after the session closed: [bold]{len(left)}[/]")
         if left:
             return 1
+        step("7. the audit")
+        problems = await k.audit()
+        if problems:
+            out.print(f"  [bold red]audit found {len(problems)} problem(s)[/]")
+            for problem in problems:
+                out.print(f"    {problem}", markup=False)
+            return 1
+        out.print(
+            "  every frame's refcount, mapcount and pincount recomputed from page tables "
+            "and handles:"
+        )
+        out.print("  [bold green]audit clean[/]")
     out.print("\n[bold green]demo finished[/]")
     return 0
 
