@@ -3,8 +3,9 @@
 # a bearer token and over a UNIX socket in a shared volume; the demo client over TCP and vkctl
 # over the socket, each in its own container; then a graceful stop of the daemon.
 #
-# Fails unless: the daemon becomes healthy, both clients exit 0, and `compose stop` (SIGTERM)
-# makes the daemon exit 0 within its stop_grace_period. On failure the logs are printed.
+# Fails unless: the daemon becomes healthy, both clients exit 0, TCP without the token is
+# refused, and `compose stop` (SIGTERM) makes the daemon exit 0 within its stop_grace_period.
+# On failure the logs of the stack are printed.
 # The stack is always torn down (down -v --remove-orphans).
 #
 # Env: VKERNEL_IMAGE (default vkernel:latest; built with scripts/build_image.sh if missing,
@@ -104,6 +105,15 @@ for svc in demo vkctl; do
         fail "$svc exited $code"
     fi
 done
+
+# TCP without the token must be refused (the health service alone is open).
+if out=$("${compose[@]}" run --rm --no-deps -T demo vkctl --addr tcp://vkernel:50051 info 2>&1); then
+    fail "vkctl over TCP without a token succeeded: $out"
+elif grep -q UNAUTHENTICATED <<<"$out"; then
+    ok "TCP without a token refused (UNAUTHENTICATED)"
+else
+    fail "vkctl over TCP without a token failed, but not with UNAUTHENTICATED: $out"
+fi
 
 daemon=$(cid vkernel)
 state=$(docker inspect -f '{{.State.Status}}' "$daemon")
