@@ -476,3 +476,30 @@ async def test_vkctl_audit_reports_problems(
     out = capsys.readouterr().out
     assert "1 problem" in out
     assert "pfn 0x42: refcount 3, expected 2" in out
+
+
+async def test_cancelled_read_stream_releases_the_mm(k: vkclient.Kernel) -> None:
+    """A client that cancels a long ReadMemory stream after one chunk leaves no reader on the
+    mmap_lock: munmap (a writer) goes through and the audit stays clean."""
+    p = await k.spawn("cancel")
+    size = 32 * MiB
+    addr = await p.mmap(size)
+    call = k._memory.ReadMemory(
+        pb.ReadMemoryRequest(pid=p.pid, addr=addr, length=size), metadata=k._metadata
+    )
+    first = await call.read()
+    assert isinstance(first, pb.ReadMemoryResponse)
+    assert first.addr == addr
+    call.cancel()
+    with anyio.fail_after(5):
+        while (await p.mmap_lock_stats())["readers"]:
+            await anyio.sleep(0.01)
+        await p.munmap(addr, size)
+    assert await k.audit() == []
+
+
+async def test_demo_tour_runs_clean(daemon: Daemon, quiet_logs: None) -> None:
+    """The demo's tour (COW step included) succeeds against a daemon and ends audit-clean."""
+    from vkclient import demo
+
+    assert await demo.tour(daemon.addr, None) == 0
