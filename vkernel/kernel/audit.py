@@ -56,6 +56,7 @@ def audit(kernel: Kernel) -> list[str]:
     pmd_heads: list[int] = []
     tables: list[int] = []
     zero_maps = 0
+    huge_zero_maps = 0
     shmem_objs: dict[int, ShmemObject] = {}
     for mm in _live_mms(kernel):
         mm_anon = 0
@@ -83,6 +84,9 @@ def audit(kernel: Kernel) -> list[str]:
             elif level == 2:
                 hp = ents[((ents & U64_PRESENT) != 0) & ((ents & _PSE) != 0)]
                 for h in ((hp & U64_PFN_MASK) >> U64_SHIFT).tolist():
+                    if h == mem.huge_zero_pfn:
+                        huge_zero_maps += 1
+                        continue
                     pmd_heads.append(h)
                     mm_anon += HPAGE_PMD_NR
         tables.extend(mm.deposited.values())
@@ -131,6 +135,17 @@ def audit(kernel: Kernel) -> list[str]:
         problems.append(f"zero page refcount {int(mem.refcount[zero])} != 1")
     if zero_maps != mem.zero_maps:
         problems.append(f"zero page mapped {zero_maps} times, bookkeeping says {mem.zero_maps}")
+    hz = mem.huge_zero_pfn
+    if huge_zero_maps != mem.huge_zero_maps:
+        problems.append(
+            f"huge zero page mapped {huge_zero_maps} times, bookkeeping says {mem.huge_zero_maps}"
+        )
+    if hz >= 0:
+        if mem.refcount[hz] != 1:
+            problems.append(f"huge zero page refcount {int(mem.refcount[hz])} != 1")
+        if mem.frames[hz : hz + HPAGE_PMD_NR].any():
+            problems.append("the huge zero page has been written to")
+        exp_ref[hz] = 1
     if mem.frames[zero].any():
         problems.append("the shared zero page has been written to")
     exp_ref[zero] = mem.refcount[zero]

@@ -184,6 +184,11 @@ def copy_huge_pmd(dst_vma: VMA, src_vma: VMA, src_slot: int, addr: int) -> bool:
 
         tlb_remove_table(dst_mm, deposit)
         raise KernelError(errno.ENOMEM, "out of memory for a page table at fork")
+    if mem.is_huge_zero(head):
+        mem.huge_zero_maps += 1
+        u[dslot] = e & ~_PAGE_ACCESSED
+        dst_mm.deposited[dslot] = deposit
+        return True
     mem.refcount[head] += 1
     mem.entire_mapcount[head >> HPAGE_PMD_ORDER] += 1
     mem.flags[head] &= _NOT_ANON_EXCL

@@ -290,8 +290,11 @@ def __handle_mm_fault(vma: VMA, addr: int, flags: int) -> int:
         return VM_FAULT_OOM
     e = u.item(slot)
     write_like = flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE)
-    if not e and flags & FAULT_FLAG_WRITE and thp_eligible(vma, addr & PMD_MASK):
-        ret = thp.do_huge_pmd_anonymous_page(vma, addr & PMD_MASK, slot)
+    if not e and thp_eligible(vma, addr & PMD_MASK):
+        if flags & FAULT_FLAG_WRITE:
+            ret = thp.do_huge_pmd_anonymous_page(vma, addr & PMD_MASK, slot)
+        else:
+            ret = thp.do_huge_zero_page(vma, slot)
         if not ret & VM_FAULT_FALLBACK:
             return ret
         e = u.item(slot)
@@ -465,7 +468,9 @@ def change_protection(vma: VMA, start: int, end: int) -> None:
             else:
                 ne = pte_modify(e, newprot) | _PAGE_PSE
                 head = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
-                if try_writable and mem.flags[head] & PG_anon_exclusive and ne & _PAGE_PRESENT:
+                if mem.is_huge_zero(head):
+                    ne &= ~_PAGE_RW
+                elif try_writable and mem.flags[head] & PG_anon_exclusive and ne & _PAGE_PRESENT:
                     ne |= _PAGE_RW
                 u[slot] = ne
                 continue

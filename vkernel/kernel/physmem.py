@@ -186,6 +186,10 @@ class PhysMem:
         self.flags[self.movable_start :] |= PG_movable_zone
         # The shared zero page: pfn 0, reserved, never freed (mm/memory.c empty_zero_page).
         self.zero_pfn = 0
+        self.huge_zero_pfn = -1
+        self.huge_zero_maps = 0
+        """PMDs mapping the huge zero folio; at zero it is freed (the shrinker, done eagerly)."""
+        """Head of the huge zero folio (mm/huge_memory.c huge_zero_folio), allocated on first use."""
         self.flags[0] = PG_zero | PG_reserved | PG_uptodate
         self.refcount[0] = 1
         self.normal = Zone("Normal", 1, self.movable_start)
@@ -325,6 +329,27 @@ class PhysMem:
                 )
                 return head
         return -1
+
+    def get_huge_zero_page(self) -> int:
+        """get_huge_zero_folio(): the 2 MiB zero folio, allocated once and kept (reserved); -1 if none."""
+        if self.huge_zero_pfn < 0:
+            head = self.alloc_huge(movable=False)
+            if head < 0:
+                return -1
+            self.flags[head : head + HPAGE_PMD_NR] |= np.uint32(PG_zero | PG_reserved | PG_uptodate)
+            self.huge_zero_pfn = head
+        return self.huge_zero_pfn
+
+    def put_huge_zero_page(self, nmaps: int = 1) -> None:
+        """Drop PMD mappings of the huge zero folio; free it when none is left."""
+        self.huge_zero_maps -= nmaps
+        if self.huge_zero_maps == 0 and self.huge_zero_pfn >= 0:
+            head, self.huge_zero_pfn = self.huge_zero_pfn, -1
+            self.free_huge(head)
+
+    def is_huge_zero(self, pfn: int) -> bool:
+        """is_huge_zero_pfn(): ``pfn`` is the head of the huge zero folio."""
+        return pfn == self.huge_zero_pfn
 
     def alloc_pgtable_page(self) -> int:
         """pagetable_alloc(): a zeroed table page from the normal zone, flagged PG_pgtable."""

@@ -161,6 +161,8 @@ def _smaps_vma(mm: MmStruct, vma: VMA) -> _Mss:
             continue
         if e & _PAGE_PSE:
             head = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
+            if mem.is_huge_zero(head):
+                continue  # vm_normal_page_pmd() is NULL for the huge zero page
             pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.int64)
             one = np.ones(HPAGE_PMD_NR, dtype=bool)
             _account(

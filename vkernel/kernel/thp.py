@@ -14,6 +14,7 @@ from vkernel.kernel.uapi import (
     _PAGE_PSE,
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
+    _PAGE_SPECIAL,
     _PAGE_TABLE,
     HPAGE_PMD_NR,
     HPAGE_PMD_ORDER,
@@ -72,12 +73,34 @@ def do_huge_pmd_anonymous_page(vma: VMA, haddr: int, slot: int) -> int:
     return 0
 
 
+def do_huge_zero_page(vma: VMA, slot: int) -> int:
+    """do_huge_pmd_anonymous_page() read path: map the huge zero folio read-only by one PMD."""
+    mm = vma.mm
+    mem = mm.mem
+    head = mem.get_huge_zero_page()
+    if head < 0:
+        return VM_FAULT_FALLBACK
+    vma.anon_vma_prepare()  # vmf_anon_prepare() runs before the zero-page choice
+    deposit = pgtable_alloc(mm)
+    if deposit < 0:
+        mem.put_huge_zero_page(0)
+        return VM_FAULT_OOM
+    mem.u64[slot] = (head << PAGE_SHIFT) | vma.vm_page_prot | _PAGE_PSE
+    mem.huge_zero_maps += 1
+    mm.deposited[slot] = deposit
+    return 0
+
+
 def zap_huge_pmd(mm: MmStruct, slot: int) -> None:
     """zap_huge_pmd(): drop a PMD mapping of a THP and withdraw its deposited table."""
     mem = mm.mem
     e = mem.u64.item(slot)
     head = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
     mem.u64[slot] = 0
+    if mem.is_huge_zero(head):
+        tlb_remove_table(mm, mm.deposited.pop(slot))
+        mem.put_huge_zero_page()
+        return
     mem.entire_mapcount[head >> HPAGE_PMD_ORDER] -= 1
     mm.add_rss(MM_ANONPAGES, -HPAGE_PMD_NR)
     deposit = mm.deposited.pop(slot)
@@ -94,6 +117,16 @@ def split_huge_pmd(mm: MmStruct, slot: int) -> None:
     t = mm.deposited.pop(slot)
     bits = np.uint64(e & _NOT_PFN_PSE)
     base = t * PTRS_PER_TABLE
+    if mem.is_huge_zero(head):
+        # __split_huge_zero_page_pmd(): 512 special PTEs of the small zero page.
+        u[base : base + HPAGE_PMD_NR] = (
+            np.uint64((mem.zero_pfn << PAGE_SHIFT) | _PAGE_SPECIAL) | bits
+        )
+        u[slot] = (t << PAGE_SHIFT) | _PAGE_TABLE
+        mem.zero_maps += HPAGE_PMD_NR
+        mm.kernel.vmstat.count("thp_split_pmd")
+        mem.put_huge_zero_page()
+        return
     u[base : base + HPAGE_PMD_NR] = (_ARANGE + np.uint64(head << PAGE_SHIFT)) | bits
     u[slot] = (t << PAGE_SHIFT) | _PAGE_TABLE
     sl = slice(head, head + HPAGE_PMD_NR)
@@ -111,6 +144,9 @@ def do_huge_pmd_wp_page(vma: VMA, slot: int, unshare: bool) -> int:
     mem = mm.mem
     e = mem.u64.item(slot)
     head = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    if mem.is_huge_zero(head):
+        split_huge_pmd(mm, slot)
+        return VM_FAULT_FALLBACK
     if not mem.flags[head] & PG_anon_exclusive:
         if mem.refcount[head] == 1:
             mem.flags[head] |= PG_anon_exclusive

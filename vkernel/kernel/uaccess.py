@@ -96,7 +96,7 @@ def fault_in_range(
             if ret & VM_FAULT_ERROR:
                 return ret, start
             continue
-        if not e and write and thp_eligible(vma, start & PMD_MASK):
+        if not e and thp_eligible(vma, start & PMD_MASK):
             ret = handle_mm_fault(vma, start, flags, task)
             if ret & VM_FAULT_ERROR:
                 return ret, start

@@ -133,3 +133,25 @@ async def test_cow_of_pte_mapped_thp_after_fork(kernel: Kernel, task: Task) -> N
     assert await read_user_bytes(child, a, 2 * MiB) == b"p" * (2 * MiB)
     kernel.do_exit(child)
     assert a % PMD_SIZE == 0
+
+
+async def test_read_fault_maps_the_huge_zero_page(kernel: Kernel, task: Task) -> None:
+    """A.12: a read in a THP range maps the huge zero folio by PMD (no RSS); a write then splits
+    it into small zero-page PTEs and COWs only the written 4 KiB."""
+    a = await _thp(task, 2 * MiB)
+    assert await read_user_bytes(task, a, 2 * MiB) == bytes(2 * MiB)
+    assert lookup_pte(task, a) & 0x80
+    hz = kernel.mem.huge_zero_pfn
+    assert pfn_at(task, a + 3 * P) == hz + 3
+    assert task.mm.rss_stat[1] == 0
+    assert "AnonHugePages:         0 kB" in proc_smaps(task)
+    child = await fork(task)
+    assert pfn_at(child, a) == hz
+    await write_user(task, a + P, b"h")
+    assert kernel.vmstat["thp_split_pmd"] == 1
+    assert pfn_at(task, a) == kernel.mem.zero_pfn
+    assert pfn_at(task, a + P) not in (hz + 1, kernel.mem.zero_pfn)
+    assert task.mm.rss_stat[1] == 1
+    assert await read_user_bytes(child, a + P, 1) == b"\0"
+    kernel.do_exit(child)
+    await sys_munmap(task, a, 2 * MiB)
