@@ -6,6 +6,12 @@ handlers, raw ``bytes`` in and out (no protobuf, no interceptors, no metadata), 
 options, the default asyncio loop — so the ratio ``floor / vkernel`` isolates what the daemon
 adds on top of the transport.
 
+A third method, ``Stream``, is the bulk-bytes floor (perf-floor.md §1+2, "bulk bytes over
+gRPC"): the request is two little-endian u64 ``(total, chunk)``; the server answers with
+``total`` bytes as raw ``bytes`` messages of ``chunk`` bytes each, every message a fresh copy out
+of a resident in-memory buffer (``bytes(view[o:o+chunk])``) — a memcpy through a gRPC stream,
+the least a server that streams out memory can do.
+
 It runs as ``python -m bench._floors --listen unix:/path/floor.sock`` (client and server in
 separate processes, as perf-floor measured) and prints ``READY`` once it accepts calls.
 :func:`floor_server` starts it and hands back a connected :class:`FloorClient`.
@@ -17,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import struct
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +36,9 @@ from bench._harness import ServerProcess, probe_channel
 SERVICE = "vkbench.Floor"
 UNARY = f"/{SERVICE}/Unary"
 PINGPONG = f"/{SERVICE}/PingPong"
+STREAM = f"/{SERVICE}/Stream"
+#: The Stream request: ``(total bytes, chunk bytes)``.
+STREAM_REQUEST = struct.Struct("<QQ")
 #: The reply of both methods: small, like a tiny protobuf answer.
 REPLY = b"\x08\x01"
 
@@ -44,6 +54,37 @@ async def _pingpong(
         yield REPLY
 
 
+class _Source:
+    """The resident buffer Stream copies out of: allocated and touched once per size, so every
+    call streams memory that is already there (as vkernel streams resident frames)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def view(self, total: int) -> memoryview:
+        if len(self._buf) != total:
+            self._buf = bytearray(total)
+            pattern = bytes(range(256)) * 16
+            mv = memoryview(self._buf)
+            for o in range(0, total, len(pattern)):
+                mv[o : o + len(pattern)] = pattern[: total - o]
+        return memoryview(self._buf)
+
+
+_SOURCE = _Source()
+
+
+async def _stream(
+    request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+) -> AsyncIterator[bytes]:
+    total, chunk = STREAM_REQUEST.unpack(request)
+    if chunk <= 0:
+        return
+    view = _SOURCE.view(total)
+    for o in range(0, total, chunk):
+        yield bytes(view[o : o + chunk])
+
+
 async def serve(listen: str) -> None:
     """Serve the floor methods on ``listen`` until SIGTERM/SIGINT."""
     server = grpc.aio.server()
@@ -53,6 +94,7 @@ async def serve(listen: str) -> None:
             # No (de)serializers: grpc hands the handlers raw bytes.
             "Unary": grpc.unary_unary_rpc_method_handler(_unary),
             "PingPong": grpc.stream_stream_rpc_method_handler(_pingpong),
+            "Stream": grpc.unary_stream_rpc_method_handler(_stream),
         },
     )
     server.add_generic_rpc_handlers((handler,))
@@ -78,6 +120,7 @@ class FloorClient:
         self.pingpong: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
             PINGPONG
         )
+        self.stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(STREAM)
 
 
 @contextlib.asynccontextmanager
