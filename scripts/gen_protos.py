@@ -17,7 +17,9 @@ INIT = '"""Generated protobuf and gRPC code for the vkernel.v1 API (make proto).
 
 
 def generate(out_root: Path) -> None:
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "vkernel" / "v1").glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "vkernel" / "v1").glob("*.proto")
+    )
     bindir = Path(sys.executable).parent
     cmd = [
         sys.executable,
@@ -47,11 +49,15 @@ def main() -> int:
         fresh = out / "vkernel" / "v1"
         names = sorted(p.name for p in fresh.iterdir() if p.is_file())
         if args.check:
-            committed = sorted(p.name for p in OUT_PKG.glob("*") if p.is_file()) if OUT_PKG.exists() else []
+            committed = (
+                sorted(p.name for p in OUT_PKG.glob("*") if p.is_file()) if OUT_PKG.exists() else []
+            )
             _, mismatch, errors = filecmp.cmpfiles(fresh, OUT_PKG, names, shallow=False)
             stale = mismatch + errors + sorted(set(committed) - set(names))
             if stale:
-                print("generated protobuf code is stale (run `make proto`):", *stale, file=sys.stderr)
+                print(
+                    "generated protobuf code is stale (run `make proto`):", *stale, file=sys.stderr
+                )
                 return 1
             print(f"protobuf code up to date ({len(names)} files)")
             return 0
