@@ -72,10 +72,14 @@ cleanup() {
         d=$(cid vkernel)
         if [[ -n $d ]]; then
             log "daemon state: $(docker inspect -f '{{.State.Status}} exit={{.State.ExitCode}} health={{if .State.Health}}{{.State.Health.Status}}{{end}}' "$d" 2>&1)"
+            log "last health probes:"
+            docker inspect -f '{{if .State.Health}}{{range .State.Health.Log}}    exit {{.ExitCode}}: {{.Output}}{{end}}{{end}}' "$d" >&2 2>&1 || true
         fi
     fi
     "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
     rm -rf "$secrets"
+    log "finished in $((SECONDS - start))s"
+    echo "containers: $passed passed, ${#failures[@]} failed"
 }
 trap cleanup EXIT
 
@@ -131,6 +135,4 @@ else
     fi
 fi
 
-log "finished in $((SECONDS - start))s"
-echo "containers: $passed passed, ${#failures[@]} failed"
 ((${#failures[@]} == 0))
