@@ -246,6 +246,84 @@ def do_wp_page(vma: VMA, addr: int, pslot: int, pte: int, flags: int) -> int:
     return wp_page_copy(vma, addr, pslot, pte, unshare)
 
 
+def do_wp_pages(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> tuple[int, int]:
+    """do_wp_page() for a run of write-protected PTEs of one leaf table (private anon VMA).
+
+    Same decisions as the single-page path, vectorised: anon-exclusive or (small and refcount 1)
+    → reuse (pgreuse); otherwise copy (zero page → fresh zeroed page). PTEs the batch does not
+    handle (uffd-wp, special non-zero pfns, non-anon pages) are left for the per-page path.
+    Returns ``(handled, oom_index)``: ``oom_index`` is the first index not copied for lack of
+    memory, or -1.
+    """
+    mm = vma.mm
+    mem = mm.mem
+    u = mem.u64
+    slots = table * PTRS_PER_TABLE + idx
+    ptes = u[slots]
+    pfns = ((ptes & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
+    zero = pfns == mem.zero_pfn
+    special = (ptes & np.uint64(_PAGE_SPECIAL | _PAGE_UFFD_WP)) != 0
+    pflags = mem.flags[pfns]
+    anon = (pflags & PG_anon) != 0
+    ok = (anon & ~special) | (zero & ((ptes & np.uint64(_PAGE_UFFD_WP)) == 0))
+    if not ok.all():
+        slots, ptes, pfns, zero, pflags, anon, idx = (
+            x[ok] for x in (slots, ptes, pfns, zero, pflags, anon, idx)
+        )
+    if not len(slots):
+        return 0, -1
+    heads = mem.compound_heads(pfns)
+    small = mem.order[heads] == 0
+    excl = (pflags & PG_anon_exclusive) != 0
+    reuse = anon & (excl | (small & (mem.refcount[heads] == 1)))
+    wbits = np.uint64(
+        _PAGE_DIRTY
+        | _PAGE_SOFT_DIRTY
+        | _PAGE_ACCESSED
+        | (_PAGE_RW if vma.vm_flags & VM_WRITE else 0)
+    )
+    nreuse = int(np.count_nonzero(reuse))
+    if nreuse:
+        mem.flags[pfns[reuse]] |= np.uint32(PG_anon_exclusive)
+        u[slots[reuse]] = ptes[reuse] | wbits
+        mm.kernel.vmstat.count("pgreuse", nreuse)
+    copy = ~reuse
+    ncopy = int(np.count_nonzero(copy))
+    oom = -1
+    if ncopy:
+        cidx = np.flatnonzero(copy)
+        avail = mem.nr_free_pages
+        if avail < ncopy:
+            oom = int(idx[cidx[avail]])
+            cidx = cidx[:avail]
+            ncopy = avail
+    if ncopy:
+        new = mem.alloc_pages_bulk(ncopy, movable=True)
+        assert new is not None
+        old = pfns[cidx]
+        czero = zero[cidx]
+        src = old[~czero]
+        if len(src):
+            mem.frames[new[~czero]] = mem.frames[src]
+        anon_vma = vma.anon_vma_prepare()
+        mem.flags[new] |= np.uint32(ANON_FLAGS)
+        mem.mapping[new] = anon_vma.id
+        addrs = base_addr + (idx[cidx].astype(np.int64) << PAGE_SHIFT)
+        mem.index[new] = vma.vm_pgoff + ((addrs - vma.vm_start) >> PAGE_SHIFT)
+        mem.mapcount[new] = 1
+        u[slots[cidx]] = (new.astype(np.uint64) << U64_SHIFT) | np.uint64(
+            _new_anon_pte_bits(vma, True)
+        )
+        nzero = int(np.count_nonzero(czero))
+        if nzero:
+            mem.zero_maps -= nzero
+            mm.add_rss(MM_ANONPAGES, nzero)
+        if len(src):
+            np.subtract.at(mem.mapcount, src, 1)
+            mem.put_folios(mem.compound_heads(src))
+    return nreuse + ncopy, oom
+
+
 # ---- the fault entry -------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from vkernel.kernel.errors import KernelError, UserFault
 from vkernel.kernel.memory import (
     do_anonymous_pages,
+    do_wp_pages,
     handle_mm_fault,
     mm_account_fault,
     thp_eligible,
@@ -116,6 +117,14 @@ def fault_in_range(
                 if n < len(none):
                     return VM_FAULT_OOM, (start & PMD_MASK) + (int(none[n] + i0) << PAGE_SHIFT)
         need = np.flatnonzero((s & need_bits) != need_bits)
+        if write and len(need) > 1 and vma.is_anonymous() and not vma.is_shared():
+            wp = need[(s[need] & _U64_P) != 0]
+            if len(wp):
+                n, oom = do_wp_pages(vma, t, start & PMD_MASK, wp + i0)
+                mm_account_fault(task, flags, 0, n)
+                if oom >= 0:
+                    return VM_FAULT_OOM, (start & PMD_MASK) + (oom << PAGE_SHIFT)
+                need = np.flatnonzero((s & need_bits) != need_bits)
         for i in need.tolist():
             addr = (start & PMD_MASK) + ((i + i0) << PAGE_SHIFT)
             fl = flags

@@ -98,3 +98,15 @@ def test_out_of_memory_returns_none_and_keeps_counts(make_kernel: MakeKernel) ->
     assert mem.alloc_pages_bulk(free + 1) is None
     assert mem.nr_free_pages == free
     assert k.vmstat["nr_free_pages"] == free
+
+
+def test_prefault_backs_memory_without_changing_state(make_kernel: MakeKernel) -> None:
+    """PhysMem.prefault(): host-populates the memfd; frames stay zero, allocator untouched."""
+    k = make_kernel(memory_bytes=8 << 20, movable_bytes=2 << 20)
+    free = k.mem.nr_free_pages
+    assert k.mem.prefault() is None
+    th = k.mem.prefault(background=True)
+    assert th is not None
+    th.join(10)
+    assert k.mem.nr_free_pages == free
+    assert not k.mem.frames.any()
