@@ -18,6 +18,9 @@ from vkernel.kernel.uapi import (
     _PAGE_PSE,
     HPAGE_PMD_NR,
     HPAGE_PMD_ORDER,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_SHIFT,
     PTRS_PER_TABLE,
     PG_anon,
     PG_buddy,
@@ -61,9 +64,30 @@ def audit(kernel: Kernel) -> list[str]:
     for mm in _live_mms(kernel):
         mm_anon = 0
         mm_shmem = 0
-        for level, t, _base in iter_tables(mm):
+        ntables = 0
+        starts = np.array([v.vm_start for v in mm.vmas], dtype=np.int64)
+        ends = np.array([v.vm_end for v in mm.vmas], dtype=np.int64)
+        for level, t, base in iter_tables(mm):
             tables.append(t)
+            ntables += 1
             ents = u[t * PTRS_PER_TABLE : (t + 1) * PTRS_PER_TABLE]
+            if level in (1, 2):
+                # Every mapping must lie inside a VMA (nothing left behind by munmap/mremap).
+                if level == 1:
+                    live = np.flatnonzero(ents)
+                    addrs = base + (live.astype(np.int64) << PAGE_SHIFT)
+                else:
+                    live = np.flatnonzero((ents & _PSE) != 0)
+                    addrs = base + (live.astype(np.int64) << PMD_SHIFT)
+                if len(addrs):
+                    i = np.searchsorted(ends, addrs, side="right")
+                    if len(starts):
+                        j = np.minimum(i, len(starts) - 1)
+                        inside = (i < len(starts)) & (starts[j] <= addrs)
+                    else:
+                        inside = np.zeros(len(addrs), dtype=bool)
+                    for addr in addrs[~inside][:MAX_REPORTS].tolist():
+                        problems.append(f"mm {id(mm):#x}: mapping at {addr:#x} outside any VMA")
             if level == 1:
                 pv = ents[(ents & U64_PRESENT) != 0]
                 pfns = ((pv & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
@@ -90,6 +114,11 @@ def audit(kernel: Kernel) -> list[str]:
                     pmd_heads.append(h)
                     mm_anon += HPAGE_PMD_NR
         tables.extend(mm.deposited.values())
+        ntables += len(mm.deposited)
+        if mm.pgtables_bytes != ntables * PAGE_SIZE:
+            problems.append(
+                f"mm {id(mm):#x}: pgtables_bytes {mm.pgtables_bytes} != {ntables} tables"
+            )
         if mm.rss_stat[MM_ANONPAGES] != mm_anon or mm.rss_stat[MM_SHMEMPAGES] != mm_shmem:
             problems.append(
                 f"mm {id(mm):#x}: rss anon/shmem {mm.rss_stat[MM_ANONPAGES]}/"

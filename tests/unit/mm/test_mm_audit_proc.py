@@ -123,3 +123,14 @@ async def test_dump_page_and_status(kernel: Kernel, task: Task) -> None:
     assert ei.value.errno == errno.EINVAL
     stats = mmap_lock_stats(task)
     assert isinstance(stats, dict)
+
+
+async def test_audit_catches_a_mapping_outside_any_vma(kernel: Kernel, task: Task) -> None:
+    """§5: a PTE left behind where no VMA exists (a missed zap) is reported."""
+    a = await mmap_anon(task, 2 * P)
+    await write_user(task, a, b"x" * 2 * P)
+    vma = task.mm.vma_lookup(a)
+    task.mm.resize_vma(vma, a, a + P)  # shrink the VMA without zapping: corrupt on purpose
+    assert any("outside any VMA" in p for p in audit(kernel))
+    task.mm.resize_vma(vma, a, a + 2 * P)
+    assert audit(kernel) == []
