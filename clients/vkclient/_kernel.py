@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import signal as _signal
-import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -16,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vkclient._address import grpc_target, resolve_address, resolve_token
+from vkclient._keepalive import KeepaliveThread
 from vkclient._memory import KernelMemoryMixin, MemoryMixin
 from vkclient.errors import VkernelError, from_rpc_error
 from vkernel.v1 import (
@@ -35,7 +34,8 @@ ProcessInfo = process_service_pb2.ProcessInfo
 SystemInfo = system_service_pb2.GetInfoResponse
 
 KEEPALIVE_INTERVAL = 0.2
-"""Seconds between keepalive pings; the daemon ends a session after about 1 s of silence."""
+"""Seconds between keepalive pings (from their own thread); the daemon ends a session after
+about 1 s of silence."""
 DEFAULT_TIMEOUT = 60.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -64,8 +64,11 @@ class WaitResult:
 class Kernel(KernelMemoryMixin):
     """A connection to one vkernel daemon with one session; use ``async with connect()``."""
 
-    def __init__(self, channel: grpc.aio.Channel, auth: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, target: str, auth: tuple[tuple[str, str], ...]
+    ) -> None:
         self._channel = channel
+        self._target = target
         self._auth = auth
         self._metadata = auth
         self.session_id = ""
@@ -74,10 +77,7 @@ class Kernel(KernelMemoryMixin):
         self._processes = process_service_pb2_grpc.ProcessServiceStub(channel)
         self._system = system_service_pb2_grpc.SystemServiceStub(channel)
         self._health: Any = health_pb2_grpc.HealthStub(channel)  # its stubs lack the methods
-        self._keepalive: Any = None
-        self._keepalive_tasks: list[asyncio.Task[None]] = []
-        self._pending: dict[int, asyncio.Future[float]] = {}
-        self._seq = itertools.count(1)
+        self._keepalive: KeepaliveThread | None = None
         self._closed = False
 
     # ---- session ------------------------------------------------------------------------
@@ -92,48 +92,29 @@ class Kernel(KernelMemoryMixin):
         )
         self.session_id = resp.session_id
         self._metadata = (*self._auth, ("vkernel-session", resp.token))
-        self._keepalive = self._sessions.Keepalive(metadata=self._metadata)
-        self._keepalive_tasks = [
-            asyncio.create_task(self._ping_loop()),
-            asyncio.create_task(self._pong_loop()),
-        ]
+        self._keepalive = KeepaliveThread(
+            self._target, CHANNEL_OPTIONS, self._metadata, KEEPALIVE_INTERVAL
+        )
+        self._keepalive.start()
         await self.ping()  # the session is alive once the first pong comes back
-
-    async def _ping_loop(self) -> None:
-        while True:
-            await asyncio.sleep(KEEPALIVE_INTERVAL)
-            await self._keepalive.write(
-                session_service_pb2.KeepaliveRequest(sequence=next(self._seq))
-            )
-
-    async def _pong_loop(self) -> None:
-        try:
-            async for resp in self._keepalive:
-                fut = self._pending.pop(resp.sequence, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(time.perf_counter())
-        except grpc.RpcError as e:
-            err = from_rpc_error(e)
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(err)
 
     async def ping(self) -> float:
         """One keepalive round trip (a bidi stream message each way); returns seconds."""
-        seq = next(self._seq)
-        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._pending[seq] = fut
-        start = time.perf_counter()
-        await self._keepalive.write(session_service_pb2.KeepaliveRequest(sequence=seq))
-        return await fut - start
+        if self._keepalive is None:
+            raise VkernelError(grpc.StatusCode.FAILED_PRECONDITION, "session not open")
+        try:
+            return await asyncio.wrap_future(self._keepalive.ping())
+        except ConnectionError:
+            err = self._keepalive.error
+            if isinstance(err, grpc.RpcError):
+                raise from_rpc_error(err) from None
+            raise
 
     async def close(self) -> None:
         """End the session (its processes exit) and close the channel. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for task in self._keepalive_tasks:
-            task.cancel()
         with contextlib.suppress(grpc.RpcError, VkernelError):
             await _call(
                 self._sessions.CloseSession(
@@ -143,8 +124,7 @@ class Kernel(KernelMemoryMixin):
                 )
             )
         if self._keepalive is not None:
-            self._keepalive.cancel()
-        await asyncio.gather(*self._keepalive_tasks, return_exceptions=True)
+            await asyncio.to_thread(self._keepalive.stop)
         await self._channel.close()
 
     async def __aenter__(self) -> Self:
@@ -310,7 +290,7 @@ class connect:
             (("authorization", f"Bearer {self._bearer}"),) if self._bearer else ()
         )
         channel = grpc.aio.insecure_channel(self._target, options=CHANNEL_OPTIONS)
-        kernel = Kernel(channel, auth)
+        kernel = Kernel(channel, self._target, auth)
         try:
             await kernel._open(self._client_name)
         except BaseException:

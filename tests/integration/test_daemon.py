@@ -316,3 +316,11 @@ def test_python_m_vkernel_help() -> None:
         env={**os.environ, "COLUMNS": "200"},
     )
     assert "VKERNEL_MEMORY" in r.stdout
+
+
+async def test_busy_client_loop_keeps_its_session(daemon: DaemonProcess) -> None:
+    """The SDK pings from its own thread: a client computing for 2 s keeps its processes."""
+    async with vkclient.connect(daemon.addr) as k:
+        p = await k.spawn("x")
+        time.sleep(2.0)  # noqa: ASYNC251 - a long synchronous computation in the client
+        assert [x.pid for x in await k.ps()] == [p.pid]

@@ -57,6 +57,7 @@ async def test_keepalive_stream_end_ends_session_within_a_second(daemon: Daemon)
     try:
         await k.spawn("orphan")
         assert daemon.kernel.tasks
+        assert k._keepalive is not None
         k._keepalive.cancel()
         with anyio.fail_after(1.0):
             while daemon.kernel.tasks:
