@@ -38,6 +38,7 @@ _PSE = np.uint64(_PAGE_PSE)
 
 
 def _live_mms(kernel: Kernel) -> list[MmStruct]:
+    """Every live mm_struct (one per process; plus kernel.extra_mms if a subsystem adds one)."""
     seen: dict[int, MmStruct] = {}
     for task in kernel.tasks.values():
         mm = task.mm
@@ -181,6 +182,7 @@ def audit(kernel: Kernel) -> list[str]:
     exp_map[zero] = mem.mapcount[zero]
 
     def report(kind: str, idx: np.ndarray, actual: np.ndarray, expected: np.ndarray) -> None:
+        """Append one line per mismatching pfn (bounded)."""
         for p in idx[:MAX_REPORTS].tolist():
             desc = ",".join(mem.page_flag_names(p)) or "-"
             problems.append(

@@ -78,6 +78,7 @@ _U64_HWDIRTY = np.uint64(_PAGE_DIRTY)
 
 
 def _new_anon_pte_bits(vma: VMA, write: bool) -> int:
+    """mk_pte() + maybe_mkwrite(pte_mkdirty()) bits for a new anonymous page."""
     bits = vma.vm_page_prot | _PAGE_ACCESSED
     if write:
         bits |= _PAGE_DIRTY | _PAGE_SOFT_DIRTY

@@ -91,6 +91,7 @@ class MmStruct:
         return self.vmas[i + 1] if i + 1 < len(self.vmas) else None
 
     def _index(self, vma: VMA) -> int:
+        """Position of ``vma`` in the sorted VMA list."""
         i = bisect.bisect_left(self._ends, vma.vm_end)
         while self.vmas[i] is not vma:
             i += 1

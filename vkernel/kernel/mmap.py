@@ -109,6 +109,7 @@ RLIM_INFINITY = (1 << 64) - 1
 
 
 def _mm_of(task: Task) -> MmStruct:
+    """task->mm or ESRCH."""
     mm = task.mm
     if mm is None:
         raise KernelError(errno.ESRCH, f"process {task.pid} has no address space", pid=task.pid)
@@ -141,6 +142,7 @@ def may_expand_vm(mm: MmStruct, task: Task, npages: int) -> bool:
 
 
 def _gaps_topdown(mm: MmStruct, low: int, high: int) -> list[tuple[int, int]]:
+    """The free gaps between VMAs inside [low, high), ascending."""
     gaps = []
     prev_end = low
     for v in mm.vmas:
@@ -266,6 +268,7 @@ def vma_modify_flags(mm: MmStruct, vma: VMA, start: int, end: int, newflags: int
 
 
 def _count_splits(mm: MmStruct, start: int, end: int) -> int:
+    """How many extra VMAs unmapping [start, end) would create by splitting."""
     extra = 0
     for v in mm.vmas_in(start, end):
         if v.vm_start < start:
@@ -308,6 +311,7 @@ def do_vmi_munmap(mm: MmStruct, start: int, length: int) -> None:
 
 
 def _check_munmap_args(start: int, length: int) -> int:
+    """__vm_munmap() argument checks; returns the page-aligned length."""
     if start & ~PAGE_MASK:
         raise einval("address is not page aligned", field="addr")
     if start < 0 or length < 0 or start > TASK_SIZE or length > TASK_SIZE - start:
@@ -622,6 +626,7 @@ async def sys_mremap(
 
 
 def _grow_shmem(vma: VMA, old_addr: int, new_len: int) -> None:
+    """shmem_setattr() size growth when a shared mapping is remapped larger."""
     if vma.shmem is not None:
         need = (vma.linear_page_index(old_addr) << PAGE_SHIFT) + new_len
         vma.shmem.size = max(vma.shmem.size, need)

@@ -147,6 +147,7 @@ def table_of(entry: int) -> int:
 
 
 def _next_level(mm: MmStruct, slot: int, alloc: bool) -> int:
+    """pud_alloc()/pmd_alloc(): the table an upper entry points to, allocating it if asked."""
     u = mm.mem.u64
     e = u.item(slot)
     if e:

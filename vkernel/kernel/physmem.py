@@ -99,6 +99,7 @@ class Zone:
         return self.start_pfn <= pfn < self.end_pfn
 
     def _push0(self, pfns: IntArray) -> None:
+        """Push free pfns on the order-0 stack."""
         n = len(pfns)
         if n:
             self._free0[self._top : self._top + n] = pfns
@@ -225,6 +226,7 @@ class PhysMem:
         ranges = [(self.movable_start, self.nframes), (0, self.movable_start)]
 
         def run() -> None:
+            """The populate loop (runs in the caller or in the prefault thread)."""
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
                 madvise = libc.madvise
@@ -304,11 +306,13 @@ class PhysMem:
     # ---- allocation -----------------------------------------------------------------------
 
     def _zones(self, movable: bool) -> list[Zone]:
+        """The zones an allocation may use, in fallback order (GFP zonelist)."""
         if movable and self.movable is not None:
             return [self.movable, self.normal]
         return [self.normal]
 
     def _count_alloc(self, pfns: IntArray) -> None:
+        """count_vm_events(PGALLOC_*) per zone."""
         n = len(pfns)
         nm = int(np.count_nonzero(pfns >= self.movable_start))
         if nm:
@@ -401,6 +405,7 @@ class PhysMem:
     # ---- freeing --------------------------------------------------------------------------
 
     def _reset(self, pfns: IntArray | slice) -> None:
+        """free_pages_prepare(): zero the frames and reset struct page to a free state."""
         self.frames[pfns] = 0
         self.refcount[pfns] = 0
         self.mapcount[pfns] = 0

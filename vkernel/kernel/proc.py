@@ -58,6 +58,7 @@ MAX_PAGEMAP_PAGES = 1 << 22
 
 
 def _mm(task: Task) -> MmStruct:
+    """task->mm or ESRCH."""
     mm = task.mm
     if not isinstance(mm, MmStruct):
         raise KernelError(errno.ESRCH, f"process {task.pid} has no address space", pid=task.pid)
@@ -190,6 +191,7 @@ def _smaps_vma(mm: MmStruct, vma: VMA) -> _Mss:
 
 
 def _kb(label: str, nbytes: int) -> str:
+    """One smaps line: label padded to 16, value in kB right-aligned to 8."""
     return f"{label:<16}{nbytes >> 10:>8} kB\n"
 
 

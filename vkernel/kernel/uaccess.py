@@ -179,6 +179,7 @@ def _user_vma(mm: MmStruct, addr: int, write: bool) -> VMA:
 
 
 def _mm_of(task: Task) -> MmStruct:
+    """task->mm or ESRCH."""
     mm = task.mm
     if mm is None:
         raise KernelError(errno.ESRCH, f"process {task.pid} has no address space", pid=task.pid)
@@ -186,6 +187,7 @@ def _mm_of(task: Task) -> MmStruct:
 
 
 def _check_range(addr: int, length: int) -> None:
+    """access_ok(): the range must not wrap."""
     if addr < 0 or length < 0 or addr + length > 1 << 64:
         raise UserFault(signal.SIGSEGV, max(addr, 0))
 
@@ -224,6 +226,7 @@ async def write_user(task: Task, addr: int, data: bytes | bytearray | memoryview
 
 
 def _copy_in(mem: object, pfns: np.ndarray, off: int, data: memoryview) -> None:
+    """copy_to_user()'s copy: bytes into the frames backing a page run."""
     from vkernel.kernel.physmem import PhysMem
 
     assert isinstance(mem, PhysMem)
@@ -256,6 +259,7 @@ def _copy_in(mem: object, pfns: np.ndarray, off: int, data: memoryview) -> None:
 
 
 def _copy_out(mem: object, pfns: np.ndarray, off: int, n: int) -> memoryview:
+    """copy_from_user()'s copy: bytes out of the frames backing a page run."""
     from vkernel.kernel.physmem import PhysMem
 
     assert isinstance(mem, PhysMem)
