@@ -4,7 +4,8 @@
 # over the socket, each in its own container; then a graceful stop of the daemon.
 #
 # Fails unless: the daemon becomes healthy, both clients exit 0, TCP without the token is
-# refused, and `compose stop` (SIGTERM) makes the daemon exit 0 within its stop_grace_period.
+# refused, and `compose stop` (SIGTERM) makes the daemon exit 0 within its stop_grace_period
+# while a client holds a health Watch stream, which must see NOT_SERVING.
 # On failure the logs of the stack are printed.
 # The stack is always torn down (down -v --remove-orphans).
 #
@@ -119,6 +120,30 @@ else
     fail "vkctl over TCP without a token failed, but not with UNAUTHENTICATED: $out"
 fi
 
+# A client that holds a stream open across the stop: a standard health Watch (no token
+# needed). It must see SERVING, then NOT_SERVING once the daemon starts shutting down, and
+# the daemon must still exit 0 within its stop_grace_period.
+watcher='
+import sys
+import grpc
+from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc
+seen = []
+with grpc.insecure_channel("vkernel:50051") as channel:
+    try:
+        for r in rpc.HealthStub(channel).Watch(pb.HealthCheckRequest(service=""), timeout=120):
+            seen.append(pb.HealthCheckResponse.ServingStatus.Name(r.status))
+            print(seen[-1], flush=True)
+    except grpc.RpcError as e:
+        print("stream ended:", e.code().name, flush=True)
+sys.exit(0 if seen[:1] == ["SERVING"] and "NOT_SERVING" in seen else 1)
+'
+"${compose[@]}" run -d --no-deps -T --label vkct.role=watcher demo python -c "$watcher" >/dev/null
+watcher_id=$(docker ps -aq --filter "label=com.docker.compose.project=$project" --filter label=vkct.role=watcher)
+for _ in $(seq 50); do
+    docker logs "$watcher_id" 2>&1 | grep -q SERVING && break
+    sleep 0.2
+done
+
 daemon=$(cid vkernel)
 state=$(docker inspect -f '{{.State.Status}}' "$daemon")
 if [[ $state != running ]]; then
@@ -126,12 +151,19 @@ if [[ $state != running ]]; then
 else
     # SIGTERM through tini; compose waits stop_grace_period (15s) before SIGKILL.
     t0=$SECONDS
-    "${compose[@]}" stop >/dev/null 2>&1 || true
+    "${compose[@]}" stop vkernel >/dev/null 2>&1 || true
     code=$(docker inspect -f '{{.State.ExitCode}}' "$daemon")
     if [[ $code == 0 ]]; then
-        ok "daemon stopped cleanly on SIGTERM in $((SECONDS - t0))s"
+        ok "daemon stopped cleanly on SIGTERM in $((SECONDS - t0))s, with a client stream open"
     else
         fail "daemon exit code $code after SIGTERM (137: killed after the grace period; 143: no SIGTERM handler)"
+    fi
+    code=$(timeout 20 docker wait "$watcher_id" || echo timeout)
+    seen=$(docker logs "$watcher_id" 2>&1 | paste -sd' ' -)
+    if [[ $code == 0 ]]; then
+        ok "the health watcher saw the shutdown: $seen"
+    else
+        fail "the health watcher exited $code: $seen"
     fi
 fi
 
