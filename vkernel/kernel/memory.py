@@ -53,6 +53,7 @@ from vkernel.kernel.uapi import (
     VM_FAULT_SIGBUS,
     VM_FAULT_SIGSEGV,
     VM_MAYSHARE,
+    VM_MAYWRITE,
     VM_SHARED,
     VM_WRITE,
     PG_anon,
@@ -423,8 +424,12 @@ def handle_mm_fault(vma: VMA, address: int, flags: int, task: Task | None = None
             return VM_FAULT_SIGSEGV
         if not vma.is_cow_mapping():
             flags &= ~FAULT_FLAG_UNSHARE
-    elif flags & FAULT_FLAG_WRITE and not vma.vm_flags & VM_WRITE:
-        return VM_FAULT_SIGSEGV
+    elif flags & FAULT_FLAG_WRITE:
+        # Write faults need VM_MAYWRITE, and without VM_WRITE only COW mappings (FOLL_FORCE).
+        if not vma.vm_flags & VM_MAYWRITE:
+            return VM_FAULT_SIGSEGV
+        if not vma.vm_flags & VM_WRITE and not vma.is_cow_mapping():
+            return VM_FAULT_SIGSEGV
     if flags & FAULT_FLAG_TRIED and not flags & FAULT_FLAG_ALLOW_RETRY:
         return VM_FAULT_SIGSEGV
     ret = __handle_mm_fault(vma, address & PAGE_MASK, flags)

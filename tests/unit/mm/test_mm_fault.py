@@ -187,3 +187,32 @@ async def test_unaligned_write_into_zero_page_mapped_neighbour(kernel: Kernel, t
     assert not kernel.mem.frames[kernel.mem.zero_pfn].any()
     assert pfn_at(task, a + P) != kernel.mem.zero_pfn
     assert await read_user_bytes(task, a + P, 11) == b"w" * 10 + b"\0"
+
+
+async def test_forced_write_fault_on_private_read_only_mapping(kernel: Kernel, task: Task) -> None:
+    """A.9 sanitize_fault_flags / B.8b: a FOLL_FORCE-style write fault on a private R/O VMA is
+    allowed (COW mapping) and yields an exclusive anon page whose PTE stays read-only."""
+    from vkernel.kernel.mm_api import lookup_pte
+
+    a = await mmap_anon(task, P, prot=PROT_READ)
+    vma = task.mm.vma_lookup(a)
+    assert handle_mm_fault(vma, a, FAULT_FLAG_WRITE) == 0
+    pfn = pfn_at(task, a)
+    assert kernel.mem.flags[pfn] & PG_anon_exclusive
+    assert not lookup_pte(task, a) & 2
+    s = await mmap_anon(task, P, prot=PROT_READ, flags=SHARED_ANON)
+    assert handle_mm_fault(task.mm.vma_lookup(s), s, FAULT_FLAG_WRITE) == VM_FAULT_SIGSEGV
+
+
+async def test_munmap_frees_page_tables_through_one_path(kernel: Kernel, task: Task) -> None:
+    """free_pgtables(): tables of an unmapped range go back via tlb_remove_table (hooks see them)."""
+    freed: list[int] = []
+    kernel.pgtable_free_hooks.append(freed.append)
+    a = await mmap_anon(task, 4 * MiB)
+    await write_user(task, a, b"t" * (4 * MiB))
+    tables = kernel.vmstat["nr_page_table_pages"]
+    assert tables == 1 + 1 + 1 + 2  # pgd, pud, pmd, two PTE tables
+    await sys_munmap(task, a, 4 * MiB)
+    assert kernel.vmstat["nr_page_table_pages"] == 1
+    assert len(freed) == 4
+    assert all(not kernel.mem.frames[p].any() for p in freed)
