@@ -71,8 +71,8 @@ rm -rf "$WHEELS/project"
 mv "$WHEELS/project.new" "$WHEELS/project"
 wheel=$(ls "$WHEELS"/project/vkernel-*.whl)
 
-# The runtime dependencies, resolved from the wheel's own metadata.
-# Keyed on the wheel's own Requires-Dist (not on pyproject.toml, which changes for other reasons).
+# The runtime dependencies, resolved from the wheel's own metadata and downloaded again only
+# when its Requires-Dist or the target interpreter changes (`make clean` forces a refresh).
 requires=$("$PY" -c '
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
@@ -102,13 +102,15 @@ if [[ -z ${DOCKER_BUILDKIT:-} ]] && ! docker buildx version >/dev/null 2>&1; the
     export DOCKER_BUILDKIT=0
 fi
 previous=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
-# The deps stage is tagged too (${IMAGE%%:*}:deps), so that `docker image prune` does not
-# throw away its cache: it is the slow part of the build.
+# The deps stage is tagged too (<name>:deps), so that `docker image prune` does not throw
+# away its cache: it is the slow part of the build.
+repo=$IMAGE
+[[ ${IMAGE##*/} == *:* ]] && repo=${IMAGE%:*}
 : >.build/docker-build.log
 for target in deps final; do
     args=(--build-arg BASE_IMAGE="$base")
     if [[ $target == deps ]]; then
-        args+=(--target deps -t "${IMAGE%%:*}:deps")
+        args+=(--target deps -t "$repo:deps")
     else
         args+=(-t "$IMAGE")
     fi
