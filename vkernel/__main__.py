@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import sys
 from collections.abc import Sequence
@@ -10,6 +12,24 @@ import anyio
 
 from vkernel.config import build_parser, config_from_args
 from vkernel.logs import configure_logging
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc() -> None:
+    """Keep glibc from mmap-ing and unmapping every MiB-sized buffer.
+
+    Page data streams in 1 MiB messages; by default each buffer is a fresh mmap that is
+    returned to the OS when freed, costing ~250 minor faults per MiB on this kind of machine.
+    Both thresholds must be set: setting one disables glibc's dynamic tuning of both.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: keep the allocator's defaults
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     configure_logging(cfg.log_format)
+    tune_malloc()
     from vkernel.server import serve  # grpc is imported only once the options are good
 
     return anyio.run(serve, cfg)
