@@ -531,9 +531,19 @@ def move_page_tables(mm: MmStruct, old: int, new: int, length: int) -> int:
 
 
 def move_vma(
-    mm: MmStruct, task: Task, vma: VMA, old_addr: int, old_len: int, new_len: int, new_addr: int
+    mm: MmStruct,
+    task: Task,
+    vma: VMA,
+    old_addr: int,
+    old_len: int,
+    new_len: int,
+    new_addr: int,
+    dontunmap: bool = False,
 ) -> int:
-    """move_vma(): new VMA at ``new_addr``, page tables moved over, old range unmapped."""
+    """move_vma(): new VMA at ``new_addr``, page tables moved over, old range unmapped.
+
+    With MREMAP_DONTUNMAP the old range stays mapped but empty (its next faults are fresh).
+    """
     if mm.map_count >= mm.kernel.sysctl_max_map_count - 3:
         raise KernelError(errno.ENOMEM, "too many mappings", field="new_address")
     new_vma = VMA(
@@ -547,8 +557,12 @@ def move_vma(
     )
     mm.insert_vma(new_vma)
     move_page_tables(mm, old_addr, new_addr, old_len)
-    # The old range's pages are now mapped at the new place; unmap the (now empty) old range.
-    do_vmi_munmap(mm, old_addr, old_len)
+    if dontunmap:
+        if vma.vm_start == old_addr and vma.vm_end == old_addr + old_len:
+            vma.anon_vma = None  # unlink_anon_vmas(): the emptied VMA starts afresh
+    else:
+        # The old range's pages are now mapped at the new place; unmap the (now empty) range.
+        do_vmi_munmap(mm, old_addr, old_len)
     vma_try_merge_around(mm, new_vma)
     return new_addr
 
@@ -577,8 +591,8 @@ async def sys_mremap(
         raise einval(f"unknown flags {flags:#x}", field="flags")
     if flags & MREMAP_FIXED and not flags & MREMAP_MAYMOVE:
         raise einval("MREMAP_FIXED without MREMAP_MAYMOVE", field="flags")
-    if flags & MREMAP_DONTUNMAP:
-        raise einval("MREMAP_DONTUNMAP is not supported", field="flags")
+    if flags & MREMAP_DONTUNMAP and (not flags & MREMAP_MAYMOVE or old_len != new_len):
+        raise einval("MREMAP_DONTUNMAP needs MREMAP_MAYMOVE and equal sizes", field="flags")
     if old_addr & ~PAGE_MASK or old_addr < 0:
         raise einval("old_address is not page aligned", field="old_address")
     if old_len < 0 or new_len < 0:
@@ -595,8 +609,8 @@ async def sys_mremap(
             raise KernelError(errno.EFAULT, "no mapping at old_address", field="old_address")
         if not old_len:
             raise einval("old_size 0 (duplicating a mapping) is not supported", field="old_size")
-        if flags & MREMAP_FIXED:
-            return _mremap_to(mm, task, old_addr, old_len, new_addr, new_len)
+        if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
+            return _mremap_to(mm, task, old_addr, old_len, new_addr, new_len, flags)
         if old_len >= new_len:
             do_vmi_munmap(mm, old_addr + new_len, old_len - new_len)
             return old_addr
@@ -618,7 +632,9 @@ async def sys_mremap(
                 return old_addr
         if not flags & MREMAP_MAYMOVE:
             raise KernelError(errno.ENOMEM, "cannot grow in place", field="new_size")
-        got = get_unmapped_area(mm, 0, new_len, vma.linear_page_index(old_addr), 0, False)
+        got = get_unmapped_area(
+            mm, 0, new_len, vma.linear_page_index(old_addr), 0, vma.shmem is None
+        )
         if got < 0:
             raise KernelError(-got, "no room for the moved mapping", field="new_size")
         _grow_shmem(vma, old_addr, new_len)
@@ -633,9 +649,11 @@ def _grow_shmem(vma: VMA, old_addr: int, new_len: int) -> None:
 
 
 def _mremap_to(
-    mm: MmStruct, task: Task, addr: int, old_len: int, new_addr: int, new_len: int
+    mm: MmStruct, task: Task, addr: int, old_len: int, new_addr: int, new_len: int, flags: int
 ) -> int:
-    """mremap_to(): MREMAP_FIXED."""
+    """mremap_to(): MREMAP_FIXED and/or MREMAP_DONTUNMAP (``new_addr`` is then a hint)."""
+    fixed = bool(flags & MREMAP_FIXED)
+    dontunmap = bool(flags & MREMAP_DONTUNMAP)
     if new_addr & ~PAGE_MASK or new_addr < 0:
         raise einval("new_address is not page aligned", field="new_address")
     if new_len > TASK_SIZE or new_addr > TASK_SIZE - new_len:
@@ -644,15 +662,28 @@ def _mremap_to(
         raise einval("old and new ranges overlap", field="new_address")
     if mm.map_count + 2 >= mm.kernel.sysctl_max_map_count - 3:
         raise KernelError(errno.ENOMEM, "too many mappings", field="new_address")
-    if new_addr < MMAP_MIN_ADDR:
-        raise KernelError(errno.EPERM, "below mmap_min_addr", field="new_address")
-    do_vmi_munmap(mm, new_addr, new_len)
+    if fixed:
+        if new_addr < MMAP_MIN_ADDR:
+            raise KernelError(errno.EPERM, "below mmap_min_addr", field="new_address")
+        do_vmi_munmap(mm, new_addr, new_len)
     if old_len > new_len:
         do_vmi_munmap(mm, addr + new_len, old_len - new_len)
         old_len = new_len
     vma = vma_to_resize(mm, task, addr, old_len, new_len)
+    if dontunmap:
+        if vma.vm_flags & (VM_DONTEXPAND | VM_PFNMAP):
+            raise einval("MREMAP_DONTUNMAP on a special mapping", field="flags")
+        if not may_expand_vm(mm, task, old_len >> PAGE_SHIFT):
+            raise KernelError(errno.ENOMEM, "RLIMIT_AS exceeded", field="new_size")
+    if not fixed:
+        got = get_unmapped_area(
+            mm, new_addr, new_len, vma.linear_page_index(addr), 0, vma.shmem is None
+        )
+        if got < 0:
+            raise KernelError(-got, "no room for the moved mapping", field="new_size")
+        new_addr = got
     _grow_shmem(vma, addr, new_len)
-    return move_vma(mm, task, vma, addr, old_len, new_len, new_addr)
+    return move_vma(mm, task, vma, addr, old_len, new_len, new_addr, dontunmap)
 
 
 # ---- madvise --------------------------------------------------------------------------------------

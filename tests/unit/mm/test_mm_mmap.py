@@ -275,3 +275,31 @@ async def test_max_map_count(make_kernel: MakeKernel) -> None:
     with pytest.raises(KernelError) as ei:
         await mmap_anon(t, P, prot=PROT_WRITE)
     assert errname(ei.value) == "ENOMEM"
+
+
+async def test_mremap_dontunmap_moves_pages_and_keeps_an_empty_source(
+    kernel: Kernel, task: Task
+) -> None:
+    """MREMAP_DONTUNMAP: pages move to the new place, the old range stays mapped and reads zero."""
+    from vkernel.kernel.mm_api import read_user_bytes
+    from vkernel.kernel.uapi import MREMAP_DONTUNMAP
+
+    a = await mmap_anon(task, 4 * P)
+    await write_user(task, a, b"D" * 4 * P)
+    with pytest.raises(KernelError) as ei:
+        await sys_mremap(task, a, 4 * P, 8 * P, MREMAP_MAYMOVE | MREMAP_DONTUNMAP)
+    assert errname(ei.value) == "EINVAL"
+    with pytest.raises(KernelError) as ei:
+        await sys_mremap(task, a, 4 * P, 4 * P, MREMAP_DONTUNMAP)
+    assert errname(ei.value) == "EINVAL"
+    b = await sys_mremap(task, a, 4 * P, 4 * P, MREMAP_MAYMOVE | MREMAP_DONTUNMAP)
+    assert b != a
+    assert await read_user_bytes(task, b, 4 * P) == b"D" * 4 * P
+    assert await read_user_bytes(task, a, 4 * P) == bytes(4 * P)
+    assert task.mm.rss_stat[1] == 4
+    c = 0x30000000
+    assert (
+        await sys_mremap(task, b, 4 * P, 4 * P, MREMAP_MAYMOVE | MREMAP_DONTUNMAP | MREMAP_FIXED, c)
+        == c
+    )
+    assert await read_user_bytes(task, c + P, 1) == b"D"

@@ -32,6 +32,7 @@ from vkernel.kernel.uapi import (
     MAP_FIXED,
     MAP_PRIVATE,
     MAP_SHARED,
+    MREMAP_DONTUNMAP,
     MREMAP_MAYMOVE,
     PROT_NONE,
     PROT_READ,
@@ -88,7 +89,12 @@ async def test_random_operations_keep_the_audit_clean(make_kernel: MakeKernel, s
                 tasks.remove(t)
                 k.do_exit(t)
             elif op == 8:
-                await sys_mremap(t, addr, length, length + rng.choice([-P, P, MiB]), MREMAP_MAYMOVE)
+                if rng.random() < 0.3:
+                    await sys_mremap(t, addr, length, length, MREMAP_MAYMOVE | MREMAP_DONTUNMAP)
+                else:
+                    await sys_mremap(
+                        t, addr, length, length + rng.choice([-P, P, MiB]), MREMAP_MAYMOVE
+                    )
             elif op == 9:
                 pagemap(t, addr, 64)
                 proc_smaps(t)
@@ -143,7 +149,7 @@ class _Shadow:
         return s
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(8))
 async def test_random_private_memory_never_leaks_between_processes(
     make_kernel: MakeKernel, seed: int
 ) -> None:
@@ -198,7 +204,11 @@ async def test_random_private_memory_never_leaks_between_processes(
                 k.do_exit(t)
             elif op == 7:
                 length = v.vm_end - a
-                new = await sys_mremap(t, a, length, length + P, MREMAP_MAYMOVE)
+                if rng.random() < 0.5:
+                    fl = MREMAP_MAYMOVE | MREMAP_DONTUNMAP
+                    new = await sys_mremap(t, a, length, length, fl)
+                else:
+                    new = await sys_mremap(t, a, length, length + P, MREMAP_MAYMOVE)
                 sh.move(a, new, length)
             else:
                 await sys_madvise(t, a, n, MADV_DONTNEED)
