@@ -24,6 +24,7 @@ from vkernel.kernel.pgtable import free_pgtables, pmd_slot, pte_alloc, walk_pmds
 from vkernel.kernel.uapi import (
     _PAGE_PSE,
     MADV_COLD,
+    MADV_COLLAPSE,
     MADV_DODUMP,
     MADV_DOFORK,
     MADV_DONTDUMP,
@@ -710,6 +711,7 @@ _VALID_ADVICE = frozenset(
         MADV_POPULATE_WRITE,
         MADV_HUGEPAGE,
         MADV_NOHUGEPAGE,
+        MADV_COLLAPSE,
         MADV_HWPOISON,
         MADV_SOFT_OFFLINE,
     }
@@ -757,6 +759,13 @@ def _madvise_vma(mm: MmStruct, vma: VMA, start: int, end: int, advice: int) -> N
                 mm.mem.put_folios(mm.mem.compound_heads(pfns))
         return
     if advice in (MADV_WILLNEED, MADV_COLD, MADV_PAGEOUT):
+        return
+    if advice == MADV_COLLAPSE:
+        from vkernel.kernel.thp import madvise_collapse
+
+        err = madvise_collapse(vma, start, end)
+        if err:
+            raise KernelError(-err, "MADV_COLLAPSE failed", field="advice")
         return
     if advice == MADV_NORMAL:
         new &= ~(VM_RAND_READ | VM_SEQ_READ)

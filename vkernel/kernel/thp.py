@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vkernel.kernel.pgtable import pgtable_alloc, table_of, tlb_remove_table
+from vkernel.kernel.pgtable import pgtable_alloc, pmd_slot, table_of, tlb_remove_table
 from vkernel.kernel.uapi import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_PFN_MASK,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
     _PAGE_PSE,
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
     _PAGE_SPECIAL,
     _PAGE_TABLE,
+    _PAGE_UFFD_WP,
     HPAGE_PMD_NR,
     HPAGE_PMD_ORDER,
     PAGE_SHIFT,
+    PMD_SIZE,
     PTRS_PER_TABLE,
     VM_FAULT_FALLBACK,
     VM_FAULT_OOM,
+    VM_NOHUGEPAGE,
+    VM_SHARED,
+    VM_SPECIAL,
     VM_WRITE,
     PG_anon,
     PG_anon_exclusive,
@@ -165,3 +173,129 @@ def do_huge_pmd_wp_page(vma: VMA, slot: int, unshare: bool) -> int:
 def pmd_table(mm: MmStruct, slot: int) -> int:
     """The PTE table under a non-leaf PMD."""
     return table_of(mm.mem.u64.item(slot))
+
+
+# ---- MADV_COLLAPSE (mm/khugepaged.c) -------------------------------------------------------------
+
+SCAN_SUCCEED = 1
+SCAN_PMD_NULL = 2
+SCAN_PMD_MAPPED = 4
+SCAN_EXCEED_NONE_PTE = 5
+SCAN_PTE_NON_PRESENT = 8
+SCAN_PTE_UFFD_WP = 9
+SCAN_PAGE_RO = 11
+SCAN_PAGE_NULL = 13
+SCAN_PAGE_COUNT = 16
+SCAN_PAGE_ANON = 19
+SCAN_ALLOC_HUGE_PAGE_FAIL = 21
+_SCAN_CONTINUE = frozenset(
+    {
+        SCAN_PMD_NULL,
+        SCAN_PTE_NON_PRESENT,
+        SCAN_PTE_UFFD_WP,
+        SCAN_PAGE_RO,
+        SCAN_PAGE_NULL,
+        SCAN_PAGE_COUNT,
+    }
+)
+
+
+def collapse_allowed(vma: VMA) -> bool:
+    """thp_vma_allowable_order(..., tva_flags=0): MADV_COLLAPSE ignores the sysfs mode."""
+    return vma.is_anonymous() and not vma.vm_flags & (VM_NOHUGEPAGE | VM_SPECIAL | VM_SHARED)
+
+
+def collapse_huge_page(vma: VMA, haddr: int) -> int:
+    """hpage_collapse_scan_pmd() + collapse_huge_page(): replace 512 PTEs by one exclusive THP.
+
+    Returns a SCAN_* result. Pages with references beyond their mappings (GUP pins) refuse
+    (SCAN_PAGE_COUNT); the old PTE table becomes the new PMD's deposit.
+    """
+    mm = vma.mm
+    mem = mm.mem
+    u = mem.u64
+    slot = pmd_slot(mm, haddr)
+    if slot < 0 or not u.item(slot):
+        return SCAN_PMD_NULL
+    e = u.item(slot)
+    if e & _PAGE_PSE:
+        return SCAN_PMD_MAPPED
+    t = table_of(e)
+    base = t * PTRS_PER_TABLE
+    ptes = u[base : base + PTRS_PER_TABLE].copy()
+    if ((ptes & np.uint64(_PAGE_UFFD_WP)) != 0).any():
+        return SCAN_PTE_UFFD_WP
+    present = (ptes & np.uint64(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+    if ((ptes != 0) & ~present).any():
+        return SCAN_PTE_NON_PRESENT
+    pidx = np.flatnonzero(present)
+    pfns = ((ptes[pidx] & np.uint64(_PAGE_PFN_MASK)) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    real = pfns != mem.zero_pfn
+    ridx = pidx[real]
+    rpfns = pfns[real]
+    if len(rpfns):
+        if ((mem.flags[rpfns] & PG_anon) == 0).any():
+            return SCAN_PAGE_ANON
+        heads = mem.compound_heads(rpfns)
+        for h in np.unique(heads).tolist():
+            order = int(mem.order[h])
+            nr = 1 << order
+            mapped = int(mem.mapcount[h : h + nr].sum())
+            if order:
+                mapped += int(mem.entire_mapcount[h >> HPAGE_PMD_ORDER])
+            if int(mem.refcount[h]) != mapped:
+                return SCAN_PAGE_COUNT
+    if not ((ptes[pidx] & np.uint64(_PAGE_RW)) != 0).any():
+        return SCAN_PAGE_RO
+    head = mem.alloc_huge(movable=True)
+    if head < 0:
+        return SCAN_ALLOC_HUGE_PAGE_FAIL
+    if len(rpfns):
+        mem.frames[head + ridx] = mem.frames[rpfns]
+        np.subtract.at(mem.mapcount, rpfns, 1)
+        mem.put_folios(mem.compound_heads(rpfns))
+    mem.zero_maps -= int(np.count_nonzero(~real))
+    u[base : base + PTRS_PER_TABLE] = 0
+    anon = vma.anon_vma_prepare()
+    sl = slice(head, head + HPAGE_PMD_NR)
+    mem.flags[sl] |= np.uint32(PG_anon | PG_uptodate | PG_swapbacked)
+    mem.flags[head] |= PG_anon_exclusive | PG_lru
+    mem.mapping[sl] = anon.id
+    mem.index[sl] = vma.linear_page_index(haddr) + np.arange(HPAGE_PMD_NR)
+    mem.entire_mapcount[head >> HPAGE_PMD_ORDER] = 1
+    pmd = (head << PAGE_SHIFT) | vma.vm_page_prot | _PAGE_PSE | _PAGE_ACCESSED
+    pmd |= _PAGE_DIRTY | _PAGE_SOFT_DIRTY
+    if vma.vm_flags & VM_WRITE:
+        pmd |= _PAGE_RW
+    u[slot] = pmd
+    mm.deposited[slot] = t
+    mm.add_rss(MM_ANONPAGES, HPAGE_PMD_NR - len(rpfns))
+    return SCAN_SUCCEED
+
+
+def madvise_collapse(vma: VMA, start: int, end: int) -> int:
+    """madvise_collapse(): collapse every aligned 2 MiB of [start, end); 0 or a negative errno."""
+    if not collapse_allowed(vma):
+        return -errno.EINVAL
+    hstart = (start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    hend = end & ~(PMD_SIZE - 1)
+    thps = 0
+    last_fail = SCAN_SUCCEED
+    for addr in range(hstart, hend, PMD_SIZE):
+        result = collapse_huge_page(vma, addr)
+        if result in (SCAN_SUCCEED, SCAN_PMD_MAPPED):
+            thps += 1
+        elif result in _SCAN_CONTINUE:
+            last_fail = result
+        else:
+            last_fail = result
+            break
+    if thps == (hend - hstart) // PMD_SIZE:
+        return 0
+    if last_fail == SCAN_ALLOC_HUGE_PAGE_FAIL:
+        return -errno.ENOMEM
+    if last_fail == SCAN_EXCEED_NONE_PTE:
+        return -errno.EBUSY
+    if last_fail == SCAN_PAGE_COUNT:
+        return -errno.EAGAIN
+    return -errno.EINVAL

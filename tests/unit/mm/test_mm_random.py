@@ -23,6 +23,7 @@ from vkernel.kernel.mm_api import (
 )
 from vkernel.kernel.task import Task
 from vkernel.kernel.uapi import (
+    MADV_COLLAPSE,
     MADV_DONTFORK,
     MADV_DONTNEED,
     MADV_HUGEPAGE,
@@ -80,6 +81,7 @@ async def test_random_operations_keep_the_audit_clean(make_kernel: MakeKernel, s
                         MADV_DONTFORK,
                         MADV_POPULATE_READ,
                         MADV_POPULATE_WRITE,
+                        MADV_COLLAPSE,
                     ]
                 )
                 await sys_madvise(t, addr, length, adv)
@@ -179,7 +181,10 @@ async def test_random_private_memory_never_leaks_between_processes(
                 await sys_munmap(t, a, n)
                 sh.drop(a, n + P - 1 & ~(P - 1))
             elif op == 2:
-                await sys_mprotect(t, a, n, rng.choice([PROT_READ, PROT_READ | PROT_WRITE]))
+                if rng.random() < 0.3:
+                    await sys_madvise(t, a & ~(2 * MiB - 1), 2 * MiB, MADV_COLLAPSE)
+                else:
+                    await sys_mprotect(t, a, n, rng.choice([PROT_READ, PROT_READ | PROT_WRITE]))
             elif op == 3:
                 data = bytes([rng.randrange(1, 256)]) * n
                 off = rng.randrange(0, 64)
@@ -220,7 +225,7 @@ async def test_random_private_memory_never_leaks_between_processes(
                 fault = int(e.metadata["address"], 16)
                 written = data[: max(0, fault - (a + off))]
                 sh.write(a + off, written)
-            elif op != 3 and e.name != "ENOMEM":
+            elif op not in (2, 3) and e.name != "ENOMEM":
                 raise
     for t in tasks:
         for v in t.mm.vmas:

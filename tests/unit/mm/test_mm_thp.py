@@ -155,3 +155,76 @@ async def test_read_fault_maps_the_huge_zero_page(kernel: Kernel, task: Task) ->
     assert await read_user_bytes(child, a + P, 1) == b"\0"
     kernel.do_exit(child)
     await sys_munmap(task, a, 2 * MiB)
+
+
+async def _pte_mapped_thp(task: Task) -> int:
+    """A PTE-mapped THP: fault a PMD THP, then mprotect one subpage R and back RW (B.36 setup)."""
+    a = await _thp(task, 2 * MiB)
+    await write_user(task, a, b"o" * (2 * MiB))
+    await sys_mprotect(task, a, P, PROT_READ)
+    await sys_mprotect(task, a, P, RW)
+    assert not lookup_pte(task, a) & 0x80
+    return a
+
+
+async def test_collapse_then_fork_no_leak(kernel: Kernel, task: Task) -> None:
+    """B.36a: MADV_COLLAPSE a PTE-mapped THP, fork, parent writes: the child keeps old data."""
+    from vkernel.kernel.uapi import MADV_COLLAPSE
+
+    a = await _pte_mapped_thp(task)
+    await sys_madvise(task, a, 2 * MiB, MADV_COLLAPSE)
+    assert lookup_pte(task, a) & 0x80
+    child = await fork(task)
+    await write_user(task, a, b"\xff" * (2 * MiB))
+    assert await read_user_bytes(child, a, 2 * MiB) == b"o" * (2 * MiB)
+    kernel.do_exit(child)
+
+
+async def test_fork_then_collapse_fully_and_partly_shared(kernel: Kernel, task: Task) -> None:
+    """B.36b/c: fork then collapse in the parent. Fully shared: every PTE is R/O after fork, so
+    6.12's scan says SCAN_PAGE_RO → EINVAL (cow.c skips that case). Lower half shared (upper half
+    DONTFORK, still writable): the parent gets a new exclusive THP, the child keeps its data."""
+    import errno
+
+    from vkernel.kernel.errors import KernelError
+    from vkernel.kernel.uapi import MADV_COLLAPSE, MADV_DONTFORK
+
+    a = await _pte_mapped_thp(task)
+    child = await fork(task)
+    with __import__("pytest").raises(KernelError) as ei:
+        await sys_madvise(task, a, 2 * MiB, MADV_COLLAPSE)
+    assert ei.value.errno == errno.EINVAL
+    kernel.do_exit(child)
+    b = await _pte_mapped_thp(task)
+    await sys_madvise(task, b + MiB, MiB, MADV_DONTFORK)
+    child = await fork(task)
+    await sys_madvise(task, b + MiB, MiB, 11)  # MADV_DOFORK so the range is one VMA again
+    await sys_madvise(task, b, 2 * MiB, MADV_COLLAPSE)
+    assert lookup_pte(task, b) & 0x80
+    await write_user(task, b, b"\xfe" * (2 * MiB))
+    assert await read_user_bytes(child, b, MiB) == b"o" * MiB
+    kernel.do_exit(child)
+
+
+async def test_collapse_refuses_pinned_pages_with_eagain(kernel: Kernel, task: Task) -> None:
+    """MADV_COLLAPSE: a page with an extra (GUP) reference → SCAN_PAGE_COUNT → EAGAIN."""
+    import errno
+
+    from vkernel.kernel.errors import KernelError
+    from vkernel.kernel.uapi import MADV_COLLAPSE
+
+    a = await mmap_anon(task, 2 * MiB)
+    await write_user(task, a, b"g" * (2 * MiB))
+    pfn = pfn_at(task, a + P)
+    kernel.mem.refcount[pfn] += 1
+    kernel.extra_refs[pfn] += 1
+    try:
+        with __import__("pytest").raises(KernelError) as ei:
+            await sys_madvise(task, a, 2 * MiB, MADV_COLLAPSE)
+        assert ei.value.errno == errno.EAGAIN
+    finally:
+        kernel.mem.refcount[pfn] -= 1
+        del kernel.extra_refs[pfn]
+    await sys_madvise(task, a, 2 * MiB, MADV_COLLAPSE)
+    assert lookup_pte(task, a) & 0x80
+    assert await read_user_bytes(task, a + MiB, 3) == b"ggg"
