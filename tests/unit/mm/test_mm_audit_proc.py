@@ -57,7 +57,7 @@ async def test_audit_catches_leaks_and_mapcount_errors(kernel: Kernel, task: Tas
 
 
 async def test_maps_format(task: Task) -> None:
-    """/proc/PID/maps lines: anon private and shared (/dev/zero (deleted)) in Linux's layout."""
+    """§8: /proc/PID/maps lines, anon private and shared (/dev/zero (deleted)), Linux layout."""
     a = await mmap_anon(task, 2 * P)
     s = await mmap_anon(task, P, flags=SHARED_ANON)
     lines = proc_maps(task).splitlines()
@@ -68,7 +68,8 @@ async def test_maps_format(task: Task) -> None:
 
 
 async def test_smaps_counts_shared_and_private(kernel: Kernel, task: Task) -> None:
-    """smaps: Rss/Pss/Private/Shared after fork (Pss halves shared pages), VmFlags mnemonics."""
+    """§8, A.10:
+    smaps: Rss/Pss/Private/Shared after fork (Pss halves shared pages), VmFlags mnemonics."""
     a = await mmap_anon(task, 4 * P)
     await write_user(task, a, b"w" * 4 * P)
     text = proc_smaps(task)
@@ -84,7 +85,8 @@ async def test_smaps_counts_shared_and_private(kernel: Kernel, task: Task) -> No
 
 
 async def test_pagemap_bits(kernel: Kernel, task: Task) -> None:
-    """pagemap: present/pfn, exclusive, soft-dirty, file for shmem, zero page not exclusive."""
+    """§8, A.10:
+    pagemap: present/pfn, exclusive, soft-dirty, file for shmem, zero page not exclusive."""
     a = await mmap_anon(task, 4 * P)
     await write_user(task, a, b"1")
     await read_user_bytes(task, a + P, 1)
@@ -105,7 +107,7 @@ async def test_pagemap_bits(kernel: Kernel, task: Task) -> None:
 
 
 async def test_dump_page_and_status(kernel: Kernel, task: Task) -> None:
-    """dump_page fields; VmRSS/VmSize/VmPTE in proc_status_mm; EINVAL for a bad pfn."""
+    """§8, A.5: dump_page fields; VmRSS/VmSize/VmPTE in proc_status_mm; EINVAL for a bad pfn."""
     a = await mmap_anon(task, 2 * MiB)
     await write_user(task, a, b"d" * (MiB))
     d = dump_page(kernel, pfn_at(task, a))

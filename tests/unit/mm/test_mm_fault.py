@@ -73,7 +73,8 @@ async def test_write_after_read_replaces_zero_page(kernel: Kernel, task: Task) -
 
 
 async def test_access_spans_vmas_and_stops_at_the_first_bad_page(task: Task) -> None:
-    """do_user_addr_fault: bytes before the fault are written; SIGSEGV names the first bad byte."""
+    """A.9:
+    do_user_addr_fault: bytes before the fault are written; SIGSEGV names the first bad byte."""
     a = await mmap_anon(task, 4 * P)
     await sys_mprotect(task, a + 2 * P, P, PROT_READ)
     with pytest.raises(UserFault) as ei:
@@ -88,7 +89,8 @@ async def test_access_spans_vmas_and_stops_at_the_first_bad_page(task: Task) -> 
 
 
 async def test_prot_none_and_holes_give_sigsegv(task: Task) -> None:
-    """access_error(): PROT_NONE VMAs and unmapped addresses give SIGSEGV; the task survives."""
+    """A.9:
+    access_error(): PROT_NONE VMAs and unmapped addresses give SIGSEGV; the task survives."""
     a = await mmap_anon(task, P, prot=PROT_NONE)
     for coro in (
         read_user_bytes(task, a, 1),
@@ -103,7 +105,7 @@ async def test_prot_none_and_holes_give_sigsegv(task: Task) -> None:
 
 
 async def test_read_user_streams_chunks_of_at_most_1mib(task: Task) -> None:
-    """read_user yields ≤ 1 MiB chunks in order."""
+    """A.9, §9: read_user yields ≤ 1 MiB chunks in order."""
     a = await mmap_anon(task, 3 * MiB)
     await write_user(task, a, bytes(range(256)) * (3 * MiB // 256))
     sizes = []
@@ -116,7 +118,7 @@ async def test_read_user_streams_chunks_of_at_most_1mib(task: Task) -> None:
 
 
 async def test_madv_dontneed_drops_pages(kernel: Kernel, task: Task) -> None:
-    """MADV_DONTNEED: the range's pages are freed; private anon reads back zeros."""
+    """A.10, B.13: MADV_DONTNEED: the range's pages are freed; private anon reads back zeros."""
     a = await mmap_anon(task, 8 * P)
     await write_user(task, a, b"x" * 8 * P)
     free = kernel.mem.nr_free_pages
@@ -126,7 +128,8 @@ async def test_madv_dontneed_drops_pages(kernel: Kernel, task: Task) -> None:
 
 
 async def test_shared_anonymous_memory_is_shared_with_the_child(kernel: Kernel, task: Task) -> None:
-    """MAP_SHARED|MAP_ANONYMOUS is shmem: parent and child see each other's writes."""
+    """A.10 do_fault, A.11:
+    MAP_SHARED|MAP_ANONYMOUS is shmem: parent and child see each other's writes."""
     a = await mmap_anon(task, 2 * P, flags=SHARED_ANON)
     await write_user(task, a, b"parent")
     child = await fork(task)
@@ -139,7 +142,8 @@ async def test_shared_anonymous_memory_is_shared_with_the_child(kernel: Kernel, 
 
 
 async def test_oom_on_tiny_memory_leaves_the_kernel_consistent(make_kernel: MakeKernel) -> None:
-    """Out of memory: the user access fails with ENOMEM, earlier bytes stay written, audit clean."""
+    """A.9 VM_FAULT_OOM, §5:
+    Out of memory: the user access fails with ENOMEM, earlier bytes stay written, audit clean."""
     k = make_kernel(memory_bytes=4 << 20)
     t = k.spawn("oom", "s")
     a = await mmap_anon(t, 8 * MiB)
@@ -163,7 +167,8 @@ async def test_unshare_with_write_is_sigsegv(task: Task) -> None:
 
 
 async def test_exit_frees_everything(kernel: Kernel) -> None:
-    """exit_mmap: every page and page table goes back; free count returns to its boot value."""
+    """A.8, §5:
+    exit_mmap: every page and page table goes back; free count returns to its boot value."""
     boot = kernel.mem.nr_free_pages
     t = kernel.spawn("e", "s")
     a = await mmap_anon(t, 4 * MiB)
@@ -205,7 +210,8 @@ async def test_forced_write_fault_on_private_read_only_mapping(kernel: Kernel, t
 
 
 async def test_munmap_frees_page_tables_through_one_path(kernel: Kernel, task: Task) -> None:
-    """free_pgtables(): tables of an unmapped range go back via tlb_remove_table (hooks see them)."""
+    """A.8:
+    free_pgtables(): tables of an unmapped range go back via tlb_remove_table (hooks see them)."""
     freed: list[int] = []
     kernel.pgtable_free_hooks.append(freed.append)
     a = await mmap_anon(task, 4 * MiB)

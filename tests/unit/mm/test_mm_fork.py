@@ -1,4 +1,4 @@
-"""fork: COW, reuse vs copy, DONTFORK, pinned pages and mmap_lock kills (A.10, A.11, B.28, B.34, B.37)."""
+"""fork: COW, reuse vs copy, DONTFORK, pinned pages, mmap_lock kills (A.10, A.11, B.28-B.37)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ async def test_mprotect_cycle_keeps_exclusive_pages_writable(kernel: Kernel, tas
 
 
 async def test_reuse_when_child_is_gone_refcount_one(kernel: Kernel, task: Task) -> None:
-    """B.37b / B.30: non-exclusive page with refcount 1 → reuse (pgreuse +1), becomes exclusive."""
+    """B.37b / B.30: non-exclusive page, refcount 1 → reuse (pgreuse +1), becomes exclusive."""
     a = await mmap_anon(task, P)
     await write_user(task, a, b"r")
     child = await fork(task)
@@ -108,7 +108,7 @@ async def test_extra_reference_forces_copy(kernel: Kernel, task: Task) -> None:
 
 
 async def test_exclusive_page_reuse_counts_pgreuse(kernel: Kernel, task: Task) -> None:
-    """B.37a: a write to an exclusive R/O-mapped page (after mprotect without try-writable) reuses."""
+    """B.37a: a write to an exclusive R/O-mapped page (PTE write-protected by hand) reuses."""
     a = await mmap_anon(task, P)
     await write_user(task, a, b"a")
     pfn = pfn_at(task, a)
@@ -124,7 +124,7 @@ async def test_exclusive_page_reuse_counts_pgreuse(kernel: Kernel, task: Task) -
 
 
 async def test_dontfork_and_wipeonfork(kernel: Kernel, task: Task) -> None:
-    """MADV_DONTFORK VMAs are absent in the child; MADV_WIPEONFORK ones are empty."""
+    """A.11: MADV_DONTFORK VMAs are absent in the child; MADV_WIPEONFORK ones are empty."""
     a = await mmap_anon(task, 4 * P)
     await write_user(task, a, b"d" * 4 * P)
     await sys_madvise(task, a, P, MADV_DONTFORK)
@@ -167,7 +167,7 @@ async def test_fork_copies_maybe_pinned_exclusive_pages_early(kernel: Kernel, ta
 async def test_fork_of_256mib_region_is_fast_enough_to_be_vectorised(
     make_kernel: MakeKernel,
 ) -> None:
-    """fork copy is per leaf table: 32 MiB resident forks in well under a second."""
+    """A.11, §9: fork copy is per leaf table: 32 MiB resident forks in well under a second."""
     k = make_kernel(memory_bytes=128 << 20)
     t = k.spawn("big", "s")
     a = await mmap_anon(t, 32 * MiB)
@@ -182,7 +182,7 @@ async def test_fork_of_256mib_region_is_fast_enough_to_be_vectorised(
 
 
 async def test_fork_oom_fails_cleanly(make_kernel: MakeKernel) -> None:
-    """dup_mmap failure: ENOMEM, the partial child mm is torn down, the parent is intact."""
+    """A.11: dup_mmap failure: ENOMEM, the partial child mm is torn down, the parent is intact."""
     k = make_kernel(memory_bytes=4 << 20)
     t = k.spawn("p", "s")
     a = await mmap_anon(t, 8 * MiB)

@@ -71,7 +71,7 @@ async def test_mmap_errno_table(
 
 
 async def test_mmap_top_down_from_mmap_base(task: Task) -> None:
-    """mmap layout: the first mapping ends at mmap_base; the next sits right below it."""
+    """§7: mmap layout: the first mapping ends at mmap_base; the next sits right below it."""
     a = await mmap_anon(task, 3 * P)
     assert a + 3 * P == MMAP_BASE
     b = await mmap_anon(task, P, prot=PROT_READ)
@@ -79,13 +79,14 @@ async def test_mmap_top_down_from_mmap_base(task: Task) -> None:
 
 
 async def test_pmd_multiple_anonymous_mappings_are_thp_aligned(task: Task) -> None:
-    """__get_unmapped_area(): anonymous lengths that are multiples of 2 MiB get 2 MiB alignment."""
+    """A.12:
+    __get_unmapped_area(): anonymous lengths that are multiples of 2 MiB get 2 MiB alignment."""
     a = await mmap_anon(task, 4 * MiB)
     assert a % PMD_SIZE == 0
 
 
 async def test_fixed_noreplace_gives_eexist_and_fixed_replaces(task: Task) -> None:
-    """MAP_FIXED_NOREPLACE over a mapping → EEXIST; MAP_FIXED replaces it."""
+    """§7: MAP_FIXED_NOREPLACE over a mapping → EEXIST; MAP_FIXED replaces it."""
     a = await mmap_anon(task, 4 * P)
     with pytest.raises(KernelError) as ei:
         await sys_mmap(task, a + P, P, RW, ANON | MAP_FIXED_NOREPLACE)
@@ -95,7 +96,8 @@ async def test_fixed_noreplace_gives_eexist_and_fixed_replaces(task: Task) -> No
 
 
 async def test_adjacent_compatible_mappings_merge_and_split(task: Task) -> None:
-    """vma_merge: adjacent anonymous mappings with equal flags are one VMA; mprotect splits/merges."""
+    """§7:
+    vma_merge: adjacent anonymous mappings with equal flags are one VMA; mprotect splits/merges."""
     a = await mmap_anon(task, 4 * P)
     await mmap_anon(task, 4 * P, addr=a - 4 * P, flags=ANON | MAP_FIXED)
     assert len(task.mm.vmas) == 1
@@ -109,7 +111,7 @@ async def test_adjacent_compatible_mappings_merge_and_split(task: Task) -> None:
 
 
 async def test_munmap_splits_and_holes_are_fine(task: Task) -> None:
-    """munmap: punching a hole splits a VMA; unmapping an unmapped range succeeds."""
+    """§7, A.8: munmap: punching a hole splits a VMA; unmapping an unmapped range succeeds."""
     a = await mmap_anon(task, 8 * P)
     await write_user(task, a, b"x" * 8 * P)
     await sys_munmap(task, a + 2 * P, 2 * P)
@@ -124,7 +126,7 @@ async def test_munmap_splits_and_holes_are_fine(task: Task) -> None:
     [(1, P, "EINVAL"), (0, 0, "EINVAL"), (0, 1 << 48, "EINVAL")],
 )
 async def test_munmap_errno_table(task: Task, addr_off: int, length: int, err: str) -> None:
-    """__vm_munmap(): unaligned start, zero length and oversize ranges are EINVAL."""
+    """§7: __vm_munmap(): unaligned start, zero length and oversize ranges are EINVAL."""
     a = await mmap_anon(task, P)
     with pytest.raises(KernelError) as ei:
         await sys_munmap(task, a + addr_off, length)
@@ -132,7 +134,7 @@ async def test_munmap_errno_table(task: Task, addr_off: int, length: int, err: s
 
 
 async def test_mprotect_errno_table(task: Task) -> None:
-    """do_mprotect_pkey(): EINVAL, ENOMEM for holes, EACCES beyond VM_MAY*, 0 for len 0."""
+    """§7: do_mprotect_pkey(): EINVAL, ENOMEM for holes, EACCES beyond VM_MAY*, 0 for len 0."""
     a = await mmap_anon(task, 4 * P)
     await sys_mprotect(task, a, 0, PROT_READ)
     for args, err in [
@@ -156,7 +158,7 @@ async def test_mprotect_errno_table(task: Task) -> None:
 
 
 async def test_mremap_grow_in_place_move_and_errors(task: Task) -> None:
-    """mremap: shrink, grow in place, MAYMOVE, MREMAP_FIXED; data follows the move."""
+    """§7: mremap: shrink, grow in place, MAYMOVE, MREMAP_FIXED; data follows the move."""
     a = await mmap_anon(task, 4 * P)
     await write_user(task, a, b"A" * P + b"B" * P)
     assert await sys_mremap(task, a, 4 * P, 2 * P, 0) == a
@@ -189,7 +191,8 @@ async def test_mremap_grow_in_place_move_and_errors(task: Task) -> None:
 
 
 async def test_madvise_errno_table_and_flags(task: Task) -> None:
-    """madvise: EINVAL for bad advice/alignment, ENOMEM for holes (applied elsewhere anyway)."""
+    """§7, B.13:
+    madvise: EINVAL for bad advice/alignment, ENOMEM for holes (applied elsewhere anyway)."""
     a = await mmap_anon(task, 4 * P)
     for args, err in [((a, P, 999), "EINVAL"), ((a + 1, P, MADV_DONTFORK), "EINVAL")]:
         with pytest.raises(KernelError) as ei:
@@ -246,7 +249,7 @@ async def test_madv_populate_over_a_hole_is_enomem(task: Task, where: str) -> No
 
 
 async def test_rlimit_as_limits_mmap_and_mremap(kernel: Kernel) -> None:
-    """may_expand_vm(): growing past RLIMIT_AS gives ENOMEM from mmap and mremap."""
+    """§6, §7: may_expand_vm(): growing past RLIMIT_AS gives ENOMEM from mmap and mremap."""
     t = kernel.spawn("lim", "s", rlimits={Rlimit.RLIMIT_AS: 16 * P})
     a = await mmap_anon(t, 8 * P)
     with pytest.raises(KernelError) as ei:
@@ -260,7 +263,7 @@ async def test_rlimit_as_limits_mmap_and_mremap(kernel: Kernel) -> None:
 
 
 async def test_max_map_count(make_kernel: MakeKernel) -> None:
-    """vm.max_map_count: mmap and splitting munmap fail with ENOMEM at the limit."""
+    """§7: vm.max_map_count: mmap and splitting munmap fail with ENOMEM at the limit."""
     k = make_kernel()
     k.sysctl_max_map_count = 3
     t = k.spawn("m", "s")
@@ -280,7 +283,8 @@ async def test_max_map_count(make_kernel: MakeKernel) -> None:
 async def test_mremap_dontunmap_moves_pages_and_keeps_an_empty_source(
     kernel: Kernel, task: Task
 ) -> None:
-    """MREMAP_DONTUNMAP: pages move to the new place, the old range stays mapped and reads zero."""
+    """§7, A.13:
+    MREMAP_DONTUNMAP: pages move to the new place, the old range stays mapped and reads zero."""
     from vkernel.kernel.mm_api import read_user_bytes
     from vkernel.kernel.uapi import MREMAP_DONTUNMAP
 

@@ -101,7 +101,8 @@ def test_out_of_memory_returns_none_and_keeps_counts(make_kernel: MakeKernel) ->
 
 
 def test_prefault_backs_memory_without_changing_state(make_kernel: MakeKernel) -> None:
-    """PhysMem.prefault(): host-populates the memfd; frames stay zero, allocator untouched."""
+    """§5, §9:
+    PhysMem.prefault(): host-populates the memfd; frames stay zero, allocator untouched."""
     k = make_kernel(memory_bytes=8 << 20, movable_bytes=2 << 20)
     free = k.mem.nr_free_pages
     assert k.mem.prefault() is None

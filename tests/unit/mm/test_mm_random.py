@@ -46,7 +46,8 @@ SPAN = 16 * MiB
 
 @pytest.mark.parametrize("seed", range(6))
 async def test_random_operations_keep_the_audit_clean(make_kernel: MakeKernel, seed: int) -> None:
-    """Any mix of mmap/munmap/mprotect/mremap/madvise/access/fork/exit leaves every count right."""
+    """§5, §10:
+    Any mix of mmap/munmap/mprotect/mremap/madvise/access/fork/exit leaves every count right."""
     rng = random.Random(seed)
     k = make_kernel(memory_bytes=48 << 20, thp="always" if seed % 2 else "madvise")
     tasks: list[Task] = [k.spawn("r0", "s")]

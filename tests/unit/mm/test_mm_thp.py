@@ -37,7 +37,8 @@ async def _thp(task: Task, size: int = 4 * MiB) -> int:
 
 
 async def test_write_fault_maps_a_pmd_thp(kernel: Kernel, task: Task) -> None:
-    """do_huge_pmd_anonymous_page: first write in an aligned 2 MiB maps an order-9 folio by PMD."""
+    """A.12:
+    do_huge_pmd_anonymous_page: first write in an aligned 2 MiB maps an order-9 folio by PMD."""
     a = await _thp(task)
     await write_user(task, a + 5, b"T")
     assert lookup_pte(task, a) & 0x80
@@ -54,7 +55,7 @@ async def test_write_fault_maps_a_pmd_thp(kernel: Kernel, task: Task) -> None:
 
 
 async def test_thp_always_mode_without_madvise(make_kernel: MakeKernel) -> None:
-    """transparent_hugepage=always: no madvise needed."""
+    """A.12: transparent_hugepage=always: no madvise needed."""
     k = make_kernel(thp="always")
     t = k.spawn("a", "s")
     a = await mmap_anon(t, 2 * MiB)
@@ -63,7 +64,8 @@ async def test_thp_always_mode_without_madvise(make_kernel: MakeKernel) -> None:
 
 
 async def test_partial_munmap_splits_the_pmd(kernel: Kernel, task: Task) -> None:
-    """__split_huge_pmd on partial munmap: PTE-mapped THP, whole block freed with the last map."""
+    """A.12:
+    __split_huge_pmd on partial munmap: PTE-mapped THP, whole block freed with the last map."""
     a = await _thp(task, 2 * MiB)
     await write_user(task, a, b"s" * (2 * MiB))
     head = pfn_at(task, a)
@@ -80,7 +82,7 @@ async def test_partial_munmap_splits_the_pmd(kernel: Kernel, task: Task) -> None
 
 
 async def test_partial_mprotect_and_dontneed_split(kernel: Kernel, task: Task) -> None:
-    """mprotect / MADV_DONTNEED of part of a THP split the PMD; data is kept."""
+    """A.12: mprotect / MADV_DONTNEED of part of a THP split the PMD; data is kept."""
     a = await _thp(task, 2 * MiB)
     await write_user(task, a, b"m" * (2 * MiB))
     await sys_mprotect(task, a, P, PROT_READ)
@@ -207,7 +209,8 @@ async def test_fork_then_collapse_fully_and_partly_shared(kernel: Kernel, task: 
 
 
 async def test_collapse_refuses_pinned_pages_with_eagain(kernel: Kernel, task: Task) -> None:
-    """MADV_COLLAPSE: a page with an extra (GUP) reference → SCAN_PAGE_COUNT → EAGAIN."""
+    """A.12, B.36:
+    MADV_COLLAPSE: a page with an extra (GUP) reference → SCAN_PAGE_COUNT → EAGAIN."""
     import errno
 
     from vkernel.kernel.errors import KernelError
