@@ -200,14 +200,16 @@ def audit(kernel: Kernel) -> list[str]:
     ec = mem.entire_mapcount.astype(np.int64)
     for b in np.flatnonzero(ec != exp_entire)[:MAX_REPORTS].tolist():
         problems.append(
-            f"pfn {b << HPAGE_PMD_ORDER}: entire_mapcount {int(ec[b])} != expected {int(exp_entire[b])}"
+            f"pfn {b << HPAGE_PMD_ORDER}: entire_mapcount {int(ec[b])}"
+            f" != expected {int(exp_entire[b])}"
         )
     # Leaks: allocated heads nobody accounts for (tails are covered by their head).
     alloc_heads = ~free & ((flags & (PG_tail | PG_reserved)) == 0)
     leaked = np.flatnonzero(alloc_heads & (exp_ref == 0) & (rc == 0))
     for p in leaked[:MAX_REPORTS].tolist():
         problems.append(
-            f"pfn {p}: leaked (allocated, refcount 0, not referenced) [{','.join(mem.page_flag_names(p))}]"
+            f"pfn {p}: leaked (allocated, refcount 0, not referenced)"
+            f" [{','.join(mem.page_flag_names(p))}]"
         )
     used_free = np.flatnonzero(free & ((exp_ref != 0) | (exp_map != 0)))
     for p in used_free[:MAX_REPORTS].tolist():

@@ -65,7 +65,7 @@ _NOT_ANON_EXCL = np.uint32(~PG_anon_exclusive & 0xFFFFFFFF)
 
 
 def folio_maybe_dma_pinned_vec(mm: MmStruct, heads: np.ndarray) -> np.ndarray:
-    """folio_maybe_dma_pinned() for many folio heads: pincount>0 if large, refcount ≥ 1024 if small."""
+    """folio_maybe_dma_pinned() for many heads: pincount > 0 if large, refcount >= 1024 if small."""
     mem = mm.mem
     small = mem.order[heads] == 0
     rc = mem.refcount[heads].view(np.uint32)

@@ -73,7 +73,7 @@ class Kernel:
         self.sysctl_max_map_count = DEFAULT_MAX_MAP_COUNT
         """vm.max_map_count."""
         self.extra_refs: Counter[int] = Counter()
-        """pfn (folio head) → references held outside page tables (GUP, DMA …); audit uses it."""
+        """Folio head pfn → references held outside page tables (GUP, DMA); audit uses it."""
         self.extra_pins: Counter[int] = Counter()
         """folio head pfn → expected _pincount of a large folio; audit uses it."""
         self.pgtable_free_hooks: list[Callable[[int], None]] = []

@@ -151,7 +151,7 @@ def do_anonymous_pages(vma: VMA, table: int, base_addr: int, idx: np.ndarray, wr
 
 
 def do_shmem_fault(vma: VMA, addr: int, pslot: int, flags: int) -> int:
-    """do_read_fault()/do_shared_fault() via shmem_fault(): find or allocate the cache page, map it."""
+    """do_read_fault()/do_shared_fault() via shmem_fault(): find or allocate the page, map it."""
     mm = vma.mm
     mem = mm.mem
     obj = vma.shmem
@@ -183,7 +183,7 @@ def do_shmem_fault(vma: VMA, addr: int, pslot: int, flags: int) -> int:
 
 
 def wp_page_copy(vma: VMA, addr: int, pslot: int, pte: int, unshare: bool) -> int:
-    """wp_page_copy(): copy the old page (or zero-fill for the zero page) into a new exclusive page."""
+    """wp_page_copy(): copy the old page (zero-fill for the zero page) into a new exclusive one."""
     mm = vma.mm
     mem = mm.mem
     old = (pte & _PAGE_PFN_MASK) >> PAGE_SHIFT
@@ -510,7 +510,7 @@ def zap_page_range_single(vma: VMA, start: int, end: int) -> None:
 
 
 def split_huge_pmds_in(mm: MmStruct, start: int, end: int) -> None:
-    """split_huge_pmd_address() at both ends of a range whose THPs are cut (vma_adjust_trans_huge)."""
+    """split_huge_pmd_address() at both ends of a range cutting THPs (vma_adjust_trans_huge)."""
     u = mm.mem.u64
     for addr in (start, end):
         if addr & ~PMD_MASK:

@@ -218,7 +218,7 @@ def get_unmapped_area(
     return addr
 
 
-# ---- VMA split / merge ----------------------------------------------------------------------------
+# ---- VMA split / merge ---------------------------------------------------------------------------
 
 
 def split_vma(mm: MmStruct, vma: VMA, addr: int) -> VMA:
@@ -279,7 +279,7 @@ def _count_splits(mm: MmStruct, start: int, end: int) -> int:
     return extra
 
 
-# ---- munmap ---------------------------------------------------------------------------------------
+# ---- munmap --------------------------------------------------------------------------------------
 
 
 def do_vmi_munmap(mm: MmStruct, start: int, length: int) -> None:
@@ -332,7 +332,7 @@ async def sys_munmap(task: Task, addr: int, length: int) -> None:
         do_vmi_munmap(mm, addr, length)
 
 
-# ---- mmap -----------------------------------------------------------------------------------------
+# ---- mmap ----------------------------------------------------------------------------------------
 
 
 def _mmap_region(
@@ -433,7 +433,7 @@ async def sys_mmap(
     return addr
 
 
-# ---- mprotect -------------------------------------------------------------------------------------
+# ---- mprotect ------------------------------------------------------------------------------------
 
 
 def mprotect_fixup(mm: MmStruct, vma: VMA, start: int, end: int, newflags: int) -> None:
@@ -491,11 +491,11 @@ async def sys_mprotect(task: Task, addr: int, length: int, prot: int) -> None:
             raise KernelError(errno.ENOMEM, "range not fully mapped", field="length")
 
 
-# ---- mremap ---------------------------------------------------------------------------------------
+# ---- mremap --------------------------------------------------------------------------------------
 
 
 def move_page_tables(mm: MmStruct, old: int, new: int, length: int) -> int:
-    """move_page_tables(): move every PTE of [old, old+len) to [new, new+len). Returns bytes moved."""
+    """move_page_tables(): move every PTE of [old, old+len) to [new, new+len); bytes moved."""
     mem = mm.mem
     u = mem.u64
     split_all_huge_pmds(mm, old, old + length)
@@ -687,7 +687,7 @@ def _mremap_to(
     return move_vma(mm, task, vma, addr, old_len, new_len, new_addr, dontunmap)
 
 
-# ---- madvise --------------------------------------------------------------------------------------
+# ---- madvise -------------------------------------------------------------------------------------
 
 _VALID_ADVICE = frozenset(
     {

@@ -1,4 +1,4 @@
-"""x86-64 4-level page tables stored in physical frames (arch/x86/include/asm/pgtable*.h, mm/pgtable-generic.c).
+"""x86-64 4-level page tables stored in physical frames (arch/x86 pgtable*.h, mm/pgtable-generic.c).
 
 Every table is one frame of 512 little-endian u64 entries, read and written through the
 ``PhysMem.u64`` view of the memfd. Entry slots are addressed by their global u64 index
@@ -162,7 +162,7 @@ def _next_level(mm: MmStruct, slot: int, alloc: bool) -> int:
 
 
 def pmd_slot(mm: MmStruct, addr: int, alloc: bool = False) -> int:
-    """pmd_offset() after pgd/pud walk (pud_alloc/pmd_alloc with ``alloc``): u64 index, -1 none, -2 OOM."""
+    """pmd_offset() after the pgd/pud walk (allocating with ``alloc``): slot, -1 none, -2 OOM."""
     pud_t = _next_level(mm, mm.pgd * PTRS_PER_TABLE + ((addr >> PGDIR_SHIFT) & 511), alloc)
     if pud_t < 0:
         return pud_t
@@ -189,7 +189,7 @@ def pte_alloc(mm: MmStruct, pmdslot: int) -> int:
 
 
 def pte_slot(mm: MmStruct, addr: int) -> int:
-    """pte_offset_map(): u64 index of the PTE for ``addr``, or -1 if no PTE table (or a PMD leaf)."""
+    """pte_offset_map(): u64 slot of the PTE for ``addr``; -1 if no PTE table (or a PMD leaf)."""
     ps = pmd_slot(mm, addr)
     if ps < 0:
         return -1

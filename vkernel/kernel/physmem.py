@@ -193,7 +193,7 @@ class PhysMem:
         self.huge_zero_pfn = -1
         self.huge_zero_maps = 0
         """PMDs mapping the huge zero folio; at zero it is freed (the shrinker, done eagerly)."""
-        """Head of the huge zero folio (mm/huge_memory.c huge_zero_folio), allocated on first use."""
+        """Head of the huge zero folio (huge_memory.c huge_zero_folio), allocated on first use."""
         self.flags[0] = PG_zero | PG_reserved | PG_uptodate
         self.refcount[0] = 1
         self.normal = Zone("Normal", 1, self.movable_start)
@@ -375,7 +375,7 @@ class PhysMem:
         return -1
 
     def get_huge_zero_page(self) -> int:
-        """get_huge_zero_folio(): the 2 MiB zero folio, allocated once and kept (reserved); -1 if none."""
+        """get_huge_zero_folio(): the 2 MiB zero folio (reserved), allocated once; -1 if none."""
         if self.huge_zero_pfn < 0:
             head = self.alloc_huge(movable=False)
             if head < 0:

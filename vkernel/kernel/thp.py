@@ -117,7 +117,7 @@ def zap_huge_pmd(mm: MmStruct, slot: int) -> None:
 
 
 def split_huge_pmd(mm: MmStruct, slot: int) -> None:
-    """__split_huge_pmd(): replace one PMD mapping by 512 PTEs of the subpages (folio stays compound)."""
+    """__split_huge_pmd(): one PMD mapping becomes 512 PTEs of the subpages (folio stays whole)."""
     mem = mm.mem
     u = mem.u64
     e = u.item(slot)

@@ -1,4 +1,4 @@
-"""Virtual memory areas (include/linux/mm_types.h struct vm_area_struct, mm/vma.c) and shmem objects."""
+"""Virtual memory areas (struct vm_area_struct, mm/vma.c) and anonymous shmem objects."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def vma_flags_mergeable(a: int, b: int) -> bool:
 
 
 def can_merge(prev: VMA, nxt: VMA) -> bool:
-    """can_vma_merge_after(): ``prev`` ends where ``nxt`` starts and both describe the same thing."""
+    """can_vma_merge_after(): ``prev`` ends where ``nxt`` starts and both map the same thing."""
     if prev.vm_end != nxt.vm_start or not vma_flags_mergeable(prev.vm_flags, nxt.vm_flags):
         return False
     if prev.vm_flags & VM_SPECIAL:
