@@ -190,6 +190,9 @@ async def serve(
         with anyio.move_on_after(cfg.grace):
             await inflight.wait_idle()
         sessions.close_all("daemon shutting down")
+        # What is left are long-lived streams (health Watch) and answers being sent: a short
+        # tightened grace lets the answers out without waiting on the watchers.
+        await server.stop(0.5)
         await stopping.wait()
         _remove_sockets(cfg.listen)
     log.info("server_stopped")
