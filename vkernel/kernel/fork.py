@@ -28,6 +28,7 @@ from vkernel.kernel.pgtable import (
     table_of,
     walk_pmds,
 )
+from vkernel.kernel.physmem import ONE32
 from vkernel.kernel.task import Task
 from vkernel.kernel.uapi import (
     _PAGE_ACCESSED,
@@ -131,8 +132,8 @@ def copy_pte_range(dst_vma: VMA, src_vma: VMA, src_t: int, dst_t: int, a: int, b
     shared = ~early
     sh_pfns = npfns[shared]
     if len(sh_pfns):
-        np.add.at(mem.mapcount, sh_pfns, 1)
-        np.add.at(mem.refcount, heads[shared], 1)
+        np.add.at(mem.mapcount, sh_pfns, ONE32)
+        np.add.at(mem.refcount, heads[shared], ONE32)
         sh_anon = anon[shared]
         if sh_anon.any():
             mem.flags[sh_pfns[sh_anon]] &= _NOT_ANON_EXCL

@@ -23,6 +23,7 @@ from vkernel.kernel.pgtable import (
     table_of,
     walk_pmds,
 )
+from vkernel.kernel.physmem import ONE32
 from vkernel.kernel.uapi import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -321,7 +322,7 @@ def do_wp_pages(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> tuple[
             mem.zero_maps -= nzero
             mm.add_rss(MM_ANONPAGES, nzero)
         if len(src):
-            np.subtract.at(mem.mapcount, src, 1)
+            np.subtract.at(mem.mapcount, src, ONE32)
             mem.put_folios(mem.compound_heads(src))
     return nreuse + ncopy, oom
 
@@ -464,7 +465,7 @@ def zap_pte_range(mm: MmStruct, table: int, i0: int, i1: int) -> None:
             pfns = pfns[~zero]
             pv = pv[~zero]
         if len(pfns):
-            np.subtract.at(mem.mapcount, pfns, 1)
+            np.subtract.at(mem.mapcount, pfns, ONE32)
             heads = mem.compound_heads(pfns)
             anon = (mem.flags[heads] & PG_anon) != 0
             nanon = int(np.count_nonzero(anon))

@@ -31,7 +31,7 @@ import mmap as _mmap
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +62,8 @@ IntArray = npt.NDArray[np.int64]
 
 _HP_MASK = HPAGE_PMD_NR - 1
 _MADV_POPULATE_WRITE = 23
+ONE32 = np.int32(1)
+"""A typed 1: ``np.add.at(int32_array, idx, 1)`` with a Python int leaves the fast path."""
 
 
 class Zone:
@@ -71,7 +73,9 @@ class Zone:
         self.name = name
         self.start_pfn = start_pfn
         self.end_pfn = end_pfn
-        self._free0 = np.empty(max(end_pfn - start_pfn, 1), dtype=np.int64)
+        # The order-0 free stack: int32 pfns (up to 8 TiB of RAM), grown on demand, so a
+        # machine whose memory sits in free 2 MiB blocks spends almost nothing on it.
+        self._free0 = np.empty(HPAGE_PMD_NR * 2, dtype=np.int32)
         self._top = 0
         self._blocks: list[int] = []
         first_block = (start_pfn + _HP_MASK) & ~_HP_MASK
@@ -98,12 +102,17 @@ class Zone:
         """zone_spans_pfn()."""
         return self.start_pfn <= pfn < self.end_pfn
 
-    def _push0(self, pfns: IntArray) -> None:
+    def _push0(self, pfns: npt.NDArray[np.integer[Any]]) -> None:
         """Push free pfns on the order-0 stack."""
         n = len(pfns)
         if n:
-            self._free0[self._top : self._top + n] = pfns
-            self._top += n
+            need = self._top + n
+            if need > len(self._free0):
+                grown = np.empty(max(need, 2 * len(self._free0)), dtype=np.int32)
+                grown[: self._top] = self._free0[: self._top]
+                self._free0 = grown
+            self._free0[self._top : need] = pfns
+            self._top = need
 
     def take0(self, n: int) -> IntArray:
         """rmqueue() of up to ``n`` order-0 pages, splitting order-9 blocks as needed."""
@@ -115,7 +124,7 @@ class Zone:
             # expand(): the split halves go onto the order-0 list.
             self._push0((heads[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)).ravel()[::-1])
         m = min(n, self._top)
-        out = self._free0[self._top - m : self._top][::-1].copy()
+        out = self._free0[self._top - m : self._top][::-1].astype(np.int64)
         self._top -= m
         return out
 
@@ -455,7 +464,7 @@ class PhysMem:
         """folio_put() for each head (duplicates allowed): drop a ref, free those reaching 0."""
         if not len(heads):
             return
-        np.subtract.at(self.refcount, heads, 1)
+        np.subtract.at(self.refcount, heads, ONE32)
         uniq = np.unique(heads)
         dead = uniq[self.refcount[uniq] == 0]
         self.free_folios(dead)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vkernel.kernel.pgtable import pgtable_alloc, pmd_slot, table_of, tlb_remove_table
+from vkernel.kernel.physmem import ONE32
 from vkernel.kernel.uapi import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -252,7 +253,7 @@ def collapse_huge_page(vma: VMA, haddr: int) -> int:
         return SCAN_ALLOC_HUGE_PAGE_FAIL
     if len(rpfns):
         mem.frames[head + ridx] = mem.frames[rpfns]
-        np.subtract.at(mem.mapcount, rpfns, 1)
+        np.subtract.at(mem.mapcount, rpfns, ONE32)
         mem.put_folios(mem.compound_heads(rpfns))
     mem.zero_maps -= int(np.count_nonzero(~real))
     u[base : base + PTRS_PER_TABLE] = 0
