@@ -107,6 +107,7 @@ if TYPE_CHECKING:
     from vkernel.kernel.task import Task
 
 RLIM_INFINITY = (1 << 64) - 1
+_U64 = (1 << 64) - 1
 
 
 def _mm_of(task: Task) -> MmStruct:
@@ -118,8 +119,8 @@ def _mm_of(task: Task) -> MmStruct:
 
 
 def page_align(x: int) -> int:
-    """PAGE_ALIGN()."""
-    return (x + PAGE_SIZE - 1) & PAGE_MASK
+    """PAGE_ALIGN() on an unsigned long: wraps to 0 past 2**64, as the syscalls rely on."""
+    return (x + PAGE_SIZE - 1) & PAGE_MASK & _U64
 
 
 def calc_vm_prot_bits(prot: int) -> int:
@@ -379,7 +380,7 @@ async def sys_mmap(
         if addr and addr < MMAP_MIN_ADDR:
             addr = page_align(MMAP_MIN_ADDR)
     length = page_align(length)
-    if not length or length > 1 << 64:
+    if not length:
         raise KernelError(errno.ENOMEM, "length overflows", field="length")
     pgoff = offset >> PAGE_SHIFT
     mm = _mm_of(task)
@@ -462,7 +463,7 @@ async def sys_mprotect(task: Task, addr: int, length: int, prot: int) -> None:
     if length < 0:
         raise KernelError(errno.ENOMEM, "negative length", field="length")
     length = page_align(length)
-    end = addr + length
+    end = (addr + length) & _U64
     if end <= addr:
         raise KernelError(errno.ENOMEM, "range wraps", field="length")
     if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
@@ -811,7 +812,7 @@ async def sys_madvise(task: Task, addr: int, length: int, advice: int) -> None:
     plen = page_align(length)
     if length and not plen:
         raise einval("length overflows", field="length")
-    end = addr + plen
+    end = (addr + plen) & _U64
     if end < addr:
         raise einval("range wraps", field="length")
     if end == addr:

@@ -307,3 +307,21 @@ async def test_mremap_dontunmap_moves_pages_and_keeps_an_empty_source(
         == c
     )
     assert await read_user_bytes(task, c + P, 1) == b"D"
+
+
+async def test_lengths_wrap_like_unsigned_long(task: Task) -> None:
+    """§7: PAGE_ALIGN of a length near 2**64 wraps to 0 → mmap ENOMEM, mprotect ENOMEM,
+    madvise EINVAL, mremap EINVAL (nothing is changed)."""
+    a = await mmap_anon(task, P)
+    huge = (1 << 64) - 1
+    for coro, err in [
+        (sys_mmap(task, 0, huge, RW, ANON), "ENOMEM"),
+        (sys_mprotect(task, a, huge, PROT_READ), "ENOMEM"),
+        (sys_madvise(task, a, huge, MADV_DONTFORK), "EINVAL"),
+        (sys_mremap(task, a, P, huge, MREMAP_MAYMOVE), "EINVAL"),
+        (sys_munmap(task, a, huge), "EINVAL"),
+    ]:
+        with pytest.raises(KernelError) as ei:
+            await coro
+        assert errname(ei.value) == err
+    assert task.mm.vmas[0].vm_flags & PROT_WRITE
