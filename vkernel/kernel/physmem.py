@@ -188,7 +188,8 @@ class PhysMem:
         self.mapping = np.zeros(nframes, dtype=np.int32)
         self.index = np.zeros(nframes, dtype=np.int64)
         self.entire_mapcount = np.zeros((nframes >> HPAGE_PMD_ORDER) + 1, dtype=np.int32)
-        self._mapping_objs: dict[int, object] = {}
+        # Weak: an anon_vma lives as long as a VMA refers to it; ids are never reused.
+        self._mapping_objs: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._next_mapping = 1
         self.zero_maps = 0
         """How many PTEs map the shared zero page (vkernel bookkeeping for nr_zero_page)."""
