@@ -69,6 +69,8 @@ class Kernel:
         from vkernel.kernel.physmem import PhysMem
         from vkernel.kernel.uapi import DEFAULT_MAX_MAP_COUNT
 
+        if self.config.thp not in ("always", "madvise", "never"):
+            raise einval(f"unknown THP mode {self.config.thp!r}", field="thp")
         self.mem = PhysMem(self.config.memory_bytes, self.config.movable_bytes, self.vmstat)
         self.sysctl_max_map_count = DEFAULT_MAX_MAP_COUNT
         """vm.max_map_count."""

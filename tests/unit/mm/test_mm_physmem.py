@@ -111,3 +111,20 @@ def test_prefault_backs_memory_without_changing_state(make_kernel: MakeKernel) -
     th.join(10)
     assert k.mem.nr_free_pages == free
     assert not k.mem.frames.any()
+
+
+def test_bad_boot_parameters_are_einval() -> None:
+    """§7: a bad THP mode or memory size is EINVAL naming the field."""
+    import pytest
+
+    from vkernel.kernel.errors import KernelError
+    from vkernel.kernel.kernel import KernelConfig
+
+    for cfg, field in [
+        (KernelConfig(memory_bytes=64 << 20, thp="sometimes"), "thp"),
+        (KernelConfig(memory_bytes=1 << 20), "memory"),
+        (KernelConfig(memory_bytes=64 << 20, movable_bytes=40 << 20), "movable"),
+    ]:
+        with pytest.raises(KernelError) as ei:
+            Kernel(cfg)
+        assert ei.value.metadata["field"] == field
