@@ -252,3 +252,27 @@ async def test_kill_between_read_chunks_stops_the_stream(kernel: Kernel, task: T
     with pytest.raises(KernelError) as ei:
         await it.__anext__()
     assert ei.value.errno in (errno.EINTR, errno.ESRCH)
+
+
+async def test_cow_out_of_memory_is_enomem_and_consistent(make_kernel: MakeKernel) -> None:
+    """A.10 wp_page_copy OOM → VM_FAULT_OOM → ENOMEM for the store; the audit stays clean and
+    the pages before the failure were copied and written."""
+    k = make_kernel(memory_bytes=4 << 20)
+    t = k.spawn("p", "s")
+    a = await mmap_anon(t, 5 * MiB // 2)
+    await write_user(t, a, b"1" * (5 * MiB // 2))
+    child = await fork(t)
+    free = k.mem.nr_free_pages
+    with pytest.raises(KernelError) as ei:
+        await write_user(t, a, b"2" * (5 * MiB // 2))
+    assert ei.value.errno == errno.ENOMEM
+    assert k.mem.nr_free_pages == 0
+    assert free > 0
+    from vkernel.kernel.mm_api import audit
+
+    assert audit(k) == []
+    assert await read_user_bytes(t, a, 1) == b"2"
+    assert await read_user_bytes(child, a, 5 * MiB // 2) == b"1" * (5 * MiB // 2)
+    k.do_exit(child)
+    await write_user(t, a, b"3" * (5 * MiB // 2))
+    assert await read_user_bytes(t, a + MiB, 1) == b"3"
