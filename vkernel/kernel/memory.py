@@ -396,16 +396,13 @@ def __handle_mm_fault(vma: VMA, addr: int, flags: int) -> int:
     return handle_pte_fault(vma, addr, t * PTRS_PER_TABLE + ((addr >> PAGE_SHIFT) & 511), flags)
 
 
-def mm_account_fault(task: Task | None, flags: int, ret: int, count: int = 1) -> None:
-    """mm_account_fault(): pgfault for every completed attempt; task min/maj_flt unless an error."""
+def mm_account_fault(mm: MmStruct, task: Task | None, flags: int, ret: int, count: int = 1) -> None:
+    """mm_account_fault(): pgfault for every completed attempt (not RETRY); the faulting task's
+    (``current``'s) min_flt/maj_flt unless the fault failed. TRIED faults count as major."""
     if ret & VM_FAULT_RETRY:
         return
-    if task is None:
-        return
-    mm = task.mm
-    if mm is not None:
-        mm.kernel.vmstat.count("pgfault", count)
-    if ret & VM_FAULT_ERROR:
+    mm.kernel.vmstat.count("pgfault", count)
+    if ret & VM_FAULT_ERROR or task is None:
         return
     if ret & VM_FAULT_MAJOR or flags & FAULT_FLAG_TRIED:
         task.maj_flt += count
@@ -419,28 +416,29 @@ def handle_mm_fault(vma: VMA, address: int, flags: int, task: Task | None = None
     ``task`` is ``current`` for the accounting (pgfault, min_flt/maj_flt). Anonymous and shmem
     faults never block, so this never returns VM_FAULT_RETRY today; callers must still honour it.
     """
-    # sanitize_fault_flags()
+    flags, ret = sanitize_fault_flags(vma, flags)
+    if not ret:
+        ret = __handle_mm_fault(vma, address & PAGE_MASK, flags)
+    mm_account_fault(vma.mm, task, flags, ret)
+    return ret
+
+
+def sanitize_fault_flags(vma: VMA, flags: int) -> tuple[int, int]:
+    """sanitize_fault_flags(): the flags to use, or VM_FAULT_SIGSEGV for impossible ones."""
     if flags & FAULT_FLAG_UNSHARE:
         if flags & FAULT_FLAG_WRITE:
-            return VM_FAULT_SIGSEGV
+            return flags, VM_FAULT_SIGSEGV
         if not vma.is_cow_mapping():
             flags &= ~FAULT_FLAG_UNSHARE
     elif flags & FAULT_FLAG_WRITE:
         # Write faults need VM_MAYWRITE, and without VM_WRITE only COW mappings (FOLL_FORCE).
         if not vma.vm_flags & VM_MAYWRITE:
-            return VM_FAULT_SIGSEGV
+            return flags, VM_FAULT_SIGSEGV
         if not vma.vm_flags & VM_WRITE and not vma.is_cow_mapping():
-            return VM_FAULT_SIGSEGV
+            return flags, VM_FAULT_SIGSEGV
     if flags & FAULT_FLAG_TRIED and not flags & FAULT_FLAG_ALLOW_RETRY:
-        return VM_FAULT_SIGSEGV
-    ret = __handle_mm_fault(vma, address & PAGE_MASK, flags)
-    if task is not None and task.mm is vma.mm:
-        mm_account_fault(task, flags, ret)
-    elif task is not None:
-        vma.mm.kernel.vmstat.count("pgfault")
-        if not ret & (VM_FAULT_ERROR | VM_FAULT_RETRY):
-            task.min_flt += 1
-    return ret
+        return flags, VM_FAULT_SIGSEGV
+    return flags, 0
 
 
 # ---- unmapping -----------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def fault_in_range(
             none = np.flatnonzero(s == 0)
             if len(none):
                 n = do_anonymous_pages(vma, t, start & PMD_MASK, none + i0, write)
-                mm_account_fault(task, flags, 0, n)
+                mm_account_fault(mm, task, flags, 0, n)
                 if n < len(none):
                     return VM_FAULT_OOM, (start & PMD_MASK) + (int(none[n] + i0) << PAGE_SHIFT)
         need = np.flatnonzero((s & need_bits) != need_bits)
@@ -121,7 +121,7 @@ def fault_in_range(
             wp = need[(s[need] & _U64_P) != 0]
             if len(wp):
                 n, oom = do_wp_pages(vma, t, start & PMD_MASK, wp + i0)
-                mm_account_fault(task, flags, 0, n)
+                mm_account_fault(mm, task, flags, 0, n)
                 if oom >= 0:
                     return VM_FAULT_OOM, (start & PMD_MASK) + (oom << PAGE_SHIFT)
                 need = np.flatnonzero((s & need_bits) != need_bits)
