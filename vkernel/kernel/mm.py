@@ -114,6 +114,7 @@ class MmStruct:
         i = self._index(vma)
         del self.vmas[i]
         del self._ends[i]
+        vma.detached = True
         self.total_vm -= vma.size >> PAGE_SHIFT
         if vma.vm_flags & VM_LOCKED:
             self.locked_vm -= vma.size >> PAGE_SHIFT

@@ -473,23 +473,25 @@ async def sys_mprotect(task: Task, addr: int, length: int, prot: int) -> None:
     mm = _mm_of(task)
     async with mm.mmap_lock.write(task):
         mm.check_alive()
-        vmas = mm.vmas_in(addr, end)
-        if not vmas or vmas[0].vm_start > addr:
+        vma = mm.find_vma(addr)
+        if vma is None or vma.vm_start > addr:
             raise KernelError(errno.ENOMEM, "range not fully mapped", field="addr")
         newbits = calc_vm_prot_bits(prot)
-        tmp = vmas[0].vm_start
         nstart = addr
-        for vma in vmas:
-            if vma.vm_start != tmp:
-                raise KernelError(errno.ENOMEM, "range has a hole", field="addr")
+        while True:
             newflags = newbits | (vma.vm_flags & ~(VM_READ | VM_WRITE | VM_EXEC))
             if (newflags & ~(newflags >> 4)) & (VM_READ | VM_WRITE | VM_EXEC):
                 raise KernelError(errno.EACCES, "protection exceeds VM_MAY*", field="prot")
             tmp = min(vma.vm_end, end)
-            mprotect_fixup(mm, vma, max(nstart, vma.vm_start), tmp, newflags)
+            mprotect_fixup(mm, vma, nstart, tmp, newflags)
             nstart = tmp
-        if tmp < end:
-            raise KernelError(errno.ENOMEM, "range not fully mapped", field="length")
+            if nstart >= end:
+                break
+            # Look up afresh: the fixup may have split or merged VMAs around nstart.
+            nxt = mm.find_vma(nstart)
+            if nxt is None or nxt.vm_start > nstart:
+                raise KernelError(errno.ENOMEM, "range has a hole", field="length")
+            vma = nxt
 
 
 # ---- mremap --------------------------------------------------------------------------------------

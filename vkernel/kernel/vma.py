@@ -79,6 +79,8 @@ class VMA:
     anon_vma: AnonVma | None = None
     shmem: ShmemObject | None = None
     vm_page_prot: int = field(init=False)
+    detached: bool = field(default=False, init=False)
+    """Unlinked from its mm (vma_mark_detached): stale references must skip it."""
 
     def __post_init__(self) -> None:
         self.vm_page_prot = vm_get_page_prot(self.vm_flags)

@@ -325,3 +325,40 @@ async def test_lengths_wrap_like_unsigned_long(task: Task) -> None:
             await coro
         assert errname(ei.value) == err
     assert task.mm.vmas[0].vm_flags & PROT_WRITE
+
+
+@pytest.mark.parametrize("target", [PROT_READ, RW, PROT_NONE, PROT_READ | PROT_EXEC])
+async def test_mprotect_across_vmas_that_merge_while_walking(task: Task, target: int) -> None:
+    """§7 do_mprotect_pkey: VMAs merged or split by one step do not derail the walk; the span
+    ends fully covered with the new protection (VMAs with different anon_vmas stay apart, as
+    in Linux) and the data is kept."""
+    from vkernel.kernel.mm_api import read_user_bytes
+
+    base = 0x20000000
+    prots = [PROT_READ, RW, PROT_READ, PROT_NONE, RW, PROT_READ | PROT_EXEC]
+    for i, prot in enumerate(prots):
+        await sys_mmap(task, base + i * 4 * P, 4 * P, RW, ANON | MAP_FIXED)
+        await write_user(task, base + i * 4 * P, bytes([i + 1]) * P)
+        await sys_mprotect(task, base + i * 4 * P, 4 * P, prot)
+    await sys_mprotect(task, base, len(prots) * 4 * P, target)
+    vmas = task.mm.vmas
+    assert vmas[0].vm_start == base
+    assert vmas[-1].vm_end == base + len(prots) * 4 * P
+    assert all(v.vm_end == w.vm_start for v, w in zip(vmas, vmas[1:], strict=False))
+    assert all(v.vm_flags & 7 == target for v in vmas)
+    assert len(vmas) < len(prots)
+    if target & PROT_READ:
+        for i in range(len(prots)):
+            assert await read_user_bytes(task, base + i * 4 * P, 1) == bytes([i + 1])
+
+
+async def test_mprotect_when_a_step_absorbs_the_next_vma(task: Task) -> None:
+    """§7: mprotect(RW) of [R][RW][R]: the first step merges the RW neighbour into the first
+    VMA; the walk goes on from the merged end and the whole span becomes one RW VMA."""
+    base = 0x20000000
+    await sys_mmap(task, base, 4 * P, PROT_READ, ANON | MAP_FIXED)
+    await sys_mmap(task, base + 4 * P, 4 * P, RW, ANON | MAP_FIXED)
+    await sys_mmap(task, base + 8 * P, 4 * P, PROT_READ, ANON | MAP_FIXED)
+    assert len(task.mm.vmas) == 3
+    await sys_mprotect(task, base, 12 * P, RW)
+    assert [(v.vm_start, v.vm_end) for v in task.mm.vmas] == [(base, base + 12 * P)]
