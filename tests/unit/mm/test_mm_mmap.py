@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from tests.unit.mm.mmhelp import ANON, RW, SHARED_ANON, MakeKernel, MiB, P, errname, mmap_anon
@@ -344,7 +346,7 @@ async def test_mprotect_across_vmas_that_merge_while_walking(task: Task, target:
     vmas = task.mm.vmas
     assert vmas[0].vm_start == base
     assert vmas[-1].vm_end == base + len(prots) * 4 * P
-    assert all(v.vm_end == w.vm_start for v, w in zip(vmas, vmas[1:], strict=False))
+    assert all(v.vm_end == w.vm_start for v, w in itertools.pairwise(vmas))
     assert all(v.vm_flags & 7 == target for v in vmas)
     assert len(vmas) < len(prots)
     if target & PROT_READ:
