@@ -267,8 +267,19 @@ def _copy_out(mem: object, pfns: np.ndarray, off: int, n: int) -> memoryview:
     if len(pfns) == 1 or (int(pfns[-1]) - p0 == len(pfns) - 1 and bool((np.diff(pfns) == 1).all())):
         b = (p0 << PAGE_SHIFT) + off
         return memoryview(bytes(mem.mv[b : b + n]))
-    pages = mem.frames[pfns]
-    return memoryview(pages).cast("B")[off : off + n]
+    # One copy into one bytes object: join the runs of physically contiguous pages.
+    cuts = (np.flatnonzero(np.diff(pfns) != 1) + 1).tolist()
+    starts = [0, *cuts]
+    ends = [*cuts, len(pfns)]
+    mv = mem.mv
+    pieces = []
+    left = n
+    for i, j in zip(starts, ends, strict=True):
+        lo = (int(pfns[i]) << PAGE_SHIFT) + (off if i == 0 else 0)
+        hi = min((int(pfns[j - 1]) + 1) << PAGE_SHIFT, lo + left)
+        pieces.append(mv[lo:hi])
+        left -= hi - lo
+    return memoryview(b"".join(pieces))
 
 
 async def read_user(task: Task, addr: int, length: int) -> AsyncIterator[memoryview]:
