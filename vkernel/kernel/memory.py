@@ -39,10 +39,8 @@ from vkernel.kernel.uapi import (
     FAULT_FLAG_TRIED,
     FAULT_FLAG_UNSHARE,
     FAULT_FLAG_WRITE,
-    HPAGE_PMD_ORDER,
     PAGE_MASK,
     PAGE_SHIFT,
-    PAGE_SIZE,
     PMD_MASK,
     PMD_SIZE,
     PTRS_PER_TABLE,
@@ -571,13 +569,3 @@ def change_protection(vma: VMA, start: int, end: int) -> None:
             ok &= (old & np.uint64(_PAGE_SPECIAL)) == 0
             new[ok] |= np.uint64(_PAGE_RW)
         s[pm] = new
-
-
-def huge_block(pfn: int) -> int:
-    """The 2 MiB block index of a pfn (where entire_mapcount lives)."""
-    return pfn >> HPAGE_PMD_ORDER
-
-
-def vm_fault_pages(addr: int, end: int) -> int:
-    """Number of pages in [addr, end)."""
-    return (end - addr + PAGE_SIZE - 1) >> PAGE_SHIFT

@@ -171,11 +171,6 @@ def do_huge_pmd_wp_page(vma: VMA, slot: int, unshare: bool) -> int:
     return 0
 
 
-def pmd_table(mm: MmStruct, slot: int) -> int:
-    """The PTE table under a non-leaf PMD."""
-    return table_of(mm.mem.u64.item(slot))
-
-
 # ---- MADV_COLLAPSE (mm/khugepaged.c) -------------------------------------------------------------
 
 SCAN_SUCCEED = 1
