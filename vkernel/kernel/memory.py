@@ -549,7 +549,7 @@ def change_protection(vma: VMA, start: int, end: int) -> None:
             else:
                 ne = pte_modify(e, newprot) | _PAGE_PSE
                 head = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
-                if mem.is_huge_zero(head):
+                if mem.is_huge_zero(head) or e & _PAGE_UFFD_WP:
                     ne &= ~_PAGE_RW
                 elif try_writable and mem.flags[head] & PG_anon_exclusive and ne & _PAGE_PRESENT:
                     ne |= _PAGE_RW
@@ -566,6 +566,6 @@ def change_protection(vma: VMA, start: int, end: int) -> None:
         if try_writable and newprot & _PAGE_PRESENT:
             pfns = ((old & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
             ok = (mem.flags[pfns] & PG_anon_exclusive) != 0
-            ok &= (old & np.uint64(_PAGE_SPECIAL)) == 0
+            ok &= (old & np.uint64(_PAGE_SPECIAL | _PAGE_UFFD_WP)) == 0
             new[ok] |= np.uint64(_PAGE_RW)
         s[pm] = new
