@@ -89,6 +89,8 @@ class ServeConfig:
     """Seconds in-flight calls get on shutdown (--grace)."""
     session_timeout: float = 1.0
     """Seconds of keepalive silence after which a session ends (--session-timeout)."""
+    prefault: bool = True
+    """Back physical memory with host pages at boot, in the background (--no-prefault)."""
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -119,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, help="shutdown grace in seconds (VKERNEL_GRACE)")
     serve.add_argument(
         "--session-timeout", type=float, help="keepalive silence that ends a session, seconds"
+    )
+    serve.add_argument(
+        "--no-prefault",
+        action="store_true",
+        help="do not populate physical memory at boot (VKERNEL_NO_PREFAULT=1)",
     )
     return parser
 
@@ -180,4 +187,5 @@ def config_from_args(
         log_format=log_format,
         grace=grace,
         session_timeout=session_timeout,
+        prefault=not (args.no_prefault or _env(environ, "NO_PREFAULT") in ("1", "true", "yes")),
     )

@@ -129,6 +129,10 @@ async def serve(
             thp=cfg.thp,
         )
     )
+    if cfg.prefault:
+        # The host's first touch of a memfd page costs far more than a vkernel fault; pay it
+        # once, off the event loop, while the daemon already serves.
+        kernel.mem.prefault(background=True)
     sessions = SessionTable(kernel)
     inflight = InflightCalls()
     server = grpc.aio.server(
