@@ -161,8 +161,9 @@ def audit(kernel: Kernel) -> list[str]:
     flags = mem.flags
     free = (flags & PG_buddy) != 0
     zero = mem.zero_pfn
-    if mem.refcount[zero] != 1:
-        problems.append(f"zero page refcount {int(mem.refcount[zero])} != 1")
+    zero_refs = 1 + kernel.extra_refs.get(zero, 0)  # FOLL_GET references the zero page
+    if mem.refcount[zero] != zero_refs:
+        problems.append(f"zero page refcount {int(mem.refcount[zero])} != {zero_refs}")
     if zero_maps != mem.zero_maps:
         problems.append(f"zero page mapped {zero_maps} times, bookkeeping says {mem.zero_maps}")
     hz = mem.huge_zero_pfn
@@ -171,11 +172,12 @@ def audit(kernel: Kernel) -> list[str]:
             f"huge zero page mapped {huge_zero_maps} times, bookkeeping says {mem.huge_zero_maps}"
         )
     if hz >= 0:
-        if mem.refcount[hz] != 1:
-            problems.append(f"huge zero page refcount {int(mem.refcount[hz])} != 1")
+        hz_refs = 1 + kernel.extra_refs.get(hz, 0)  # GUP references/pins on the huge zero folio
+        if mem.refcount[hz] != hz_refs:
+            problems.append(f"huge zero page refcount {int(mem.refcount[hz])} != {hz_refs}")
         if mem.frames[hz : hz + HPAGE_PMD_NR].any():
             problems.append("the huge zero page has been written to")
-        exp_ref[hz] = 1
+        exp_ref[hz] = hz_refs
     if mem.frames[zero].any():
         problems.append("the shared zero page has been written to")
     exp_ref[zero] = mem.refcount[zero]

@@ -191,6 +191,9 @@ class PhysMem:
         # Weak: an anon_vma lives as long as a VMA refers to it; ids are never reused.
         self._mapping_objs: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._next_mapping = 1
+        self.memalloc_pin = False
+        """PF_MEMALLOC_PIN (memalloc_pin_save) for the synchronous section running: while a
+        FOLL_LONGTERM GUP faults or migrates, user allocations avoid the movable zone."""
         self.zero_maps = 0
         """How many PTEs map the shared zero page (vkernel bookkeeping for nr_zero_page)."""
 
@@ -317,7 +320,7 @@ class PhysMem:
 
     def _zones(self, movable: bool) -> list[Zone]:
         """The zones an allocation may use, in fallback order (GFP zonelist)."""
-        if movable and self.movable is not None:
+        if movable and self.movable is not None and not self.memalloc_pin:
             return [self.movable, self.normal]
         return [self.normal]
 
@@ -395,9 +398,10 @@ class PhysMem:
         return self.huge_zero_pfn
 
     def put_huge_zero_page(self, nmaps: int = 1) -> None:
-        """Drop PMD mappings of the huge zero folio; free it when none is left."""
+        """Drop PMD mappings of the huge zero folio; free it when none is left (nor GUP refs)."""
         self.huge_zero_maps -= nmaps
-        if self.huge_zero_maps == 0 and self.huge_zero_pfn >= 0:
+        hz = self.huge_zero_pfn
+        if self.huge_zero_maps == 0 and hz >= 0 and self.refcount[hz] == 1:
             head, self.huge_zero_pfn = self.huge_zero_pfn, -1
             self.free_huge(head)
 

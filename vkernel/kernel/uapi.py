@@ -215,6 +215,56 @@ VM_FAULT_ERROR = (
 # ---- GUP (A.5) ---------------------------------------------------------------------------------
 GUP_PIN_COUNTING_BIAS = 1 << 10
 
+# ---- enum foll_flags (include/linux/mm_types.h) and internal flags (mm/internal.h) ------------
+FOLL_WRITE = 1 << 0
+FOLL_GET = 1 << 1
+FOLL_DUMP = 1 << 2
+FOLL_FORCE = 1 << 3
+FOLL_NOWAIT = 1 << 4
+FOLL_NOFAULT = 1 << 5
+FOLL_HWPOISON = 1 << 6
+FOLL_ANON = 1 << 7
+FOLL_LONGTERM = 1 << 8
+FOLL_SPLIT_PMD = 1 << 9
+FOLL_PCI_P2PDMA = 1 << 10
+FOLL_INTERRUPTIBLE = 1 << 11
+FOLL_HONOR_NUMA_FAULT = 1 << 12
+FOLL_TOUCH = 1 << 16
+"""Internal: mark the page accessed (and dirty for WRITE)."""
+FOLL_TRIED = 1 << 17
+"""Internal: the single-page retry after mmap_lock was dropped."""
+FOLL_REMOTE = 1 << 18
+"""Internal: the mm is not current's."""
+FOLL_PIN = 1 << 19
+"""Internal: set only by the pin_user_pages*() wrappers."""
+FOLL_FAST_ONLY = 1 << 20
+"""Internal: GUP-fast must not fall back to the slow path."""
+FOLL_UNLOCKABLE = 1 << 21
+"""Internal: mmap_lock may be dropped (a ``locked`` pointer was given)."""
+FOLL_MADV_POPULATE = 1 << 22
+"""Internal: MADV_POPULATE_(READ|WRITE) error reporting."""
+INTERNAL_GUP_FLAGS = (
+    FOLL_TOUCH
+    | FOLL_TRIED
+    | FOLL_REMOTE
+    | FOLL_PIN
+    | FOLL_FAST_ONLY
+    | FOLL_UNLOCKABLE
+    | FOLL_MADV_POPULATE
+)
+FOLL_FAST_ALLOWED = (
+    FOLL_WRITE
+    | FOLL_LONGTERM
+    | FOLL_FORCE
+    | FOLL_PIN
+    | FOLL_GET
+    | FOLL_FAST_ONLY
+    | FOLL_NOFAULT
+    | FOLL_PCI_P2PDMA
+    | FOLL_HONOR_NUMA_FAULT
+)
+"""The only flags gup_fast_fallback() accepts; anything else is -EINVAL."""
+
 # ---- struct page flags (vkernel numbering; names as include/linux/page-flags.h) ---------------
 PG_locked = 1 << 0
 PG_writeback = 1 << 1
