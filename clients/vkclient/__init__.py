@@ -6,11 +6,13 @@
 
 Errors come back as the OSError subclass Python's os module would raise for the errno
 (ProcessLookupError for ESRCH, PermissionError for EPERM …). ``vkclient.sync`` offers the
-same calls without async. Linux's memory constants (PROT_READ, MAP_PRIVATE, MADV_DONTNEED,
+same calls without async; ``proc.pin()``/``proc.get()`` take GUP references as a driver
+does (``vkclient._gup``). Linux's memory constants (PROT_READ, MAP_PRIVATE, MADV_DONTNEED,
 the pagemap bits PM_PRESENT …) are importable from here too.
 """
 
-from vkclient import constants
+from vkclient import _gup, constants
+from vkclient._gup import *  # FOLL_*, Pages, DmaMemory, GupStream, HandleInfo
 from vkclient._kernel import (
     CAP_IPC_LOCK,
     CAP_SYS_PTRACE,
@@ -39,3 +41,4 @@ __all__ = [
     "constants",
 ]
 __all__ += constants.__all__
+__all__ += _gup.__all__

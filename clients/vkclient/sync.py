@@ -18,6 +18,50 @@ from vkclient import _kernel
 from vkclient._kernel import ProcessInfo, SystemInfo, WaitResult
 
 
+class _Proxy:
+    """An async SDK object driven from sync code: coroutine methods run on the portal."""
+
+    def __init__(self, portal: BlockingPortal, obj: Any) -> None:
+        self._portal = portal
+        self._obj = obj
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._obj, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._portal.call(lambda: attr(*args, **kwargs))
+
+        return call
+
+    def __len__(self) -> int:
+        return len(self._obj)
+
+    def __repr__(self) -> str:
+        return repr(self._obj)
+
+
+class _SyncGup:
+    """``with proc.pin(...) as pages`` (released on exit), or ``proc.pin(...).take()``."""
+
+    def __init__(self, portal: BlockingPortal, ctx: Any) -> None:
+        self._portal = portal
+        self._ctx = ctx
+
+    def take(self) -> _Proxy:
+        """Take the references without a with-block (release them yourself)."""
+        return _Proxy(self._portal, self._portal.call(self._ctx._take))
+
+    def __enter__(self) -> _Proxy:
+        return _Proxy(self._portal, self._portal.call(self._ctx.__aenter__))
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._portal.call(self._ctx.__aexit__, et, e, tb)
+
+
 class Process:
     """Synchronous twin of :class:`vkclient.Process`."""
 
@@ -42,6 +86,14 @@ class Process:
     def fork(self) -> Process:
         """fork(2)."""
         return Process(self._kernel, self._run(self._proc.fork))
+
+    def pin(self, addr: int, npages: int, **kwargs: Any) -> _SyncGup:
+        """pin_user_pages*(): ``with p.pin(addr, n, write=True) as pages``."""
+        return _SyncGup(self._kernel._portal, self._proc.pin(addr, npages, **kwargs))
+
+    def get(self, addr: int, npages: int, **kwargs: Any) -> _SyncGup:
+        """get_user_pages*(): ``with p.get(addr, n) as pages``."""
+        return _SyncGup(self._kernel._portal, self._proc.get(addr, npages, **kwargs))
 
     def __getattr__(self, name: str) -> Any:
         # Later capabilities (memory, uffd …) add async methods on the async Process; they
@@ -102,6 +154,15 @@ class Kernel:
         """The kernel's audit: the problems found (empty when clean)."""
         result: list[str] = self._portal.call(self._k.audit)
         return result
+
+    def handles(self) -> list[Any]:
+        """This session's GUP handles."""
+        result: list[Any] = self._portal.call(self._k.handles)
+        return result
+
+    def open_dma(self) -> Any:
+        """Map physical memory here (co-located drivers): a :class:`vkclient.DmaMemory`."""
+        return self._portal.call(self._k.open_dma)
 
     def spawn(self, name: str, **kwargs: Any) -> Process:
         """Spawn a process owned by this session."""

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from vkernel.api.rpc import note_pid, require_session
+from vkernel.grants import GrantTable
 from vkernel.kernel.cred import RLIM_INFINITY, Capability, Cred, Rlimit
 from vkernel.kernel.errors import KernelError, einval
 from vkernel.kernel.kernel import Kernel
@@ -64,9 +65,12 @@ def owned_task(kernel: Kernel, session: Session, pid: int) -> Task:
 class ProcessServicer(pb_grpc.ProcessServiceServicer):
     """Thin servicer over the kernel's task table."""
 
-    def __init__(self, kernel: Kernel, sessions: SessionTable) -> None:
+    def __init__(
+        self, kernel: Kernel, sessions: SessionTable, grants: GrantTable | None = None
+    ) -> None:
         self._kernel = kernel
         self._sessions = sessions
+        self._grants = grants if grants is not None else GrantTable()
 
     async def Spawn(
         self, request: pb.SpawnRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -129,3 +133,19 @@ class ProcessServicer(pb_grpc.ProcessServiceServicer):
             raise KernelError(errno.ENOSYS, "fork is not available in this kernel")
         child: Task = await fork(task)
         return pb.ForkResponse(child=task_info(child))
+
+    async def GrantAccess(
+        self, request: pb.GrantAccessRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GrantAccessResponse:
+        session = require_session(context, self._sessions)
+        task = owned_task(self._kernel, session, request.pid)
+        self._grants.grant(task, request.grantee_session_id)
+        return pb.GrantAccessResponse()
+
+    async def RevokeAccess(
+        self, request: pb.RevokeAccessRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RevokeAccessResponse:
+        session = require_session(context, self._sessions)
+        task = owned_task(self._kernel, session, request.pid)
+        self._grants.revoke(task, request.grantee_session_id)
+        return pb.RevokeAccessResponse()

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n vkernel/v1/process_service.proto\x12\nvkernel.v1\"H\n\x0b\x43redentials\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12,\n\x0c\x63\x61pabilities\x18\x02 \x03(\x0e\x32\x16.vkernel.v1.Capability\"[\n\x07Rlimits\x12\x15\n\x08\x61s_bytes\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rmemlock_bytes\x18\x02 \x01(\x04H\x01\x88\x01\x01\x42\x0b\n\t_as_bytesB\x10\n\x0e_memlock_bytes\"\xa6\x02\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04ppid\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.vkernel.v1.ProcessState\x12,\n\x0b\x63redentials\x18\x05 \x01(\x0b\x32\x17.vkernel.v1.Credentials\x12$\n\x07rlimits\x18\x06 \x01(\x0b\x32\x13.vkernel.v1.Rlimits\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x0f\n\x07min_flt\x18\x08 \x01(\x04\x12\x0f\n\x07maj_flt\x18\t \x01(\x04\x12\x11\n\trss_bytes\x18\n \x01(\x04\x12\x13\n\x0bvsize_bytes\x18\x0b \x01(\x04\x12\x13\n\x0b\x61ge_seconds\x18\x0c \x01(\x01\"p\n\x0cSpawnRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x17.vkernel.v1.Credentials\x12$\n\x07rlimits\x18\x03 \x01(\x0b\x32\x13.vkernel.v1.Rlimits\"9\n\rSpawnResponse\x12(\n\x07process\x18\x01 \x01(\x0b\x32\x17.vkernel.v1.ProcessInfo\",\n\x14ListProcessesRequest\x12\x14\n\x0c\x61ll_sessions\x18\x01 \x01(\x08\"C\n\x15ListProcessesResponse\x12*\n\tprocesses\x18\x01 \x03(\x0b\x32\x17.vkernel.v1.ProcessInfo\"*\n\x0bKillRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"\x0e\n\x0cKillResponse\"\x1a\n\x0bWaitRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"N\n\x0cWaitResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\x05\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06signal\x18\x04 \x01(\x05\"\x1a\n\x0b\x46orkRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"6\n\x0c\x46orkResponse\x12&\n\x05\x63hild\x18\x01 \x01(\x0b\x32\x17.vkernel.v1.ProcessInfo*d\n\nCapability\x12\x1a\n\x16\x43\x41PABILITY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43\x41PABILITY_CAP_IPC_LOCK\x10\x0e\x12\x1d\n\x19\x43\x41PABILITY_CAP_SYS_PTRACE\x10\x13*b\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\x01\x12\x18\n\x14PROCESS_STATE_ZOMBIE\x10\x02\x32\xd5\x02\n\x0eProcessService\x12<\n\x05Spawn\x12\x18.vkernel.v1.SpawnRequest\x1a\x19.vkernel.v1.SpawnResponse\x12T\n\rListProcesses\x12 .vkernel.v1.ListProcessesRequest\x1a!.vkernel.v1.ListProcessesResponse\x12\x39\n\x04Kill\x12\x17.vkernel.v1.KillRequest\x1a\x18.vkernel.v1.KillResponse\x12\x39\n\x04Wait\x12\x17.vkernel.v1.WaitRequest\x1a\x18.vkernel.v1.WaitResponse\x12\x39\n\x04\x46ork\x12\x17.vkernel.v1.ForkRequest\x1a\x18.vkernel.v1.ForkResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n vkernel/v1/process_service.proto\x12\nvkernel.v1\"H\n\x0b\x43redentials\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12,\n\x0c\x63\x61pabilities\x18\x02 \x03(\x0e\x32\x16.vkernel.v1.Capability\"[\n\x07Rlimits\x12\x15\n\x08\x61s_bytes\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rmemlock_bytes\x18\x02 \x01(\x04H\x01\x88\x01\x01\x42\x0b\n\t_as_bytesB\x10\n\x0e_memlock_bytes\"\xa6\x02\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04ppid\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.vkernel.v1.ProcessState\x12,\n\x0b\x63redentials\x18\x05 \x01(\x0b\x32\x17.vkernel.v1.Credentials\x12$\n\x07rlimits\x18\x06 \x01(\x0b\x32\x13.vkernel.v1.Rlimits\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x0f\n\x07min_flt\x18\x08 \x01(\x04\x12\x0f\n\x07maj_flt\x18\t \x01(\x04\x12\x11\n\trss_bytes\x18\n \x01(\x04\x12\x13\n\x0bvsize_bytes\x18\x0b \x01(\x04\x12\x13\n\x0b\x61ge_seconds\x18\x0c \x01(\x01\"p\n\x0cSpawnRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x17.vkernel.v1.Credentials\x12$\n\x07rlimits\x18\x03 \x01(\x0b\x32\x13.vkernel.v1.Rlimits\"9\n\rSpawnResponse\x12(\n\x07process\x18\x01 \x01(\x0b\x32\x17.vkernel.v1.ProcessInfo\",\n\x14ListProcessesRequest\x12\x14\n\x0c\x61ll_sessions\x18\x01 \x01(\x08\"C\n\x15ListProcessesResponse\x12*\n\tprocesses\x18\x01 \x03(\x0b\x32\x17.vkernel.v1.ProcessInfo\"*\n\x0bKillRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"\x0e\n\x0cKillResponse\"\x1a\n\x0bWaitRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"N\n\x0cWaitResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\x05\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06signal\x18\x04 \x01(\x05\"\x1a\n\x0b\x46orkRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"6\n\x0c\x46orkResponse\x12&\n\x05\x63hild\x18\x01 \x01(\x0b\x32\x17.vkernel.v1.ProcessInfo\"=\n\x12GrantAccessRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x1a\n\x12grantee_session_id\x18\x02 \x01(\t\"\x15\n\x13GrantAccessResponse\">\n\x13RevokeAccessRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x1a\n\x12grantee_session_id\x18\x02 \x01(\t\"\x16\n\x14RevokeAccessResponse*d\n\nCapability\x12\x1a\n\x16\x43\x41PABILITY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43\x41PABILITY_CAP_IPC_LOCK\x10\x0e\x12\x1d\n\x19\x43\x41PABILITY_CAP_SYS_PTRACE\x10\x13*b\n\x0cProcessState\x12\x1d\n\x19PROCESS_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROCESS_STATE_RUNNING\x10\x01\x12\x18\n\x14PROCESS_STATE_ZOMBIE\x10\x02\x32\xf8\x03\n\x0eProcessService\x12<\n\x05Spawn\x12\x18.vkernel.v1.SpawnRequest\x1a\x19.vkernel.v1.SpawnResponse\x12T\n\rListProcesses\x12 .vkernel.v1.ListProcessesRequest\x1a!.vkernel.v1.ListProcessesResponse\x12\x39\n\x04Kill\x12\x17.vkernel.v1.KillRequest\x1a\x18.vkernel.v1.KillResponse\x12\x39\n\x04Wait\x12\x17.vkernel.v1.WaitRequest\x1a\x18.vkernel.v1.WaitResponse\x12\x39\n\x04\x46ork\x12\x17.vkernel.v1.ForkRequest\x1a\x18.vkernel.v1.ForkResponse\x12N\n\x0bGrantAccess\x12\x1e.vkernel.v1.GrantAccessRequest\x1a\x1f.vkernel.v1.GrantAccessResponse\x12Q\n\x0cRevokeAccess\x12\x1f.vkernel.v1.RevokeAccessRequest\x1a .vkernel.v1.RevokeAccessResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vkernel.v1.process_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAPABILITY']._serialized_start=1052
-  _globals['_CAPABILITY']._serialized_end=1152
-  _globals['_PROCESSSTATE']._serialized_start=1154
-  _globals['_PROCESSSTATE']._serialized_end=1252
+  _globals['_CAPABILITY']._serialized_start=1226
+  _globals['_CAPABILITY']._serialized_end=1326
+  _globals['_PROCESSSTATE']._serialized_start=1328
+  _globals['_PROCESSSTATE']._serialized_end=1426
   _globals['_CREDENTIALS']._serialized_start=48
   _globals['_CREDENTIALS']._serialized_end=120
   _globals['_RLIMITS']._serialized_start=122
@@ -61,6 +61,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORKREQUEST']._serialized_end=994
   _globals['_FORKRESPONSE']._serialized_start=996
   _globals['_FORKRESPONSE']._serialized_end=1050
-  _globals['_PROCESSSERVICE']._serialized_start=1255
-  _globals['_PROCESSSERVICE']._serialized_end=1596
+  _globals['_GRANTACCESSREQUEST']._serialized_start=1052
+  _globals['_GRANTACCESSREQUEST']._serialized_end=1113
+  _globals['_GRANTACCESSRESPONSE']._serialized_start=1115
+  _globals['_GRANTACCESSRESPONSE']._serialized_end=1136
+  _globals['_REVOKEACCESSREQUEST']._serialized_start=1138
+  _globals['_REVOKEACCESSREQUEST']._serialized_end=1200
+  _globals['_REVOKEACCESSRESPONSE']._serialized_start=1202
+  _globals['_REVOKEACCESSRESPONSE']._serialized_end=1224
+  _globals['_PROCESSSERVICE']._serialized_start=1429
+  _globals['_PROCESSSERVICE']._serialized_end=1933
 # @@protoc_insertion_point(module_scope)

@@ -446,3 +446,89 @@ class ForkResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForkResponse: _TypeAlias = ForkResponse  # noqa: Y015
+
+@_typing.final
+class GrantAccessRequest(_message.Message):
+    """GrantAccessRequest names the process and the session that may act on it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    GRANTEE_SESSION_ID_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    """One of the caller's processes."""
+    grantee_session_id: _builtins.str
+    """The session id (as OpenSessionResponse.session_id) of the grantee."""
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        grantee_session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grantee_session_id", b"grantee_session_id", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantAccessRequest: _TypeAlias = GrantAccessRequest  # noqa: Y015
+
+@_typing.final
+class GrantAccessResponse(_message.Message):
+    """GrantAccessResponse is empty: success is the answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantAccessResponse: _TypeAlias = GrantAccessResponse  # noqa: Y015
+
+@_typing.final
+class RevokeAccessRequest(_message.Message):
+    """RevokeAccessRequest names the grant to withdraw."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    GRANTEE_SESSION_ID_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    """One of the caller's processes."""
+    grantee_session_id: _builtins.str
+    """The grantee's session id."""
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        grantee_session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grantee_session_id", b"grantee_session_id", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAccessRequest: _TypeAlias = RevokeAccessRequest  # noqa: Y015
+
+@_typing.final
+class RevokeAccessResponse(_message.Message):
+    """RevokeAccessResponse is empty: success is the answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAccessResponse: _TypeAlias = RevokeAccessResponse  # noqa: Y015

@@ -60,6 +60,16 @@ class ProcessServiceStub:
                 request_serializer=vkernel_dot_v1_dot_process__service__pb2.ForkRequest.SerializeToString,
                 response_deserializer=vkernel_dot_v1_dot_process__service__pb2.ForkResponse.FromString,
                 _registered_method=True)
+        self.GrantAccess = channel.unary_unary(
+                '/vkernel.v1.ProcessService/GrantAccess',
+                request_serializer=vkernel_dot_v1_dot_process__service__pb2.GrantAccessRequest.SerializeToString,
+                response_deserializer=vkernel_dot_v1_dot_process__service__pb2.GrantAccessResponse.FromString,
+                _registered_method=True)
+        self.RevokeAccess = channel.unary_unary(
+                '/vkernel.v1.ProcessService/RevokeAccess',
+                request_serializer=vkernel_dot_v1_dot_process__service__pb2.RevokeAccessRequest.SerializeToString,
+                response_deserializer=vkernel_dot_v1_dot_process__service__pb2.RevokeAccessResponse.FromString,
+                _registered_method=True)
 
 
 class ProcessServiceServicer:
@@ -101,6 +111,23 @@ class ProcessServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantAccess(self, request, context):
+        """GrantAccess lets another session act on one of the caller's processes as a driver (GUP,
+        pins, DMA), the way Linux needs an fd passed over a socket or ptrace permission. Only the
+        owning session may grant. The grant ends with RevokeAccess, the process's exit or the
+        grantee session's end; references already taken stay held until released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAccess(self, request, context):
+        """RevokeAccess withdraws a grant; ENOENT if there was none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProcessServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +155,16 @@ def add_ProcessServiceServicer_to_server(servicer, server):
                     servicer.Fork,
                     request_deserializer=vkernel_dot_v1_dot_process__service__pb2.ForkRequest.FromString,
                     response_serializer=vkernel_dot_v1_dot_process__service__pb2.ForkResponse.SerializeToString,
+            ),
+            'GrantAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantAccess,
+                    request_deserializer=vkernel_dot_v1_dot_process__service__pb2.GrantAccessRequest.FromString,
+                    response_serializer=vkernel_dot_v1_dot_process__service__pb2.GrantAccessResponse.SerializeToString,
+            ),
+            'RevokeAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAccess,
+                    request_deserializer=vkernel_dot_v1_dot_process__service__pb2.RevokeAccessRequest.FromString,
+                    response_serializer=vkernel_dot_v1_dot_process__service__pb2.RevokeAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +303,60 @@ class ProcessService:
             '/vkernel.v1.ProcessService/Fork',
             vkernel_dot_v1_dot_process__service__pb2.ForkRequest.SerializeToString,
             vkernel_dot_v1_dot_process__service__pb2.ForkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vkernel.v1.ProcessService/GrantAccess',
+            vkernel_dot_v1_dot_process__service__pb2.GrantAccessRequest.SerializeToString,
+            vkernel_dot_v1_dot_process__service__pb2.GrantAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vkernel.v1.ProcessService/RevokeAccess',
+            vkernel_dot_v1_dot_process__service__pb2.RevokeAccessRequest.SerializeToString,
+            vkernel_dot_v1_dot_process__service__pb2.RevokeAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,14 @@ class ProcessServiceStub:
     """Wait blocks until one of the session's processes exits and reaps it, like waitpid(2)."""
     Fork: _grpc.UnaryUnaryMultiCallable[_process_service_pb2.ForkRequest, _process_service_pb2.ForkResponse]
     """Fork duplicates a process with copy-on-write memory, like fork(2)."""
+    GrantAccess: _grpc.UnaryUnaryMultiCallable[_process_service_pb2.GrantAccessRequest, _process_service_pb2.GrantAccessResponse]
+    """GrantAccess lets another session act on one of the caller's processes as a driver (GUP,
+    pins, DMA), the way Linux needs an fd passed over a socket or ptrace permission. Only the
+    owning session may grant. The grant ends with RevokeAccess, the process's exit or the
+    grantee session's end; references already taken stay held until released.
+    """
+    RevokeAccess: _grpc.UnaryUnaryMultiCallable[_process_service_pb2.RevokeAccessRequest, _process_service_pb2.RevokeAccessResponse]
+    """RevokeAccess withdraws a grant; ENOENT if there was none."""
 
 @_typing.type_check_only
 class ProcessServiceAsyncStub(ProcessServiceStub):
@@ -59,6 +67,14 @@ class ProcessServiceAsyncStub(ProcessServiceStub):
     """Wait blocks until one of the session's processes exits and reaps it, like waitpid(2)."""
     Fork: _aio.UnaryUnaryMultiCallable[_process_service_pb2.ForkRequest, _process_service_pb2.ForkResponse]  # type: ignore[assignment]
     """Fork duplicates a process with copy-on-write memory, like fork(2)."""
+    GrantAccess: _aio.UnaryUnaryMultiCallable[_process_service_pb2.GrantAccessRequest, _process_service_pb2.GrantAccessResponse]  # type: ignore[assignment]
+    """GrantAccess lets another session act on one of the caller's processes as a driver (GUP,
+    pins, DMA), the way Linux needs an fd passed over a socket or ptrace permission. Only the
+    owning session may grant. The grant ends with RevokeAccess, the process's exit or the
+    grantee session's end; references already taken stay held until released.
+    """
+    RevokeAccess: _aio.UnaryUnaryMultiCallable[_process_service_pb2.RevokeAccessRequest, _process_service_pb2.RevokeAccessResponse]  # type: ignore[assignment]
+    """RevokeAccess withdraws a grant; ENOENT if there was none."""
 
 class ProcessServiceServicer(metaclass=_abc_1.ABCMeta):
     """ProcessService manages the calling session's processes."""
@@ -102,5 +118,25 @@ class ProcessServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_process_service_pb2.ForkResponse, _abc.Awaitable[_process_service_pb2.ForkResponse]]:
         """Fork duplicates a process with copy-on-write memory, like fork(2)."""
+
+    @_abc_1.abstractmethod
+    def GrantAccess(
+        self,
+        request: _process_service_pb2.GrantAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_process_service_pb2.GrantAccessResponse, _abc.Awaitable[_process_service_pb2.GrantAccessResponse]]:
+        """GrantAccess lets another session act on one of the caller's processes as a driver (GUP,
+        pins, DMA), the way Linux needs an fd passed over a socket or ptrace permission. Only the
+        owning session may grant. The grant ends with RevokeAccess, the process's exit or the
+        grantee session's end; references already taken stay held until released.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeAccess(
+        self,
+        request: _process_service_pb2.RevokeAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_process_service_pb2.RevokeAccessResponse, _abc.Awaitable[_process_service_pb2.RevokeAccessResponse]]:
+        """RevokeAccess withdraws a grant; ENOENT if there was none."""
 
 def add_ProcessServiceServicer_to_server(servicer: ProcessServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
