@@ -23,28 +23,104 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from vkernel.kernel import thp
+from vkernel.kernel.cred import Capability
+from vkernel.kernel.errors import KernelError
+from vkernel.kernel.memory import handle_mm_fault
+from vkernel.kernel.pgtable import (
+    U64_PFN_MASK,
+    U64_PRESENT,
+    U64_SHIFT,
+    pmd_slot,
+    table_of,
+    walk_pmds,
+)
 from vkernel.kernel.uapi import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PFN_MASK,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SPECIAL,
+    _PAGE_UFFD_WP,
+    EHWPOISON,
+    FAULT_FLAG_ALLOW_RETRY,
+    FAULT_FLAG_INTERRUPTIBLE,
+    FAULT_FLAG_KILLABLE,
+    FAULT_FLAG_REMOTE,
+    FAULT_FLAG_RETRY_NOWAIT,
+    FAULT_FLAG_TRIED,
+    FAULT_FLAG_UNSHARE,
+    FAULT_FLAG_WRITE,
+    FOLL_ANON,
+    FOLL_DUMP,
+    FOLL_FORCE,
     FOLL_GET,
+    FOLL_HONOR_NUMA_FAULT,
+    FOLL_HWPOISON,
+    FOLL_INTERRUPTIBLE,
     FOLL_LONGTERM,
+    FOLL_MADV_POPULATE,
+    FOLL_NOFAULT,
+    FOLL_NOWAIT,
     FOLL_PCI_P2PDMA,
     FOLL_PIN,
+    FOLL_REMOTE,
+    FOLL_SPLIT_PMD,
+    FOLL_TOUCH,
+    FOLL_TRIED,
     FOLL_UNLOCKABLE,
     FOLL_WRITE,
     GUP_PIN_COUNTING_BIAS,
+    HPAGE_PMD_NR,
+    HPAGE_PMD_ORDER,
     INTERNAL_GUP_FLAGS,
+    MMF_HAS_PINNED,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_MASK,
+    PTRS_PER_TABLE,
+    VM_FAULT_COMPLETED,
+    VM_FAULT_ERROR,
+    VM_FAULT_HWPOISON,
+    VM_FAULT_HWPOISON_LARGE,
+    VM_FAULT_OOM,
+    VM_FAULT_RETRY,
+    VM_FAULT_SIGBUS,
+    VM_FAULT_SIGSEGV,
+    VM_IO,
+    VM_MAYREAD,
+    VM_MAYSHARE,
+    VM_MAYWRITE,
+    VM_PFNMAP,
+    VM_READ,
+    VM_SHARED,
+    VM_SOFTDIRTY,
+    VM_UFFD_WP,
+    VM_WRITE,
     PG_anon,
     PG_anon_exclusive,
+    PG_buddy,
     PG_dirty,
+    PG_movable_zone,
+    PG_referenced,
 )
+from vkernel.kernel.vma import AnonVma, ShmemObject
 
 if TYPE_CHECKING:
     from vkernel.kernel.kernel import Kernel
+    from vkernel.kernel.mm import MmStruct
     from vkernel.kernel.physmem import PhysMem
+    from vkernel.kernel.task import Task
     from vkernel.kernel.vma import VMA
 
 PageArray = npt.NDArray[np.int64]
 INT32_MAX = (1 << 31) - 1
 """The largest value the 32-bit _refcount can hold (atomic_t)."""
+_ANON_EXCL = PG_anon | PG_anon_exclusive
 
 
 class Locked:
@@ -295,3 +371,770 @@ def put_user_pages_dirty(kernel: Kernel, pages: PageArray, npages: int) -> None:
 def put_user_pages_dirty_lock(kernel: Kernel, pages: PageArray, npages: int) -> None:
     """put_user_pages_dirty_lock() (2019 seed): unpin_user_pages_dirty_lock(make_dirty=True)."""
     unpin_user_pages_dirty_lock(kernel, pages, npages, True)
+
+
+# ---- pinned_vm (RLIMIT_MEMLOCK), charged by the pinning subsystem ---------------------------------
+
+
+def account_pinned_vm(mm: MmStruct, npages: int, task: Task | None) -> int:
+    """ib_umem_get()'s charge: ``mm->pinned_vm += npages`` unless it passes RLIMIT_MEMLOCK.
+
+    Returns 0, or -ENOMEM (nothing charged) when the new total exceeds ``task``'s
+    RLIMIT_MEMLOCK and ``task`` lacks CAP_IPC_LOCK. ``task`` None (the kernel) has no limit.
+    """
+    new = mm.pinned_vm + npages
+    if task is not None and not task.cred.capable(Capability.CAP_IPC_LOCK):
+        lock_limit = task.rlimit_memlock >> PAGE_SHIFT
+        if new > lock_limit:
+            return -errno.ENOMEM
+    mm.pinned_vm = new
+    return 0
+
+
+def unaccount_pinned_vm(mm: MmStruct, npages: int) -> None:
+    """ib_umem_release()'s uncharge: ``mm->pinned_vm -= npages``."""
+    mm.pinned_vm = max(0, mm.pinned_vm - npages)
+
+
+# ---- the page-table walk (follow_page_mask) -------------------------------------------------------
+
+
+class FollowPageContext:
+    """struct follow_page_context: ``page_mask`` is HPAGE_PMD_NR-1 after a PMD leaf, else 0."""
+
+    __slots__ = ("page_mask",)
+
+    def __init__(self) -> None:
+        self.page_mask = 0
+
+
+def no_page_table(vma: VMA, flags: int) -> int | None:
+    """no_page_table(): NULL (fault it in), or -EFAULT for a FOLL_DUMP hole in anon memory."""
+    if flags & FOLL_DUMP and vma.is_anonymous():
+        return -errno.EFAULT
+    return None
+
+
+def gup_can_follow_protnone(vma: VMA, flags: int) -> bool:
+    """gup_can_follow_protnone(): follow PROT_NONE entries unless FOLL_HONOR_NUMA_FAULT."""
+    if not flags & FOLL_HONOR_NUMA_FAULT:
+        return True
+    return not vma.is_accessible()
+
+
+def _can_follow_forced_write(entry: int, pfn: int, vma: VMA, flags: int) -> bool:
+    """The FOLL_FORCE half of can_follow_write_pte()/can_follow_write_pmd() (A.1)."""
+    if not flags & FOLL_FORCE:
+        return False
+    vf = vma.vm_flags
+    if vf & (VM_MAYSHARE | VM_SHARED) or not vf & VM_MAYWRITE or vf & VM_WRITE:
+        return False
+    mem = vma.mm.mem
+    if pfn < 0 or (int(mem.flags[pfn]) & _ANON_EXCL) != _ANON_EXCL:
+        return False
+    if not vf & VM_SOFTDIRTY and not entry & _PAGE_SOFT_DIRTY:
+        return False  # vma_soft_dirty_enabled() and the PTE is not soft-dirty yet
+    return not (vf & VM_UFFD_WP and entry & _PAGE_UFFD_WP)
+
+
+def can_follow_write_pte(pte: int, pfn: int, vma: VMA, flags: int) -> bool:
+    """can_follow_write_pte(): writable, or FOLL_FORCE on an exclusive anon page (COW broken)."""
+    return bool(pte & _PAGE_RW) or _can_follow_forced_write(pte, pfn, vma, flags)
+
+
+def can_follow_write_pmd(pmd: int, head: int, vma: VMA, flags: int) -> bool:
+    """can_follow_write_pmd(): the PMD-leaf counterpart of can_follow_write_pte()."""
+    return bool(pmd & _PAGE_RW) or _can_follow_forced_write(pmd, head, vma, flags)
+
+
+def follow_page_pte(vma: VMA, address: int, slot: int, flags: int) -> int | None:
+    """follow_page_pte(): the page at one PTE slot, grabbed per ``flags``; None = fault needed.
+
+    Negative results are errnos: -EFAULT (FOLL_DUMP on a special page), -EEXIST (a pfn without
+    a struct page), -EMLINK (must unshare first) or a try_grab_folio() failure.
+    """
+    mm = vma.mm
+    mem = mm.mem
+    u = mem.u64
+    pte = u.item(slot)
+    if not pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
+        return None if pte else no_page_table(vma, flags)
+    if not pte & _PAGE_PRESENT and not gup_can_follow_protnone(vma, flags):
+        return None
+    pfn = (pte & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    page = -1 if pte & _PAGE_SPECIAL else pfn  # vm_normal_page()
+    if flags & FOLL_WRITE and not can_follow_write_pte(pte, page, vma, flags):
+        return None
+    if page < 0:
+        if flags & FOLL_DUMP:
+            return -errno.EFAULT
+        if pfn == mem.zero_pfn:
+            page = pfn
+        else:
+            # follow_pfn_pte(): touch the entry; no struct page to return.
+            if flags & FOLL_TOUCH:
+                u[slot] = pte | _PAGE_ACCESSED | (_PAGE_DIRTY if flags & FOLL_WRITE else 0)
+            return -errno.EEXIST
+    if not pte & _PAGE_RW and gup_must_unshare(vma, flags, page, mem):
+        return -errno.EMLINK
+    head = mem.compound_head(page)
+    if flags & (FOLL_GET | FOLL_PIN):
+        ret = try_grab_folio(mm.kernel, head, 1, flags)
+        if ret:
+            return ret
+    if flags & FOLL_TOUCH and page != mem.zero_pfn:
+        f = int(mem.flags[head])
+        if flags & FOLL_WRITE and not pte & _PAGE_DIRTY and not f & PG_dirty:
+            f |= PG_dirty  # folio_mark_dirty()
+        mem.flags[head] = f | PG_referenced  # folio_mark_accessed()
+    return page
+
+
+def follow_huge_pmd(
+    vma: VMA, address: int, slot: int, flags: int, ctx: FollowPageContext
+) -> int | None:
+    """follow_huge_pmd(): the subpage of a PMD-mapped THP (A.12); page_mask covers the rest."""
+    mm = vma.mm
+    mem = mm.mem
+    u = mem.u64
+    pmd = u.item(slot)
+    head = (pmd & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    if flags & FOLL_WRITE and not can_follow_write_pmd(pmd, head, vma, flags):
+        return None
+    if flags & FOLL_DUMP and mem.is_huge_zero(head):
+        return -errno.EFAULT
+    if not pmd & _PAGE_PRESENT and not gup_can_follow_protnone(vma, flags):
+        return None
+    if not pmd & _PAGE_RW and gup_must_unshare(vma, flags, head, mem):
+        return -errno.EMLINK
+    if flags & (FOLL_GET | FOLL_PIN):
+        ret = try_grab_folio(mm.kernel, head, 1, flags)
+        if ret:
+            return ret
+    if flags & FOLL_TOUCH and not mem.is_huge_zero(head):
+        # touch_pmd()
+        u[slot] = (
+            pmd | _PAGE_ACCESSED | (_PAGE_DIRTY | _PAGE_SOFT_DIRTY if flags & FOLL_WRITE else 0)
+        )
+    ctx.page_mask = HPAGE_PMD_NR - 1
+    return head + ((address & ~PMD_MASK) >> PAGE_SHIFT)
+
+
+def follow_page_mask(vma: VMA, address: int, flags: int, ctx: FollowPageContext) -> int | None:
+    """follow_page_mask(): walk to the PTE or PMD leaf of ``address`` and grab the page.
+
+    Returns the pfn, None when a fault is needed, or a negative errno (see follow_page_pte).
+    """
+    ctx.page_mask = 0
+    if (flags & (FOLL_PIN | FOLL_GET)) == (FOLL_PIN | FOLL_GET):
+        return -errno.EINVAL
+    mm = vma.mm
+    u = mm.mem.u64
+    slot = pmd_slot(mm, address)
+    if slot < 0:
+        return no_page_table(vma, flags)
+    e = u.item(slot)
+    if not e:
+        return no_page_table(vma, flags)
+    if not e & _PAGE_PSE:
+        return follow_page_pte(vma, address, _pte_slot(e, address), flags)
+    if not e & (_PAGE_PRESENT | _PAGE_PROTNONE):
+        return no_page_table(vma, flags)
+    if not e & _PAGE_PRESENT and not gup_can_follow_protnone(vma, flags):
+        return no_page_table(vma, flags)
+    if flags & FOLL_SPLIT_PMD:
+        thp.split_huge_pmd(mm, slot)
+        e = u.item(slot)
+        return follow_page_pte(vma, address, _pte_slot(e, address), flags)
+    return follow_huge_pmd(vma, address, slot, flags, ctx)
+
+
+def _pte_slot(pmd: int, address: int) -> int:
+    """pte_offset_map(): the u64 slot of ``address``'s PTE in the table ``pmd`` points to."""
+    return table_of(pmd) * PTRS_PER_TABLE + ((address >> PAGE_SHIFT) & 511)
+
+
+# ---- VMA checks and faulting ----------------------------------------------------------------------
+
+
+def vma_needs_dirty_tracking(vma: VMA) -> bool:
+    """vma_needs_dirty_tracking(): shared writable file mappings with writenotify (none yet)."""
+    return False
+
+
+def writable_file_mapping_allowed(vma: VMA, gup_flags: int) -> bool:
+    """writable_file_mapping_allowed(): no writable LONGTERM pins of dirty-tracked files (A.6)."""
+    if (gup_flags & (FOLL_PIN | FOLL_LONGTERM)) != (FOLL_PIN | FOLL_LONGTERM):
+        return True
+    return not vma_needs_dirty_tracking(vma)
+
+
+def check_vma_flags(vma: VMA, gup_flags: int) -> int:
+    """check_vma_flags(): 0 or -errno for a GUP of ``vma`` with ``gup_flags`` (A.1, A.3)."""
+    vm_flags = vma.vm_flags
+    write = gup_flags & FOLL_WRITE
+    vma_anon = vma.is_anonymous()
+    if vm_flags & (VM_IO | VM_PFNMAP):
+        return -errno.EFAULT
+    if gup_flags & FOLL_ANON and not vma_anon:
+        return -errno.EFAULT
+    if write:
+        if not vma_anon and not writable_file_mapping_allowed(vma, gup_flags):
+            return -errno.EFAULT
+        if not vm_flags & VM_WRITE:
+            if not gup_flags & FOLL_FORCE:
+                return -errno.EFAULT
+            if not vma.is_cow_mapping():
+                return -errno.EFAULT
+    elif not vm_flags & VM_READ:
+        if not gup_flags & FOLL_FORCE:
+            return -errno.EFAULT
+        if not vm_flags & VM_MAYREAD:
+            return -errno.EFAULT
+    return 0
+
+
+def vm_fault_to_errno(vm_fault: int, foll_flags: int) -> int:
+    """vm_fault_to_errno(): OOM → -ENOMEM; poison → -EHWPOISON/-EFAULT; SIGBUS/SEGV → -EFAULT."""
+    if vm_fault & VM_FAULT_OOM:
+        return -errno.ENOMEM
+    if vm_fault & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
+        return -EHWPOISON if foll_flags & FOLL_HWPOISON else -errno.EFAULT
+    if vm_fault & (VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV):
+        return -errno.EFAULT
+    return 0
+
+
+def faultin_page(
+    vma: VMA, address: int, flags: int, unshare: bool, locked: Locked, current: Task | None
+) -> int:
+    """faultin_page(): fault one page for GUP; 0, -EBUSY (RETRY), -EAGAIN (COMPLETED) or -errno.
+
+    RETRY without RETRY_NOWAIT and COMPLETED mean the handler dropped mmap_lock: ``locked``
+    becomes 0.
+    """
+    if flags & FOLL_NOFAULT:
+        return -errno.EFAULT
+    fault_flags = 0
+    if flags & FOLL_WRITE:
+        fault_flags |= FAULT_FLAG_WRITE
+    if flags & FOLL_REMOTE:
+        fault_flags |= FAULT_FLAG_REMOTE
+    if flags & FOLL_UNLOCKABLE:
+        fault_flags |= FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_KILLABLE
+        if flags & FOLL_INTERRUPTIBLE:
+            fault_flags |= FAULT_FLAG_INTERRUPTIBLE
+    if flags & FOLL_NOWAIT:
+        fault_flags |= FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_RETRY_NOWAIT
+    if flags & FOLL_TRIED:
+        fault_flags |= FAULT_FLAG_TRIED
+    if unshare:
+        fault_flags |= FAULT_FLAG_UNSHARE
+    ret = handle_mm_fault(vma, address, fault_flags, current)
+    if ret & VM_FAULT_COMPLETED:
+        locked.value = 0
+        return -errno.EAGAIN
+    if ret & VM_FAULT_ERROR:
+        return vm_fault_to_errno(ret, flags) or -errno.EFAULT
+    if ret & VM_FAULT_RETRY:
+        if not fault_flags & FAULT_FLAG_RETRY_NOWAIT:
+            locked.value = 0
+        return -errno.EBUSY
+    return 0
+
+
+def _fatal(current: Task | None) -> bool:
+    """fatal_signal_pending(current)."""
+    return current is not None and current.fatal_signal_pending()
+
+
+def __get_user_pages(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    gup_flags: int,
+    pages: PageArray | None,
+    off: int,
+    locked: Locked,
+    current: Task | None,
+) -> int:
+    """__get_user_pages(): the per-page loop under mmap_lock (A.3); fills pages[off:off+ret].
+
+    Returns the pages processed, or a negative errno if none was; 0 when a fault dropped the
+    lock (``locked`` 0) or had to wait under FOLL_NOWAIT.
+    """
+    if not nr_pages:
+        return 0
+    mem = mm.mem
+    kernel = mm.kernel
+    i = 0
+    ret = 0
+    vma: VMA | None = None
+    ctx = FollowPageContext()
+    got = 0
+    saved_pin = mem.memalloc_pin
+    if gup_flags & FOLL_LONGTERM:
+        mem.memalloc_pin = True  # memalloc_pin_save(): faults allocate outside ZONE_MOVABLE
+    try:
+        while nr_pages:
+            if vma is None or start >= vma.vm_end:
+                if gup_flags & FOLL_MADV_POPULATE:
+                    vma = mm.vma_lookup(start)
+                    if vma is None:
+                        ret = -errno.ENOMEM
+                        break
+                    if check_vma_flags(vma, gup_flags):
+                        ret = -errno.EINVAL
+                        break
+                else:
+                    vma = mm.vma_lookup(start)  # gup_vma_lookup(): never expands the stack
+                    if vma is None:
+                        ret = -errno.EFAULT
+                        break
+                    ret = check_vma_flags(vma, gup_flags)
+                    if ret:
+                        break
+            while True:  # retry:
+                if _fatal(current):
+                    ret = -errno.EINTR
+                    break
+                page = follow_page_mask(vma, start, gup_flags, ctx)
+                if page is None or page == -errno.EMLINK:
+                    ret = faultin_page(
+                        vma, start, gup_flags, page == -errno.EMLINK, locked, current
+                    )
+                    if ret == 0:
+                        continue
+                    if ret in (-errno.EBUSY, -errno.EAGAIN):
+                        ret = 0
+                    break
+                if page == -errno.EEXIST:
+                    if pages is not None:
+                        ret = page
+                        break
+                elif page < 0:
+                    ret = page
+                    break
+                assert page is not None
+                got = page
+                ret = 1
+                break
+            if ret <= 0:
+                break
+            page_increm = 1 + (~(start >> PAGE_SHIFT) & ctx.page_mask)
+            page_increm = min(page_increm, nr_pages)
+            if pages is not None:
+                if page_increm > 1:
+                    head = mem.compound_head(got)
+                    if try_grab_folio(kernel, head, page_increm - 1, gup_flags):
+                        gup_put_folio(kernel, head, 1, gup_flags)
+                        ret = -errno.EFAULT
+                        break
+                    pages[off + i : off + i + page_increm] = np.arange(
+                        got, got + page_increm, dtype=np.int64
+                    )
+                else:
+                    pages[off + i] = got
+            i += page_increm
+            start += page_increm << PAGE_SHIFT
+            nr_pages -= page_increm
+    finally:
+        mem.memalloc_pin = saved_pin
+    return i if i else ret
+
+
+# ---- the retry driver and the entry points --------------------------------------------------------
+
+
+def _signal_pending(current: Task | None, flags: int) -> bool:
+    """gup_signal_pending(): a fatal signal (vkernel delivers no other kind to a GUP caller)."""
+    return _fatal(current)
+
+
+async def __get_user_pages_locked(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    pages: PageArray | None,
+    locked: Locked,
+    flags: int,
+    *,
+    current: Task | None = None,
+) -> int:
+    """__get_user_pages_locked(): the retry driver (A.3).
+
+    ``locked.value`` 0 on entry: take mmap_lock (killable; failure → -EAGAIN) and release it at
+    the end. With FOLL_UNLOCKABLE a fault may drop the lock: retake it and redo that one page
+    with FOLL_TRIED, as often as needed; if the lock was ever dropped it is released on return
+    with ``locked.value`` 0. A partial count wins over an error.
+    """
+    if not nr_pages:
+        return 0
+    lock = mm.mmap_lock
+    must_unlock = False
+    if not locked.value:
+        try:
+            await lock.read_lock(current, killable=True)
+        except KernelError:
+            return -errno.EAGAIN
+        must_unlock = True
+        locked.value = 1
+    elif not lock.is_locked():
+        raise RuntimeError("GUP with locked=1 but mmap_lock is not held (mmap_assert_locked)")
+    if flags & FOLL_PIN:
+        mm.flags |= MMF_HAS_PINNED  # mm_set_has_pinned_flag()
+    if pages is not None and not flags & FOLL_PIN:
+        flags |= FOLL_GET
+    off = 0
+    pages_done = 0
+    while True:
+        ret = __get_user_pages(mm, start, nr_pages, flags, pages, off, locked, current)
+        if not flags & FOLL_UNLOCKABLE:
+            pages_done = ret  # VM_FAULT_RETRY could not trigger
+            break
+        if ret > 0:
+            nr_pages -= ret
+            pages_done += ret
+            if not nr_pages:
+                break
+        if locked.value:
+            if not pages_done:
+                pages_done = ret  # no RETRY, or FOLL_NOWAIT
+            break
+        # The lock was dropped (RETRY/COMPLETED): seek to the faulting page and redo it alone.
+        off += ret
+        start += ret << PAGE_SHIFT
+        must_unlock = True
+        while True:  # retry:
+            if _signal_pending(current, flags):
+                ret = -errno.EINTR
+                break
+            try:
+                await lock.read_lock(current, killable=True)
+            except KernelError as e:
+                ret = -e.errno
+                break
+            locked.value = 1
+            ret = __get_user_pages(mm, start, 1, flags | FOLL_TRIED, pages, off, locked, current)
+            if locked.value:
+                break
+        if ret != 1:
+            if not pages_done:
+                pages_done = ret
+            break
+        nr_pages -= 1
+        pages_done += 1
+        if not nr_pages:
+            break
+        off += 1
+        start += PAGE_SIZE
+    if must_unlock and locked.value:
+        lock.read_unlock()
+        locked.value = 0
+    if pages_done == 0 and not flags & FOLL_NOWAIT:
+        return -errno.EFAULT  # WARN_ON_ONCE in Linux: nothing pinned means something is wrong
+    return pages_done
+
+
+async def __gup_longterm_locked(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    pages: PageArray | None,
+    locked: Locked,
+    gup_flags: int,
+    *,
+    current: Task | None = None,
+) -> int:
+    """__gup_longterm_locked(): GUP, then for FOLL_LONGTERM migrate unpinnable folios and re-pin.
+
+    Folios in ZONE_MOVABLE are not longterm-pinnable: every pin is dropped, they are migrated
+    to the normal zone and the whole range is pinned again (-EAGAIN loop, A.6). A migration
+    failure returns -ENOMEM with nothing pinned.
+    """
+    if not gup_flags & FOLL_LONGTERM:
+        return await __get_user_pages_locked(
+            mm, start, nr_pages, pages, locked, gup_flags, current=current
+        )
+    for _attempt in range(_LONGTERM_MAX_PASSES):
+        nr_pinned = await __get_user_pages_locked(
+            mm, start, nr_pages, pages, locked, gup_flags, current=current
+        )
+        if nr_pinned <= 0:
+            return nr_pinned
+        assert pages is not None  # FOLL_LONGTERM implies FOLL_PIN, which needs pages
+        rc = check_and_migrate_movable_pages(mm.kernel, nr_pinned, pages)
+        if rc != -errno.EAGAIN:
+            return rc if rc else nr_pinned
+    return -errno.ENOMEM
+
+
+_LONGTERM_MAX_PASSES = 16
+"""Guard against a livelock of migrate-and-repin (Linux loops while -EAGAIN)."""
+
+
+async def get_user_pages(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    gup_flags: int,
+    pages: PageArray | None,
+    *,
+    current: Task | None = None,
+) -> int:
+    """get_user_pages(): the caller holds mmap_lock for read; it is never dropped (A.2)."""
+    flags = _entry_flags(pages, None, gup_flags, FOLL_TOUCH, nr_pages)
+    if flags is None:
+        return -errno.EINVAL
+    return await __get_user_pages_locked(
+        mm, start, nr_pages, pages, Locked(1), flags, current=current
+    )
+
+
+async def get_user_pages_remote(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    gup_flags: int,
+    pages: PageArray | None,
+    locked: Locked | None,
+    *,
+    current: Task | None = None,
+) -> int:
+    """get_user_pages_remote(): lock held by the caller; with ``locked`` it may be dropped
+    (``locked.value`` 0 on return: released, the caller must not unlock)."""
+    flags = _entry_flags(pages, locked, gup_flags, FOLL_TOUCH | FOLL_REMOTE, nr_pages)
+    if flags is None:
+        return -errno.EINVAL
+    return await __get_user_pages_locked(
+        mm, start, nr_pages, pages, locked or Locked(1), flags, current=current
+    )
+
+
+async def get_user_pages_unlocked(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    pages: PageArray | None,
+    gup_flags: int,
+    *,
+    current: Task | None = None,
+) -> int:
+    """get_user_pages_unlocked(): the caller must not hold mmap_lock; GUP takes and releases it."""
+    flags = _entry_flags(pages, None, gup_flags, FOLL_TOUCH | FOLL_UNLOCKABLE, nr_pages)
+    if flags is None:
+        return -errno.EINVAL
+    return await __get_user_pages_locked(
+        mm, start, nr_pages, pages, Locked(0), flags, current=current
+    )
+
+
+async def pin_user_pages(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    gup_flags: int,
+    pages: PageArray | None,
+    *,
+    current: Task | None = None,
+) -> int:
+    """pin_user_pages(): FOLL_PIN under the caller's mmap_lock (never dropped); 0 if invalid."""
+    flags = _entry_flags(pages, None, gup_flags, FOLL_PIN, nr_pages)
+    if flags is None:
+        return 0
+    return await __gup_longterm_locked(
+        mm, start, nr_pages, pages, Locked(1), flags, current=current
+    )
+
+
+async def pin_user_pages_remote(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    gup_flags: int,
+    pages: PageArray | None,
+    locked: Locked | None,
+    *,
+    current: Task | None = None,
+) -> int:
+    """pin_user_pages_remote(): get_user_pages_remote()'s lock contract with FOLL_PIN."""
+    flags = _entry_flags(pages, locked, gup_flags, FOLL_PIN | FOLL_TOUCH | FOLL_REMOTE, nr_pages)
+    if flags is None:
+        return 0
+    return await __gup_longterm_locked(
+        mm, start, nr_pages, pages, locked or Locked(1), flags, current=current
+    )
+
+
+async def pin_user_pages_unlocked(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    pages: PageArray | None,
+    gup_flags: int,
+    *,
+    current: Task | None = None,
+) -> int:
+    """pin_user_pages_unlocked(): get_user_pages_unlocked()'s lock contract with FOLL_PIN."""
+    flags = _entry_flags(pages, None, gup_flags, FOLL_PIN | FOLL_TOUCH | FOLL_UNLOCKABLE, nr_pages)
+    if flags is None:
+        return 0
+    return await __gup_longterm_locked(
+        mm, start, nr_pages, pages, Locked(0), flags, current=current
+    )
+
+
+async def get_user_pages_locked(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    gup_flags: int,
+    pages: PageArray | None,
+    locked: Locked,
+    *,
+    current: Task | None = None,
+) -> int:
+    """get_user_pages_locked() (2014 seed, removed in 2022): get_user_pages_remote() with
+    ``locked``: call with mmap_lock held and ``locked.value`` 1; unlock only if still 1."""
+    return await get_user_pages_remote(
+        mm, start, nr_pages, gup_flags, pages, locked, current=current
+    )
+
+
+def _entry_flags(
+    pages: PageArray | None, locked: Locked | None, gup_flags: int, to_set: int, nr_pages: int
+) -> int | None:
+    """is_valid_gup_args() plus vkernel's own guards (nr_pages >= 0, pages array long enough)."""
+    if nr_pages < 0 or (pages is not None and len(pages) < nr_pages):
+        return None
+    return valid_gup_flags(pages, locked, gup_flags, to_set)
+
+
+# ---- FOLL_LONGTERM: migrate folios out of ZONE_MOVABLE (mm/gup.c, mm/migrate.c) -------------------
+
+
+def folio_is_longterm_pinnable(kernel: Kernel, head: int) -> bool:
+    """folio_is_longterm_pinnable(): the zero pages always; nothing in ZONE_MOVABLE."""
+    mem = kernel.mem
+    if head == mem.zero_pfn or mem.is_huge_zero(head):
+        return True
+    return not mem.in_movable(head)
+
+
+def check_and_migrate_movable_pages(kernel: Kernel, nr_pages: int, pages: PageArray) -> int:
+    """check_and_migrate_movable_pages(): 0 if every pinned folio may stay pinned; otherwise
+    unpin all, migrate the unpinnable folios and return -EAGAIN (re-pin), or -ENOMEM."""
+    mem = kernel.mem
+    p = np.asarray(pages[:nr_pages], dtype=np.int64)
+    heads = np.unique(mem.compound_heads(p))
+    movable = heads[heads >= mem.movable_start]
+    bad = [h for h in movable.tolist() if not folio_is_longterm_pinnable(kernel, h)]
+    if not bad:
+        return 0
+    unpin_user_pages(kernel, pages, nr_pages)
+    pages[:nr_pages] = -1
+    ok = True
+    for h in bad:
+        if not migrate_folio_out_of_movable(kernel, h):
+            ok = False
+    return -errno.EAGAIN if ok else -errno.ENOMEM
+
+
+def _anon_family(vma_anon: AnonVma | None, target: object) -> bool:
+    """anon_vma chain check: does ``vma_anon`` (or an ancestor, via fork) equal ``target``?"""
+    a = vma_anon
+    while a is not None:
+        if a is target:
+            return True
+        a = a.parent
+    return False
+
+
+def migrate_folio_out_of_movable(kernel: Kernel, head: int) -> bool:
+    """migrate_pages(MR_LONGTERM_PIN) of one folio into the normal zone; False on failure.
+
+    rmap_walk(): every PTE/PMD mapping the folio, in every mm, is found from page->mapping
+    and page->index and repointed to the copy. Extra references (another GUP, a pin not yet
+    dropped) or mappings not found make the migration fail, as folio_migrate_mapping() does.
+    """
+    from vkernel.kernel.audit import _live_mms
+
+    mem = kernel.mem
+    nr = 1 << int(mem.order[head])
+    obj = mem.mapping_obj(int(mem.mapping[head]))
+    is_shmem = isinstance(obj, ShmemObject)
+    if obj is None or kernel.extra_refs.get(head, 0):
+        kernel.vmstat.count("pgmigrate_fail", nr)
+        return False
+    idx0 = int(mem.index[head])
+    u = mem.u64
+    pte_slots: list[int] = []
+    pmd_slots: list[int] = []
+    for mm in _live_mms(kernel):
+        for vma in mm.vmas:
+            if is_shmem:
+                if vma.shmem is not obj:
+                    continue
+            elif not _anon_family(vma.anon_vma, obj):
+                continue
+            a0 = vma.vm_start + ((idx0 - vma.vm_pgoff) << PAGE_SHIFT)
+            a1 = a0 + (nr << PAGE_SHIFT)
+            lo, hi = max(a0, vma.vm_start), min(a1, vma.vm_end)
+            if lo >= hi:
+                continue
+            for slot, a, b in walk_pmds(mm, lo, hi):
+                e = u.item(slot)
+                if not e:
+                    continue
+                if e & _PAGE_PSE:
+                    if (e & _PAGE_PFN_MASK) >> PAGE_SHIFT == head:
+                        pmd_slots.append(slot)
+                    continue
+                base = table_of(e) * PTRS_PER_TABLE
+                i0 = (a >> PAGE_SHIFT) & 511
+                s = u[base + i0 : base + i0 + ((b - a) >> PAGE_SHIFT)]
+                pfns = ((s & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
+                hit = np.flatnonzero(((s & U64_PRESENT) != 0) & (pfns >= head) & (pfns < head + nr))
+                pte_slots.extend((base + i0 + hit).tolist())
+    sl = slice(head, head + nr)
+    mapped = int(mem.mapcount[sl].sum())
+    entire = int(mem.entire_mapcount[head >> HPAGE_PMD_ORDER]) if nr > 1 else 0
+    expected_refs = len(pte_slots) + len(pmd_slots) + (nr if is_shmem else 0)
+    if (
+        len(pte_slots) != mapped
+        or len(pmd_slots) != entire
+        or int(mem.refcount[head]) != expected_refs
+    ):
+        kernel.vmstat.count("pgmigrate_fail", nr)
+        return False
+    new = mem.alloc_huge(movable=False) if nr > 1 else mem.alloc_page(movable=False)
+    if new < 0:
+        kernel.vmstat.count("pgmigrate_fail", nr)
+        return False
+    nsl = slice(new, new + nr)
+    mem.frames[nsl] = mem.frames[sl]
+    keep = np.uint32(PG_movable_zone | PG_buddy)
+    mem.flags[nsl] = (mem.flags[sl] & ~keep) | (mem.flags[nsl] & np.uint32(PG_movable_zone))
+    mem.mapping[nsl] = mem.mapping[sl]
+    mem.index[nsl] = mem.index[sl]
+    mem.mapcount[nsl] = mem.mapcount[sl]
+    mem.refcount[new] = mem.refcount[head]
+    mem.pincount[new] = mem.pincount[head]
+    if nr > 1:
+        mem.entire_mapcount[new >> HPAGE_PMD_ORDER] = entire
+        mem.entire_mapcount[head >> HPAGE_PMD_ORDER] = 0
+    delta = (new - head) << PAGE_SHIFT
+    for slot in pte_slots + pmd_slots:
+        u[slot] = u.item(slot) + delta
+    if is_shmem:
+        assert isinstance(obj, ShmemObject)
+        for k in range(nr):
+            obj.pages[idx0 + k] = new + k
+    mem.refcount[head] = 0
+    mem.mapcount[sl] = 0
+    if nr > 1:
+        mem.free_huge(head)
+    else:
+        mem.free_pages(np.array([head], dtype=np.int64))
+    kernel.vmstat.count("pgmigrate_success", nr)
+    return True

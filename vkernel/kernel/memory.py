@@ -6,6 +6,8 @@ user-access paths call it without an ``await``. Batch helpers vectorise over one
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -67,7 +69,8 @@ from vkernel.kernel.uapi import (
 if TYPE_CHECKING:
     from vkernel.kernel.mm import MmStruct
     from vkernel.kernel.task import Task
-    from vkernel.kernel.vma import VMA
+
+from vkernel.kernel.vma import VMA
 
 ANON_FLAGS = PG_anon | PG_anon_exclusive | PG_uptodate | PG_swapbacked | PG_lru
 _U64_DIRTY_BITS = np.uint64(_PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_ACCESSED)
@@ -416,9 +419,31 @@ def handle_mm_fault(vma: VMA, address: int, flags: int, task: Task | None = None
     """
     flags, ret = sanitize_fault_flags(vma, flags)
     if not ret:
-        ret = __handle_mm_fault(vma, address & PAGE_MASK, flags)
+        hook = _TEST_FAULT_HOOKS.get(vma) if _TEST_FAULT_HOOKS else None
+        r = hook(vma, address & PAGE_MASK, flags) if hook is not None else None
+        ret = __handle_mm_fault(vma, address & PAGE_MASK, flags) if r is None else r
     mm_account_fault(vma.mm, task, flags, ret)
     return ret
+
+
+# ---- TEST ONLY: an injectable ->fault ----------------------------------------------------------
+
+FaultHook = Callable[["VMA", int, int], "int | None"]
+_TEST_FAULT_HOOKS: weakref.WeakKeyDictionary[VMA, FaultHook] = weakref.WeakKeyDictionary()
+
+
+def set_test_fault_hook(vma: VMA, hook: FaultHook | None) -> None:
+    """TEST ONLY: give ``vma`` a ->fault that answers ``hook(vma, addr, fault_flags)`` first.
+
+    The hook returns VM_FAULT_* bits (e.g. RETRY or COMPLETED, after dropping mmap_lock itself
+    as a blocking handler does) or None to run the normal fault. Anonymous faults never block,
+    so this is how the GUP retry protocol is exercised until userfaultfd and files produce
+    VM_FAULT_RETRY for real. ``hook=None`` removes it.
+    """
+    if hook is None:
+        _TEST_FAULT_HOOKS.pop(vma, None)
+    else:
+        _TEST_FAULT_HOOKS[vma] = hook
 
 
 def sanitize_fault_flags(vma: VMA, flags: int) -> tuple[int, int]:
