@@ -21,6 +21,7 @@ from vkernel.kernel.memory import (
     zap_page_range_single,
 )
 from vkernel.kernel.pgtable import free_pgtables, pmd_slot, pte_alloc, walk_pmds
+from vkernel.kernel.tlb import tlb_finish_mmu
 from vkernel.kernel.uapi import (
     _PAGE_PSE,
     MADV_COLD,
@@ -331,6 +332,7 @@ async def sys_munmap(task: Task, addr: int, length: int) -> None:
     async with mm.mmap_lock.write(task):
         mm.check_alive()
         do_vmi_munmap(mm, addr, length)
+        await tlb_finish_mmu(mm)  # x86: the table free waits for the shootdown IPI
 
 
 # ---- mmap ----------------------------------------------------------------------------------------

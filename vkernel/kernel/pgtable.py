@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vkernel.kernel.tlb import tlb_remove_table as _tlb_remove_table
 from vkernel.kernel.uapi import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -130,15 +131,12 @@ def pgtable_alloc(mm: MmStruct) -> int:
 def tlb_remove_table(mm: MmStruct, pfn: int) -> None:
     """tlb_remove_table(): THE one path by which a page-table page is freed.
 
-    Later issues extend it with the per-arch protection against lockless walkers (IPI on
-    x86_64, RCU grace period on arm64). Hooks registered in ``kernel.pgtable_free_hooks`` are
-    called with the pfn just before the frame goes back to the allocator.
+    The per-arch protection against lockless walkers lives in ``vkernel.kernel.tlb``: with a
+    GUP-fast walker IRQ-off the free waits for the TLB-shootdown IPI (x86_64) or an RCU grace
+    period (arm64). Hooks registered in ``kernel.pgtable_free_hooks`` are called with the pfn
+    just before the frame goes back to the allocator (which may be after this returns).
     """
-    for hook in mm.kernel.pgtable_free_hooks:
-        hook(pfn)
-    mem = mm.mem
-    mm.pgtables_bytes -= PAGE_SIZE
-    mem.put_folio(pfn)
+    _tlb_remove_table(mm, pfn)
 
 
 def table_of(entry: int) -> int:

@@ -1,0 +1,553 @@
+"""GUP-fast: the lockless page-table walk and its slow-path fallback (mm/gup.c gup_fast_fallback).
+
+``get_user_pages_fast_only`` / ``get_user_pages_fast`` / ``pin_user_pages_fast`` follow A.7:
+flag whitelist, MMF_HAS_PINNED, -EOVERFLOW/-EFAULT argument rules, the ``write_protect_seq``
+check for pins, then a walk that contains **no await** (interrupts disabled, see
+``vkernel.kernel.tlb``) and stops at the first entry it may not take; the remainder goes to the
+slow path (``__gup_longterm_locked`` with FOLL_TOUCH|FOLL_UNLOCKABLE) unless FOLL_FAST_ONLY.
+
+The walk is vectorised per leaf table: the upper levels are read one entry per 2 MiB, then the
+PTE slice is copied once (``ptep_get_lockless`` for all of them), checked with reductions
+(present+user[+RW], not special), the folios are checked from one gather of their flags, the
+whole prefix that passed is grabbed with ``np.add.at`` (a speculative ``try_grab_folio_fast``
+per page), and the slice and the PMD are re-read: on a change the grabs from the first changed
+entry on are undone and the walk stops there. A PMD-mapped THP is taken with one grab of all
+covered subpages (``record_subpages`` + one ``try_grab_folio_fast``). Every reference is
+mirrored into ``kernel.extra_refs``/``extra_pins`` like stream A's ``try_grab_folio``.
+
+Stop conditions (A.7 §3): not present, PROT_NONE, WRITE without RW, special (the shared zero
+page included), a free folio (refcount 0), FOLL_LONGTERM on a ZONE_MOVABLE folio, a R/O pin
+that must unshare (``gup_must_unshare`` with no VMA), the PTE or PMD changed after the grab.
+The walker never looks at VMAs, so FOLL_FORCE never helps it.
+
+Counters: ``fast_gup`` (pages the lockless walk took, net of undo) and ``fast_gup_slow`` (calls
+that fell back), next to Linux's ``nr_foll_pin_acquired``. ``kernel.config.arch == "generic"``
+has no GUP-fast at all: every call takes the slow path (the 2008 fallback macro) and
+``get_user_pages_fast_only`` returns 0 (seed 003's "always returning 0").
+
+Test-only: ``tlb_state(kernel).park_hook`` is called as ``hook("pmd", pte_table_pfn)`` after
+the walker read a PMD pointing to a PTE table (before it reads the PTEs), as
+``hook("huge", head_pfn)`` after it read a huge PMD, and as ``hook("grabbed", n)`` after a
+grab, before the recheck. A test parks a walker thread inside the hook (IRQs stay off); on
+return the walker re-reads its table and, if it finds the tlb debug poison, reports a detected
+use-after-free (``PageTableUseAfterFree``).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from vkernel.kernel.tlb import POISON, PageTableUseAfterFree, TlbState, tlb_state
+from vkernel.kernel.uapi import (
+    _PAGE_PFN_MASK,
+    _PAGE_PRESENT,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SPECIAL,
+    _PAGE_USER,
+    FOLL_FAST_ALLOWED,
+    FOLL_FAST_ONLY,
+    FOLL_GET,
+    FOLL_LONGTERM,
+    FOLL_PIN,
+    FOLL_TOUCH,
+    FOLL_UNLOCKABLE,
+    FOLL_WRITE,
+    GUP_PIN_COUNTING_BIAS,
+    MMF_HAS_PINNED,
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PGDIR_SHIFT,
+    PMD_MASK,
+    PMD_SHIFT,
+    PMD_SIZE,
+    PTRS_PER_TABLE,
+    PUD_SHIFT,
+    TASK_SIZE,
+    PG_anon,
+    PG_anon_exclusive,
+    PG_buddy,
+    PG_head,
+    PG_movable_zone,
+    PG_referenced,
+    PG_tail,
+)
+
+if TYPE_CHECKING:
+    from vkernel.kernel.kernel import Kernel
+    from vkernel.kernel.mm import MmStruct
+    from vkernel.kernel.task import Task
+
+PageArray = npt.NDArray[np.int64]
+
+_U64 = (1 << 64) - 1
+_PFN40 = (1 << 40) - 1
+_I64_PFN = np.int64(_PFN40)
+_I64_SHIFT = np.int64(PAGE_SHIFT)
+_NEED_R = np.uint64(_PAGE_PRESENT | _PAGE_USER)
+_NEED_W = np.uint64(_PAGE_PRESENT | _PAGE_USER | _PAGE_RW)
+_U64_SPECIAL = np.uint64(_PAGE_SPECIAL)
+_U64_RW = np.uint64(_PAGE_RW)
+_U64_POISON = np.uint64(POISON)
+_LARGE = np.uint32(PG_head | PG_tail)
+_FREE = np.uint32(PG_buddy)
+_MOVABLE = np.uint32(PG_movable_zone)
+_ANON = np.uint32(PG_anon)
+_ANON_EXCL = np.uint32(PG_anon_exclusive)
+_REFERENCED = np.uint32(PG_referenced)
+_ONE32 = np.int32(1)
+_BIAS32 = np.int32(GUP_PIN_COUNTING_BIAS)
+_SLOW = "__gup_longterm_locked"
+
+
+# ---- reference bookkeeping (try_grab_folio_fast / gup_put_folio, vectorised) --------------------
+
+
+def _mirror(kernel: Kernel, heads: PageArray, delta: int, pins: PageArray | None) -> None:
+    """Record grabbed references in kernel.extra_refs/extra_pins (what try_grab_folio does)."""
+    refs = kernel.extra_refs
+    keys = heads.tolist()
+    if refs.keys().isdisjoint(keys):
+        n0 = len(refs)
+        dict.update(refs, dict.fromkeys(keys, delta))
+        if len(refs) - n0 != len(keys):  # a folio twice in the batch got ``delta`` once
+            uniq, cnt = np.unique(heads, return_counts=True)
+            for k, c in zip(uniq[cnt > 1].tolist(), cnt[cnt > 1].tolist(), strict=True):
+                refs[k] += delta * (c - 1)
+    else:
+        get = refs.get
+        for k in keys:
+            refs[k] = get(k, 0) + delta
+    if pins is not None and len(pins):
+        ep = kernel.extra_pins
+        for k in pins.tolist():
+            ep[k] += 1
+
+
+def _unmirror(kernel: Kernel, heads: PageArray, delta: int, pins: PageArray | None) -> None:
+    """Forget references recorded by :func:`_mirror` (entries reaching zero are removed)."""
+    refs = kernel.extra_refs
+    for k in heads.tolist():
+        left = refs[k] - delta
+        if left:
+            refs[k] = left
+        else:
+            del refs[k]
+    if pins is not None:
+        ep = kernel.extra_pins
+        for k in pins.tolist():
+            left = ep[k] - 1
+            if left:
+                ep[k] = left
+            else:
+                del ep[k]
+
+
+def _grab(
+    kernel: Kernel, pfns: PageArray, large: bool, pin: bool
+) -> tuple[PageArray, PageArray, PageArray | None, PageArray]:
+    """try_grab_folio_fast() for every page: ``(small_heads, large_heads, large_pins, heads)``.
+
+    A small folio takes 1024 (PIN) or 1 (GET); a large folio takes 1 per page on its head,
+    plus 1 on _pincount per page for PIN. Returns what :func:`_undo` needs.
+    """
+    mem = kernel.mem
+    rc = mem.refcount
+    if not large:
+        np.add.at(rc, pfns, _BIAS32 if pin else _ONE32)
+        _mirror(kernel, pfns, GUP_PIN_COUNTING_BIAS if pin else 1, None)
+        return pfns, pfns[:0], None, pfns
+    order = mem.order[pfns].astype(np.int64)
+    heads = pfns & ~((np.int64(1) << order) - 1)
+    big = order > 0
+    small_h = heads[~big]
+    large_h = heads[big]
+    if len(small_h):
+        np.add.at(rc, small_h, _BIAS32 if pin else _ONE32)
+        _mirror(kernel, small_h, GUP_PIN_COUNTING_BIAS if pin else 1, None)
+    np.add.at(rc, large_h, _ONE32)
+    pins = None
+    if pin:
+        np.add.at(mem.pincount, large_h, _ONE32)
+        pins = large_h
+    _mirror(kernel, large_h, 1, pins)
+    return small_h, large_h, pins, heads
+
+
+def _undo(
+    kernel: Kernel, small_h: PageArray, large_h: PageArray, pins: PageArray | None, pin: bool
+) -> None:
+    """gup_put_folio() of speculative grabs whose entry changed; frees folios reaching zero."""
+    mem = kernel.mem
+    rc = mem.refcount
+    if len(small_h):
+        np.subtract.at(rc, small_h, _BIAS32 if pin else _ONE32)
+        _unmirror(kernel, small_h, GUP_PIN_COUNTING_BIAS if pin else 1, None)
+    if len(large_h):
+        np.subtract.at(rc, large_h, _ONE32)
+        if pins is not None:
+            np.subtract.at(mem.pincount, pins, _ONE32)
+        _unmirror(kernel, large_h, 1, pins)
+    heads = np.unique(np.concatenate((small_h, large_h)))
+    mem.free_folios(heads[rc[heads] == 0])
+
+
+# ---- the lockless walk ---------------------------------------------------------------------------
+
+
+def _first_bad_pte(ptes: np.ndarray, need: np.uint64) -> int:
+    """Index of the first PTE that is not present+user(+RW) or is special."""
+    bad = ((ptes & need) != need) | ((ptes & _U64_SPECIAL) != 0)
+    return int(bad.argmax())
+
+
+def _check_poison(st: TlbState, ptes: np.ndarray) -> None:
+    """Debug: a table read after a park holds the free poison → a detected use-after-free."""
+    if (ptes == _U64_POISON).any():
+        st.uaf_detected += 1
+        raise PageTableUseAfterFree("GUP-fast walker read a page table freed under it")
+
+
+def _gup_pte_range(
+    kernel: Kernel,
+    st: TlbState,
+    u: np.ndarray,
+    pmdslot: int,
+    pmd: int,
+    addr: int,
+    end: int,
+    flags: int,
+    pages: PageArray,
+    nr: int,
+) -> int:
+    """gup_fast_pte_range(): take the pages of [addr, end) under one PTE table; how many."""
+    mem = kernel.mem
+    table = (pmd & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    base = table * PTRS_PER_TABLE + ((addr >> PAGE_SHIFT) & 511)
+    n = (end - addr) >> PAGE_SHIFT
+    hook = st.park_hook
+    if hook is not None:
+        hook("pmd", table)
+        _check_poison(st, u[base : base + n])
+    ptes = u[base : base + n].copy()  # ptep_get_lockless() of the whole run
+    need = _NEED_W if flags & FOLL_WRITE else _NEED_R
+    k = n
+    if (np.bitwise_and.reduce(ptes) & need) != need or np.bitwise_or.reduce(ptes) & _U64_SPECIAL:
+        k = _first_bad_pte(ptes, need)
+        if not k:
+            return 0
+        ptes = ptes[:k]
+    pfns = (ptes.view(np.int64) >> _I64_SHIFT) & _I64_PFN
+    fl = mem.flags[pfns]
+    fl_or = int(np.bitwise_or.reduce(fl))
+    pin = bool(flags & FOLL_PIN)
+    stop = None
+    if fl_or & PG_buddy:
+        stop = (fl & _FREE) != 0  # refcount 0: folio_try_get() fails
+    if flags & FOLL_LONGTERM and fl_or & PG_movable_zone:
+        m = (fl & _MOVABLE) != 0  # !folio_is_longterm_pinnable()
+        stop = m if stop is None else stop | m
+    if pin and not flags & FOLL_WRITE and not np.bitwise_and.reduce(ptes) & _U64_RW:
+        # !pte_write() && gup_must_unshare(NULL, flags, page)
+        ro = (ptes & _U64_RW) == 0
+        anon = (fl & _ANON) != 0
+        must = ro & np.where(anon, (fl & _ANON_EXCL) == 0, bool(flags & FOLL_LONGTERM))
+        stop = must if stop is None else stop | must
+    if stop is not None and stop.any():
+        k = int(stop.argmax())
+        if not k:
+            return 0
+        ptes = ptes[:k]
+        pfns = pfns[:k]
+        fl = fl[:k]
+    large = bool(fl_or & (PG_head | PG_tail))
+    small_h, large_h, pins, heads = _grab(kernel, pfns, large, pin)
+    if hook is not None:
+        hook("grabbed", k)
+    # Recheck: "pmd changed" or "pte changed" → put what we grabbed from there on, stop.
+    if u.item(pmdslot) != pmd:
+        _undo(kernel, small_h, large_h, pins, pin)
+        return 0
+    now = u[base : base + k]
+    if now.tobytes() != ptes.tobytes():
+        j = int((now != ptes).argmax())
+        if large:
+            order = mem.order[pfns[j:]]
+            big = order > 0
+            h = heads[j:]
+            _undo(kernel, h[~big], h[big], h[big] if pin else None, pin)
+        else:
+            _undo(kernel, pfns[j:], pfns[:0], None, pin)
+        k = j
+        if not k:
+            return 0
+        pfns = pfns[:k]
+        heads = heads[:k]
+        fl = fl[:k]
+    if not int(np.bitwise_and.reduce(fl)) & PG_referenced:
+        mem.flags[heads] |= _REFERENCED  # folio_set_referenced()
+    pages[nr : nr + k] = pfns
+    return k
+
+
+def _gup_huge_pmd(
+    kernel: Kernel,
+    st: TlbState,
+    u: np.ndarray,
+    pmdslot: int,
+    pmd: int,
+    addr: int,
+    end: int,
+    flags: int,
+    pages: PageArray,
+    nr: int,
+) -> int:
+    """gup_fast_pmd_leaf(): all covered subpages of a PMD-mapped THP with one grab."""
+    mem = kernel.mem
+    need = _PAGE_PRESENT | _PAGE_USER | (_PAGE_RW if flags & FOLL_WRITE else 0)
+    if pmd & need != need or pmd & _PAGE_SPECIAL:
+        return 0
+    head = (pmd & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    hook = st.park_hook
+    if hook is not None:
+        hook("huge", head)
+    refs = (end - addr) >> PAGE_SHIFT
+    f = int(mem.flags[head])
+    if f & PG_buddy:
+        return 0
+    if flags & FOLL_LONGTERM and f & PG_movable_zone:
+        return 0
+    pin = bool(flags & FOLL_PIN)
+    must_unshare = (not f & PG_anon_exclusive) if f & PG_anon else bool(flags & FOLL_LONGTERM)
+    if pin and not flags & FOLL_WRITE and not pmd & _PAGE_RW and must_unshare:
+        return 0  # gup_must_unshare(NULL, flags, &folio->page)
+    # try_grab_folio_fast(page, refs): one atomic add for the whole folio.
+    mem.refcount[head] += refs
+    kernel.extra_refs[head] += refs
+    if pin:
+        mem.pincount[head] += refs
+        kernel.extra_pins[head] += refs
+    if hook is not None:
+        hook("grabbed", refs)
+    if u.item(pmdslot) != pmd:
+        mem.refcount[head] -= refs
+        _sub_counter(kernel.extra_refs, head, refs)
+        if pin:
+            mem.pincount[head] -= refs
+            _sub_counter(kernel.extra_pins, head, refs)
+        if mem.refcount[head] == 0:
+            mem.free_huge(head)
+        return 0
+    mem.flags[head] |= PG_referenced
+    first = head + ((addr & ~PMD_MASK) >> PAGE_SHIFT)
+    pages[nr : nr + refs] = np.arange(first, first + refs, dtype=np.int64)  # record_subpages()
+    return refs
+
+
+def _sub_counter(counter: dict[int, int], key: int, n: int) -> None:
+    """Drop ``n`` from a Counter entry, forgetting it at zero."""
+    left = counter[key] - n
+    if left:
+        counter[key] = left
+    else:
+        del counter[key]
+
+
+def _gup_fast_walk(
+    mm: MmStruct, st: TlbState, start: int, end: int, flags: int, pages: PageArray
+) -> int:
+    """gup_fast_pgd_range(): the walk proper, with IRQs already off; pages taken."""
+    kernel = mm.kernel
+    u = mm.mem.u64
+    pgd = mm.pgd * PTRS_PER_TABLE
+    nr = 0
+    addr = start
+    while addr < end:
+        e = u.item(pgd + ((addr >> PGDIR_SHIFT) & 511))
+        if not e & _PAGE_PRESENT:
+            break
+        e = u.item(((e >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PUD_SHIFT) & 511))
+        if not e & _PAGE_PRESENT:
+            break
+        pmdslot = ((e >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PMD_SHIFT) & 511)
+        pmd = u.item(pmdslot)
+        nxt = min((addr & PMD_MASK) + PMD_SIZE, end)
+        if not pmd:
+            break
+        if pmd & _PAGE_PSE:
+            got = _gup_huge_pmd(kernel, st, u, pmdslot, pmd, addr, nxt, flags, pages, nr)
+        elif pmd & _PAGE_PRESENT:
+            got = _gup_pte_range(kernel, st, u, pmdslot, pmd, addr, nxt, flags, pages, nr)
+        else:
+            break
+        nr += got
+        if got != (nxt - addr) >> PAGE_SHIFT:
+            break
+        addr = nxt
+    return nr
+
+
+def gup_fast(mm: MmStruct, start: int, end: int, flags: int, pages: PageArray) -> int:
+    """gup_fast(): the lockless walk of [start, end) with IRQs off; the number of pages taken.
+
+    For FOLL_PIN it honours ``mm.write_protect_seq``: odd (fork is write-protecting) → 0; changed
+    by the end of the walk → every pin of this pass is dropped and 0 returned. Synchronous by
+    construction (no await = interrupts disabled); tests call it from a thread to park it.
+    """
+    kernel = mm.kernel
+    if kernel.config.arch == "generic":
+        return 0  # no CONFIG_HAVE_GUP_FAST
+    pin = flags & FOLL_PIN
+    seq = mm.write_protect_seq
+    if pin and seq & 1:
+        return 0
+    st = tlb_state(kernel)
+    st.irqs_off += 1  # local_irq_save()
+    try:
+        nr = _gup_fast_walk(mm, st, start, end, flags, pages)
+    finally:
+        st.local_irq_restore()
+    if pin and nr and mm.write_protect_seq != seq:
+        _unpin_pass(kernel, pages[:nr])
+        return 0
+    if nr:
+        kernel.vmstat.count("fast_gup", nr)
+        if pin:
+            kernel.vmstat.count("nr_foll_pin_acquired", nr)
+    return nr
+
+
+def _unpin_pass(kernel: Kernel, pfns: PageArray) -> None:
+    """gup_fast_unpin_user_pages(): drop every pin taken by a pass that raced with fork."""
+    mem = kernel.mem
+    order = mem.order[pfns].astype(np.int64)
+    heads = pfns & ~((np.int64(1) << order) - 1)
+    big = order > 0
+    _undo(kernel, heads[~big], heads[big], heads[big], True)
+
+
+# ---- entry points --------------------------------------------------------------------------------
+
+
+def _check_args(mm: MmStruct, start: int, nr_pages: int, gup_flags: int) -> tuple[int, int]:
+    """gup_fast_fallback()'s argument rules: ``(start, end)``, or ``(-errno, 0)``."""
+    if gup_flags & ~FOLL_FAST_ALLOWED:
+        return -errno.EINVAL, 0
+    if gup_flags & FOLL_PIN:
+        mm.flags |= MMF_HAS_PINNED  # mm_set_has_pinned_flag()
+    start &= PAGE_MASK & _U64
+    length = ((nr_pages & _U64) << PAGE_SHIFT) & _U64
+    end = start + length
+    if end > _U64:
+        return -errno.EOVERFLOW, 0
+    if end > TASK_SIZE:
+        return -errno.EFAULT, 0
+    return start, end
+
+
+def _fast_only(mm: MmStruct, start: int, nr_pages: int, flags: int, pages: PageArray) -> int:
+    """gup_fast_fallback() with FOLL_FAST_ONLY: the checks plus the walk; pages or -errno."""
+    start, end = _check_args(mm, start, nr_pages, flags)
+    if start < 0:
+        return start
+    if end == start:
+        return 0
+    return gup_fast(mm, start, end, flags, pages)
+
+
+async def gup_fast_fallback(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    gup_flags: int,
+    pages: PageArray,
+    *,
+    current: Task | None = None,
+) -> int:
+    """gup_fast_fallback(): the lockless walk, then the slow path for what it left."""
+    s, end = _check_args(mm, start, nr_pages, gup_flags)
+    if s < 0:
+        return s
+    nr_pages = (end - s) >> PAGE_SHIFT
+    if not nr_pages:
+        return 0
+    nr_pinned = gup_fast(mm, s, end, gup_flags, pages)
+    if nr_pinned == nr_pages or gup_flags & FOLL_FAST_ONLY:
+        return nr_pinned
+    mm.kernel.vmstat.count("fast_gup_slow")
+    from vkernel.kernel import gup
+    from vkernel.kernel.gup import Locked
+
+    slow = getattr(gup, _SLOW)
+    ret: int = await slow(
+        mm,
+        s + (nr_pinned << PAGE_SHIFT),
+        nr_pages - nr_pinned,
+        pages[nr_pinned:],
+        Locked(0),
+        gup_flags | FOLL_TOUCH | FOLL_UNLOCKABLE,
+        current=current,
+    )
+    if ret < 0:
+        return nr_pinned if nr_pinned else ret
+    return ret + nr_pinned
+
+
+def _valid(pages: PageArray | None, gup_flags: int, to_set: int) -> int | None:
+    """is_valid_gup_args() → the flags to use, or None (stream A's valid_gup_flags)."""
+    from vkernel.kernel.gup import valid_gup_flags
+
+    return valid_gup_flags(pages, None, gup_flags, to_set)
+
+
+def get_user_pages_fast_only(
+    mm: MmStruct, start: int, nr_pages: int, gup_flags: int, pages: PageArray
+) -> int:
+    """get_user_pages_fast_only(): FOLL_GET, lockless only (no sleep, no lock): 0..nr or -errno."""
+    flags = _valid(pages, gup_flags, FOLL_GET | FOLL_FAST_ONLY)
+    if flags is None:
+        return -errno.EINVAL
+    assert pages is not None
+    return _fast_only(mm, start, nr_pages, flags, pages)
+
+
+__get_user_pages_fast = get_user_pages_fast_only
+"""__get_user_pages_fast() (seed 003, 2014): today's get_user_pages_fast_only()."""
+
+
+async def get_user_pages_fast(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    gup_flags: int,
+    pages: PageArray,
+    *,
+    current: Task | None = None,
+) -> int:
+    """get_user_pages_fast(): FOLL_GET references, lockless walk then the slow path."""
+    flags = _valid(pages, gup_flags, FOLL_GET)
+    if flags is None:
+        return -errno.EINVAL
+    assert pages is not None
+    return await gup_fast_fallback(mm, start, nr_pages, flags, pages, current=current)
+
+
+async def pin_user_pages_fast(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    gup_flags: int,
+    pages: PageArray,
+    *,
+    current: Task | None = None,
+) -> int:
+    """pin_user_pages_fast(): FOLL_PIN pins, lockless walk then the slow path."""
+    flags = _valid(pages, gup_flags, FOLL_PIN)
+    if flags is None:
+        return -errno.EINVAL
+    assert pages is not None
+    return await gup_fast_fallback(mm, start, nr_pages, flags, pages, current=current)
