@@ -17,15 +17,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vkernel import __version__
+from vkernel.api.gup import GupServicer
 from vkernel.api.memory import MemoryServicer
 from vkernel.api.process import ProcessServicer
 from vkernel.api.rpc import InflightCalls, KernelInterceptor
 from vkernel.api.session import SessionServicer
 from vkernel.api.system import SystemServicer
 from vkernel.config import Listen, ServeConfig
+from vkernel.dma_socket import DmaSocketServer, dma_socket_path
+from vkernel.grants import GrantTable
+from vkernel.gup_handles import HandleTable
 from vkernel.kernel.kernel import Kernel, KernelConfig
 from vkernel.sessions import SessionTable
 from vkernel.v1 import (
+    gup_service_pb2,
+    gup_service_pb2_grpc,
     memory_service_pb2,
     memory_service_pb2_grpc,
     process_service_pb2,
@@ -43,6 +49,7 @@ SERVICE_NAMES = (
     process_service_pb2.DESCRIPTOR.services_by_name["ProcessService"].full_name,
     system_service_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
     memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
+    gup_service_pb2.DESCRIPTOR.services_by_name["GupService"].full_name,
 )
 # 64 MiB messages: page data moves in large chunks, and a malformed huge request must be
 # refused by size rather than crash anything.
@@ -145,8 +152,14 @@ async def serve(
     session_service_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(sessions, cfg.session_timeout), server
     )
+    grants = GrantTable()
+    handles = HandleTable(kernel, grants)
+    # Co-located drivers fetch the physical-memory fd next to the first UNIX socket.
+    unix = [item.target for item in cfg.listen if item.scheme == "unix"]
+    dma = DmaSocketServer(dma_socket_path(unix[0]), kernel, sessions) if unix else None
+    gup_servicer = GupServicer(kernel, sessions, handles, dma.path if dma else "")
     process_service_pb2_grpc.add_ProcessServiceServicer_to_server(
-        ProcessServicer(kernel, sessions), server
+        ProcessServicer(kernel, sessions, grants), server
     )
     system_service_pb2_grpc.add_SystemServiceServicer_to_server(
         SystemServicer(kernel, sessions), server
@@ -154,6 +167,7 @@ async def serve(
     memory_service_pb2_grpc.add_MemoryServiceServicer_to_server(
         MemoryServicer(kernel, sessions), server
     )
+    gup_service_pb2_grpc.add_GupServiceServicer_to_server(gup_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -163,6 +177,9 @@ async def serve(
     except StartupError as e:
         log.error("startup_failed", error=str(e))
         return 1
+    if dma is not None and not dma.start():
+        gup_servicer.set_dma_socket_path("")
+        dma = None
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -198,6 +215,8 @@ async def serve(
         # tightened grace lets the answers out without waiting on the watchers.
         await server.stop(0.5)
         await stopping.wait()
+        if dma is not None:
+            await dma.stop()
         _remove_sockets(cfg.listen)
     log.info("server_stopped")
     return 0

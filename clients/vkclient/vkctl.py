@@ -222,6 +222,14 @@ async def cmd_page(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+async def cmd_gup_test(args: argparse.Namespace, out: Console) -> int:
+    """The kernel's gup_test selftest, ported: GUP benchmarks and tests with Linux's output."""
+    from vkclient import gup_test
+
+    async with await _session(args) as k:
+        return await gup_test.run_args(k, args)
+
+
 async def cmd_audit(args: argparse.Namespace, out: Console) -> int:
     """Recompute every frame's counts; exit 1 and list the problems when not clean."""
     async with await _session(args) as k:
@@ -252,6 +260,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "pagemap": (cmd_pagemap, "decode /proc/PID/pagemap for N pages from ADDR"),
     "page": (cmd_page, "dump one physical page (refcount, mapcount, flags …)"),
     "audit": (cmd_audit, "check every frame's counts (exit 1 when not clean)"),
+    "gup-test": (cmd_gup_test, "port of the kernel's gup_test selftest (-a -b -c -L -u -U …)"),
 }
 
 
@@ -274,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("npages", type=_int, metavar="N", help="number of pages")
         if name == "page":
             p.add_argument("pfn", type=_int, metavar="PFN", help="page frame number (0x…)")
+        if name == "gup-test":
+            from vkclient.gup_test import add_arguments
+
+            add_arguments(p)
     return parser
 
 

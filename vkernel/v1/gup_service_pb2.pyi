@@ -216,8 +216,8 @@ class ReleaseRequest(_message.Message):
     first: _builtins.int
     """The first page (index into the handle's pages) of the range to release."""
     count: _builtins.int
-    """How many pages from `first`; 0 means every page from `first` to the end. Ignored when
-    `indices` is set.
+    """How many pages from `first`; 0 means every page still held from `first` to the end.
+    Ignored when `indices` is set.
     """
     indices: _builtins.bytes
     """Explicit page indices into the handle, little-endian u32 each (any order, no repeats)."""
