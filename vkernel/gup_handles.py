@@ -34,7 +34,7 @@ from vkernel.kernel.errors import KernelError, einval
 from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.mm import MmStruct
 from vkernel.kernel.task import Task, TaskState
-from vkernel.kernel.uapi import FOLL_WRITE, PAGE_SHIFT, PAGE_SIZE, PG_dirty
+from vkernel.kernel.uapi import FOLL_LONGTERM, FOLL_WRITE, PAGE_SHIFT, PAGE_SIZE, PG_dirty
 from vkernel.sessions import Session
 
 log = structlog.get_logger("vkernel.gup")
@@ -83,6 +83,10 @@ class GupHandle:
     held: npt.NDArray[np.bool_]
     created: float = field(default_factory=time.monotonic)
     nr_held: int = 0
+    mm: MmStruct | None = None
+    """The mm whose pinned_vm carries this handle's charge (FOLL_LONGTERM pins)."""
+    charged: int = 0
+    """Pages still charged to ``mm.pinned_vm``."""
     dma_busy: int = 0
     """DMA copies running in worker threads through this handle's frames."""
     orphaned: bool = False
@@ -271,6 +275,18 @@ class HandleTable:
             # ever release these, so close semantics apply at once.
             release_refs(self.kernel, pages[:ret], which.pins, False)
             raise KernelError(errno.ESRCH, "the session ended during the GUP call")
+        charged = 0
+        if which.pins and gup_flags & FOLL_LONGTERM:
+            # A long-term pin is locked memory: charged to the process's pinned_vm (VmPin)
+            # against its RLIMIT_MEMLOCK unless it holds CAP_IPC_LOCK, as ib_umem_get() does.
+            if gup.account_pinned_vm(mm, ret, task) < 0:
+                release_refs(self.kernel, pages[:ret], True, False)
+                raise KernelError(
+                    errno.ENOMEM,
+                    f"pinning {ret} more pages passes process {pid}'s RLIMIT_MEMLOCK",
+                    pid=pid,
+                )
+            charged = ret
         handle = GupHandle(
             id=self._next_id,
             session_id=session.id,
@@ -281,6 +297,8 @@ class HandleTable:
             pfns=pages[:ret].copy(),
             held=np.ones(ret, dtype=np.bool_),
             nr_held=ret,
+            mm=mm,
+            charged=charged,
         )
         self._next_id += 1
         handles[handle.id] = handle
@@ -328,6 +346,10 @@ class HandleTable:
         release_refs(self.kernel, handle.pfns[idx], handle.pinned, dirty)
         handle.held[idx] = False
         handle.nr_held -= len(idx)
+        if handle.charged and handle.mm is not None:
+            n = min(handle.charged, len(idx))
+            gup.unaccount_pinned_vm(handle.mm, n)
+            handle.charged -= n
         if handle.nr_held == 0:
             self._by_session.get(handle.session_id, {}).pop(handle.id, None)
 

@@ -354,3 +354,26 @@ async def test_vkctl_gup_test_prints_linux_lines(k: vkclient.Kernel) -> None:
     out = io.StringIO()
     assert await gup_test.run(k, ["-a", "-z", "-m", "1", "-n", "16"], out) == 0
     assert re.search(r"get:\d+ put:\d+ us, truncated \(size: 0\)$", out.getvalue(), re.MULTILINE)
+
+
+async def test_longterm_pins_are_charged_to_rlimit_memlock(k: vkclient.Kernel) -> None:
+    """A long-term pin is locked memory (ib_umem_get): VmPin grows, RLIMIT_MEMLOCK stops it
+    with ENOMEM (nothing held), CAP_IPC_LOCK lifts the limit, release uncharges."""
+    p = await k.spawn("rdma-app", rlimit_memlock=16 * PAGE_SIZE)
+    addr = await _populated(p, 20)
+    pages = await p.pin(addr, 16, write=True, longterm=True)
+    assert (await p.status())["VmPin"] == 64
+    with pytest.raises(OSError) as exc:
+        await p.pin(addr + 16 * PAGE_SIZE, 1, write=True, longterm=True)
+    assert exc.value.errno == errno.ENOMEM
+    async with p.pin(addr + 16 * PAGE_SIZE, 4, write=True):  # short-term pins are not charged
+        assert (await p.status())["VmPin"] == 64
+    await pages.unpin(0, 10)
+    assert (await p.status())["VmPin"] == 24
+    await pages.unpin()
+    assert (await p.status())["VmPin"] == 0
+    assert len(await k.handles()) == 0
+    locker = await k.spawn("qemu", capabilities=[vkclient.CAP_IPC_LOCK], rlimit_memlock=0)
+    addr = await _populated(locker, 4)
+    async with locker.pin(addr, 4, write=True, longterm=True):
+        assert (await locker.status())["VmPin"] == 16

@@ -41,6 +41,11 @@ class GupServiceStub:
     needs the process to hand it the memory (an fd passed over a socket, ptrace permission):
     PERMISSION_DENIED (EPERM) without one. A pid that names no process is NOT_FOUND (ESRCH).
 
+    Locked memory. A FOLL_LONGTERM pin is charged to the target process's pinned_vm (VmPin in
+    /proc/PID/status) against its RLIMIT_MEMLOCK unless it holds CAP_IPC_LOCK, as RDMA's
+    ib_umem_get() charges a registration: RESOURCE_EXHAUSTED (ENOMEM), nothing held, when the
+    limit would be passed. Releasing the pins uncharges them.
+
     Errors carry the Linux errno (DESIGN §7): a call that processed no page fails with the
     errno the entry point returned (EFAULT on a hole, EINVAL for invalid flags …); a partial
     count is a success whose `count` is below `nr_pages`, as in Linux.
@@ -107,6 +112,11 @@ class GupServiceAsyncStub(GupServiceStub):
     needs the process to hand it the memory (an fd passed over a socket, ptrace permission):
     PERMISSION_DENIED (EPERM) without one. A pid that names no process is NOT_FOUND (ESRCH).
 
+    Locked memory. A FOLL_LONGTERM pin is charged to the target process's pinned_vm (VmPin in
+    /proc/PID/status) against its RLIMIT_MEMLOCK unless it holds CAP_IPC_LOCK, as RDMA's
+    ib_umem_get() charges a registration: RESOURCE_EXHAUSTED (ENOMEM), nothing held, when the
+    limit would be passed. Releasing the pins uncharges them.
+
     Errors carry the Linux errno (DESIGN §7): a call that processed no page fails with the
     errno the entry point returned (EFAULT on a hole, EINVAL for invalid flags …); a partial
     count is a success whose `count` is below `nr_pages`, as in Linux.
@@ -168,6 +178,11 @@ class GupServiceServicer(metaclass=_abc_1.ABCMeta):
     process needs a grant from its owner (ProcessService.GrantAccess), the way a Linux driver
     needs the process to hand it the memory (an fd passed over a socket, ptrace permission):
     PERMISSION_DENIED (EPERM) without one. A pid that names no process is NOT_FOUND (ESRCH).
+
+    Locked memory. A FOLL_LONGTERM pin is charged to the target process's pinned_vm (VmPin in
+    /proc/PID/status) against its RLIMIT_MEMLOCK unless it holds CAP_IPC_LOCK, as RDMA's
+    ib_umem_get() charges a registration: RESOURCE_EXHAUSTED (ENOMEM), nothing held, when the
+    limit would be passed. Releasing the pins uncharges them.
 
     Errors carry the Linux errno (DESIGN §7): a call that processed no page fails with the
     errno the entry point returned (EFAULT on a hole, EINVAL for invalid flags …); a partial
