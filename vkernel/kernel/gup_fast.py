@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from vkernel.kernel.gup import Locked, __gup_longterm_locked, valid_gup_flags
 from vkernel.kernel.tlb import POISON, PageTableUseAfterFree, TlbState, tlb_state
 from vkernel.kernel.uapi import (
     _PAGE_PFN_MASK,
@@ -101,7 +102,6 @@ _ANON_EXCL = np.uint32(PG_anon_exclusive)
 _REFERENCED = np.uint32(PG_referenced)
 _ONE32 = np.int32(1)
 _BIAS32 = np.int32(GUP_PIN_COUNTING_BIAS)
-_SLOW = "__gup_longterm_locked"
 
 
 # ---- reference bookkeeping (try_grab_folio_fast / gup_put_folio, vectorised) --------------------
@@ -479,11 +479,7 @@ async def gup_fast_fallback(
     if nr_pinned == nr_pages or gup_flags & FOLL_FAST_ONLY:
         return nr_pinned
     mm.kernel.vmstat.count("fast_gup_slow")
-    from vkernel.kernel import gup
-    from vkernel.kernel.gup import Locked
-
-    slow = getattr(gup, _SLOW)
-    ret: int = await slow(
+    ret = await __gup_longterm_locked(
         mm,
         s + (nr_pinned << PAGE_SHIFT),
         nr_pages - nr_pinned,
@@ -499,8 +495,6 @@ async def gup_fast_fallback(
 
 def _valid(pages: PageArray | None, gup_flags: int, to_set: int) -> int | None:
     """is_valid_gup_args() → the flags to use, or None (stream A's valid_gup_flags)."""
-    from vkernel.kernel.gup import valid_gup_flags
-
     return valid_gup_flags(pages, None, gup_flags, to_set)
 
 

@@ -178,6 +178,7 @@ class TlbState:
 
     def remove_table(self, pfn: int) -> None:
         """tlb_remove_table() with at least one walker IRQ-off (or the unsafe knob set)."""
+        self._remember_loop()
         if self.unsafe_table_free:
             _free_table(self.kernel, pfn)
             if self.irqs_off:
@@ -185,7 +186,6 @@ class TlbState:
                 self.kernel.mem.u64[base : base + PTRS_PER_TABLE] = U64_POISON
                 self.poisoned.append(pfn)
             return
-        self._remember_loop()
         if self.arch == "arm64":
             if self.force_batch_alloc_failure:
                 # tlb_remove_table_one(): no batch page → IPI-and-wait, then free.
