@@ -28,7 +28,7 @@ from vkernel.kernel.uapi import (
     PG_reserved,
     PG_tail,
 )
-from vkernel.kernel.vma import ShmemObject
+from vkernel.kernel.pagecache import AddressSpace
 
 if TYPE_CHECKING:
     from vkernel.kernel.kernel import Kernel
@@ -61,7 +61,7 @@ def audit(kernel: Kernel) -> list[str]:
     tables: list[int] = []
     zero_maps = 0
     huge_zero_maps = 0
-    shmem_objs: dict[int, ShmemObject] = {}
+    shmem_objs: dict[int, AddressSpace] = {}
     for mm in _live_mms(kernel):
         mm_anon = 0
         mm_shmem = 0
@@ -129,6 +129,11 @@ def audit(kernel: Kernel) -> list[str]:
             if vma.shmem is not None:
                 shmem_objs[id(vma.shmem)] = vma.shmem
 
+    vfs = getattr(kernel, "vfs", None)
+    if vfs is not None:  # file page caches (shmem, disk) and dax device frames
+        for obj in vfs.address_spaces():
+            shmem_objs[id(obj)] = obj
+
     exp_ref = np.zeros(n, dtype=np.int64)
     exp_map = np.zeros(n, dtype=np.int64)
     exp_pin = np.zeros(n, dtype=np.int64)
@@ -153,6 +158,10 @@ def audit(kernel: Kernel) -> list[str]:
         if obj.pages:
             sp = np.fromiter(obj.pages.values(), dtype=np.int64, count=len(obj.pages))
             exp_ref += np.bincount(mem.compound_heads(sp), minlength=n)
+    if vfs is not None:
+        res = vfs.reserved_frames()
+        if len(res):
+            exp_ref += np.bincount(res, minlength=n)
     for pfn, cnt in kernel.extra_refs.items():
         exp_ref[pfn] += cnt
     for pfn, cnt in kernel.extra_pins.items():

@@ -49,6 +49,8 @@ class KernelConfig:
     """Size of the ZONE_MOVABLE-like region that FOLL_LONGTERM pins must migrate out of."""
     thp: str = "madvise"
     """transparent_hugepage/enabled: always, madvise or never."""
+    readahead: bool = True
+    """Page-cache readahead (a 32-page window) on file reads."""
 
 
 class Kernel:
@@ -63,6 +65,7 @@ class Kernel:
         self.tasks: dict[int, Task] = {}
         self._last_pid = FIRST_PID - 1
         self._init_memory()
+        self._init_files()
 
     def _init_memory(self) -> None:
         """mm_init(): bring up physical memory, the zero page and the mm registries."""
@@ -80,6 +83,12 @@ class Kernel:
         """folio head pfn → expected _pincount of a large folio; audit uses it."""
         self.pgtable_free_hooks: list[Callable[[int], None]] = []
         """Called with the pfn of each page-table page just before tlb_remove_table frees it."""
+
+    def _init_files(self) -> None:
+        """vfs_caches_init(): the file namespace (block devices are added by the daemon)."""
+        from vkernel.kernel.fs import Vfs
+
+        self.vfs = Vfs(self, readahead=self.config.readahead)
 
     @property
     def version(self) -> str:
@@ -134,8 +143,16 @@ class Kernel:
             start_time=time.monotonic(),
         )
         task.mm = self._mm_alloc(task)
+        task.files = self._files_alloc()
         self.tasks[task.pid] = task
         return task
+
+    @staticmethod
+    def _files_alloc() -> object:
+        """A fresh, empty descriptor table (RLIMIT_NOFILE 1024)."""
+        from vkernel.kernel.fdtable import FdTable
+
+        return FdTable()
 
     def _mm_alloc(self, task: Task) -> object:
         """mm_alloc(): a new empty address space for ``task``."""
@@ -147,7 +164,10 @@ class Kernel:
         """kernel_clone(): a child with a COW copy of ``task``'s address space (dup_mmap)."""
         from vkernel.kernel.fork import dup_task
 
-        return await dup_task(self, task)
+        child = await dup_task(self, task)
+        files = task.files
+        child.files = files.dup() if files is not None else self._files_alloc()  # dup_fd()
+        return child
 
     def kill(self, task: Task, signo: int) -> None:
         """kill(2) on a task without handlers: the default action of ``signo``."""
@@ -169,6 +189,9 @@ class Kernel:
             exit_mmap = getattr(mm, "exit_mmap", None)
             if exit_mmap is not None:
                 exit_mmap()
+        files, task.files = task.files, None
+        if files is not None:
+            files.close_all()  # exit_files()
         task.state = TaskState.ZOMBIE
         task.exited.set()
 

@@ -39,6 +39,8 @@ class Task:
     start_time: float = 0.0
     mm: Any = None
     """The task's mm_struct; set by the mm layer (vkernel.kernel.mm)."""
+    files: Any = None
+    """The task's descriptor table (files_struct, vkernel.kernel.fdtable.FdTable)."""
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     _kill_hooks: set[Callable[[], None]] = field(default_factory=set)
     _fatal_signal: int = 0

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vkernel.kernel.pagecache import AddressSpace
 from vkernel.kernel.pgtable import vm_get_page_prot
 from vkernel.kernel.uapi import (
     PAGE_SHIFT,
@@ -38,18 +39,18 @@ class AnonVma:
         self.refs = 0
 
 
-class ShmemObject:
-    """shmem_inode_info of an anonymous shared mapping (mm/shmem.c shmem_zero_setup).
+class ShmemObject(AddressSpace):
+    """shmem_inode_info of an anonymous shared mapping (mm/shmem.c shmem_zero_setup) or of a
+    shmem file (shmem_file_setup, memfd_create): the same object, so both fault the same way.
 
     Its page cache maps file page index → pfn; each cached page holds one reference.
     """
 
+    shmem = True
+
     def __init__(self, mem: PhysMem, size_bytes: int) -> None:
-        self.mem = mem
-        self.id = mem.register_mapping(self)
+        super().__init__(mem, size_bytes)
         self.ino = next(_shmem_ino)
-        self.size = size_bytes
-        self.pages: dict[int, int] = {}
         self.users = 0
 
     def get(self) -> None:
