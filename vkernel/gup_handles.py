@@ -216,6 +216,8 @@ class HandleTable:
 
     def _handles(self, session: Session) -> dict[int, GupHandle]:
         """The session's handle dict, registering the close hook on first use."""
+        if session.closed:
+            raise KernelError(errno.ESRCH, f"session {session.id} has ended")
         handles = self._by_session.get(session.id)
         if handles is None:
             handles = self._by_session[session.id] = {}

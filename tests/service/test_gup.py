@@ -377,3 +377,29 @@ async def test_longterm_pins_are_charged_to_rlimit_memlock(k: vkclient.Kernel) -
     addr = await _populated(locker, 4)
     async with locker.pin(addr, 4, write=True, longterm=True):
         assert (await locker.status())["VmPin"] == 16
+
+
+async def test_batch_stream_of_an_ended_session_fails(daemon: Daemon, k: vkclient.Kernel) -> None:
+    """A driver's session ends while its Batch stream is open: the pins taken through the
+    stream are released with the session, and the stream refuses further work."""
+    p = await k.spawn("owner")
+    addr = await _populated(p, 8)
+    pfns = await _pfns(p, addr, 8)
+    before = await _refcounts(k, pfns)
+    driver = await vkclient.connect(daemon.addr, client_name="driver")
+    await p.grant(driver.session_id)
+    with structlog.testing.capture_logs():
+        async with driver.gup_stream() as s:
+            [res] = await s.submit(
+                [GupStream.gup_op(p.pid, pb.GUP_API_PIN_USER_PAGES_FAST, addr, 8, 1)]
+            )
+            assert res.gup.count == 8
+            assert daemon.kernel.extra_refs
+            assert driver._keepalive is not None
+            driver._keepalive.cancel()
+            with anyio.fail_after(5):
+                while await _refcounts(k, pfns) != before:
+                    await anyio.sleep(0.02)
+            with pytest.raises(vkclient.SessionError):
+                await s.submit([GupStream.gup_op(p.pid, pb.GUP_API_PIN_USER_PAGES_FAST, addr, 1)])
+    await driver.close()

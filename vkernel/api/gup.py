@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vkernel.api.process import owned_task
-from vkernel.api.rpc import note_pid, require_session
+from vkernel.api.rpc import RpcFailure, note_pid, require_session
 from vkernel.gup_handles import GupHandle, GupResult, HandleTable
 from vkernel.kernel.errors import KernelError, einval
 from vkernel.kernel.gup_test import gup_test_ioctl
@@ -171,6 +171,10 @@ class GupServicer(pb_grpc.GupServiceServicer):
         # interceptor with context.write, whose await is the backpressure.
         session = require_session(context, self._sessions)
         async for request in request_iterator:
+            if session.closed:  # the driver's session ended under its stream
+                raise RpcFailure(
+                    grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
+                )
             if len(request.ops) > MAX_BATCH_OPS:
                 raise einval(f"more than {MAX_BATCH_OPS} operations in one message", "ops")
             results: list[pb.BatchResult] = []
