@@ -108,20 +108,25 @@ _BIAS32 = np.int32(GUP_PIN_COUNTING_BIAS)
 
 
 def _mirror(kernel: Kernel, heads: PageArray, delta: int, pins: PageArray | None) -> None:
-    """Record grabbed references in kernel.extra_refs/extra_pins (what try_grab_folio does)."""
+    """Record grabbed references in kernel.extra_refs/extra_pins (what try_grab_folio does).
+
+    C-level dict operations only, whatever the overlap with references already held: the keys
+    already present are saved, every key is (over)written with ``delta`` in one update, then the
+    saved ones get their old count back on top; a folio twice in the batch is fixed up last.
+    """
     refs = kernel.extra_refs
     keys = heads.tolist()
-    if refs.keys().isdisjoint(keys):
-        n0 = len(refs)
-        dict.update(refs, dict.fromkeys(keys, delta))
-        if len(refs) - n0 != len(keys):  # a folio twice in the batch got ``delta`` once
-            uniq, cnt = np.unique(heads, return_counts=True)
-            for k, c in zip(uniq[cnt > 1].tolist(), cnt[cnt > 1].tolist(), strict=True):
-                refs[k] += delta * (c - 1)
-    else:
-        get = refs.get
-        for k in keys:
-            refs[k] = get(k, 0) + delta
+    common = refs.keys() & keys
+    old = {k: refs[k] for k in common} if common else None
+    n0 = len(refs)
+    dict.update(refs, dict.fromkeys(keys, delta))
+    if old:
+        for k, v in old.items():
+            refs[k] = v + delta
+    if len(refs) - n0 != len(keys) - len(common):  # a folio twice in the batch got ``delta`` once
+        uniq, cnt = np.unique(heads, return_counts=True)
+        for k, c in zip(uniq[cnt > 1].tolist(), cnt[cnt > 1].tolist(), strict=True):
+            refs[k] += delta * (c - 1)
     if pins is not None and len(pins):
         ep = kernel.extra_pins
         for k in pins.tolist():
