@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from vkernel.kernel import thp
+from vkernel.kernel import memory, thp
 from vkernel.kernel.cred import Capability
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.memory import handle_mm_fault
@@ -99,6 +99,8 @@ from vkernel.kernel.uapi import (
     VM_READ,
     VM_SHARED,
     VM_SOFTDIRTY,
+    VM_UFFD_MINOR,
+    VM_UFFD_MISSING,
     VM_UFFD_WP,
     VM_WRITE,
     PG_anon,
@@ -121,6 +123,9 @@ PageArray = npt.NDArray[np.int64]
 INT32_MAX = (1 << 31) - 1
 """The largest value the 32-bit _refcount can hold (atomic_t)."""
 _ANON_EXCL = PG_anon | PG_anon_exclusive
+_NO_BATCH = FOLL_DUMP | FOLL_SPLIT_PMD | FOLL_HONOR_NUMA_FAULT
+"""Flags whose rules the vectorised PTE run does not model: always walk page by page."""
+_VM_UFFD_ANY = VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR
 
 
 class Locked:
@@ -282,15 +287,61 @@ def valid_gup_flags(
 # ---- release (unpin_user_page*, put_page) --------------------------------------------------------
 
 
-def _grouped_heads(kernel: Kernel, pages: PageArray, npages: int) -> tuple[list[int], list[int]]:
+def _grouped_heads(kernel: Kernel, pages: PageArray, npages: int) -> tuple[PageArray, PageArray]:
     """gup_folio_next(): the folios of pages[:npages] (NULL = negative skipped) and page counts."""
     p = np.asarray(pages[:npages], dtype=np.int64)
     p = p[p >= 0]
-    if not len(p):
-        return [], []
     heads = kernel.mem.compound_heads(p)
     uniq, counts = np.unique(heads, return_counts=True)
-    return uniq.tolist(), counts.tolist()
+    return uniq.astype(np.int64), counts.astype(np.int64)
+
+
+def gup_put_folios(kernel: Kernel, heads: PageArray, counts: PageArray, flags: int) -> None:
+    """gup_put_folio() for many distinct folio heads at once (unpin_user_pages' batches).
+
+    All-or-nothing: if any folio does not hold the references being dropped, RuntimeError is
+    raised before anything changes.
+    """
+    mem = kernel.mem
+    if not len(heads):
+        return
+    pin = bool(flags & FOLL_PIN)
+    if pin:
+        keep = heads != mem.zero_pfn
+        if not keep.all():
+            heads, counts = heads[keep], counts[keep]
+            if not len(heads):
+                return
+    large = mem.order[heads] > 0
+    delta = np.where(large | (not pin), counts, counts * GUP_PIN_COUNTING_BIAS)
+    er = kernel.extra_refs
+    ep = kernel.extra_pins
+    hl = heads.tolist()
+    dl = delta.tolist()
+    for h, d in zip(hl, dl, strict=True):
+        if er.get(h, 0) < d:
+            raise RuntimeError(f"put of pfn {h}: {d} references not held")
+    if pin and large.any():
+        lh = heads[large]
+        lc = counts[large]
+        for h, c in zip(lh.tolist(), lc.tolist(), strict=True):
+            if ep.get(h, 0) < c:
+                raise RuntimeError(f"unpin of pfn {h}: {c} pins not held")
+        mem.pincount[lh] -= lc.astype(np.int32)
+        for h, c in zip(lh.tolist(), lc.tolist(), strict=True):
+            _extra_sub(ep, h, c)
+    mem.refcount[heads] -= delta.astype(np.int32)
+    for h, d in zip(hl, dl, strict=True):
+        _extra_sub(er, h, d)
+    if pin:
+        kernel.vmstat.count("nr_foll_pin_released", int(counts.sum()))
+    rc = mem.refcount[heads]
+    dead = heads[rc == 0]
+    if len(dead):
+        mem.free_folios(dead)
+    hz = mem.huge_zero_pfn
+    if hz >= 0 and mem.huge_zero_maps == 0 and mem.refcount[hz] == 1 and (heads == hz).any():
+        mem.put_huge_zero_page(0)
 
 
 def unpin_user_page(kernel: Kernel, pfn: int) -> None:
@@ -303,14 +354,14 @@ def unpin_user_pages(kernel: Kernel, pages: PageArray, npages: int) -> None:
     if npages <= 0:
         return
     heads, counts = _grouped_heads(kernel, pages, npages)
-    for h, c in zip(heads, counts, strict=True):
-        gup_put_folio(kernel, h, c, FOLL_PIN)
+    gup_put_folios(kernel, heads, counts, FOLL_PIN)
 
 
-def _mark_dirty(kernel: Kernel, heads: list[int]) -> None:
+def _mark_dirty(kernel: Kernel, heads: PageArray) -> None:
     """folio_mark_dirty() under the folio lock, for each folio not already dirty."""
-    if heads:
-        kernel.mem.flags[np.array(heads, dtype=np.int64)] |= np.uint32(PG_dirty)
+    heads = heads[heads != kernel.mem.zero_pfn]
+    if len(heads):
+        kernel.mem.flags[heads] |= np.uint32(PG_dirty)
 
 
 def unpin_user_pages_dirty_lock(
@@ -322,8 +373,7 @@ def unpin_user_pages_dirty_lock(
     heads, counts = _grouped_heads(kernel, pages, npages)
     if make_dirty:
         _mark_dirty(kernel, heads)
-    for h, c in zip(heads, counts, strict=True):
-        gup_put_folio(kernel, h, c, FOLL_PIN)
+    gup_put_folios(kernel, heads, counts, FOLL_PIN)
 
 
 def unpin_user_page_range_dirty_lock(
@@ -346,8 +396,7 @@ def put_pages(kernel: Kernel, pages: PageArray, npages: int) -> None:
     if npages <= 0:
         return
     heads, counts = _grouped_heads(kernel, pages, npages)
-    for h, c in zip(heads, counts, strict=True):
-        gup_put_folio(kernel, h, c, FOLL_GET)
+    gup_put_folios(kernel, heads, counts, FOLL_GET)
 
 
 # ---- the seeds' names (2014 get_user_pages_locked, 2019 put_user_page*) --------------------------
@@ -554,6 +603,129 @@ def _pte_slot(pmd: int, address: int) -> int:
     return table_of(pmd) * PTRS_PER_TABLE + ((address >> PAGE_SHIFT) & 511)
 
 
+_U64_P = np.uint64(_PAGE_PRESENT)
+_U64_RW = np.uint64(_PAGE_RW)
+_U64_SPECIAL = np.uint64(_PAGE_SPECIAL)
+_U64_DIRTY = np.uint64(_PAGE_DIRTY)
+
+
+def follow_pte_batch(
+    vma: VMA, start: int, nr_pages: int, flags: int, pages: PageArray | None, off: int
+) -> int:
+    """follow_page_pte() + try_grab_folio() for a run of PTEs of one leaf table at once.
+
+    Takes the longest prefix (within the VMA and the table) of entries the per-page walk would
+    return without faulting: present, not special (the zero page aside), small folios,
+    writable for FOLL_WRITE, no unshare needed; grabs them, TOUCHes them and fills
+    pages[off:off+k]. Returns k (0 = let the per-page path decide: a leaf PMD, a fault …).
+    """
+    mm = vma.mm
+    mem = mm.mem
+    u = mem.u64
+    slot = pmd_slot(mm, start)
+    if slot < 0:
+        return 0
+    e = u.item(slot)
+    if not e or e & _PAGE_PSE:
+        return 0
+    i0 = (start >> PAGE_SHIFT) & 511
+    n = min(nr_pages, PTRS_PER_TABLE - i0, (vma.vm_end - start) >> PAGE_SHIFT)
+    if n < 2:
+        return 0
+    base = table_of(e) * PTRS_PER_TABLE + i0
+    ptes = u[base : base + n]
+    pfns = ((ptes & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
+    zero = pfns == mem.zero_pfn
+    ok = ((ptes & _U64_P) != 0) & (((ptes & _U64_SPECIAL) == 0) | zero)
+    if flags & FOLL_WRITE:
+        ok &= (ptes & _U64_RW) != 0
+    k = n if ok.all() else int(np.argmin(ok))
+    if not k:
+        return 0
+    ptes, pfns, zero = ptes[:k], pfns[:k], zero[:k]
+    ok = mem.order[pfns] == 0
+    if (flags & (FOLL_WRITE | FOLL_PIN)) == FOLL_PIN:
+        ro = (ptes & _U64_RW) == 0
+        if ro.any():
+            pf = mem.flags[pfns]
+            anon = (pf & np.uint32(PG_anon)) != 0
+            must = anon & ((pf & np.uint32(PG_anon_exclusive)) == 0)
+            if flags & FOLL_LONGTERM and vma.is_cow_mapping():
+                must |= ~anon
+            ok &= ~(ro & must)
+    pin = bool(flags & FOLL_PIN)
+    grab = pin or bool(flags & FOLL_GET)
+    delta = GUP_PIN_COUNTING_BIAS if pin else 1
+    if grab:
+        rc = mem.refcount[pfns].astype(np.int64)
+        fits = (rc > 0) & (rc + delta <= INT32_MAX)
+        ok &= fits | zero if pin else fits
+    k = k if ok.all() else int(np.argmin(ok))
+    if not k:
+        return 0
+    ptes, pfns, zero = ptes[:k], pfns[:k], zero[:k]
+    nzero = int(np.count_nonzero(zero))
+    real = pfns[~zero] if nzero else pfns
+    if grab:
+        if len(np.unique(real)) != len(real):
+            return 0  # the same page twice in one run: leave it to the per-page path
+        er = mm.kernel.extra_refs
+        if len(real):
+            mem.refcount[real] += np.int32(delta)
+            for p in real.tolist():
+                er[p] += delta
+        if pin:
+            mm.kernel.vmstat.count("nr_foll_pin_acquired", len(real))
+        elif nzero:
+            mem.refcount[mem.zero_pfn] += nzero  # FOLL_GET references the zero page
+            er[mem.zero_pfn] += nzero
+    if flags & FOLL_TOUCH and len(real):
+        if flags & FOLL_WRITE:
+            clean = (ptes & _U64_DIRTY) == 0
+            if clean.any():
+                mem.flags[pfns[clean]] |= np.uint32(PG_dirty)
+        mem.flags[real] |= np.uint32(PG_referenced)
+    if pages is not None:
+        pages[off : off + k] = pfns
+    return k
+
+
+def faultin_none_run(vma: VMA, start: int, nr_pages: int, flags: int, current: Task | None) -> int:
+    """faultin_page() for a run of none PTEs of an anonymous VMA at once (do_anonymous_pages).
+
+    The same result and accounting as one fault per page; used only where a fault can neither
+    block nor fail differently (private anon, an existing PTE table, no test ->fault, no
+    FOLL_NOFAULT). Returns how many PTEs were populated (0: let the per-page path fault).
+    """
+    if flags & (FOLL_NOFAULT | _NO_BATCH) or not vma.is_anonymous() or vma.is_shared():
+        return 0
+    if memory.has_test_fault_hook(vma) or vma.vm_flags & _VM_UFFD_ANY:
+        return 0
+    mm = vma.mm
+    u = mm.mem.u64
+    slot = pmd_slot(mm, start)
+    if slot < 0:
+        return 0
+    e = u.item(slot)
+    if not e or e & _PAGE_PSE:
+        return 0
+    i0 = (start >> PAGE_SHIFT) & 511
+    n = min(nr_pages, PTRS_PER_TABLE - i0, (vma.vm_end - start) >> PAGE_SHIFT)
+    if n < 2:
+        return 0
+    t = table_of(e)
+    run = u[t * PTRS_PER_TABLE + i0 : t * PTRS_PER_TABLE + i0 + n]
+    m = n if not run.any() else int(np.argmax(run != 0))
+    if m < 2:
+        return 0
+    write = bool(flags & FOLL_WRITE)
+    idx = np.arange(i0, i0 + m, dtype=np.int64)
+    done = memory.do_anonymous_pages(vma, t, start & PMD_MASK, idx, write)
+    fault_flags = FAULT_FLAG_WRITE if write else 0
+    memory.mm_account_fault(mm, current, fault_flags, 0, done)
+    return done
+
+
 # ---- VMA checks and faulting ----------------------------------------------------------------------
 
 
@@ -694,6 +866,18 @@ def __get_user_pages(
                     ret = check_vma_flags(vma, gup_flags)
                     if ret:
                         break
+            if nr_pages > 1 and not gup_flags & _NO_BATCH:
+                if _fatal(current):
+                    ret = -errno.EINTR
+                    break
+                k = follow_pte_batch(vma, start, nr_pages, gup_flags, pages, off + i)
+                if k:
+                    i += k
+                    start += k << PAGE_SHIFT
+                    nr_pages -= k
+                    continue
+                if faultin_none_run(vma, start, nr_pages, gup_flags, current):
+                    continue
             while True:  # retry:
                 if _fatal(current):
                     ret = -errno.EINTR

@@ -432,6 +432,11 @@ FaultHook = Callable[["VMA", int, int], "int | None"]
 _TEST_FAULT_HOOKS: weakref.WeakKeyDictionary[VMA, FaultHook] = weakref.WeakKeyDictionary()
 
 
+def has_test_fault_hook(vma: VMA) -> bool:
+    """TEST ONLY: whether ``vma`` has an injected ->fault (batch fault paths must not bypass it)."""
+    return bool(_TEST_FAULT_HOOKS) and vma in _TEST_FAULT_HOOKS
+
+
 def set_test_fault_hook(vma: VMA, hook: FaultHook | None) -> None:
     """TEST ONLY: give ``vma`` a ->fault that answers ``hook(vma, addr, fault_flags)`` first.
 
