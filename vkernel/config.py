@@ -9,9 +9,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vkernel.kernel.blockdev import DeviceSpec
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 PAGE_SIZE = 4096
+DEFAULT_DEVICE = "ram0=ram:256M"
+"""The block device the daemon gets when none is configured."""
 
 
 def parse_size(text: str) -> int:
@@ -91,6 +95,10 @@ class ServeConfig:
     """Seconds of keepalive silence after which a session ends (--session-timeout)."""
     prefault: bool = True
     """Back physical memory with host pages at boot, in the background (--no-prefault)."""
+    devices: tuple[DeviceSpec, ...] = ()
+    """Block devices (--device, repeatable); empty means the default RAM device."""
+    readahead: bool = True
+    """Page-cache readahead on file reads (--no-readahead)."""
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -127,7 +135,48 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not populate physical memory at boot (VKERNEL_NO_PREFAULT=1)",
     )
+    serve.add_argument(
+        "--device",
+        action="append",
+        metavar="SPEC",
+        help="a block device, repeatable: NAME=ram:SIZE[,OPTS] or NAME=file:PATH:SIZE[,OPTS]; "
+        "OPTS latency=2ms+10us/KiB,jitter=0.5ms,qd=32,dax=1,eio=SECTOR+COUNT "
+        f"(env VKERNEL_DEVICE, ';'-separated; default {DEFAULT_DEVICE})",
+    )
+    serve.add_argument(
+        "--readahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="page-cache readahead on file reads (VKERNEL_READAHEAD=0 to disable; default on)",
+    )
     return parser
+
+
+def parse_devices(texts: Sequence[str]) -> tuple[DeviceSpec, ...]:
+    """Parse device specs; names must be unique."""
+    specs = tuple(DeviceSpec.parse(t) for t in texts)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate device name in {names}")
+    return specs
+
+
+def split_device_env(text: str) -> list[str]:
+    """VKERNEL_DEVICE: specs separated by ';', or by ',' before a NAME= that starts a spec."""
+    out: list[str] = []
+    for part in text.split(";"):
+        cur = ""
+        for piece in part.split(","):
+            if cur and "=" in piece and piece.split("=", 1)[1][:5] in ("ram:", "file:"):
+                out.append(cur)
+                cur = piece
+            elif cur:
+                cur += "," + piece
+            else:
+                cur = piece
+        if cur.strip():
+            out.append(cur.strip())
+    return out
 
 
 def config_from_args(
@@ -177,7 +226,15 @@ def config_from_args(
     session_timeout = float(pick(args.session_timeout, "SESSION_TIMEOUT", "1.0"))
     if grace < 0 or session_timeout <= 0:
         raise ValueError("--grace must be >= 0 and --session-timeout > 0")
+    device_texts = args.device or split_device_env(_env(environ, "DEVICE") or "")
+    devices = parse_devices(device_texts or [DEFAULT_DEVICE])
+    if args.readahead is not None:
+        readahead = bool(args.readahead)
+    else:
+        readahead = (_env(environ, "READAHEAD") or "1").lower() not in ("0", "false", "no", "off")
     return ServeConfig(
+        devices=devices,
+        readahead=readahead,
         listen=listen,
         token=token,
         memory_bytes=memory,

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vkernel import __version__
+from vkernel.api.files import FileServicer
 from vkernel.api.gup import GupServicer
 from vkernel.api.memory import MemoryServicer
 from vkernel.api.process import ProcessServicer
@@ -27,9 +28,12 @@ from vkernel.config import Listen, ServeConfig
 from vkernel.dma_socket import DmaSocketServer, dma_socket_path
 from vkernel.grants import GrantTable
 from vkernel.gup_handles import HandleTable
+from vkernel.kernel.errors import KernelError
 from vkernel.kernel.kernel import Kernel, KernelConfig
 from vkernel.sessions import SessionTable
 from vkernel.v1 import (
+    file_service_pb2,
+    file_service_pb2_grpc,
     gup_service_pb2,
     gup_service_pb2_grpc,
     memory_service_pb2,
@@ -50,6 +54,7 @@ SERVICE_NAMES = (
     system_service_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
     memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
     gup_service_pb2.DESCRIPTOR.services_by_name["GupService"].full_name,
+    file_service_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
 )
 # 64 MiB messages: page data moves in large chunks, and a malformed huge request must be
 # refused by size rather than crash anything.
@@ -134,8 +139,17 @@ async def serve(
             arch=cfg.arch,
             movable_bytes=cfg.movable_bytes,
             thp=cfg.thp,
+            readahead=cfg.readahead,
         )
     )
+    if not kernel.vfs.devices:
+        try:
+            for spec in cfg.devices:
+                kernel.vfs.add_device(spec)
+        except KernelError as e:
+            log.error("startup_failed", error=f"block device: {e}")
+            await kernel.vfs.shutdown()
+            return 1
     if cfg.prefault:
         # The host's first touch of a memfd page costs far more than a vkernel fault; pay it
         # once, off the event loop, while the daemon already serves.
@@ -167,6 +181,7 @@ async def serve(
     memory_service_pb2_grpc.add_MemoryServiceServicer_to_server(
         MemoryServicer(kernel, sessions), server
     )
+    file_service_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(kernel, sessions), server)
     gup_service_pb2_grpc.add_GupServiceServicer_to_server(gup_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -176,6 +191,7 @@ async def serve(
         addresses = [bind(server, item) for item in cfg.listen]
     except StartupError as e:
         log.error("startup_failed", error=str(e))
+        await kernel.vfs.shutdown()
         return 1
     if dma is not None and not dma.start():
         gup_servicer.set_dma_socket_path("")
@@ -198,6 +214,7 @@ async def serve(
     async with anyio.create_task_group() as tg:
         if handle_signals:
             tg.start_soon(_watch_signals, stop)
+        tg.start_soon(kernel.vfs.flusher)  # the dirty-page flusher (wb_workfn)
         await stop.wait()
         tg.cancel_scope.cancel()
 
@@ -217,6 +234,8 @@ async def serve(
         await stopping.wait()
         if dma is not None:
             await dma.stop()
+        # Unmount: write back dirty pages, commit each device's namespace, close devices.
+        await kernel.vfs.shutdown()
         _remove_sockets(cfg.listen)
     log.info("server_stopped")
     return 0
