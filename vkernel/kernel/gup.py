@@ -134,9 +134,11 @@ class Locked:
     __slots__ = ("value",)
 
     def __init__(self, value: int = 1) -> None:
+        """``int locked = value;``"""
         self.value = value
 
     def __repr__(self) -> str:
+        """Debug form, ``Locked(1)``."""
         return f"Locked({self.value})"
 
 
@@ -454,6 +456,7 @@ class FollowPageContext:
     __slots__ = ("page_mask",)
 
     def __init__(self) -> None:
+        """``struct follow_page_context ctx = { NULL };``"""
         self.page_mask = 0
 
 
