@@ -424,6 +424,7 @@ async def sys_mmap(
         else:
             pgoff = 0
         vma = _mmap_region(mm, task, addr, length, vm_flags, pgoff)
+        await tlb_finish_mmu(mm)  # a MAP_FIXED replacement freed page tables
         populate = (flags & (MAP_POPULATE | MAP_NONBLOCK)) == MAP_POPULATE or vm_flags & VM_LOCKED
         if populate:
             from vkernel.kernel.uaccess import populate_range
@@ -846,5 +847,6 @@ async def sys_madvise(task: Task, addr: int, length: int, advice: int) -> None:
             tmp = min(vma.vm_end, end)
             _madvise_vma(mm, vma, start, tmp, advice)
             start = tmp
+        await tlb_finish_mmu(mm)  # THP collapse/split IPIs wait out lockless walkers
         if unmapped:
             raise KernelError(errno.ENOMEM, "range has unmapped parts", field="addr")

@@ -9,6 +9,7 @@ import numpy as np
 
 from vkernel.kernel.pgtable import pgtable_alloc, pmd_slot, table_of, tlb_remove_table
 from vkernel.kernel.physmem import ONE32
+from vkernel.kernel.tlb import tlb_remove_table_sync_one
 from vkernel.kernel.uapi import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -118,8 +119,13 @@ def zap_huge_pmd(mm: MmStruct, slot: int) -> None:
 
 
 def split_huge_pmd(mm: MmStruct, slot: int) -> None:
-    """__split_huge_pmd(): one PMD mapping becomes 512 PTEs of the subpages (folio stays whole)."""
+    """__split_huge_pmd(): one PMD mapping becomes 512 PTEs of the subpages (folio stays whole).
+
+    On arm64 the split broadcasts an IPI that waits out lockless walkers (seed 003).
+    """
     mem = mm.mem
+    if mm.kernel.config.arch == "arm64":
+        tlb_remove_table_sync_one(mm.kernel)
     u = mem.u64
     e = u.item(slot)
     head = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
@@ -246,6 +252,7 @@ def collapse_huge_page(vma: VMA, haddr: int) -> int:
     head = mem.alloc_huge(movable=True)
     if head < 0:
         return SCAN_ALLOC_HUGE_PAGE_FAIL
+    tlb_remove_table_sync_one(mm.kernel)  # pmdp_collapse_flush(): GUP-fast must be out
     if len(rpfns):
         mem.frames[head + ridx] = mem.frames[rpfns]
         np.subtract.at(mem.mapcount, rpfns, ONE32)

@@ -24,12 +24,17 @@ under it is that it runs with interrupts disabled (``local_irq_save``). The mode
       once and the frames are freed when the last walker restores IRQs. If the batch page
       cannot be allocated (debug knob ``force_batch_alloc_failure``), ``tlb_remove_table_one``
       falls back to :func:`tlb_remove_table_sync_one` (an IPI that waits for every IRQ-off
-      walker) before freeing: the unmapper then waits, as on x86. THP split/collapse broadcast
-      the same IPI (``pmdp_collapse_flush`` → sync_one).
+      walker) before freeing: the unmapper then waits, as on x86. THP split broadcasts the
+      same IPI (seed 003).
   ``generic``
       No GUP-fast exists (every call takes the slow path), so nothing ever walks locklessly and
       tables are freed at once.
 
+- **THP collapse** (``pmdp_collapse_flush`` + ``tlb_remove_table_sync_one``, every arch) and
+  the arm64 split register an IPI from synchronous code, which cannot block: the syscall's
+  :func:`tlb_finish_mmu` (munmap, mmap MAP_FIXED, madvise) waits for it instead. Meanwhile
+  the walker is kept safe by its PMD/PTE recheck (the collapsed table is zeroed, not freed:
+  it becomes the new PMD's deposit).
 - **Debug knob** ``unsafe_table_free``: tables are freed at once even under IRQ-off walkers, and
   a frame freed that way is *poisoned* (filled with ``POISON``, like slab's POISON_FREE). A
   parked walker that re-reads its table after the park sees the poison and reports a detected

@@ -13,7 +13,7 @@ import pytest
 from tests.unit.gup_fast.gfhelp import P, ParkedWalker, pte_table_of
 from tests.unit.mm.mmhelp import MakeKernel, MiB, mmap_anon, pfn_at
 from vkernel.kernel.kernel import Kernel
-from vkernel.kernel.mm_api import audit, sys_munmap, write_user
+from vkernel.kernel.mm_api import audit, lookup_pte, sys_madvise, sys_munmap, write_user
 from vkernel.kernel.task import Task
 from vkernel.kernel.tlb import (
     PageTableUseAfterFree,
@@ -21,7 +21,14 @@ from vkernel.kernel.tlb import (
     tlb_remove_table_sync_one,
     tlb_state,
 )
-from vkernel.kernel.uapi import FOLL_GET, FOLL_PIN, FOLL_WRITE, PG_buddy, PG_pgtable
+from vkernel.kernel.uapi import (
+    FOLL_GET,
+    FOLL_PIN,
+    FOLL_WRITE,
+    MADV_COLLAPSE,
+    PG_buddy,
+    PG_pgtable,
+)
 
 
 async def _setup(make_kernel: MakeKernel, arch: str) -> tuple[Kernel, Task, int, int]:
@@ -170,3 +177,40 @@ async def test_thp_split_ipi_is_waited_for_by_the_syscall_tail(make_kernel: Make
 
     put_pages(kernel, w.pages, 4)
     assert st.ipis == 1
+
+
+async def test_exit_with_a_parked_walker_frees_tables_once_it_leaves(
+    make_kernel: MakeKernel,
+) -> None:
+    """A.8 (exit_mmap): the exiting task cannot wait, so its unlinked tables stay queued for
+    the IPI and are freed as soon as the last IRQ-off walker restores IRQs."""
+    kernel, task, a, table = await _setup(make_kernel, "x86_64")
+    w = ParkedWalker(kernel, task.mm, a, 16, FOLL_GET)
+    await w.start()
+    kernel.do_exit(task)
+    assert not _is_free(kernel, table)
+    w.release()
+    assert await w.result() == 0
+    await asyncio.wait_for(rcu_barrier(kernel), 5)
+    assert _is_free(kernel, table)
+    assert tlb_state(kernel).ipi_pending == []
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+async def test_thp_collapse_waits_out_a_walker(make_kernel: MakeKernel, arch: str) -> None:
+    """A.8 (khugepaged: pmdp_collapse_flush + tlb_remove_table_sync_one): MADV_COLLAPSE of a
+    range a walker is reading does not complete while the walker has IRQs off; the walker
+    sees the collapsed (cleared) PTE table and takes nothing from it."""
+    kernel, task, a, table = await _setup(make_kernel, arch)
+    await write_user(task, a, b"c" * (2 * MiB))
+    w = ParkedWalker(kernel, task.mm, a, 16, FOLL_GET)
+    await w.start()
+    collapse = asyncio.ensure_future(sys_madvise(task, a, 2 * MiB, MADV_COLLAPSE))
+    await asyncio.sleep(0.05)
+    assert not collapse.done()
+    w.release()
+    assert await w.result() == 0
+    await asyncio.wait_for(collapse, 5)
+    assert lookup_pte(task, a) & 0x80  # now PMD-mapped
+    assert not _is_free(kernel, table)  # the old PTE table is the new PMD's deposit
+    assert tlb_state(kernel).sync_one >= 1
