@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.unit.gup_fast.gfhelp import P, in_hook, page_array, read_locks
-from tests.unit.mm.mmhelp import MakeKernel, MiB, mmap_anon, pfn_at
+from tests.unit.mm.mmhelp import SHARED_ANON, MakeKernel, MiB, mmap_anon, pfn_at
 from vkernel.kernel.gup import put_pages, unpin_user_page, unpin_user_pages
 from vkernel.kernel.gup_fast import (
     __get_user_pages_fast,
@@ -368,3 +368,78 @@ async def test_accessed_bit_is_left_alone_by_the_fast_path(kernel: Kernel, task:
     assert get_user_pages_fast_only(mm, a, 2, 0, pages) == 2
     assert not int(mm.mem.u64[s]) & _PAGE_ACCESSED
     put_pages(kernel, pages, 2)
+
+
+async def _thp_at(task: Task) -> int:
+    """A written, PMD-mapped THP; its aligned address."""
+    a = await mmap_anon(task, 4 * MiB)
+    await sys_madvise(task, a, 4 * MiB, MADV_HUGEPAGE)
+    h = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    await write_user(task, h, b"T" * (2 * MiB))
+    assert lookup_pte(task, h) & 0x80
+    return h
+
+
+async def test_pmd_changed_during_the_thp_grab_is_undone(kernel: Kernel, task: Task) -> None:
+    """B.21 for a PMD leaf (A.7 §4, 'recheck pmd_val(orig) == *pmdp'): the PMD is split between
+    the grab and the recheck; the whole grab is dropped and the slow path takes the pages."""
+    h = await _thp_at(task)
+    from vkernel.kernel.pgtable import pmd_slot
+    from vkernel.kernel.thp import split_huge_pmd
+
+    mm = task.mm
+    head = pfn_at(task, h)
+    rc0 = int(kernel.mem.refcount[head])
+    in_hook(kernel, "grabbed", lambda: split_huge_pmd(mm, pmd_slot(mm, h)))
+    pages = page_array(16)
+    assert await pin_user_pages_fast(mm, h, 16, FOLL_WRITE, pages) == 16
+    assert _events(kernel) == (0, 1)
+    assert pages.tolist() == list(range(head, head + 16))
+    assert int(kernel.mem.pincount[head]) == 16
+    unpin_user_pages(kernel, pages, 16)
+    # split: 512 PTE mappings take one reference each instead of the PMD's one
+    assert int(kernel.mem.refcount[head]) == rc0 + 511
+
+
+async def test_pte_mapped_thp_subpages_pin_the_folio(kernel: Kernel, task: Task) -> None:
+    """A.5 through the PTE walk: subpages of a PTE-mapped THP take refcount +1 and _pincount +1
+    each on the head; a changed subpage PTE undoes exactly its own grabs."""
+    h = await _thp_at(task)
+    from vkernel.kernel.pgtable import pmd_slot
+    from vkernel.kernel.thp import split_huge_pmd
+
+    mm = task.mm
+    split_huge_pmd(mm, pmd_slot(mm, h))
+    head = pfn_at(task, h)
+    mem = kernel.mem
+    rc0 = int(mem.refcount[head])
+    pages = page_array(32)
+    assert get_user_pages_fast_only(mm, h, 32, 0, pages) == 32
+    assert int(mem.refcount[head]) == rc0 + 32
+    put_pages(kernel, pages, 32)
+    vma = mm.vma_lookup(h)
+    assert vma is not None
+    in_hook(kernel, "grabbed", lambda: zap_page_range_single(vma, h + 20 * P, h + 21 * P))
+    assert gup_fast(mm, h, h + 32 * P, FOLL_PIN | FOLL_WRITE, pages) == 20
+    assert int(mem.pincount[head]) == 20
+    assert int(mem.refcount[head]) == rc0 - 1 + 20  # one PTE gone, 20 pins
+    unpin_user_pages(kernel, pages, 20)
+    assert int(mem.pincount[head]) == 0
+
+
+async def test_longterm_read_pin_of_shmem_must_unshare_in_the_fast_path(
+    kernel: Kernel, task: Task
+) -> None:
+    """A.7 §3 / A.6: with no VMA, a R/O LONGTERM pin of a non-anon (shmem) page 'must unshare',
+    so the walk stops; the slow path sees the shared VMA (not COW) and pins it. A short-term
+    R/O pin of the same page is taken by the walk."""
+    a = await mmap_anon(task, 4 * P, prot=PROT_READ, flags=SHARED_ANON)
+    assert await read_user_bytes(task, a, 4 * P) == bytes(4 * P)
+    pages = page_array(4)
+    assert await pin_user_pages_fast(task.mm, a, 4, 0, pages) == 4
+    assert _events(kernel) == (4, 0)
+    unpin_user_pages(kernel, pages, 4)
+    assert await pin_user_pages_fast(task.mm, a, 4, FOLL_LONGTERM, pages) == 4
+    assert _events(kernel) == (4, 1)
+    assert pages.tolist() == [pfn_at(task, a + i * P) for i in range(4)]
+    unpin_user_pages(kernel, pages, 4)
