@@ -341,8 +341,9 @@ def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int) -> int:
         return do_shmem_fault(vma, addr, pslot, flags)
     if not pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
         return VM_FAULT_SIGBUS
-    if not pte & _PAGE_PRESENT:
-        # do_numa_page(): restore the VMA's protection.
+    if not pte & _PAGE_PRESENT and vma.is_accessible():
+        # do_numa_page(): restore the VMA's protection. A PROT_NONE VMA's entries are not NUMA
+        # hints: a FOLL_FORCE write or unshare goes on to do_wp_page below.
         mem.u64[pslot] = pte_modify(pte, vma.vm_page_prot)
         return 0
     if flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE):

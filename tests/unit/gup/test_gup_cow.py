@@ -324,3 +324,26 @@ async def test_forced_write_to_shared_cow_page(kernel: Kernel, task: Task) -> No
     assert await read_user_bytes(child, a, 4) == b"orig"
     gup.put_page(kernel, p)
     kernel.do_exit(child)
+
+
+async def test_forced_access_to_prot_none_shared_page(kernel: Kernel, task: Task) -> None:
+    """A.1/A.10: FOLL_FORCE on a PROT_NONE private page shared with a child: the forced write
+    and the R/O pin's unshare go to do_wp_page (not do_numa_page: the VMA is inaccessible)
+    and COW into an exclusive page; the child keeps its content."""
+    from vkernel.kernel.uapi import FOLL_FORCE, PROT_NONE
+
+    a = await mmap_anon(task, 2 * P)
+    await write_user(task, a, b"N" * 2 * P)
+    child = await fork(task)
+    await sys_mprotect(task, a, 2 * P, PROT_NONE)
+    shared = pfn_at(child, a)
+    pages = page_array(2)
+    assert await get(task, a, 1, FOLL_WRITE | FOLL_FORCE, pages) == 1
+    assert pages[0] != shared
+    assert await pin(task, a + P, 1, FOLL_FORCE, pages[1:]) == 1
+    assert pages[1] != pfn_at(child, a + P)
+    assert kernel.mem.flags[int(pages[1])] & PG_anon_exclusive
+    assert await read_user_bytes(child, a, 2) == b"NN"
+    gup.put_page(kernel, int(pages[0]))
+    gup.unpin_user_page(kernel, int(pages[1]))
+    kernel.do_exit(child)
