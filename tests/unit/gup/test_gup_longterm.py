@@ -174,3 +174,25 @@ async def test_pinned_vm_against_rlimit_memlock(make_kernel: MakeKernel) -> None
     assert proc_status_mm(task)["VmPin"] == 0
     assert gup.account_pinned_vm(mm, 1 << 40, None) == 0
     gup.unaccount_pinned_vm(mm, 1 << 40)
+
+
+async def test_longterm_chunks_over_movable_thps(make_kernel: MakeKernel) -> None:
+    """B.1 (-L) with B.40: LONGTERM pins of 123 pages at a time over THPs in the movable zone:
+    the first chunk touching a THP migrates it whole; later chunks find it pinnable; every
+    folio ends up outside ZONE_MOVABLE and every call returns its chunk."""
+    kernel = make_kernel(movable_bytes=16 * MiB, thp="always")
+    task = kernel.spawn("t", "s")
+    n = 1024
+    a = await mmap_anon(task, n * P)
+    await write_user(task, a, b"\x33" * n * P)
+    pages = page_array(n)
+    done = 0
+    while done < n:
+        k = min(123, n - done)
+        assert await pin_lt(task, a + done * P, k, 0, pages[done:]) == k
+        done += k
+    assert not any(kernel.mem.in_movable(int(p)) for p in pages)
+    assert vm(task, "pgmigrate_success") == n
+    assert [int(p) for p in pages[::100]] == [pfn_at(task, a + i * P) for i in range(0, n, 100)]
+    assert await read_user_bytes(task, a + 700 * P, 2) == b"\x33\x33"
+    gup.unpin_user_pages(kernel, pages, n)

@@ -242,3 +242,31 @@ async def test_retry_pgfault_accounting(kernel: Kernel, task: Task) -> None:
     assert task.min_flt == minf + 2
     assert task.maj_flt == maj + 1
     gup.put_pages(kernel, pages, 3)
+
+
+async def test_foll_interruptible_and_remote_fault_flags(kernel: Kernel, task: Task) -> None:
+    """A.1/A.3 faultin_page: FOLL_INTERRUPTIBLE adds FAULT_FLAG_INTERRUPTIBLE only with
+    FOLL_UNLOCKABLE; the remote variants add FAULT_FLAG_REMOTE."""
+    from vkernel.kernel.uapi import FAULT_FLAG_INTERRUPTIBLE, FAULT_FLAG_REMOTE, FOLL_INTERRUPTIBLE
+
+    a = await mmap_anon(task, 4 * P)
+    seen: list[int] = []
+
+    def record(vma: VMA, addr: int, flags: int) -> int | None:
+        seen.append(flags)
+        return None
+
+    vma = mm_of(task).vma_lookup(a)
+    assert vma is not None
+    set_test_fault_hook(vma, record)
+    mm = mm_of(task)
+    pages = page_array(4)
+    assert await gup.get_user_pages_unlocked(mm, a, 1, pages, FOLL_INTERRUPTIBLE) == 1
+    assert seen[-1] & FAULT_FLAG_INTERRUPTIBLE
+    assert not seen[-1] & FAULT_FLAG_REMOTE
+    async with mm.mmap_lock.read(task):
+        assert await gup.get_user_pages(mm, a + P, 1, FOLL_INTERRUPTIBLE, pages[1:]) == 1
+        assert not seen[-1] & FAULT_FLAG_INTERRUPTIBLE
+        assert await gup.get_user_pages_remote(mm, a + 2 * P, 1, 0, pages[2:], None) == 1
+        assert seen[-1] & FAULT_FLAG_REMOTE
+    gup.put_pages(kernel, pages, 3)
