@@ -7,8 +7,8 @@ Figures (every in-kernel step is followed by a clean audit, else the benchmark r
 
 - ``pin_fast_64`` / ``pin_fast_512``: ``pin_user_pages_fast(FOLL_WRITE)`` of 64 / 512 pages at
   random, unaligned page offsets of a prefaulted 64 MiB anonymous region (so some calls cross a
-  leaf table), in pages/s; the pins are dropped outside the timed part. Floor: perf-floor §4's
-  "vectorised gup-fast on a flat per-VMA table" on the *same* data -- the region's PTEs as one
+  leaf table), in pages/s; each pin is dropped (untimed) before the next call. Floor:
+  perf-floor §4's "vectorised gup-fast on a flat per-VMA table" on the *same* data -- the region's PTEs as one
   flat int64 array and a copy of the kernel's int32 refcount array: copy the slice, check
   P|RW with one ``bitwise_and.reduce``, shift out the pfns, ``np.add.at(rc, pfns, 1024)``,
   re-check the slice -- at the same offsets, back to back with the kernel in each round. Goal
@@ -109,9 +109,9 @@ def _floor(
     flat: npt.NDArray[np.int64], rc: npt.NDArray[np.int32], offs: list[int], n: int
 ) -> float:
     """perf-floor §4's flat vectorised gup at ``offs``: seconds for all calls."""
-    got = []
-    t0 = time.perf_counter()
+    t = 0.0
     for i in offs:
+        t0 = time.perf_counter()
         seg = flat[i : i + n].copy()
         if np.bitwise_and.reduce(seg) & _NEED != _NEED:
             raise RuntimeError("floor: PTE not present+writable")
@@ -119,25 +119,23 @@ def _floor(
         np.add.at(rc, pfns, _BIAS)
         if not (flat[i : i + n] == seg).all():
             raise RuntimeError("floor: PTE changed")
-        got.append(pfns)
-    dt = time.perf_counter() - t0
-    for pfns in got:
+        t += time.perf_counter() - t0
         np.subtract.at(rc, pfns, _BIAS)
-    return dt
+    return t
 
 
 async def _kernel_pins(kernel: Kernel, task: Task, a: int, offs: list[int], n: int) -> float:
-    """pin_user_pages_fast at ``offs``: seconds for all calls (unpinning is not timed)."""
+    """pin_user_pages_fast at ``offs``: seconds for all calls (each unpin, untimed, follows its
+    pin: the DIO pattern pin → I/O → unpin)."""
     mm = task.mm
-    arrays = [np.empty(n, dtype=np.int64) for _ in offs]
+    pages = np.empty(n, dtype=np.int64)
     t = 0.0
-    for i, pages in zip(offs, arrays, strict=True):
+    for i in offs:
         t0 = time.perf_counter()
         got = await pin_user_pages_fast(mm, a + (i << PAGE_SHIFT), n, FOLL_WRITE, pages)
         t += time.perf_counter() - t0
         if got != n:
             raise RuntimeError(f"pin_user_pages_fast returned {got}, wanted {n}")
-    for pages in arrays:
         unpin_user_pages(kernel, pages, n)
     return t
 

@@ -117,12 +117,13 @@ def _mirror(kernel: Kernel, heads: PageArray, delta: int, pins: PageArray | None
     refs = kernel.extra_refs
     keys = heads.tolist()
     common = refs.keys() & keys
-    old = {k: refs[k] for k in common} if common else None
+    if common:
+        ck = list(common)
+        cv = np.fromiter(map(refs.__getitem__, ck), dtype=np.int64, count=len(ck)) + delta
     n0 = len(refs)
     dict.update(refs, dict.fromkeys(keys, delta))
-    if old:
-        for k, v in old.items():
-            refs[k] = v + delta
+    if common:
+        dict.update(refs, zip(ck, cv.tolist(), strict=True))
     if len(refs) - n0 != len(keys) - len(common):  # a folio twice in the batch got ``delta`` once
         uniq, cnt = np.unique(heads, return_counts=True)
         for k, c in zip(uniq[cnt > 1].tolist(), cnt[cnt > 1].tolist(), strict=True):

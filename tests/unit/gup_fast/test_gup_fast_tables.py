@@ -32,7 +32,8 @@ from vkernel.kernel.uapi import (
 
 
 async def _setup(make_kernel: MakeKernel, arch: str) -> tuple[Kernel, Task, int, int]:
-    """A kernel of ``arch`` with 2 MiB written at an aligned address; (kernel, task, addr, table)."""
+    """A kernel of ``arch``, 16 pages written at a 2 MiB-aligned address: (kernel, task, addr,
+    its PTE table)."""
     kernel = make_kernel(arch=arch)
     task = kernel.spawn("t", "s")
     a = await mmap_anon(task, 4 * MiB)
