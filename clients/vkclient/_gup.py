@@ -73,6 +73,8 @@ __all__ = [
 ]
 
 HandleInfo = pb.HandleInfo
+DMA_CHUNK = 16 << 20
+"""Bytes per DmaRead/DmaWrite call (the daemon takes up to 32 MiB)."""
 IntArray = npt.NDArray[np.int64]
 _LE_U64 = np.dtype("<u8")
 _LE_U32 = np.dtype("<u4")
@@ -184,29 +186,41 @@ class Pages:
 
     async def dma_read(self, offset: int, length: int) -> bytes:
         """A device read through the pages: ``length`` bytes from ``offset`` (bytes from the
-        start of the first page)."""
+        start of the first page), in calls of at most 16 MiB."""
         k = self.kernel
-        resp: pb.DmaReadResponse = await _call(
-            k._gup.DmaRead(
-                pb.DmaReadRequest(handle=self.handle, offset=offset, length=length),
-                metadata=k._metadata,
-                timeout=k.timeout,
+        parts: list[bytes] = []
+        for pos in range(offset, offset + max(length, 1), DMA_CHUNK):
+            n = min(DMA_CHUNK, offset + length - pos)
+            resp: pb.DmaReadResponse = await _call(
+                k._gup.DmaRead(
+                    pb.DmaReadRequest(handle=self.handle, offset=pos, length=n),
+                    metadata=k._metadata,
+                    timeout=k.timeout,
+                )
             )
-        )
-        return resp.data
+            parts.append(resp.data)
+        return b"".join(parts)
 
     async def dma_write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """A device write through the pages (needs write=True); PTE dirty bits stay as they
         are: release with ``dirty=True`` to mark the folios dirty."""
         k = self.kernel
-        resp: pb.DmaWriteResponse = await _call(
-            k._gup.DmaWrite(
-                pb.DmaWriteRequest(handle=self.handle, offset=offset, data=bytes(data)),
-                metadata=k._metadata,
-                timeout=k.timeout,
+        view = memoryview(data).cast("B")
+        written = 0
+        for pos in range(0, max(len(view), 1), DMA_CHUNK):
+            resp: pb.DmaWriteResponse = await _call(
+                k._gup.DmaWrite(
+                    pb.DmaWriteRequest(
+                        handle=self.handle,
+                        offset=offset + pos,
+                        data=bytes(view[pos : pos + DMA_CHUNK]),
+                    ),
+                    metadata=k._metadata,
+                    timeout=k.timeout,
+                )
             )
-        )
-        return resp.bytes_written
+            written += resp.bytes_written
+        return written
 
 
 class _GupContext:

@@ -20,6 +20,7 @@ from tests.service.conftest import Daemon
 from vkclient import (
     FOLL_GET,
     FOLL_LONGTERM,
+    FOLL_NOFAULT,
     FOLL_PIN,
     PAGE_SIZE,
     GupStream,
@@ -219,6 +220,15 @@ async def test_errno_round_trips(k: vkclient.Kernel) -> None:
     assert exc.value.errno == errno.EINVAL
     with pytest.raises(ProcessLookupError):
         await k.process(4_000_000).pin(addr, 1)
+    # FOLL_NOFAULT (B.1 #9): never faults; a partial count, then EFAULT at the first hole.
+    lazy = await p.mmap(4 * PAGE_SIZE)
+    await p.write(lazy, b"\1" * (2 * PAGE_SIZE))
+    async with p.pin(lazy, 4, write=True, api="locked", flags=FOLL_NOFAULT) as pages:
+        assert pages.count == 2
+    with pytest.raises(OSError) as exc:
+        await p.pin(lazy + 2 * PAGE_SIZE, 2, write=True, flags=FOLL_NOFAULT)
+    assert exc.value.errno == errno.EFAULT
+    assert [e & vkclient.PM_PRESENT for e in await p.pagemap(lazy + 2 * PAGE_SIZE, 2)] == [0, 0]
     assert await k.handles() == []
 
 
@@ -403,3 +413,18 @@ async def test_batch_stream_of_an_ended_session_fails(daemon: Daemon, k: vkclien
             with pytest.raises(vkclient.SessionError):
                 await s.submit([GupStream.gup_op(p.pid, pb.GUP_API_PIN_USER_PAGES_FAST, addr, 1)])
     await driver.close()
+
+
+async def test_large_dma_runs_off_loop_and_in_chunks(k: vkclient.Kernel) -> None:
+    """A 17 MiB DMA: the SDK splits it into calls of 16 MiB, the daemon copies the large
+    ones in a worker thread while the pins keep the frames; the process sees every byte."""
+    p = await k.spawn("bulk-dma")
+    npages = (17 << 20) // PAGE_SIZE
+    addr = await p.mmap(npages * PAGE_SIZE)
+    data = bytes(range(251)) * ((npages * PAGE_SIZE) // 251 + 1)
+    data = data[: npages * PAGE_SIZE]
+    async with p.pin(addr, npages, write=True) as pages:
+        assert pages.count == npages
+        assert await pages.dma_write(0, data) == len(data)
+        assert await p.read(addr, len(data)) == data
+        assert await pages.dma_read(0, len(data)) == data
