@@ -13,6 +13,13 @@ Where the model differs from Linux 6.12 (see docs/gup-interface.md, stream A):
 - pinned_vm is charged by the caller (RDMA/io_uring style) with account_pinned_vm() /
   unaccount_pinned_vm(); pin_user_pages*() itself never charges RLIMIT_MEMLOCK.
 - A negative entry of a pages array is NULL (skipped by unpin_user_pages, as Linux skips NULL).
+- FOLL_LONGTERM migration moves a THP whole (no split fallback when no free 2 MiB block is
+  left in the normal zone: that is a migration failure, -ENOMEM); a folio whose mappings the
+  rmap walk cannot all find, or with references beyond its mappings, fails likewise.
+- Only fatal signals exist, so FOLL_INTERRUPTIBLE changes the fault flags but not
+  gup_signal_pending().
+- The slow path handles runs of present PTEs and of none anon PTEs vectorised (same result as
+  the page-by-page walk; the fatal-signal check is made once per run).
 """
 
 from __future__ import annotations
@@ -1195,6 +1202,49 @@ def _entry_flags(
     if nr_pages < 0 or (pages is not None and len(pages) < nr_pages):
         return None
     return valid_gup_flags(pages, locked, gup_flags, to_set)
+
+
+async def fixup_user_fault(
+    mm: MmStruct,
+    address: int,
+    fault_flags: int,
+    unlocked: list[bool] | None,
+    *,
+    current: Task | None = None,
+) -> int:
+    """fixup_user_fault(): resolve one fault for a caller holding mmap_lock (futex, KVM).
+
+    0 or -errno (-EFAULT: no VMA or vma_permits_fault() fails; -EINTR: KILLABLE with a fatal
+    signal; vm_fault_to_errno()). With ``unlocked`` the handler may drop the lock: it is
+    retaken (never returned unlocked) and ``unlocked[0]`` set True.
+    """
+    if unlocked is not None:
+        fault_flags |= FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_KILLABLE
+    lock = mm.mmap_lock
+    while True:
+        vma = mm.vma_lookup(address)
+        if vma is None:
+            return -errno.EFAULT
+        need = VM_WRITE if fault_flags & FAULT_FLAG_WRITE else VM_READ
+        if not vma.vm_flags & need:  # vma_permits_fault()
+            return -errno.EFAULT
+        if fault_flags & FAULT_FLAG_KILLABLE and _fatal(current):
+            return -errno.EINTR
+        ret = handle_mm_fault(vma, address, fault_flags, current)
+        if ret & VM_FAULT_COMPLETED:
+            await lock.read_lock(current, killable=False)
+            if unlocked is not None:
+                unlocked[0] = True
+            return 0
+        if ret & VM_FAULT_ERROR:
+            return vm_fault_to_errno(ret, 0) or -errno.EFAULT
+        if ret & VM_FAULT_RETRY:
+            await lock.read_lock(current, killable=False)
+            if unlocked is not None:
+                unlocked[0] = True
+            fault_flags |= FAULT_FLAG_TRIED
+            continue
+        return 0
 
 
 # ---- FOLL_LONGTERM: migrate folios out of ZONE_MOVABLE (mm/gup.c, mm/migrate.c) -------------------

@@ -270,3 +270,27 @@ async def test_foll_interruptible_and_remote_fault_flags(kernel: Kernel, task: T
         assert await gup.get_user_pages_remote(mm, a + 2 * P, 1, 0, pages[2:], None) == 1
         assert seen[-1] & FAULT_FLAG_REMOTE
     gup.put_pages(kernel, pages, 3)
+
+
+async def test_fixup_user_fault(kernel: Kernel, task: Task) -> None:
+    """A.2 fixup_user_fault(): resolves a fault under the caller's lock; -EFAULT without a
+    VMA or permission; after a RETRY the lock is retaken (never returned unlocked) and
+    ``unlocked`` reports it; KILLABLE with a fatal signal → -EINTR."""
+    from vkernel.kernel.mm_api import lookup_pte
+    from vkernel.kernel.uapi import FAULT_FLAG_WRITE, PROT_READ
+
+    a = await mmap_anon(task, 2 * P)
+    ro = await mmap_anon(task, P, PROT_READ)
+    mm = mm_of(task)
+    unlocked = [False]
+    hook(task, a, Blocker(addr=a + P))
+    async with mm.mmap_lock.read(task):
+        assert await gup.fixup_user_fault(mm, a, FAULT_FLAG_WRITE, None) == 0
+        assert lookup_pte(task, a)
+        assert await gup.fixup_user_fault(mm, ro, FAULT_FLAG_WRITE, None) == -errno.EFAULT
+        assert await gup.fixup_user_fault(mm, 0x1000, 0, None) == -errno.EFAULT
+        assert await gup.fixup_user_fault(mm, a + P, FAULT_FLAG_WRITE, unlocked) == 0
+        assert unlocked == [True]
+        assert mm.mmap_lock.readers == 1
+        task.send_fatal_signal(signal.SIGKILL)
+        assert await gup.fixup_user_fault(mm, a, 0, unlocked, current=task) == -errno.EINTR
