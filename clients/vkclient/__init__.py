@@ -12,6 +12,7 @@ the pagemap bits PM_PRESENT …) are importable from here too.
 """
 
 from vkclient import _gup, constants
+from vkclient._files import DeviceInfo, FileStat
 from vkclient._gup import *  # FOLL_*, Pages, DmaMemory, GupStream, HandleInfo
 from vkclient._kernel import (
     CAP_IPC_LOCK,
@@ -23,12 +24,14 @@ from vkclient._kernel import (
     WaitResult,
     connect,
 )
-from vkclient.constants import *  # PROT_*, MAP_*, MADV_*, MREMAP_*, PM_* …
+from vkclient.constants import *  # PROT_*, MAP_*, MADV_*, MREMAP_*, PM_*, O_*, FALLOC_FL_* …
 from vkclient.errors import SessionError, UserFaultError, VkernelError
 
 __all__ = [
     "CAP_IPC_LOCK",
     "CAP_SYS_PTRACE",
+    "DeviceInfo",
+    "FileStat",
     "Kernel",
     "Process",
     "ProcessInfo",

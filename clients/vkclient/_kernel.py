@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vkclient._address import grpc_target, resolve_address, resolve_token
+from vkclient._files import FilesMixin, KernelFilesMixin
 from vkclient._gup import GupMixin, KernelGupMixin
 from vkclient._keepalive import KeepaliveThread
 from vkclient._memory import KernelMemoryMixin, MemoryMixin
@@ -62,7 +63,7 @@ class WaitResult:
     signal: int
 
 
-class Kernel(KernelMemoryMixin, KernelGupMixin):
+class Kernel(KernelMemoryMixin, KernelGupMixin, KernelFilesMixin):
     """A connection to one vkernel daemon with one session; use ``async with connect()``."""
 
     def __init__(
@@ -214,7 +215,7 @@ class Kernel(KernelMemoryMixin, KernelGupMixin):
         return await _call(method(request, metadata=self._metadata, timeout=timeout))
 
 
-class Process(MemoryMixin, GupMixin):
+class Process(MemoryMixin, GupMixin, FilesMixin):
     """A process owned by the kernel handle's session."""
 
     def __init__(self, kernel: Kernel, info: ProcessInfo) -> None:

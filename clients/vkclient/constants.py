@@ -1,4 +1,4 @@
-"""Linux constants for the memory calls, with Linux's values: PROT_*, MAP_*, MREMAP_*, MADV_*.
+"""Linux constants with Linux's values: PROT_*, MAP_*, MREMAP_*, MADV_*, O_*, FALLOC_FL_*.
 
 Also the /proc/PID/pagemap entry bits (fs/proc/task_mmu.c) and helpers to read an entry::
 
@@ -10,6 +10,20 @@ Also the /proc/PID/pagemap entry bits (fs/proc/task_mmu.c) and helpers to read a
 
 from __future__ import annotations
 
+from vkernel.kernel.fs import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    O_ACCMODE,
+    O_APPEND,
+    O_CLOEXEC,
+    O_CREAT,
+    O_DIRECT,
+    O_EXCL,
+    O_RDONLY,
+    O_RDWR,
+    O_TRUNC,
+    O_WRONLY,
+)
 from vkernel.kernel.uapi import (
     MADV_COLD,
     MADV_COLLAPSE,
@@ -106,6 +120,8 @@ def pagemap_flags(entry: int) -> list[str]:
 
 
 __all__ = [
+    "FALLOC_FL_KEEP_SIZE",
+    "FALLOC_FL_PUNCH_HOLE",
     "MADV_COLD",
     "MADV_COLLAPSE",
     "MADV_DODUMP",
@@ -154,6 +170,16 @@ __all__ = [
     "MREMAP_DONTUNMAP",
     "MREMAP_FIXED",
     "MREMAP_MAYMOVE",
+    "O_ACCMODE",
+    "O_APPEND",
+    "O_CLOEXEC",
+    "O_CREAT",
+    "O_DIRECT",
+    "O_EXCL",
+    "O_RDONLY",
+    "O_RDWR",
+    "O_TRUNC",
+    "O_WRONLY",
     "PAGE_SHIFT",
     "PAGE_SIZE",
     "PM_FILE",

@@ -1,4 +1,5 @@
-"""vkctl: inspect a running vkernel (health, info, ps, vmstat, maps, pagemap, page, audit …).
+"""vkctl: inspect a running vkernel (health, info, ps, vmstat, maps, pagemap, page, devices,
+files, audit …).
 
 Tables for people, --json for programs. vkctl runs in a session of its own, so the
 per-process views (maps, smaps, pagemap) read other sessions' processes: the daemon allows
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -245,6 +247,81 @@ async def cmd_audit(args: argparse.Namespace, out: Console) -> int:
     return 1 if problems else 0
 
 
+def _ns(ns: int) -> str:
+    """A duration in ns as the shortest of ms/us."""
+    if ns >= 1_000_000:
+        return f"{ns / 1e6:g}ms"
+    return f"{ns / 1e3:g}us" if ns else "0"
+
+
+async def cmd_devices(args: argparse.Namespace, out: Console) -> int:
+    """Block devices: kind, size, latency model, queue depth, I/O counters, EIO ranges."""
+    async with await _session(args) as k:
+        devs = await k.devices()
+    if args.json:
+        _emit_json([dataclasses.asdict(d) for d in devs])
+        return 0
+    table = Table(title=f"{len(devs)} block devices")
+    for col in ("NAME", "KIND", "SIZE MiB", "LATENCY", "JITTER", "QD", "DAX", "FILES"):
+        table.add_column(col)
+    for col in ("READS", "READ KiB", "WRITES", "WRITE KiB", "ERRORS", "INFLIGHT"):
+        table.add_column(col, justify="right")
+    table.add_column("EIO SECTORS")
+    for d in devs:
+        lat = _ns(d.latency_fixed_ns)
+        if d.latency_per_kib_ns:
+            lat += f"+{_ns(d.latency_per_kib_ns)}/KiB"
+        table.add_row(
+            d.name,
+            d.kind + (f" {d.path}" if d.path else ""),
+            str(d.size >> 20),
+            lat,
+            _ns(d.jitter_ns),
+            str(d.queue_depth),
+            "yes" if d.dax else "no",
+            str(d.files),
+            str(d.reads),
+            str(d.read_bytes >> 10),
+            str(d.writes),
+            str(d.write_bytes >> 10),
+            str(d.errors),
+            str(d.inflight),
+            ",".join(f"{s}+{c}" for s, c in d.bad_ranges) or "-",
+        )
+    out.print(table)
+    return 0
+
+
+async def cmd_files(args: argparse.Namespace, out: Console) -> int:
+    """Files: kind, device, size, allocated blocks, page cache, opens, links."""
+    async with await _session(args) as k:
+        files = await k.files()
+    if args.json:
+        _emit_json([dataclasses.asdict(f) for f in files])
+        return 0
+    table = Table(title=f"{len(files)} files")
+    table.add_column("NAME")
+    table.add_column("KIND")
+    table.add_column("DEVICE")
+    for col in ("INO", "SIZE", "BLOCKS", "CACHED", "DIRTY", "OPENS", "NLINK"):
+        table.add_column(col, justify="right")
+    for f in files:
+        table.add_row(
+            f.name,
+            f.kind,
+            f.device or "-",
+            str(f.ino),
+            str(f.size),
+            str(f.blocks),
+            str(f.cached_pages),
+            str(f.dirty_pages),
+            str(f.opens),
+            str(f.nlink),
+        )
+    out.print(table)
+    return 0
+
+
 def _int(text: str) -> int:
     """An integer in decimal, or hex with 0x (addresses, pfns)."""
     return int(text, 0)
@@ -259,6 +336,8 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "smaps": (cmd_smaps, "print /proc/PID/smaps"),
     "pagemap": (cmd_pagemap, "decode /proc/PID/pagemap for N pages from ADDR"),
     "page": (cmd_page, "dump one physical page (refcount, mapcount, flags …)"),
+    "devices": (cmd_devices, "list block devices (latency model, queue depth, I/O, EIO ranges)"),
+    "files": (cmd_files, "list files (kind, device, size, page cache)"),
     "audit": (cmd_audit, "check every frame's counts (exit 1 when not clean)"),
     "gup-test": (cmd_gup_test, "port of the kernel's gup_test selftest (-a -b -c -L -u -U …)"),
 }
