@@ -56,7 +56,7 @@ U8Array = npt.NDArray[np.uint8]
 IntArray = npt.NDArray[np.int64]
 
 _TIME_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s)?\s*$")
-_TIME_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, None: 1e-3}
+_TIME_DIV = {"ns": 1e9, "us": 1e6, "µs": 1e6, "ms": 1e3, "s": 1.0, None: 1e3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -67,7 +67,7 @@ def parse_time(text: str) -> float:
     m = _TIME_RE.match(text)
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. 2ms or 10us)")
-    return float(m.group(1)) * _TIME_UNIT[m.group(2)]
+    return float(m.group(1)) / _TIME_DIV[m.group(2)]
 
 
 def _parse_size(text: str) -> int:
