@@ -219,22 +219,20 @@ def gup_put_folio(kernel: Kernel, head_pfn: int, refs: int, flags: int) -> None:
     head = head_pfn
     if mem.order[head]:
         head = mem.compound_head(head)
-    if flags & FOLL_PIN:
-        if head == mem.zero_pfn:
-            return
-        if mem.order[head]:
-            delta = refs
+    pin = bool(flags & FOLL_PIN)
+    if pin and head == mem.zero_pfn:
+        return
+    large = bool(mem.order[head])
+    delta = refs * GUP_PIN_COUNTING_BIAS if pin and not large else refs
+    if kernel.extra_refs.get(head, 0) < delta:
+        raise RuntimeError(f"put of pfn {head}: {delta} references not held")
+    if pin:
+        if large:
             if kernel.extra_pins.get(head, 0) < refs:
                 raise RuntimeError(f"unpin of pfn {head}: {refs} pins not held")
             mem.pincount[head] -= refs
             _extra_sub(kernel.extra_pins, head, refs)
-        else:
-            delta = refs * GUP_PIN_COUNTING_BIAS
         kernel.vmstat.count("nr_foll_pin_released", refs)
-    else:
-        delta = refs
-    if kernel.extra_refs.get(head, 0) < delta:
-        raise RuntimeError(f"put of pfn {head}: {delta} references not held")
     mem.refcount[head] -= delta
     _extra_sub(kernel.extra_refs, head, delta)
     _free_if_unused(kernel, head)
