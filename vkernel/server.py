@@ -24,10 +24,11 @@ from vkernel.api.process import ProcessServicer
 from vkernel.api.rpc import InflightCalls, KernelInterceptor
 from vkernel.api.session import SessionServicer
 from vkernel.api.system import SystemServicer
-from vkernel.config import Listen, ServeConfig
+from vkernel.config import DEFAULT_DEVICE, Listen, ServeConfig
 from vkernel.dma_socket import DmaSocketServer, dma_socket_path
 from vkernel.grants import GrantTable
 from vkernel.gup_handles import HandleTable
+from vkernel.kernel.blockdev import DeviceSpec
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.kernel import Kernel, KernelConfig
 from vkernel.sessions import SessionTable
@@ -144,7 +145,7 @@ async def serve(
     )
     if not kernel.vfs.devices:
         try:
-            for spec in cfg.devices:
+            for spec in cfg.devices or (DeviceSpec.parse(DEFAULT_DEVICE),):
                 kernel.vfs.add_device(spec)
         except KernelError as e:
             log.error("startup_failed", error=f"block device: {e}")
@@ -220,6 +221,7 @@ async def serve(
 
     with anyio.CancelScope(shield=True):
         await health_servicer.enter_graceful_shutdown()
+        gup_servicer.stop_streams()
         # Stop accepting now. Ordinary in-flight calls get the grace; long-lived keepalive
         # streams would hold all of it, so sessions end (with close semantics) once the
         # ordinary calls are done or the grace is up, and calls still waiting on a session's

@@ -6,6 +6,7 @@ kernel's gup_test ioctl, encode. Page lists travel as packed little-endian u64 `
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import sys
 from collections.abc import AsyncIterator
@@ -96,6 +97,13 @@ class GupServicer(pb_grpc.GupServiceServicer):
         self._sessions = sessions
         self._handles = handles
         self._dma_socket_path = dma_socket_path
+        self._streams: set[asyncio.Task[Any]] = set()
+
+    def stop_streams(self) -> None:
+        """Daemon shutdown: end every Batch stream (long-lived, like Keepalive, so shutdown
+        must not wait its grace on them)."""
+        for task in list(self._streams):
+            task.cancel()
 
     def set_dma_socket_path(self, path: str) -> None:
         """Where GetDmaChannel sends co-located drivers ("" when there is no side channel)."""
@@ -170,6 +178,10 @@ class GupServicer(pb_grpc.GupServiceServicer):
         # A plain linear generator (no task group, no cancel scope), relayed by the
         # interceptor with context.write, whose await is the backpressure.
         session = require_session(context, self._sessions)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
         async for request in request_iterator:
             if session.closed:  # the driver's session ended under its stream
                 raise RpcFailure(
