@@ -89,6 +89,8 @@ _U64 = (1 << 64) - 1
 _PFN40 = (1 << 40) - 1
 _I64_PFN = np.int64(_PFN40)
 _I64_SHIFT = np.int64(PAGE_SHIFT)
+_NEED_R_INT = _PAGE_PRESENT | _PAGE_USER
+_NEED_W_INT = _PAGE_PRESENT | _PAGE_USER | _PAGE_RW
 _NEED_R = np.uint64(_PAGE_PRESENT | _PAGE_USER)
 _NEED_W = np.uint64(_PAGE_PRESENT | _PAGE_USER | _PAGE_RW)
 _U64_SPECIAL = np.uint64(_PAGE_SPECIAL)
@@ -116,7 +118,7 @@ def _mirror(kernel: Kernel, heads: PageArray, delta: int, pins: PageArray | None
     """
     refs = kernel.extra_refs
     keys = heads.tolist()
-    common = refs.keys() & keys
+    common = refs.keys() & keys if refs else None
     if common:
         ck = list(common)
         cv = np.fromiter(map(refs.__getitem__, ck), dtype=np.int64, count=len(ck)) + delta
@@ -124,7 +126,9 @@ def _mirror(kernel: Kernel, heads: PageArray, delta: int, pins: PageArray | None
     dict.update(refs, dict.fromkeys(keys, delta))
     if common:
         dict.update(refs, zip(ck, cv.tolist(), strict=True))
-    if len(refs) - n0 != len(keys) - len(common):  # a folio twice in the batch got ``delta`` once
+    if len(refs) - n0 != len(keys) - (
+        len(common) if common else 0
+    ):  # a folio twice in the batch got ``delta`` once
         uniq, cnt = np.unique(heads, return_counts=True)
         for k, c in zip(uniq[cnt > 1].tolist(), cnt[cnt > 1].tolist(), strict=True):
             refs[k] += delta * (c - 1)
@@ -240,13 +244,16 @@ def _gup_pte_range(
         hook("pmd", table)
         _check_poison(st, u[base : base + n])
     ptes = u[base : base + n].copy()  # ptep_get_lockless() of the whole run
-    need = _NEED_W if flags & FOLL_WRITE else _NEED_R
+    write = flags & FOLL_WRITE
+    need = _NEED_W_INT if write else _NEED_R_INT
     k = n
-    if (np.bitwise_and.reduce(ptes) & need) != need or np.bitwise_or.reduce(ptes) & _U64_SPECIAL:
-        k = _first_bad_pte(ptes, need)
+    andv = int(np.bitwise_and.reduce(ptes))
+    if andv & need != need or int(np.bitwise_or.reduce(ptes)) & _PAGE_SPECIAL:
+        k = _first_bad_pte(ptes, _NEED_W if write else _NEED_R)
         if not k:
             return 0
         ptes = ptes[:k]
+        andv = int(np.bitwise_and.reduce(ptes))
     pfns = (ptes.view(np.int64) >> _I64_SHIFT) & _I64_PFN
     fl = mem.flags[pfns]
     fl_or = int(np.bitwise_or.reduce(fl))
@@ -257,7 +264,7 @@ def _gup_pte_range(
     if flags & FOLL_LONGTERM and fl_or & PG_movable_zone:
         m = (fl & _MOVABLE) != 0  # !folio_is_longterm_pinnable()
         stop = m if stop is None else stop | m
-    if pin and not flags & FOLL_WRITE and not np.bitwise_and.reduce(ptes) & _U64_RW:
+    if pin and not write and not andv & _PAGE_RW:
         # !pte_write() && gup_must_unshare(NULL, flags, page)
         ro = (ptes & _U64_RW) == 0
         anon = (fl & _ANON) != 0
@@ -271,7 +278,14 @@ def _gup_pte_range(
         pfns = pfns[:k]
         fl = fl[:k]
     large = bool(fl_or & (PG_head | PG_tail))
-    small_h, large_h, pins, heads = _grab(kernel, pfns, large, pin)
+    if large:
+        small_h, large_h, pins, heads = _grab(kernel, pfns, large, pin)
+    else:  # _grab()'s small-folio case, inline: the common path
+        np.add.at(mem.refcount, pfns, _BIAS32 if pin else _ONE32)
+        _mirror(kernel, pfns, GUP_PIN_COUNTING_BIAS if pin else 1, None)
+        small_h = heads = pfns
+        large_h = pfns[:0]
+        pins = None
     if hook is not None:
         hook("grabbed", k)
     # Recheck: "pmd changed" or "pte changed" → put what we grabbed from there on, stop.
