@@ -453,3 +453,42 @@ async def test_pins_on_a_thp_count_in_pincount(k: vkclient.Kernel) -> None:
         assert (page["refcount"], page["pincount"]) == (rc0 + 462, 462)
     page = await k.dump_page(head)
     assert (page["refcount"], page["pincount"]) == (rc0, 0)
+
+
+async def test_remote_with_locked_reports_a_dropped_lock(
+    daemon: Daemon, k: vkclient.Kernel
+) -> None:
+    """B.24 through the API: pin_user_pages_remote with ``locked`` lets a blocking fault drop
+    mmap_lock and retry (lock_dropped, and the daemon did not unlock twice); without it the
+    lock is never dropped. The fault blocks the way a locked folio does (the test-only
+    ->fault hook: anonymous faults never block by themselves)."""
+    from vkernel.kernel.memory import set_test_fault_hook
+    from vkernel.kernel.uapi import FAULT_FLAG_ALLOW_RETRY, FAULT_FLAG_RETRY_NOWAIT, VM_FAULT_RETRY
+    from vkernel.kernel.vma import VMA
+
+    p = await k.spawn("remote")
+    addr = await p.mmap(4 * PAGE_SIZE)
+    retries: list[int] = []
+
+    def blocking_fault(vma: VMA, a: int, flags: int) -> int | None:
+        if flags & FAULT_FLAG_ALLOW_RETRY and not retries:
+            retries.append(a)
+            if not flags & FAULT_FLAG_RETRY_NOWAIT:
+                vma.mm.mmap_lock.read_unlock()
+            return VM_FAULT_RETRY
+        return None
+
+    mm = daemon.kernel.find_task(p.pid).mm
+    vma = mm.vma_lookup(addr)
+    set_test_fault_hook(vma, blocking_fault)
+    try:
+        async with p.pin(addr, 2, write=True, api="remote", locked=True) as pages:
+            assert (pages.count, pages.lock_dropped) == (2, True)
+        assert retries == [addr]
+        assert not mm.mmap_lock.is_locked()
+        async with p.pin(addr + 2 * PAGE_SIZE, 2, write=True, api="remote", locked=False) as pages:
+            assert (pages.count, pages.lock_dropped) == (2, False)
+        assert retries == [addr]
+        assert not mm.mmap_lock.is_locked()
+    finally:
+        set_test_fault_hook(vma, None)
