@@ -262,30 +262,27 @@ async def cmd_devices(args: argparse.Namespace, out: Console) -> int:
         _emit_json([dataclasses.asdict(d) for d in devs])
         return 0
     table = Table(title=f"{len(devs)} block devices")
-    for col in ("NAME", "KIND", "SIZE MiB", "LATENCY", "JITTER", "QD", "DAX", "FILES"):
-        table.add_column(col)
-    for col in ("READS", "READ KiB", "WRITES", "WRITE KiB", "ERRORS", "INFLIGHT"):
-        table.add_column(col, justify="right")
-    table.add_column("EIO SECTORS")
+    table.add_column("NAME", no_wrap=True)
+    table.add_column("KIND", no_wrap=True)
+    for col in ("MiB", "LATENCY", "QD", "DAX", "FILES", "READS", "WRITES", "ERR", "EIO"):
+        table.add_column(col, justify="right" if col != "LATENCY" else "left")
     for d in devs:
         lat = _ns(d.latency_fixed_ns)
         if d.latency_per_kib_ns:
             lat += f"+{_ns(d.latency_per_kib_ns)}/KiB"
+        if d.jitter_ns:
+            lat += f"±{_ns(d.jitter_ns)}"
         table.add_row(
             d.name,
             d.kind + (f" {d.path}" if d.path else ""),
             str(d.size >> 20),
             lat,
-            _ns(d.jitter_ns),
             str(d.queue_depth),
-            "yes" if d.dax else "no",
+            "y" if d.dax else "n",
             str(d.files),
-            str(d.reads),
-            str(d.read_bytes >> 10),
-            str(d.writes),
-            str(d.write_bytes >> 10),
+            f"{d.reads} ({d.read_bytes >> 10}K)",
+            f"{d.writes} ({d.write_bytes >> 10}K)",
             str(d.errors),
-            str(d.inflight),
             ",".join(f"{s}+{c}" for s, c in d.bad_ranges) or "-",
         )
     out.print(table)
@@ -300,7 +297,7 @@ async def cmd_files(args: argparse.Namespace, out: Console) -> int:
         _emit_json([dataclasses.asdict(f) for f in files])
         return 0
     table = Table(title=f"{len(files)} files")
-    table.add_column("NAME")
+    table.add_column("NAME", no_wrap=True)
     table.add_column("KIND")
     table.add_column("DEVICE")
     for col in ("INO", "SIZE", "BLOCKS", "CACHED", "DIRTY", "OPENS", "NLINK"):

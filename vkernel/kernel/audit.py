@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vkernel.kernel.mm import MM_ANONPAGES, MM_SHMEMPAGES, MmStruct
+from vkernel.kernel.pagecache import AddressSpace
 from vkernel.kernel.pgtable import U64_PFN_MASK, U64_PRESENT, U64_SHIFT, iter_tables
 from vkernel.kernel.uapi import (
     _PAGE_PSE,
@@ -28,7 +29,6 @@ from vkernel.kernel.uapi import (
     PG_reserved,
     PG_tail,
 )
-from vkernel.kernel.pagecache import AddressSpace
 
 if TYPE_CHECKING:
     from vkernel.kernel.kernel import Kernel
