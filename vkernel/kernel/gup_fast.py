@@ -222,28 +222,41 @@ def _check_poison(st: TlbState, ptes: np.ndarray) -> None:
         raise PageTableUseAfterFree("GUP-fast walker read a page table freed under it")
 
 
+Run = tuple[int, int, int, int]
+"""One leaf-table stretch of a walk: ``(pmd_slot, pmd_value, first_pte_slot, npages)``."""
+
+
+def _read_runs(u: np.ndarray, runs: list[Run]) -> np.ndarray:
+    """ptep_get_lockless() of every PTE of the runs, as one array (a copy)."""
+    if len(runs) == 1:
+        _s, _p, base, n = runs[0]
+        return u[base : base + n].copy()
+    return np.concatenate([u[base : base + n] for _s, _p, base, n in runs])
+
+
 def _gup_pte_range(
     kernel: Kernel,
     st: TlbState,
     u: np.ndarray,
-    pmdslot: int,
-    pmd: int,
-    addr: int,
-    end: int,
+    runs: list[Run],
     flags: int,
     pages: PageArray,
     nr: int,
 ) -> int:
-    """gup_fast_pte_range(): take the pages of [addr, end) under one PTE table; how many."""
+    """gup_fast_pte_range() over consecutive leaf tables at once; how many pages it took.
+
+    The runs' PTEs are checked, grabbed and rechecked as one array, so a range spanning two
+    leaf tables costs one pass of numpy calls, not two. The first entry that fails any check
+    ends the walk (the prefix before it is kept), exactly as a per-table walk would.
+    """
     mem = kernel.mem
-    table = (pmd & _PAGE_PFN_MASK) >> PAGE_SHIFT
-    base = table * PTRS_PER_TABLE + ((addr >> PAGE_SHIFT) & 511)
-    n = (end - addr) >> PAGE_SHIFT
     hook = st.park_hook
     if hook is not None:
-        hook("pmd", table)
-        _check_poison(st, u[base : base + n])
-    ptes = u[base : base + n].copy()  # ptep_get_lockless() of the whole run
+        for _s, pmd, base, n in runs:
+            hook("pmd", (pmd & _PAGE_PFN_MASK) >> PAGE_SHIFT)
+            _check_poison(st, u[base : base + n])
+    ptes = _read_runs(u, runs)
+    n = len(ptes)
     write = flags & FOLL_WRITE
     need = _NEED_W_INT if write else _NEED_R_INT
     k = n
@@ -289,22 +302,29 @@ def _gup_pte_range(
     if hook is not None:
         hook("grabbed", k)
     # Recheck: "pmd changed" or "pte changed" → put what we grabbed from there on, stop.
-    if u.item(pmdslot) != pmd:
-        _undo(kernel, small_h, large_h, pins, pin)
-        return 0
-    now = u[base : base + k]
-    if now.tobytes() != ptes.tobytes():
-        j = int((now != ptes).argmax())
+    j = k
+    off = 0
+    for pmdslot, pmd, _b, rn in runs:
+        if off >= k:
+            break
+        if u.item(pmdslot) != pmd:
+            j = off
+            break
+        off += rn
+    now = _read_runs(u, runs)[:j]
+    if now.tobytes() != ptes[:j].tobytes():
+        j = int((now != ptes[:j]).argmax())
+    if j != k:
+        if j == 0:
+            _undo(kernel, small_h, large_h, pins, pin)
+            return 0
         if large:
-            order = mem.order[pfns[j:]]
-            big = order > 0
+            big = mem.order[pfns[j:]] > 0
             h = heads[j:]
             _undo(kernel, h[~big], h[big], h[big] if pin else None, pin)
         else:
             _undo(kernel, pfns[j:], pfns[:0], None, pin)
         k = j
-        if not k:
-            return 0
         pfns = pfns[:k]
         heads = heads[:k]
         fl = fl[:k]
@@ -380,12 +400,18 @@ def _sub_counter(counter: dict[int, int], key: int, n: int) -> None:
 def _gup_fast_walk(
     mm: MmStruct, st: TlbState, start: int, end: int, flags: int, pages: PageArray
 ) -> int:
-    """gup_fast_pgd_range(): the walk proper, with IRQs already off; pages taken."""
+    """gup_fast_pgd_range(): the walk proper, with IRQs already off; pages taken.
+
+    Upper levels are read one entry per 2 MiB; consecutive PTE-table stretches are collected
+    and handled together by :func:`_gup_pte_range`, PMD leaves one by one.
+    """
     kernel = mm.kernel
     u = mm.mem.u64
     pgd = mm.pgd * PTRS_PER_TABLE
     nr = 0
     addr = start
+    runs: list[Run] = []
+    want = 0
     while addr < end:
         e = u.item(pgd + ((addr >> PGDIR_SHIFT) & 511))
         if not e & _PAGE_PRESENT:
@@ -396,18 +422,28 @@ def _gup_fast_walk(
         pmdslot = ((e >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PMD_SHIFT) & 511)
         pmd = u.item(pmdslot)
         nxt = min((addr & PMD_MASK) + PMD_SIZE, end)
-        if not pmd:
-            break
+        n = (nxt - addr) >> PAGE_SHIFT
         if pmd & _PAGE_PSE:
+            if runs:
+                got = _gup_pte_range(kernel, st, u, runs, flags, pages, nr)
+                nr += got
+                if got != want:
+                    return nr
+                runs = []
+                want = 0
             got = _gup_huge_pmd(kernel, st, u, pmdslot, pmd, addr, nxt, flags, pages, nr)
+            nr += got
+            if got != n:
+                return nr
         elif pmd & _PAGE_PRESENT:
-            got = _gup_pte_range(kernel, st, u, pmdslot, pmd, addr, nxt, flags, pages, nr)
+            base = ((pmd >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PAGE_SHIFT) & 511)
+            runs.append((pmdslot, pmd, base, n))
+            want += n
         else:
             break
-        nr += got
-        if got != (nxt - addr) >> PAGE_SHIFT:
-            break
         addr = nxt
+    if runs:
+        nr += _gup_pte_range(kernel, st, u, runs, flags, pages, nr)
     return nr
 
 

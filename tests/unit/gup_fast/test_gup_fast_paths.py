@@ -443,3 +443,41 @@ async def test_longterm_read_pin_of_shmem_must_unshare_in_the_fast_path(
     assert _events(kernel) == (4, 1)
     assert pages.tolist() == [pfn_at(task, a + i * P) for i in range(4)]
     unpin_user_pages(kernel, pages, 4)
+
+
+async def test_walk_across_tables_and_a_thp_keeps_page_order(kernel: Kernel, task: Task) -> None:
+    """A.7: one call spanning a PTE table, a PMD THP and another PTE table returns every page
+    in address order (PTE stretches batched across tables, the PMD leaf in one grab)."""
+    a = await mmap_anon(task, 8 * MiB)
+    h = (a + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    await sys_madvise(task, h + PMD_SIZE, PMD_SIZE, MADV_HUGEPAGE)
+    await write_user(task, h, b"x" * (3 * PMD_SIZE))
+    assert lookup_pte(task, h + PMD_SIZE) & 0x80
+    start = h + PMD_SIZE - 8 * P
+    n = 8 + 512 + 8
+    pages = page_array(n)
+    assert get_user_pages_fast_only(task.mm, start, n, FOLL_WRITE, pages) == n
+    assert pages.tolist() == [pfn_at(task, start + i * P) for i in range(n)]
+    put_pages(kernel, pages, n)
+    # The THP is split (and one subpage zapped) while the walker holds its grab of the PTE
+    # table before it: the stale PMD value is caught by the recheck, the THP part goes slow.
+    vma = task.mm.vma_lookup(h + PMD_SIZE)
+    assert vma is not None
+    t = h + PMD_SIZE + 38 * P
+    in_hook(kernel, "grabbed", lambda: zap_page_range_single(vma, t, t + P))
+    pages = page_array(600)
+    assert await get_user_pages_fast(task.mm, h, 600, 0, pages) == 600
+    assert _events(kernel) == (n + 512, 1)
+    assert pages.tolist() == [pfn_at(task, h + i * P) for i in range(600)]
+    put_pages(kernel, pages, 600)
+    # Two leaf tables in one batch: a PTE of the second changes after the grab.
+    a2 = h + 2 * PMD_SIZE - 300 * P
+    vma2 = task.mm.vma_lookup(a2 + 400 * P)
+    assert vma2 is not None
+    t2 = a2 + 350 * P
+    in_hook(kernel, "grabbed", lambda: zap_page_range_single(vma2, t2, t2 + P))
+    pages = page_array(600)
+    assert await get_user_pages_fast(task.mm, a2, 600, 0, pages) == 600
+    assert _events(kernel) == (n + 512 + 350, 2)
+    assert pages.tolist() == [pfn_at(task, a2 + i * P) for i in range(600)]
+    put_pages(kernel, pages, 600)
