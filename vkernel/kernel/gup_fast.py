@@ -20,6 +20,10 @@ page included), a free folio (refcount 0), FOLL_LONGTERM on a ZONE_MOVABLE folio
 that must unshare (``gup_must_unshare`` with no VMA), the PTE or PMD changed after the grab.
 The walker never looks at VMAs, so FOLL_FORCE never helps it.
 
+Cost: per call the walk is one pass of ~14 numpy calls over all its PTEs (perf-floor §4's floor
+does 5); keeping ``kernel.extra_refs`` (a Counter) exact adds ~55 ns per small page, more than
+the walk itself at 512 pages (see bench_gup_fast and docs/gup-interface.md, stream B).
+
 Counters: ``fast_gup`` (pages the lockless walk took, net of undo) and ``fast_gup_slow`` (calls
 that fell back), next to Linux's ``nr_foll_pin_acquired``. ``kernel.config.arch == "generic"``
 has no GUP-fast at all: every call takes the slow path (the 2008 fallback macro) and
