@@ -83,6 +83,8 @@ class AddressSpace:
         self.wb_err = 0
         """errseq of writeback: the errno of a failed writeback, reported once by fsync."""
         self.ra_pages = DEFAULT_RA_PAGES
+        self.ra_next = -1
+        """file_ra_state: the page a sequential reader reads next (-1: none yet)."""
         self.io: set[asyncio.Task[None]] = set()
         """Read bios in flight (they own their locked pages)."""
 
@@ -187,6 +189,16 @@ async def folio_lock_killable(mem: PhysMem, pfn: int, task: Task) -> None:
 
 
 lock_page = folio_lock
+
+
+def folios_unlock(mem: PhysMem, pfns: IntArray) -> None:
+    """folio_unlock() of many pages at once (end of a read bio)."""
+    mem.flags[pfns] &= ~np.uint32(PG_locked)
+    wq = page_waitqueue(mem)
+    if wq.waiters:
+        for p in pfns.tolist():
+            if p in wq.waiters:
+                wq.wake(p)
 
 
 def folio_unlock(mem: PhysMem, pfn: int) -> None:
@@ -332,9 +344,7 @@ def _count(mapping: AddressSpace, name: str, pages: int) -> None:
     mapping.mem.vmstat.count(name, pages * (PAGE_SIZE // 1024))
 
 
-async def _read_bio(
-    mapping: AddressSpace, bdev: BlockDevice, block: int, idx: list[int], pfns: IntArray
-) -> None:
+async def _read_bio(mapping: AddressSpace, bdev: BlockDevice, block: int, pfns: IntArray) -> None:
     """mpage_read_folio()/end_bio: one bio; on error, retry page by page (pages that fail stay
     !uptodate, so their readers get EIO)."""
     mem = mapping.mem
@@ -357,8 +367,7 @@ async def _read_bio(
     except KernelError:
         pass
     finally:
-        for p in pfns.tolist():
-            folio_unlock(mem, p)
+        folios_unlock(mem, pfns)
 
 
 def _start_io(mapping: AddressSpace, coro: Awaitable[None]) -> None:
@@ -387,37 +396,28 @@ def page_cache_ra_unbounded(mapping: AddressSpace, first: int, n: int) -> None:
         return
     pfns = filemap_add_folios(mapping, missing, locked=True)
     marr = np.asarray(missing, dtype=np.int64)
-    blocks = np.empty(len(missing), dtype=np.int64)
-    # bmap in runs of consecutive indices
-    start = 0
-    for k in range(1, len(missing) + 1):
-        if k == len(missing) or missing[k] != missing[k - 1] + 1:
-            blocks[start:k] = host.bmap_range(missing[start], k - start)
-            start = k
+    lo = int(marr[0])
+    blocks = host.bmap_range(lo, int(marr[-1]) - lo + 1)[marr - lo]
     holes = blocks < 0
     if holes.any():
         hp = pfns[holes]
         mem.flags[hp] |= np.uint32(PG_uptodate)
-        for p in hp.tolist():
-            folio_unlock(mem, p)
+        folios_unlock(mem, hp)
     keep = np.flatnonzero(~holes)
+    if not len(keep):
+        return
     bdev = host.bdev
-    s = 0
-    while s < len(keep):
-        e = s + 1
-        while (
-            e < len(keep)
-            and e - s < MAX_BIO_PAGES
-            and marr[keep[e]] == marr[keep[e - 1]] + 1
-            and blocks[keep[e]] == blocks[keep[e - 1]] + 1
-        ):
-            e += 1
-        sel = keep[s:e]
-        _start_io(
-            mapping,
-            _read_bio(mapping, bdev, int(blocks[sel[0]]), marr[sel].tolist(), pfns[sel]),
-        )
-        s = e
+    ki = marr[keep]
+    kb = blocks[keep]
+    # One bio per run contiguous in the file and on the device, at most MAX_BIO_PAGES long.
+    brk = np.flatnonzero((np.diff(ki) != 1) | (np.diff(kb) != 1)) + 1
+    starts = np.concatenate([[0], brk]).tolist()
+    ends = [*brk.tolist(), len(keep)]
+    for s0, e0 in zip(starts, ends, strict=True):
+        for s1 in range(s0, e0, MAX_BIO_PAGES):
+            e1 = min(e0, s1 + MAX_BIO_PAGES)
+            sel = keep[s1:e1]
+            _start_io(mapping, _read_bio(mapping, bdev, int(kb[s1]), pfns[sel]))
 
 
 async def filemap_get_folio_uptodate(
@@ -470,12 +470,16 @@ async def filemap_read(mapping: AddressSpace, pos: int, count: int, task: Task |
         idx = cur >> PAGE_SHIFT
         last_idx = (end - 1) >> PAGE_SHIFT
         pfn = mapping.pages.get(idx)
-        if pfn is None and shmem:
-            # shmem_file_read_iter(): a hole reads as zeros without allocating.
-            n = min(end - cur, PAGE_SIZE - (cur & (PAGE_SIZE - 1)))
-            done += n
-            continue
-        if pfn is None or not mem.flags[pfn] & PG_uptodate:
+        # Sequential reader: start the next window's I/O now (async readahead), so it is in
+        # flight while this window is copied out (page_cache_async_ra).
+        if not shmem and mapping.ra_pages and idx > 0 and mapping.ra_next == idx:
+            nxt = last_idx + 1
+            if nxt not in mapping.pages and nxt << PAGE_SHIFT < mapping.size:
+                try:
+                    page_cache_ra_unbounded(mapping, nxt, max(mapping.ra_pages, nxt - idx))
+                except KernelError:
+                    pass  # readahead is best effort (no memory: no readahead)
+        if (pfn is None and not shmem) or (pfn is not None and not mem.flags[pfn] & PG_uptodate):
             try:
                 ra = max(last_idx - idx + 1, mapping.ra_pages)
                 await filemap_get_folio_uptodate(mapping, idx, task, ra)
@@ -487,23 +491,26 @@ async def filemap_read(mapping: AddressSpace, pos: int, count: int, task: Task |
                 if done:
                     break
                 raise eintr()
-        # Copy the run of uptodate cached pages from here without sleeping.
-        while pos + done < end:
-            cur = pos + done
-            idx = cur >> PAGE_SHIFT
-            pfn = mapping.pages.get(idx)
-            if pfn is None:
-                if not shmem:
-                    break
-                n = min(end - cur, PAGE_SIZE - (cur & (PAGE_SIZE - 1)))
-                done += n
-                continue
-            if not mem.flags[pfn] & PG_uptodate:
-                break
-            off = cur & (PAGE_SIZE - 1)
-            n = min(end - cur, PAGE_SIZE - off)
-            out[done : done + n] = mem.mv[(pfn << PAGE_SHIFT) + off : (pfn << PAGE_SHIFT) + off + n]
-            done += n
+        # Copy the run of uptodate cached pages from here without sleeping, in one gather.
+        get = mapping.pages.get
+        # shmem_file_read_iter(): holes read the zero page; a file's hole ends the run.
+        hole = mem.zero_pfn if shmem else -1
+        run = [get(i, hole) for i in range(idx, last_idx + 1)]
+        if not shmem and -1 in run:
+            run = run[: run.index(-1)]
+        if run:
+            arr = np.fromiter(run, dtype=np.int64, count=len(run))
+            bad = np.flatnonzero((mem.flags[arr] & PG_uptodate) == 0)
+            if len(bad):
+                arr = arr[: bad[0]]
+        if not run or not len(arr):
+            continue
+        off = (pos + done) & (PAGE_SIZE - 1)
+        n = min(end - pos - done, len(arr) * PAGE_SIZE - off)
+        flat = np.frombuffer(out, dtype=np.uint8)
+        flat[done : done + n] = mem.frames[arr].reshape(-1)[off : off + n]
+        done += n
+        mapping.ra_next = (pos + done) >> PAGE_SHIFT
     return bytes(out[:done]) if done != len(out) else bytes(out)
 
 

@@ -299,3 +299,19 @@ async def test_queue_depth_bounds_requests_in_flight(make_fs_kernel: MakeFsKerne
     t0 = time.monotonic()
     await asyncio.gather(*reads)
     assert time.monotonic() - t0 >= LAT  # the queued pair waited for a slot
+
+
+async def test_sequential_reader_gets_the_next_window_in_flight(
+    make_fs_kernel: MakeFsKernel,
+) -> None:
+    k = make_fs_kernel("d=ram:4M")
+    t = k.spawn("t", "s")
+    fd = await make_file(k, t, "f", pattern(256 * P))
+    await k.vfs.fsync(t, fd)
+    k.vfs.drop_caches()
+    await k.vfs.read(t, fd, 64 * P, 0)
+    assert k.vfs.stat("f").cached_pages == 64  # the first (synchronous) window only
+    await k.vfs.read(t, fd, 64 * P, 64 * P)  # sequential: async readahead of the next window
+    assert k.vfs.stat("f").cached_pages == 192
+    await k.vfs.read(t, fd, 10, 200 * P)  # a random miss: its synchronous window, no more
+    assert k.vfs.stat("f").cached_pages == 192 + pagecache.DEFAULT_RA_PAGES
