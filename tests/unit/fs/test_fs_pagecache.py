@@ -192,7 +192,6 @@ async def test_punched_page_with_extra_ref_lives_until_released(
     assert k.mem.refcount[pfn] == 1
     assert k.mem.mapping[pfn] == 0  # detached from the file
     k.extra_refs[pfn] -= 1
-    del k.extra_refs[pfn]
     k.mem.put_folio(pfn)
     assert k.mem.flags[pfn] & PG_buddy
 
