@@ -189,13 +189,18 @@ class SuperBlock:
             raise KernelError(errno.ENOSPC, f"{self.bdev.name}: metadata slot full")
         gen = self.generation + 1
         hdr = _META_HDR.pack(
-            META_MAGIC, gen, len(payload), zlib.crc32(payload), self.slot_blocks, self.bdev.nblocks
+            META_MAGIC,
+            gen,
+            len(payload),
+            _meta_crc(gen, self.slot_blocks, self.bdev.nblocks, payload),
+            self.slot_blocks,
+            self.bdev.nblocks,
         )
         raw = hdr + payload
         nblk = (len(raw) + BLOCK_SIZE - 1) >> BLOCK_SHIFT
         buf = np.zeros(nblk * BLOCK_SIZE, dtype=np.uint8)
         buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-        slot = (gen % 2) * self.slot_blocks
+        slot = ((gen + 1) % 2) * self.slot_blocks  # generation 1 goes to slot A
         self.bdev.write_raw(slot, buf.reshape(nblk, BLOCK_SIZE))
         self.generation = gen
         self.commits += 1
@@ -206,32 +211,51 @@ class SuperBlock:
             self.used[blocks] = False
         self.pending_free.clear()
 
+    def _read_slot(self, block: int) -> tuple[int, int, int, dict[str, Any]] | None:
+        """The metadata slot at ``block`` if valid: (generation, slot blocks, device blocks, doc)."""
+        try:
+            head = self.bdev.read_raw(block, 1).tobytes()
+            magic, gen, length, crc, sb, nb = _META_HDR.unpack_from(head)
+            if magic != META_MAGIC or not 4 <= sb <= 256 or length > sb * BLOCK_SIZE:
+                return None
+            nblk = (length + _META_HDR.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+            raw = self.bdev.read_raw(block, nblk).tobytes()
+            payload = raw[_META_HDR.size : _META_HDR.size + length]
+            if _meta_crc(gen, sb, nb, payload) != crc:
+                return None
+            doc = json.loads(zlib.decompress(payload))
+        except (KernelError, ValueError, zlib.error, struct.error):
+            return None
+        return gen, sb, nb, doc
+
     def load(self) -> list[dict[str, Any]]:
-        """Mount: the newest valid metadata slot's files ([] for a fresh device)."""
-        best: tuple[int, dict[str, Any]] | None = None
-        for slot in (0, 1):
-            try:
-                head = self.bdev.read_raw(slot * self.slot_blocks, 1).tobytes()
-                magic, gen, length, crc, sb, nb = _META_HDR.unpack_from(head)
-                if magic != META_MAGIC or sb != self.slot_blocks or nb != self.bdev.nblocks:
-                    continue
-                if length > self.slot_blocks * BLOCK_SIZE - _META_HDR.size:
-                    continue
-                nblk = (length + _META_HDR.size + BLOCK_SIZE - 1) >> BLOCK_SHIFT
-                raw = self.bdev.read_raw(slot * self.slot_blocks, nblk).tobytes()
-                payload = raw[_META_HDR.size : _META_HDR.size + length]
-                if zlib.crc32(payload) != crc:
-                    continue
-                doc = json.loads(zlib.decompress(payload))
-            except (KernelError, ValueError, zlib.error, struct.error):
-                continue
-            if best is None or gen > best[0]:
-                best = (gen, doc)
-        if best is None:
+        """Mount: the newest valid metadata slot's files ([] for a fresh device).
+
+        Slot A is always at block 0; slot B's place depends on the size the device was made
+        with, so every possible place is probed: a device reopened with another size is
+        refused (EINVAL) rather than reformatted over its data.
+        """
+        found = [self._read_slot(0)]
+        found += [r for s in range(4, 257) if (r := self._read_slot(s)) is not None and r[1] == s]
+        valid = [r for r in found if r is not None]
+        if not valid:
             return []
-        self.generation = best[0]
-        files: list[dict[str, Any]] = best[1].get("files", [])
+        gen, sb, nb, doc = max(valid, key=lambda r: r[0])
+        if sb != self.slot_blocks or nb != self.bdev.nblocks:
+            raise KernelError(
+                errno.EINVAL,
+                f"device {self.bdev.name} holds a namespace for {nb} blocks,"
+                f" not {self.bdev.nblocks}: use the size it was created with",
+                device=self.bdev.name,
+            )
+        self.generation = gen
+        files: list[dict[str, Any]] = doc.get("files", [])
         return files
+
+
+def _meta_crc(gen: int, sb: int, nb: int, payload: bytes) -> int:
+    """CRC32 of a slot's header fields and payload (a torn header fails it too)."""
+    return zlib.crc32(struct.pack("<QIQ", gen, sb, nb) + payload)
 
 
 def _extents(blocks: IntArray) -> list[list[int]]:
@@ -389,11 +413,16 @@ class Vfs:
             raise KernelError(errno.EEXIST, f"device {spec.name} exists", device=spec.name)
         bdev = open_device(spec, self.mem)
         sb = SuperBlock(bdev)
+        try:
+            files = sb.load()
+        except KernelError:
+            bdev.close()
+            raise
         self.devices[spec.name] = bdev
         self.supers[spec.name] = sb
         if not self.default_device:
             self.default_device = spec.name
-        for f in sb.load():
+        for f in files:
             name = f.get("name", "")
             kind = f.get("kind", KIND_DISK)
             if name in self.names or kind not in (KIND_DISK, KIND_DAX) or not name:
@@ -770,6 +799,8 @@ class Vfs:
                 await self.writeback_expired()
             except KernelError as e:
                 log.warning("writeback_failed", error=str(e))
+            except Exception:  # a bug here must not take the daemon down with it
+                log.exception("flusher_failed")
 
     async def writeback_expired(self, now: float | None = None) -> None:
         """wb_writeback(WB_REASON_PERIODIC): sync devices holding expired dirty data."""

@@ -10,7 +10,9 @@ import pytest
 
 from tests.unit.fs.conftest import MakeFsKernel
 from tests.unit.fs.fshelp import P, make_file, pattern, sync_raises
+from vkernel.config import build_parser, config_from_args
 from vkernel.kernel.blockdev import DeviceSpec
+from vkernel.kernel.errors import KernelError
 from vkernel.kernel.fs import O_RDONLY
 
 
@@ -48,7 +50,7 @@ async def test_a_torn_newest_slot_falls_back_to_the_previous_commit(
     await make_file(k1, t, "b", b"second")
     await k1.vfs.fsync(t, fd)
     sb = k1.vfs.supers["disk0"]
-    newest = (sb.generation % 2) * sb.slot_blocks
+    newest = ((sb.generation + 1) % 2) * sb.slot_blocks
     garbage = np.full((1, 4096), 0xAB, dtype=np.uint8)
     garbage[0, :8] = np.frombuffer(b"VKFS\x00\x01\x00\x00", dtype=np.uint8)
     sb.bdev.write_raw(newest, garbage)  # a crash in the middle of the metadata write
@@ -82,3 +84,41 @@ def test_device_spec_syntax() -> None:
         except ValueError:
             continue
         raise AssertionError(f"{bad!r} accepted")
+
+
+async def test_a_device_reopened_with_another_size_is_refused(
+    make_fs_kernel: MakeFsKernel, tmp_path: Path
+) -> None:
+    k1 = make_fs_kernel(f"disk0=file:{tmp_path}/d.img:4M")
+    t = k1.spawn("t", "s")
+    fd = await make_file(k1, t, "a", b"keep me")
+    await k1.vfs.fsync(t, fd)
+    k2 = make_fs_kernel()
+    with pytest.raises(KernelError) as ei:
+        k2.vfs.add_device(DeviceSpec.parse(f"disk0=file:{tmp_path}/d.img:8M"))
+    assert ei.value.errno == errno.EINVAL
+    assert not k2.vfs.devices
+
+
+def test_vkernel_device_env_and_options() -> None:
+    args = build_parser().parse_args(["serve"])
+    env = {"VKERNEL_DEVICE": "a=ram:1M,qd=4,b=file:/tmp/b.img:1M;c=ram:2M,dax=1"}
+    cfg = config_from_args(args, env, stdout_isatty=False)
+    assert [(d.name, d.kind, d.qd) for d in cfg.devices] == [
+        ("a", "ram", 4),
+        ("b", "file", 32),
+        ("c", "ram", 32),
+    ]
+    assert cfg.readahead
+    args = build_parser().parse_args(["serve", "--device", "x=ram:1M", "--no-readahead"])
+    cfg = config_from_args(args, env, stdout_isatty=False)
+    assert [d.name for d in cfg.devices] == ["x"]
+    assert not cfg.readahead
+    cfg = config_from_args(build_parser().parse_args(["serve"]), {}, stdout_isatty=False)
+    assert [(d.name, d.size) for d in cfg.devices] == [("ram0", 256 << 20)]
+    with pytest.raises(ValueError, match="duplicate"):
+        config_from_args(
+            build_parser().parse_args(["serve", "--device", "x=ram:1M", "--device", "x=ram:2M"]),
+            {},
+            stdout_isatty=False,
+        )
