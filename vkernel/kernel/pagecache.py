@@ -629,7 +629,9 @@ async def filemap_fdatawrite(
         if pfn is None:
             mapping.dirty_time.pop(i, None)
             continue
-        await folio_lock(mem, pfn, task)
+        # Uninterruptible, as in write_cache_pages(): pages already moved to PG_writeback
+        # must reach their bio, so a fatal signal does not abort the pass half-way.
+        await folio_lock(mem, pfn)
         try:
             if mapping.pages.get(i) != pfn or not mem.flags[pfn] & PG_dirty:
                 continue
