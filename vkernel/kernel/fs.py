@@ -999,6 +999,11 @@ class Vfs:
             await self.sync_all()
         except KernelError as e:
             log.warning("sync_failed_at_shutdown", error=str(e))
+        except Exception:  # never keep the daemon from exiting cleanly
+            log.exception("sync_failed_at_shutdown")
         await self.quiesce()
         for bdev in self.devices.values():
-            bdev.close()
+            try:
+                bdev.close()
+            except OSError as e:
+                log.warning("device_close_failed", device=bdev.name, error=str(e))
