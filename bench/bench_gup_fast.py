@@ -13,7 +13,8 @@ Figures (every in-kernel step is followed by a clean audit, else the benchmark r
   P|RW with one ``bitwise_and.reduce``, shift out the pfns, ``np.add.at(rc, pfns, 1024)``,
   re-check the slice -- at the same offsets, back to back with the kernel in each round. Goal
   at 512 pages: ratio >= 0.5. ``mirror_ns_per_page`` is what the call spends keeping
-  ``kernel.extra_refs`` (a Counter, the audit's ledger of GUP references) exact, timed alone.
+  ``kernel.extra_refs`` (an int32 array, the audit's ledger of GUP references) exact, timed
+  alone.
 - ``seed000_fast_vs_slow``: seed 000's effect in miniature. Four asyncio tasks each loop
   pin + unpin of their own prefaulted 64-page buffer while a fifth task loops
   mmap(MAP_POPULATE)/munmap on the same mm (mmap_lock for write, page tables freed).

@@ -421,19 +421,28 @@ async def _read_api(ctx: BenchContext, size: int, samples: Samples) -> dict[str,
 # struct page
 
 
-def _owned_arrays(obj: object, prefix: str, depth: int = 2) -> Iterator[tuple[str, int]]:
+def _owned_arrays(
+    obj: object, prefix: str, depth: int = 2, seen: set[int] | None = None
+) -> Iterator[tuple[str, int]]:
     """(name, nbytes) of every numpy array ``obj`` owns, and of vkernel objects it holds.
 
     Views (the memfd's u8/u64/frames, which are RAM, not metadata) do not own their data and
-    are skipped.
+    are skipped. Each object and array counts once, under the first name reaching it (the
+    kernel's PhysMem is also reachable as ``kernel.vfs.mem``).
     """
+    if seen is None:
+        seen = {id(obj)}
     for attr, v in vars(obj).items():
+        if id(v) in seen:
+            continue
         name = f"{prefix}.{attr}"
         if isinstance(v, np.ndarray):
             if v.flags.owndata:
+                seen.add(id(v))
                 yield name, int(v.nbytes)
         elif depth > 0 and type(v).__module__.startswith("vkernel.") and hasattr(v, "__dict__"):
-            yield from _owned_arrays(v, name, depth - 1)
+            seen.add(id(v))
+            yield from _owned_arrays(v, name, depth - 1, seen)
 
 
 def _struct_page() -> list[Record]:

@@ -2,8 +2,9 @@
 
 Like CONFIG_DEBUG_VM plus page_owner, in one vectorised pass: expected values come from every
 mm's page tables (PTE and PMD leaves, the table frames themselves and deposited tables), every
-shmem page cache, and the references other subsystems declare in ``kernel.extra_refs`` and
-``kernel.extra_pins``. Any difference, any leaked or doubly-freed frame, is reported.
+shmem page cache, and the references other subsystems declare in the ledgers
+``kernel.extra_refs`` (per frame) and ``kernel.extra_pins`` (per 2 MiB block: the _pincount of
+the large folio there). Any difference, any leaked or doubly-freed frame, is reported.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vkernel.kernel.uapi import (
     PTRS_PER_TABLE,
     PG_anon,
     PG_buddy,
+    PG_head,
     PG_pgtable,
     PG_reserved,
     PG_tail,
@@ -136,7 +138,6 @@ def audit(kernel: Kernel) -> list[str]:
 
     exp_ref = np.zeros(n, dtype=np.int64)
     exp_map = np.zeros(n, dtype=np.int64)
-    exp_pin = np.zeros(n, dtype=np.int64)
     exp_entire = np.zeros(len(mem.entire_mapcount), dtype=np.int64)
     all_leaves = np.concatenate(leaves) if leaves else np.zeros(0, dtype=np.int64)
     if len(all_leaves):
@@ -162,15 +163,13 @@ def audit(kernel: Kernel) -> list[str]:
         res = vfs.reserved_frames()
         if len(res):
             exp_ref += np.bincount(res, minlength=n)
-    for pfn, cnt in kernel.extra_refs.items():
-        exp_ref[pfn] += cnt
-    for pfn, cnt in kernel.extra_pins.items():
-        exp_pin[pfn] += cnt
+    exp_ref += kernel.extra_refs
+    exp_pin = kernel.extra_pins.astype(np.int64)
 
     flags = mem.flags
     free = (flags & PG_buddy) != 0
     zero = mem.zero_pfn
-    zero_refs = 1 + kernel.extra_refs.get(zero, 0)  # FOLL_GET references the zero page
+    zero_refs = 1 + int(kernel.extra_refs[zero])  # FOLL_GET references the zero page
     if mem.refcount[zero] != zero_refs:
         problems.append(f"zero page refcount {int(mem.refcount[zero])} != {zero_refs}")
     if zero_maps != mem.zero_maps:
@@ -181,7 +180,7 @@ def audit(kernel: Kernel) -> list[str]:
             f"huge zero page mapped {huge_zero_maps} times, bookkeeping says {mem.huge_zero_maps}"
         )
     if hz >= 0:
-        hz_refs = 1 + kernel.extra_refs.get(hz, 0)  # GUP references/pins on the huge zero folio
+        hz_refs = 1 + int(kernel.extra_refs[hz])  # GUP references/pins on the huge zero folio
         if mem.refcount[hz] != hz_refs:
             problems.append(f"huge zero page refcount {int(mem.refcount[hz])} != {hz_refs}")
         if mem.frames[hz : hz + HPAGE_PMD_NR].any():
@@ -206,8 +205,17 @@ def audit(kernel: Kernel) -> list[str]:
     report("refcount", np.flatnonzero(rc != exp_ref), rc, exp_ref)
     mc = mem.mapcount.astype(np.int64)
     report("mapcount", np.flatnonzero(mc != exp_map), mc, exp_map)
-    pc = mem.pincount.astype(np.int64)
-    report("pincount", np.flatnonzero(pc != exp_pin), pc, exp_pin)
+    pc = mem.large_pincount.astype(np.int64)
+    for b in np.flatnonzero(pc != exp_pin)[:MAX_REPORTS].tolist():
+        p = b << HPAGE_PMD_ORDER
+        problems.append(
+            f"pfn {p}: pincount {int(pc[b])} != expected {int(exp_pin[b])}"
+            f" [{','.join(mem.page_flag_names(p)) or '-'}]"
+        )
+    large_heads = (flags[::HPAGE_PMD_NR] & PG_head) != 0
+    stray = np.flatnonzero((pc[: len(large_heads)] != 0) & ~large_heads)
+    for b in stray[:MAX_REPORTS].tolist():
+        problems.append(f"pfn {b << HPAGE_PMD_ORDER}: pincount {int(pc[b])} on no large folio")
     ec = mem.entire_mapcount.astype(np.int64)
     for b in np.flatnonzero(ec != exp_entire)[:MAX_REPORTS].tolist():
         problems.append(

@@ -70,7 +70,7 @@ def folio_maybe_dma_pinned_vec(mm: MmStruct, heads: np.ndarray) -> np.ndarray:
     mem = mm.mem
     small = mem.order[heads] == 0
     rc = mem.refcount[heads].view(np.uint32)
-    out: np.ndarray = np.where(small, rc >= 1024, mem.pincount[heads] > 0)
+    out: np.ndarray = np.where(small, rc >= 1024, mem.pincount_of(heads) > 0)
     return out
 
 
@@ -172,7 +172,7 @@ def copy_huge_pmd(dst_vma: VMA, src_vma: VMA, src_slot: int, addr: int) -> bool:
     if (
         src_mm.flags & MMF_HAS_PINNED
         and mem.flags[head] & PG_anon_exclusive
-        and mem.pincount[head] > 0
+        and mem.folio_pincount(head) > 0
     ):
         thp.split_huge_pmd(src_mm, src_slot)
         return False

@@ -3,8 +3,9 @@
 Pages are pfns (struct page == pfn); ``pages`` is a numpy int64 array filled in ``[0, ret)``,
 ``None`` meaning "no pages array". Results follow Linux: the number of pages processed or a
 negative errno when none was (A.3, A.4). Every reference taken or dropped here is mirrored in
-``kernel.extra_refs`` (refcount) and ``kernel.extra_pins`` (_pincount of large folios), keyed
-by folio head, so the audit stays exact.
+two int32 numpy ledgers the audit adds up: ``kernel.extra_refs`` (refcount, indexed by folio
+head) and ``kernel.extra_pins`` (_pincount of large folios, indexed by head >> 9). Batched
+grabs and puts update them with one fancy-index (distinct heads) or ``np.add.at`` per call.
 
 Where the model differs from Linux 6.12 (see docs/gup-interface.md, stream A):
 
@@ -152,15 +153,6 @@ class Locked:
 # ---- pin accounting (A.5) ------------------------------------------------------------------------
 
 
-def _extra_sub(counter: dict[int, int], head: int, n: int) -> None:
-    """Drop ``n`` from a Counter entry, forgetting it at zero."""
-    left = counter[head] - n
-    if left:
-        counter[head] = left
-    else:
-        del counter[head]
-
-
 def try_grab_folio(kernel: Kernel, head_pfn: int, refs: int, flags: int) -> int:
     """try_grab_folio(): take ``refs`` GET references or pins on a folio; 0 or -errno.
 
@@ -194,8 +186,8 @@ def try_grab_folio(kernel: Kernel, head_pfn: int, refs: int, flags: int) -> int:
     kernel.extra_refs[head] += delta
     if pin:
         if large:
-            mem.pincount[head] += refs
-            kernel.extra_pins[head] += refs
+            mem.large_pincount[head >> HPAGE_PMD_ORDER] += refs
+            kernel.extra_pins[head >> HPAGE_PMD_ORDER] += refs
         kernel.vmstat.count("nr_foll_pin_acquired", refs)
     return 0
 
@@ -224,17 +216,18 @@ def gup_put_folio(kernel: Kernel, head_pfn: int, refs: int, flags: int) -> None:
         return
     large = bool(mem.order[head])
     delta = refs * GUP_PIN_COUNTING_BIAS if pin and not large else refs
-    if kernel.extra_refs.get(head, 0) < delta:
+    if kernel.extra_refs[head] < delta:
         raise RuntimeError(f"put of pfn {head}: {delta} references not held")
     if pin:
         if large:
-            if kernel.extra_pins.get(head, 0) < refs:
+            blk = head >> HPAGE_PMD_ORDER
+            if kernel.extra_pins[blk] < refs:
                 raise RuntimeError(f"unpin of pfn {head}: {refs} pins not held")
-            mem.pincount[head] -= refs
-            _extra_sub(kernel.extra_pins, head, refs)
+            mem.large_pincount[blk] -= refs
+            kernel.extra_pins[blk] -= refs
         kernel.vmstat.count("nr_foll_pin_released", refs)
     mem.refcount[head] -= delta
-    _extra_sub(kernel.extra_refs, head, delta)
+    kernel.extra_refs[head] -= delta
     _free_if_unused(kernel, head)
 
 
@@ -322,24 +315,25 @@ def gup_put_folios(kernel: Kernel, heads: PageArray, counts: PageArray, flags: i
     large = mem.order[heads] > 0
     delta = np.where(large | (not pin), counts, counts * GUP_PIN_COUNTING_BIAS)
     er = kernel.extra_refs
-    ep = kernel.extra_pins
-    hl = heads.tolist()
-    dl = delta.tolist()
-    for h, d in zip(hl, dl, strict=True):
-        if er.get(h, 0) < d:
-            raise RuntimeError(f"put of pfn {h}: {d} references not held")
+    short = er[heads] < delta
+    if short.any():
+        i = int(short.argmax())
+        raise RuntimeError(f"put of pfn {int(heads[i])}: {int(delta[i])} references not held")
     if pin and large.any():
-        lh = heads[large]
+        blk = heads[large] >> HPAGE_PMD_ORDER
         lc = counts[large]
-        for h, c in zip(lh.tolist(), lc.tolist(), strict=True):
-            if ep.get(h, 0) < c:
-                raise RuntimeError(f"unpin of pfn {h}: {c} pins not held")
-        mem.pincount[lh] -= lc.astype(np.int32)
-        for h, c in zip(lh.tolist(), lc.tolist(), strict=True):
-            _extra_sub(ep, h, c)
-    mem.refcount[heads] -= delta.astype(np.int32)
-    for h, d in zip(hl, dl, strict=True):
-        _extra_sub(er, h, d)
+        ep = kernel.extra_pins
+        short = ep[blk] < lc
+        if short.any():
+            i = int(short.argmax())
+            h = int(blk[i]) << HPAGE_PMD_ORDER
+            raise RuntimeError(f"unpin of pfn {h}: {int(lc[i])} pins not held")
+        lc32 = lc.astype(np.int32)
+        mem.large_pincount[blk] -= lc32
+        ep[blk] -= lc32
+    d32 = delta.astype(np.int32)
+    mem.refcount[heads] -= d32
+    er[heads] -= d32
     if pin:
         kernel.vmstat.count("nr_foll_pin_released", int(counts.sum()))
     rc = mem.refcount[heads]
@@ -679,9 +673,9 @@ def follow_pte_batch(
             return 0  # the same page twice in one run: leave it to the per-page path
         er = mm.kernel.extra_refs
         if len(real):
-            mem.refcount[real] += np.int32(delta)
-            for p in real.tolist():
-                er[p] += delta
+            d32 = np.int32(delta)
+            mem.refcount[real] += d32
+            er[real] += d32
         if pin:
             mm.kernel.vmstat.count("nr_foll_pin_acquired", len(real))
         elif nzero:
@@ -1298,7 +1292,7 @@ def migrate_folio_out_of_movable(kernel: Kernel, head: int) -> bool:
     nr = 1 << int(mem.order[head])
     obj = mem.mapping_obj(int(mem.mapping[head]))
     is_shmem = isinstance(obj, ShmemObject)
-    if obj is None or kernel.extra_refs.get(head, 0):
+    if obj is None or kernel.extra_refs[head]:
         kernel.vmstat.count("pgmigrate_fail", nr)
         return False
     idx0 = int(mem.index[head])
@@ -1354,8 +1348,8 @@ def migrate_folio_out_of_movable(kernel: Kernel, head: int) -> bool:
     mem.index[nsl] = mem.index[sl]
     mem.mapcount[nsl] = mem.mapcount[sl]
     mem.refcount[new] = mem.refcount[head]
-    mem.pincount[new] = mem.pincount[head]
     if nr > 1:
+        mem.large_pincount[new >> HPAGE_PMD_ORDER] = mem.large_pincount[head >> HPAGE_PMD_ORDER]
         mem.entire_mapcount[new >> HPAGE_PMD_ORDER] = entire
         mem.entire_mapcount[head >> HPAGE_PMD_ORDER] = 0
     delta = (new - head) << PAGE_SHIFT

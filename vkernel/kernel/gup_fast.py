@@ -13,7 +13,8 @@ whole prefix that passed is grabbed with ``np.add.at`` (a speculative ``try_grab
 per page), and the slice and the PMD are re-read: on a change the grabs from the first changed
 entry on are undone and the walk stops there. A PMD-mapped THP is taken with one grab of all
 covered subpages (``record_subpages`` + one ``try_grab_folio_fast``). Every reference is
-mirrored into ``kernel.extra_refs``/``extra_pins`` like stream A's ``try_grab_folio``.
+mirrored into the numpy ledgers ``kernel.extra_refs`` (per frame) / ``extra_pins`` (per 2 MiB
+block) like stream A's ``try_grab_folio``: one more ``np.add.at`` next to the refcount's.
 
 Stop conditions (A.7 §3): not present, PROT_NONE, WRITE without RW, special (the shared zero
 page included), a free folio (refcount 0), FOLL_LONGTERM on a ZONE_MOVABLE folio, a R/O pin
@@ -21,8 +22,9 @@ that must unshare (``gup_must_unshare`` with no VMA), the PTE or PMD changed aft
 The walker never looks at VMAs, so FOLL_FORCE never helps it.
 
 Cost: per call the walk is one pass of ~14 numpy calls over all its PTEs (perf-floor §4's floor
-does 5); keeping ``kernel.extra_refs`` (a Counter) exact adds ~55 ns per small page, more than
-the walk itself at 512 pages (see bench_gup_fast and docs/gup-interface.md, stream B).
+does 5); keeping ``kernel.extra_refs`` exact is one ``np.add.at`` on an int32 array (it was a
+Counter costing ~55 ns per small page, more than the walk; see bench_gup_fast's
+``mirror_ns_per_page`` and docs/gup-interface.md, stream B).
 
 Counters: ``fast_gup`` (pages the lockless walk took, net of undo) and ``fast_gup_slow`` (calls
 that fell back), next to Linux's ``nr_foll_pin_acquired``. ``kernel.config.arch == "generic"``
@@ -63,6 +65,7 @@ from vkernel.kernel.uapi import (
     FOLL_UNLOCKABLE,
     FOLL_WRITE,
     GUP_PIN_COUNTING_BIAS,
+    HPAGE_PMD_ORDER,
     MMF_HAS_PINNED,
     PAGE_MASK,
     PAGE_SHIFT,
@@ -108,6 +111,7 @@ _ANON_EXCL = np.uint32(PG_anon_exclusive)
 _REFERENCED = np.uint32(PG_referenced)
 _ONE32 = np.int32(1)
 _BIAS32 = np.int32(GUP_PIN_COUNTING_BIAS)
+_PMD_ORDER = np.int64(HPAGE_PMD_ORDER)
 
 
 # ---- reference bookkeeping (try_grab_folio_fast / gup_put_folio, vectorised) --------------------
@@ -116,49 +120,19 @@ _BIAS32 = np.int32(GUP_PIN_COUNTING_BIAS)
 def _mirror(kernel: Kernel, heads: PageArray, delta: int, pins: PageArray | None) -> None:
     """Record grabbed references in kernel.extra_refs/extra_pins (what try_grab_folio does).
 
-    C-level dict operations only, whatever the overlap with references already held: the keys
-    already present are saved, every key is (over)written with ``delta`` in one update, then the
-    saved ones get their old count back on top; a folio twice in the batch is fixed up last.
+    ``heads`` may repeat (one entry per page grabbed): ``np.add.at`` with a typed scalar.
+    ``pins`` are large-folio heads, one per pin (_pincount +1 each).
     """
-    refs = kernel.extra_refs
-    keys = heads.tolist()
-    common = refs.keys() & keys if refs else None
-    if common:
-        ck = list(common)
-        cv = np.fromiter(map(refs.__getitem__, ck), dtype=np.int64, count=len(ck)) + delta
-    n0 = len(refs)
-    dict.update(refs, dict.fromkeys(keys, delta))
-    if common:
-        dict.update(refs, zip(ck, cv.tolist(), strict=True))
-    if len(refs) - n0 != len(keys) - (
-        len(common) if common else 0
-    ):  # a folio twice in the batch got ``delta`` once
-        uniq, cnt = np.unique(heads, return_counts=True)
-        for k, c in zip(uniq[cnt > 1].tolist(), cnt[cnt > 1].tolist(), strict=True):
-            refs[k] += delta * (c - 1)
+    np.add.at(kernel.extra_refs, heads, np.int32(delta))
     if pins is not None and len(pins):
-        ep = kernel.extra_pins
-        for k in pins.tolist():
-            ep[k] += 1
+        np.add.at(kernel.extra_pins, pins >> _PMD_ORDER, _ONE32)
 
 
 def _unmirror(kernel: Kernel, heads: PageArray, delta: int, pins: PageArray | None) -> None:
-    """Forget references recorded by :func:`_mirror` (entries reaching zero are removed)."""
-    refs = kernel.extra_refs
-    for k in heads.tolist():
-        left = refs[k] - delta
-        if left:
-            refs[k] = left
-        else:
-            del refs[k]
-    if pins is not None:
-        ep = kernel.extra_pins
-        for k in pins.tolist():
-            left = ep[k] - 1
-            if left:
-                ep[k] = left
-            else:
-                del ep[k]
+    """Forget references recorded by :func:`_mirror` (the exact inverse, same arguments)."""
+    np.subtract.at(kernel.extra_refs, heads, np.int32(delta))
+    if pins is not None and len(pins):
+        np.subtract.at(kernel.extra_pins, pins >> _PMD_ORDER, _ONE32)
 
 
 def _grab(
@@ -186,7 +160,7 @@ def _grab(
     np.add.at(rc, large_h, _ONE32)
     pins = None
     if pin:
-        np.add.at(mem.pincount, large_h, _ONE32)
+        np.add.at(mem.large_pincount, large_h >> _PMD_ORDER, _ONE32)
         pins = large_h
     _mirror(kernel, large_h, 1, pins)
     return small_h, large_h, pins, heads
@@ -204,7 +178,7 @@ def _undo(
     if len(large_h):
         np.subtract.at(rc, large_h, _ONE32)
         if pins is not None:
-            np.subtract.at(mem.pincount, pins, _ONE32)
+            np.subtract.at(mem.large_pincount, pins >> _PMD_ORDER, _ONE32)
         _unmirror(kernel, large_h, 1, pins)
     heads = np.unique(np.concatenate((small_h, large_h)))
     mem.free_folios(heads[rc[heads] == 0])
@@ -370,19 +344,20 @@ def _gup_huge_pmd(
     if pin and not flags & FOLL_WRITE and not pmd & _PAGE_RW and must_unshare:
         return 0  # gup_must_unshare(NULL, flags, &folio->page)
     # try_grab_folio_fast(page, refs): one atomic add for the whole folio.
+    blk = head >> HPAGE_PMD_ORDER
     mem.refcount[head] += refs
     kernel.extra_refs[head] += refs
     if pin:
-        mem.pincount[head] += refs
-        kernel.extra_pins[head] += refs
+        mem.large_pincount[blk] += refs
+        kernel.extra_pins[blk] += refs
     if hook is not None:
         hook("grabbed", refs)
     if u.item(pmdslot) != pmd:
         mem.refcount[head] -= refs
-        _sub_counter(kernel.extra_refs, head, refs)
+        kernel.extra_refs[head] -= refs
         if pin:
-            mem.pincount[head] -= refs
-            _sub_counter(kernel.extra_pins, head, refs)
+            mem.large_pincount[blk] -= refs
+            kernel.extra_pins[blk] -= refs
         if mem.refcount[head] == 0:
             mem.free_huge(head)
         return 0
@@ -390,15 +365,6 @@ def _gup_huge_pmd(
     first = head + ((addr & ~PMD_MASK) >> PAGE_SHIFT)
     pages[nr : nr + refs] = np.arange(first, first + refs, dtype=np.int64)  # record_subpages()
     return refs
-
-
-def _sub_counter(counter: dict[int, int], key: int, n: int) -> None:
-    """Drop ``n`` from a Counter entry, forgetting it at zero."""
-    left = counter[key] - n
-    if left:
-        counter[key] = left
-    else:
-        del counter[key]
 
 
 def _gup_fast_walk(

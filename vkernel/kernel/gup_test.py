@@ -94,7 +94,9 @@ def _verify_dma_pinned(task: Task, cmd: GupTestCmd, pages: Any) -> int:
     pages = pages[pages != mem.zero_pfn]
     heads = mem.compound_heads(pages)
     large = mem.order[heads] > 0
-    pinned = np.where(large, mem.pincount[heads] > 0, mem.refcount[heads].astype(np.uint32) >= 1024)
+    pinned = np.where(
+        large, mem.pincount_of(heads) > 0, mem.refcount[heads].view(np.uint32) >= 1024
+    )
     bad = int(np.count_nonzero(~pinned))
     if cmd is GupTestCmd.PIN_LONGTERM_BENCHMARK:
         bad += int(np.count_nonzero(pinned & (heads >= mem.movable_start)))

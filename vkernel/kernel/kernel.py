@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import signal
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+import numpy as np
 
 from vkernel import __version__
 from vkernel.kernel.cred import Cred, Rlimit
@@ -70,17 +71,20 @@ class Kernel:
     def _init_memory(self) -> None:
         """mm_init(): bring up physical memory, the zero page and the mm registries."""
         from vkernel.kernel.physmem import PhysMem
-        from vkernel.kernel.uapi import DEFAULT_MAX_MAP_COUNT
+        from vkernel.kernel.uapi import DEFAULT_MAX_MAP_COUNT, HPAGE_PMD_ORDER
 
         if self.config.thp not in ("always", "madvise", "never"):
             raise einval(f"unknown THP mode {self.config.thp!r}", field="thp")
         self.mem = PhysMem(self.config.memory_bytes, self.config.movable_bytes, self.vmstat)
         self.sysctl_max_map_count = DEFAULT_MAX_MAP_COUNT
         """vm.max_map_count."""
-        self.extra_refs: Counter[int] = Counter()
-        """Folio head pfn → references held outside page tables (GUP, DMA); audit uses it."""
-        self.extra_pins: Counter[int] = Counter()
-        """folio head pfn → expected _pincount of a large folio; audit uses it."""
+        nframes = self.mem.nframes
+        self.extra_refs = np.zeros(nframes, dtype=np.int32)
+        """Per frame (folio head): references held outside page tables and caches (GUP gets and
+        pins, DMA, GUP refs on the zero pages); the audit adds them to the expected refcount."""
+        self.extra_pins = np.zeros((nframes >> HPAGE_PMD_ORDER) + 1, dtype=np.int32)
+        """Per 2 MiB block (head >> 9): pins on the large folio there, the audit's expected
+        _pincount (small folios count pins in ``extra_refs``, GUP_PIN_COUNTING_BIAS each)."""
         self.pgtable_free_hooks: list[Callable[[int], None]] = []
         """Called with the pfn of each page-table page just before tlb_remove_table frees it."""
 

@@ -1,21 +1,23 @@
 """Physical memory and struct page (mm/page_alloc.c, include/linux/mm_types.h).
 
 One shared memfd mapping holds every frame: frame ``n`` is bytes ``[n*4096, (n+1)*4096)``.
-struct page is a set of numpy arrays indexed by pfn (29 bytes of metadata per frame):
+struct page is a set of numpy arrays indexed by pfn (25 bytes of metadata per frame):
 
 ========== ====== ===========================================================================
 array      dtype  meaning
 ========== ====== ===========================================================================
 refcount   int32  _refcount (on the head page for a compound page; tails stay 0)
 mapcount   int32  number of PTEs mapping this exact page (Linux's _mapcount + 1)
-pincount   int32  _pincount of a large folio (kept on its head)
 flags      uint32 PG_* bits (vkernel.kernel.uapi)
 order      uint8  compound order, stored on head *and* tails: head = pfn & ~((1<<order)-1)
 mapping    int32  id of the anon_vma / shmem object (0 = none)
 index      int64  page->index (linear page index in the mapping)
 ========== ====== ===========================================================================
 
-plus ``entire_mapcount`` (one int32 per 2 MiB block: PMD mappings of the THP living there).
+plus two int32 per 2 MiB block for the large (order-9) folio living there, as Linux keeps them in
+the folio's first tail page: ``entire_mapcount`` (PMD mappings) and ``large_pincount`` (_pincount;
+read it with :meth:`PhysMem.folio_pincount` / :meth:`PhysMem.pincount_of`). Small folios
+have no _pincount: FOLL_PIN counts in their refcount (GUP_PIN_COUNTING_BIAS).
 
 The allocator keeps one free stack of order-0 pfns and one stack of free order-9 blocks per
 zone (normal, movable); an order-9 block is split into order-0 pages when the order-0 stack runs
@@ -182,12 +184,13 @@ class PhysMem:
         # struct page
         self.refcount = np.zeros(nframes, dtype=np.int32)
         self.mapcount = np.zeros(nframes, dtype=np.int32)
-        self.pincount = np.zeros(nframes, dtype=np.int32)
         self.flags = np.zeros(nframes, dtype=np.uint32)
         self.order = np.zeros(nframes, dtype=np.uint8)
         self.mapping = np.zeros(nframes, dtype=np.int32)
         self.index = np.zeros(nframes, dtype=np.int64)
         self.entire_mapcount = np.zeros((nframes >> HPAGE_PMD_ORDER) + 1, dtype=np.int32)
+        self.large_pincount = np.zeros((nframes >> HPAGE_PMD_ORDER) + 1, dtype=np.int32)
+        """folio->_pincount of the large folio in each 2 MiB block (index: head >> 9)."""
         # Weak: an anon_vma lives as long as a VMA refers to it; ids are never reused.
         self._mapping_objs: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._next_mapping = 1
@@ -300,11 +303,22 @@ class PhysMem:
         o = self.order[pfns].astype(np.int64)
         return pfns & ~((np.int64(1) << o) - 1)
 
+    def folio_pincount(self, head: int) -> int:
+        """folio_pincount() of a large folio's head (0 for a small folio, which has none)."""
+        return int(self.large_pincount[head >> HPAGE_PMD_ORDER]) if self.order[head] else 0
+
+    def pincount_of(self, heads: IntArray) -> npt.NDArray[np.int32]:
+        """folio_pincount() for many folio heads (0 where the folio is small)."""
+        pc: npt.NDArray[np.int32] = np.where(
+            self.order[heads] > 0, self.large_pincount[heads >> HPAGE_PMD_ORDER], np.int32(0)
+        )
+        return pc
+
     def folio_maybe_dma_pinned(self, pfn: int) -> bool:
         """folio_maybe_dma_pinned(): exact _pincount for large folios, refcount bias for small."""
         head = self.compound_head(pfn)
         if self.order[head]:
-            return bool(self.pincount[head] > 0)
+            return bool(self.large_pincount[head >> HPAGE_PMD_ORDER] > 0)
         return int(np.uint32(self.refcount[head])) >= 1024
 
     def page_flag_names(self, pfn: int) -> list[str]:
@@ -380,6 +394,7 @@ class PhysMem:
                 self.order[sl] = HPAGE_PMD_ORDER
                 self.refcount[head] = 1
                 self.entire_mapcount[head >> HPAGE_PMD_ORDER] = 0
+                self.large_pincount[head >> HPAGE_PMD_ORDER] = 0
                 self.vmstat.count(
                     "pgalloc_movable" if head >= self.movable_start else "pgalloc_normal",
                     HPAGE_PMD_NR,
@@ -423,7 +438,6 @@ class PhysMem:
         self.frames[pfns] = 0
         self.refcount[pfns] = 0
         self.mapcount[pfns] = 0
-        self.pincount[pfns] = 0
         self.flags[pfns] &= np.uint32(PG_movable_zone)
         self.flags[pfns] |= np.uint32(PG_buddy)
         self.order[pfns] = 0
@@ -450,6 +464,7 @@ class PhysMem:
         sl = slice(head, head + HPAGE_PMD_NR)
         self._reset(sl)
         self.entire_mapcount[head >> HPAGE_PMD_ORDER] = 0
+        self.large_pincount[head >> HPAGE_PMD_ORDER] = 0
         zone = self.movable if self.movable and head >= self.movable_start else self.normal
         zone.put_block(head)
         self.vmstat.count("pgfree", HPAGE_PMD_NR)

@@ -343,7 +343,7 @@ def dump_page(kernel: Kernel, pfn: int) -> dict[str, Any]:
         "mapcount": mapcount + entire,
         "page_mapcount": mapcount,
         "entire_mapcount": entire,
-        "pincount": int(mem.pincount[head]),
+        "pincount": mem.folio_pincount(head),
         "flags": mem.page_flag_names(pfn),
         "compound_head": head,
         "order": order,

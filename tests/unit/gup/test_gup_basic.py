@@ -142,8 +142,8 @@ async def test_gup_matrix(
     else:
         gup.put_pages(kernel, pages, npages)
     assert (kernel.mem.refcount == before).all()
-    assert not kernel.extra_refs
-    assert not kernel.extra_pins
+    assert not kernel.extra_refs.any()
+    assert not kernel.extra_pins.any()
 
 
 async def test_pin_refcount_arithmetic_small_page(kernel: Kernel, task: Task) -> None:
@@ -181,18 +181,18 @@ async def test_pin_arithmetic_thp(make_kernel: MakeKernel) -> None:
     assert await _pin(task, a, HPAGE_PMD_NR, FOLL_WRITE, pages) == HPAGE_PMD_NR
     assert (pages == np.arange(head, head + HPAGE_PMD_NR)).all()
     assert kernel.mem.refcount[head] == r0 + HPAGE_PMD_NR
-    assert kernel.mem.pincount[head] == HPAGE_PMD_NR
+    assert kernel.mem.folio_pincount(head) == HPAGE_PMD_NR
     assert vm(task, "nr_foll_pin_acquired") == HPAGE_PMD_NR
     for p in pages.tolist():
         gup.unpin_user_page(kernel, p)
-    assert kernel.mem.pincount[head] == 0
+    assert kernel.mem.folio_pincount(head) == 0
     assert kernel.mem.refcount[head] == r0
     assert vm(task, "nr_foll_pin_released") == HPAGE_PMD_NR
     assert await _pin(task, a, 123, 0, pages) == 123
-    assert kernel.mem.pincount[head] == 123
+    assert kernel.mem.folio_pincount(head) == 123
     assert kernel.mem.refcount[head] == r0 + 123
     gup.unpin_user_pages(kernel, pages, 123)
-    assert kernel.mem.pincount[head] == 0
+    assert kernel.mem.folio_pincount(head) == 0
 
 
 async def test_pin_from_the_middle_of_a_thp(make_kernel: MakeKernel) -> None:
@@ -207,8 +207,8 @@ async def test_pin_from_the_middle_of_a_thp(make_kernel: MakeKernel) -> None:
     assert await _pin(task, start, 600, FOLL_WRITE, pages) == 600
     assert [int(p) for p in pages[::50]] == [pfn_at(task, start + i * P) for i in range(0, 600, 50)]
     h1, h2 = pfn_at(task, a), pfn_at(task, a + 2 * MiB)
-    assert kernel.mem.pincount[h1] == 212
-    assert kernel.mem.pincount[h2] == 388
+    assert kernel.mem.folio_pincount(h1) == 212
+    assert kernel.mem.folio_pincount(h2) == 388
     gup.unpin_user_pages(kernel, pages, 600)
 
 
@@ -281,7 +281,7 @@ async def test_get_pin_mutual_exclusion_and_invalid_args(kernel: Kernel, task: T
         assert await gup.get_user_pages(mm, a, 0, 0, pages) == 0
     assert kernel.mem.refcount[pfn] == 1
     assert not mm.flags & MMF_HAS_PINNED
-    assert not kernel.extra_refs
+    assert not kernel.extra_refs.any()
 
 
 async def test_partial_count_on_a_vma_hole(kernel: Kernel, task: Task) -> None:
@@ -548,7 +548,7 @@ async def test_overflow_rule(kernel: Kernel, task: Task) -> None:
         gup.unpin_user_page(kernel, p0)
     finally:
         kernel.mem.refcount[p1] -= force
-        del kernel.extra_refs[p1]
+        kernel.extra_refs[p1] -= force
     free = int(kernel.mem.normal.take0(1)[0])
     kernel.mem.normal.put0(np.array([free], dtype=np.int64))
     assert gup.try_grab_folio(kernel, free, 1, FOLL_GET) == -errno.ENOMEM
@@ -562,6 +562,49 @@ async def test_put_of_a_reference_not_held_is_refused(kernel: Kernel, task: Task
         gup.unpin_user_page(kernel, pfn_at(task, a))
     with pytest.raises(RuntimeError):
         gup.put_page(kernel, pfn_at(task, a))
+
+
+async def test_batched_put_not_held_changes_nothing(make_kernel: MakeKernel) -> None:
+    """A.5: unpin_user_pages() / put_pages() refuse a batch with any folio whose references
+    (or, on a THP, pins) are not held, before changing a single counter or ledger."""
+    kernel = make_kernel(thp="always")
+    task = kernel.spawn("thp", "s")
+    a = await mmap_anon(task, 2 * MiB)
+    await write_user(task, a, b"\x01" * P)
+    head = pfn_at(task, a)
+    b = await mmap_anon(task, 2 * P)
+    await write_user(task, b, b"\x01" * 2 * P)
+    p0, p1 = pfn_at(task, b), pfn_at(task, b + P)
+    pages = page_array(3)
+    assert await _pin(task, b, 1, FOLL_WRITE, pages) == 1
+    assert await _get(task, a, 2, 0, pages[1:]) == 2  # 2 GET refs on the THP, no pins
+
+    def state() -> tuple[list[int], list[int], int, int]:
+        heads = [p0, p1, head]
+        return (
+            kernel.mem.refcount[heads].tolist(),
+            kernel.extra_refs[heads].tolist(),
+            kernel.mem.folio_pincount(head),
+            int(kernel.extra_pins[head // HPAGE_PMD_NR]),
+        )
+
+    before = state()
+    with pytest.raises(RuntimeError, match=f"pfn {p1}"):
+        gup.unpin_user_pages(kernel, np.array([p0, p1], dtype=np.int64), 2)
+    with pytest.raises(RuntimeError, match="pins not held"):
+        gup.unpin_user_pages(kernel, np.array([p0, head], dtype=np.int64), 2)
+    with pytest.raises(RuntimeError, match="pins not held"):
+        gup.unpin_user_page(kernel, head + 1)
+    with pytest.raises(RuntimeError, match=f"pfn {head}"):
+        gup.put_pages(kernel, np.full(3, head, dtype=np.int64), 3)
+    assert state() == before
+    gup.unpin_user_pages(kernel, pages, 1)
+    gup.put_pages(kernel, pages[1:], 2)
+    assert not kernel.extra_refs.any()
+    assert not kernel.extra_pins.any()
+    from vkernel.kernel.audit import audit
+
+    assert audit(kernel) == []
 
 
 async def test_unpinned_page_outlives_munmap(kernel: Kernel, task: Task) -> None:
@@ -599,7 +642,7 @@ async def test_seed_aliases(kernel: Kernel, task: Task) -> None:
     gup.put_user_pages_dirty(kernel, pages[2:], 1)
     gup.put_user_pages_dirty_lock(kernel, pages[3:], 1)
     assert kernel.mem.flags[pages[3]] & PG_dirty
-    assert not kernel.extra_refs
+    assert not kernel.extra_refs.any()
 
 
 async def test_write_gup_on_read_only_after_mprotect(kernel: Kernel, task: Task) -> None:

@@ -276,7 +276,7 @@ async def test_huge_zero_page_pins(make_kernel: MakeKernel) -> None:
     pages = page_array(4)
     assert await pin(task, a, 4, 0, pages) == 4
     assert (pages == np.arange(hz, hz + 4)).all()
-    assert kernel.mem.pincount[hz] == 4
+    assert kernel.mem.folio_pincount(hz) == 4
     await sys_munmap(task, a, 2 * MiB)
     assert kernel.mem.huge_zero_pfn == hz
     gup.unpin_user_pages(kernel, pages, 4)

@@ -72,7 +72,7 @@ async def test_migration_failure_leaves_nothing_pinned(make_kernel: MakeKernel) 
     pages = page_array(4)
     assert await pin_lt(task, a, 4, 0, pages) == -errno.ENOMEM
     assert vm(task, "nr_foll_pin_acquired") == vm(task, "nr_foll_pin_released")
-    assert not kernel.extra_pins
+    assert not kernel.extra_pins.any()
     assert vm(task, "pgmigrate_fail") >= 1
     assert pfn_at(task, a + 2 * P) == before[2]
     gup.put_page(kernel, int(ref[0]))
@@ -111,7 +111,7 @@ async def test_longterm_migrates_a_thp(make_kernel: MakeKernel) -> None:
     assert lookup_pte(task, a) & _PAGE_PSE
     assert not kernel.mem.in_movable(new)
     assert (pages == np.arange(new, new + HPAGE_PMD_NR)).all()
-    assert kernel.mem.pincount[new] == HPAGE_PMD_NR
+    assert kernel.mem.folio_pincount(new) == HPAGE_PMD_NR
     assert await read_user_bytes(task, a + MiB, 2) == b"HH"
     gup.unpin_user_pages(kernel, pages, HPAGE_PMD_NR)
 

@@ -268,7 +268,7 @@ async def test_write_protect_seq_change_during_the_walk_unpins_the_pass(
     assert gup_fast(mm, a, a + 8 * P, FOLL_PIN | FOLL_WRITE, pages) == 0
     assert (mem.refcount[pfns] == rc0).all()
     assert kernel.vmstat["fast_gup"] == 0
-    assert not kernel.extra_refs
+    assert not kernel.extra_refs.any()
 
 
 async def test_pte_changed_during_grab_is_undone(kernel: Kernel, task: Task) -> None:
@@ -308,19 +308,19 @@ async def test_pmd_thp_pinned_with_one_grab(kernel: Kernel, task: Task) -> None:
     assert await pin_user_pages_fast(task.mm, h, 512, FOLL_WRITE, pages) == 512
     assert pages.tolist() == list(range(head, head + 512))
     assert int(mem.refcount[head]) == rc0 + 512
-    assert int(mem.pincount[head]) == 512
+    assert int(mem.folio_pincount(head)) == 512
     assert kernel.vmstat["nr_foll_pin_acquired"] == 512
     assert _events(kernel) == (512, 0)
     for p in pages.tolist():
         unpin_user_page(kernel, p)
-    assert int(mem.pincount[head]) == 0
+    assert int(mem.folio_pincount(head)) == 0
     assert kernel.vmstat["nr_foll_pin_released"] == 512
     assert await pin_user_pages_fast(task.mm, h, 123, 0, pages) == 123
-    assert int(mem.pincount[head]) == 123
+    assert int(mem.folio_pincount(head)) == 123
     unpin_user_pages(kernel, pages, 123)
     assert get_user_pages_fast_only(task.mm, h + 7 * P, 9, 0, pages) == 9
     assert int(mem.refcount[head]) == rc0 + 9
-    assert int(mem.pincount[head]) == 0
+    assert int(mem.folio_pincount(head)) == 0
     put_pages(kernel, pages, 9)
 
 
@@ -395,7 +395,7 @@ async def test_pmd_changed_during_the_thp_grab_is_undone(kernel: Kernel, task: T
     assert await pin_user_pages_fast(mm, h, 16, FOLL_WRITE, pages) == 16
     assert _events(kernel) == (0, 1)
     assert pages.tolist() == list(range(head, head + 16))
-    assert int(kernel.mem.pincount[head]) == 16
+    assert int(kernel.mem.folio_pincount(head)) == 16
     unpin_user_pages(kernel, pages, 16)
     # split: 512 PTE mappings take one reference each instead of the PMD's one
     assert int(kernel.mem.refcount[head]) == rc0 + 511
@@ -421,10 +421,10 @@ async def test_pte_mapped_thp_subpages_pin_the_folio(kernel: Kernel, task: Task)
     assert vma is not None
     in_hook(kernel, "grabbed", lambda: zap_page_range_single(vma, h + 20 * P, h + 21 * P))
     assert gup_fast(mm, h, h + 32 * P, FOLL_PIN | FOLL_WRITE, pages) == 20
-    assert int(mem.pincount[head]) == 20
+    assert int(mem.folio_pincount(head)) == 20
     assert int(mem.refcount[head]) == rc0 - 1 + 20  # one PTE gone, 20 pins
     unpin_user_pages(kernel, pages, 20)
-    assert int(mem.pincount[head]) == 0
+    assert int(mem.folio_pincount(head)) == 0
 
 
 async def test_longterm_read_pin_of_shmem_must_unshare_in_the_fast_path(

@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from tests.unit.mm.mmhelp import SHARED_ANON, MiB, P, mmap_anon, pfn_at
+from tests.unit.mm.mmhelp import SHARED_ANON, MakeKernel, MiB, P, mmap_anon, pfn_at
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.mm_api import (
@@ -53,7 +53,42 @@ async def test_audit_catches_leaks_and_mapcount_errors(kernel: Kernel, task: Tas
     kernel.mem.mapcount[pfn] = 1
     kernel.extra_refs[pfn] += 1
     assert any("refcount 1 != expected 2" in p for p in audit(kernel))
-    del kernel.extra_refs[pfn]
+    kernel.extra_refs[pfn] -= 1
+
+
+async def test_audit_catches_pincount_errors(make_kernel: MakeKernel) -> None:
+    """§5: a THP's _pincount must equal the pins the GUP ledger holds on it, and a 2 MiB
+    block holding no large folio must have none."""
+    from tests.unit.gup.guphelp import page_array
+    from vkernel.kernel.gup import pin_user_pages_unlocked, unpin_user_pages
+    from vkernel.kernel.uapi import FOLL_WRITE, HPAGE_PMD_NR
+
+    kernel = make_kernel(thp="always")
+    task = kernel.spawn("thp", "s")
+    a = await mmap_anon(task, 2 * MiB)
+    await write_user(task, a, b"t" * P)
+    head = pfn_at(task, a)
+    pages = page_array(3)
+    assert await pin_user_pages_unlocked(task.mm, a, 3, pages, FOLL_WRITE) == 3
+    blk = head // HPAGE_PMD_NR
+    assert kernel.mem.large_pincount[blk] == kernel.extra_pins[blk] == 3
+    assert audit(kernel) == []
+    kernel.mem.large_pincount[blk] += 1
+    assert any(f"pfn {head}: pincount 4 != expected 3" in p for p in audit(kernel))
+    kernel.mem.large_pincount[blk] -= 1
+    kernel.extra_pins[blk] -= 1
+    assert any(f"pfn {head}: pincount 3 != expected 2" in p for p in audit(kernel))
+    kernel.extra_pins[blk] += 1
+    small = kernel.mem.alloc_page()
+    sblk = small // HPAGE_PMD_NR
+    kernel.mem.large_pincount[sblk] += 1
+    kernel.extra_pins[sblk] += 1
+    assert any("pincount 1 on no large folio" in p for p in audit(kernel))
+    kernel.mem.large_pincount[sblk] -= 1
+    kernel.extra_pins[sblk] -= 1
+    kernel.mem.put_folio(small)
+    unpin_user_pages(kernel, pages, 3)
+    assert audit(kernel) == []
 
 
 async def test_maps_format(task: Task) -> None:

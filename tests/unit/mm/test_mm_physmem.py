@@ -10,23 +10,45 @@ from vkernel.kernel.uapi import HPAGE_PMD_NR, PG_buddy, PG_reserved, PG_zero
 
 
 def test_struct_page_metadata_fits_32_bytes_per_frame(kernel: Kernel) -> None:
-    """§5: struct page arrays cost at most 32 bytes per frame."""
+    """§5: struct page arrays plus the GUP ledgers cost at most 32 bytes per frame."""
     mem = kernel.mem
-    per_frame: float = sum(
-        a.itemsize
-        for a in (
-            mem.refcount,
-            mem.mapcount,
-            mem.pincount,
-            mem.flags,
-            mem.order,
-            mem.mapping,
-            mem.index,
+    per_frame = (
+        sum(
+            a.nbytes
+            for a in (
+                mem.refcount,
+                mem.mapcount,
+                mem.flags,
+                mem.order,
+                mem.mapping,
+                mem.index,
+                mem.entire_mapcount,
+                mem.large_pincount,
+                kernel.extra_refs,
+                kernel.extra_pins,
+            )
         )
+        / mem.nframes
     )
-    per_frame += mem.entire_mapcount.nbytes / mem.nframes
     assert per_frame <= 32
     assert mem.refcount.dtype == np.int32
+    assert len(mem.large_pincount) == len(kernel.extra_pins) == len(mem.entire_mapcount)
+
+
+def test_pincount_lives_per_2mib_block(kernel: Kernel) -> None:
+    """_pincount is kept per large folio (its 2 MiB block); a small folio reads 0."""
+    mem = kernel.mem
+    head = mem.alloc_huge()
+    small = mem.alloc_page()
+    mem.large_pincount[head // HPAGE_PMD_NR] = 3
+    assert mem.folio_pincount(head) == 3
+    assert mem.folio_pincount(small) == 0
+    assert mem.pincount_of(np.array([head, small], dtype=np.int64)).tolist() == [3, 0]
+    assert mem.folio_maybe_dma_pinned(head + 5)
+    mem.large_pincount[head // HPAGE_PMD_NR] = 0
+    assert not mem.folio_maybe_dma_pinned(head)
+    mem.free_huge(head)
+    mem.free_pages(np.array([small], dtype=np.int64))
 
 
 def test_zero_page_is_reserved_and_never_free(kernel: Kernel) -> None:

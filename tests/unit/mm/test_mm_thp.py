@@ -227,7 +227,7 @@ async def test_collapse_refuses_pinned_pages_with_eagain(kernel: Kernel, task: T
         assert ei.value.errno == errno.EAGAIN
     finally:
         kernel.mem.refcount[pfn] -= 1
-        del kernel.extra_refs[pfn]
+        kernel.extra_refs[pfn] -= 1
     await sys_madvise(task, a, 2 * MiB, MADV_COLLAPSE)
     assert lookup_pte(task, a) & 0x80
     assert await read_user_bytes(task, a + MiB, 3) == b"ggg"
