@@ -45,7 +45,15 @@ from vkernel.kernel.blockdev import (
 from vkernel.kernel.errors import KernelError, einval
 from vkernel.kernel.fdtable import O_ACCMODE, O_RDONLY, O_RDWR, O_WRONLY, FdTable, File
 from vkernel.kernel.pagecache import AddressSpace
-from vkernel.kernel.uapi import PAGE_SHIFT, PAGE_SIZE
+from vkernel.kernel.uapi import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PG_anon,
+    PG_dirty,
+    PG_lru,
+    PG_shmem,
+    PG_writeback,
+)
 from vkernel.kernel.vma import ShmemObject
 
 if TYPE_CHECKING:
@@ -404,6 +412,24 @@ class Vfs:
         self._ino = 1
         self._bg: set[asyncio.Task[None]] = set()
         self.dirty_expire = DIRTY_EXPIRE
+        self._register_vmstat()
+
+    def _register_vmstat(self) -> None:
+        """NR_FILE_PAGES, NR_FILE_DIRTY, NR_WRITEBACK as /proc/vmstat names them."""
+        mem = self.mem
+        vm = self.kernel.vmstat
+
+        def count(want: int, mask: int) -> int:
+            return int(np.count_nonzero((mem.flags & np.uint32(mask)) == np.uint32(want)))
+
+        # Page-cache pages are on the LRU and not anonymous (shmem included, as in Linux);
+        # shmem pages never count as dirty file pages (no writeback for them).
+        vm.register_gauge("nr_file_pages", lambda: count(PG_lru, PG_lru | PG_anon))
+        vm.register_gauge(
+            "nr_dirty",
+            lambda: count(PG_lru | PG_dirty, PG_lru | PG_dirty | PG_anon | PG_shmem),
+        )
+        vm.register_gauge("nr_writeback", lambda: count(PG_writeback, PG_writeback))
 
     # ---- devices ----------------------------------------------------------------------------
 

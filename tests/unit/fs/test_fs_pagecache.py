@@ -92,7 +92,9 @@ async def test_fsync_writes_dirty_pages_back(make_fs_kernel: MakeFsKernel) -> No
     pfns = list(ino.mapping.pages.values())
     assert all(k.mem.flags[p] & PG_dirty for p in pfns)
     assert dev.stats.writes == 0
+    assert (k.vmstat["nr_file_pages"], k.vmstat["nr_dirty"]) == (8, 8)
     await k.vfs.fsync(t, fd)
+    assert (k.vmstat["nr_dirty"], k.vmstat["nr_writeback"]) == (0, 0)
     assert dev.stats.write_bytes >= 8 * P
     assert k.vfs.stat("f").dirty_pages == 0
     assert all(
@@ -113,6 +115,7 @@ async def test_writeback_sets_pg_writeback_during_the_io(make_fs_kernel: MakeFsK
     sync = asyncio.ensure_future(k.vfs.fsync(t, fd))
     await asyncio.sleep(LAT / 2)
     assert k.mem.flags[pfn] & PG_writeback
+    assert k.vmstat["nr_writeback"] == 1
     assert not k.mem.flags[pfn] & PG_dirty
     await sync
     assert not k.mem.flags[pfn] & PG_writeback
