@@ -264,8 +264,11 @@ async def cmd_devices(args: argparse.Namespace, out: Console) -> int:
     table = Table(title=f"{len(devs)} block devices")
     table.add_column("NAME", no_wrap=True)
     table.add_column("KIND", no_wrap=True)
-    for col in ("MiB", "LATENCY", "QD", "DAX", "FILES", "READS", "WRITES", "ERR", "EIO"):
-        table.add_column(col, justify="right" if col != "LATENCY" else "left")
+    table.add_column("MiB", justify="right")
+    table.add_column("LATENCY", overflow="fold")
+    for col in ("QD", "DAX", "FILES", "READS", "WRITES", "ERR"):
+        table.add_column(col, justify="right")
+    table.add_column("EIO", overflow="fold")
     for d in devs:
         lat = _ns(d.latency_fixed_ns)
         if d.latency_per_kib_ns:
@@ -300,7 +303,7 @@ async def cmd_files(args: argparse.Namespace, out: Console) -> int:
     table.add_column("NAME", no_wrap=True)
     table.add_column("KIND")
     table.add_column("DEVICE")
-    for col in ("INO", "SIZE", "BLOCKS", "CACHED", "DIRTY", "OPENS", "NLINK"):
+    for col in ("INO", "SIZE", "BLOCKS", "CACHE", "DIRTY", "OPENS", "LINKS"):
         table.add_column(col, justify="right")
     for f in files:
         table.add_row(
