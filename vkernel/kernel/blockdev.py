@@ -25,6 +25,7 @@ import errno
 import os
 import random
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,7 +39,6 @@ from vkernel.kernel.errors import KernelError, einval
 
 if TYPE_CHECKING:
     from vkernel.kernel.physmem import PhysMem
-    from vkernel.kernel.vmstat import VmStat
 
 BLOCK_SHIFT = 12
 BLOCK_SIZE = 1 << BLOCK_SHIFT
@@ -220,7 +220,7 @@ class BlockDevice:
         self.dax = spec.dax
         self.stats = DeviceStats()
         self.bad_ranges: list[tuple[int, int]] = []
-        self._rng = random.Random(hash(spec.name) & 0xFFFF)
+        self._rng = random.Random(zlib.crc32(spec.name.encode()))  # reproducible jitter
         self._sem: asyncio.Semaphore | None = None
         self.closed = False
         self.set_bad_ranges(spec.bad_sectors)
@@ -519,7 +519,7 @@ class FileDevice(BlockDevice):
         super().close()
 
 
-def open_device(spec: DeviceSpec, mem: PhysMem | None, vmstat: VmStat | None = None) -> BlockDevice:
+def open_device(spec: DeviceSpec, mem: PhysMem | None) -> BlockDevice:
     """add_disk(): instantiate the driver for ``spec``."""
     if spec.kind == "ram":
         return RamDevice(spec, mem)
