@@ -541,13 +541,22 @@ async def generic_perform_write(
         off = cur & (PAGE_SIZE - 1)
         n = min(total - done, PAGE_SIZE - off)
         try:
+            pfn = mapping.pages.get(idx)
+            partial = off != 0 or (n < PAGE_SIZE and cur + n < mapping.size)
+            if (
+                partial
+                and (idx << PAGE_SHIFT) < mapping.size
+                and (pfn is None or not mem.flags[pfn] & PG_uptodate)
+            ):
+                # Read the old page before write_begin allocates a block for a hole: the
+                # hole must read as zeros, not as whatever the new block held.
+                pfn = await filemap_get_folio_uptodate(mapping, idx, task)
             last_idx = (pos + total - 1) >> PAGE_SHIFT
             got = prepare(idx, last_idx - idx + 1)
             if got <= 0:
                 raise KernelError(errno.ENOSPC, "no space left on device")
             limit = idx + got
             pfn = mapping.pages.get(idx)
-            partial = off != 0 or (n < PAGE_SIZE and cur + n < mapping.size)
             if pfn is None and not partial:
                 # Whole pages: fresh cache pages are zero-filled and then overwritten.
                 run = min(got, (pos + total - cur) >> PAGE_SHIFT)
@@ -559,15 +568,14 @@ async def generic_perform_write(
                 pfn = mapping.pages.get(idx)
             if pfn is None or not mem.flags[pfn] & PG_uptodate:
                 if partial and (idx << PAGE_SHIFT) < mapping.size:
-                    pfn = await filemap_get_folio_uptodate(mapping, idx, task)
+                    continue  # the page went away while we slept: start over
+                if pfn is None:
+                    pfn = int(filemap_add_folios(mapping, [idx], locked=False)[0])
                 else:
-                    if pfn is None:
-                        pfn = int(filemap_add_folios(mapping, [idx], locked=False)[0])
-                    else:
-                        await folio_wait_locked(mem, pfn, task)
-                        if mapping.pages.get(idx) != pfn:
-                            continue
-                    mem.flags[pfn] |= PG_uptodate
+                    await folio_wait_locked(mem, pfn, task)
+                    if mapping.pages.get(idx) != pfn:
+                        continue
+                mem.flags[pfn] |= PG_uptodate
         except KernelError:
             if done:
                 break

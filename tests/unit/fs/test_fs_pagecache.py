@@ -317,3 +317,24 @@ async def test_sequential_reader_gets_the_next_window_in_flight(
     assert k.vfs.stat("f").cached_pages == 192
     await k.vfs.read(t, fd, 10, 200 * P)  # a random miss: its synchronous window, no more
     assert k.vfs.stat("f").cached_pages == 192 + pagecache.DEFAULT_RA_PAGES
+
+
+async def test_partial_write_into_a_reused_block_reads_zeros_around_it(
+    make_fs_kernel: MakeFsKernel,
+) -> None:
+    k = make_fs_kernel("tiny=ram:256K")
+    t = k.spawn("t", "s")
+    free = k.vfs.supers["tiny"].free_blocks
+    fd = await make_file(k, t, "old", b"\xee" * free * P)  # every data block holds 0xee
+    await k.vfs.fsync(t, fd)
+    k.vfs.close(t, fd)
+    k.vfs.do_unlink(t, "old")
+    fd = await make_file(k, t, "new", b"")
+    await k.vfs.fsync(t, fd)  # the freed blocks are reusable now
+    await k.vfs.ftruncate(t, fd, 2 * P)
+    await k.vfs.write(t, fd, b"ab", P + 10)  # partial page inside i_size, over a hole
+    await k.vfs.fsync(t, fd)
+    k.vfs.drop_caches()
+    want = bytearray(2 * P)
+    want[P + 10 : P + 12] = b"ab"
+    assert await k.vfs.read(t, fd, 2 * P, 0) == bytes(want)
