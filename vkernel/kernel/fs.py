@@ -963,21 +963,32 @@ class Vfs:
             if got < n:
                 raise KernelError(errno.ENOSPC, "no space left on device")
             if ino.kind == KIND_DISK:
-                new = np.flatnonzero(before < 0)
-                after = ino.bmap_range(first, n)
-                for k in new.tolist():  # unwritten extents, modelled as zeroed blocks
-                    if first + k not in (ino.mapping.pages if ino.mapping else {}):
-                        await ino.sb.bdev.submit_bio(
-                            REQ_OP_WRITE,
-                            int(after[k]),
-                            None,
-                            None,
-                            np.zeros((1, BLOCK_SIZE), dtype=np.uint8),
-                        )
+                await self._zero_new_blocks(ino, first, before, ino.bmap_range(first, n))
         if extend and offset + length > ino.size:
             ino.size = offset + length
             if ino.sb is not None:
                 ino.sb.mark_dirty()
+
+    async def _zero_new_blocks(
+        self, ino: Inode, first: int, before: IntArray, after: IntArray
+    ) -> None:
+        """Unwritten extents, modelled as zeroed blocks: zero the blocks just allocated for
+        uncached pages, in bios of runs contiguous on the device."""
+        assert ino.sb is not None
+        assert ino.mapping is not None
+        cached = ino.mapping.pages
+        new = [k for k in np.flatnonzero(before < 0).tolist() if first + k not in cached]
+        if not new:
+            return
+        blocks = after[new]
+        brk = np.flatnonzero(np.diff(blocks) != 1) + 1
+        bios = []
+        for run in np.split(blocks, brk):
+            for s0 in range(0, len(run), pagecache.MAX_BIO_PAGES):
+                part = run[s0 : s0 + pagecache.MAX_BIO_PAGES]
+                zeros = np.zeros((len(part), BLOCK_SIZE), dtype=np.uint8)
+                bios.append(ino.sb.bdev.submit_bio(REQ_OP_WRITE, int(part[0]), None, None, zeros))
+        await asyncio.gather(*bios)
 
     # ---- unlink / stat --------------------------------------------------------------------
 

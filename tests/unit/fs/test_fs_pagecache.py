@@ -338,3 +338,6 @@ async def test_partial_write_into_a_reused_block_reads_zeros_around_it(
     want = bytearray(2 * P)
     want[P + 10 : P + 12] = b"ab"
     assert await k.vfs.read(t, fd, 2 * P, 0) == bytes(want)
+    await k.vfs.fallocate(t, fd, 0, 2 * P, 8 * P)  # preallocated blocks read as zeros too
+    k.vfs.drop_caches()
+    assert await k.vfs.read(t, fd, 10 * P, 0) == bytes(want) + bytes(8 * P)
