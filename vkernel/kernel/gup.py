@@ -345,17 +345,97 @@ def gup_put_folios(kernel: Kernel, heads: PageArray, counts: PageArray, flags: i
         mem.put_huge_zero_page(0)
 
 
+_UNGROUPED_MAX = 1 << 20
+"""Larger puts are grouped by folio first (the int32 ledgers' per-call deltas stay in range)."""
+_BIAS32 = np.int32(GUP_PIN_COUNTING_BIAS)
+_ONE32 = np.int32(1)
+
+
+def _put_pages(kernel: Kernel, pages: PageArray, npages: int, flags: int, dirty: bool) -> None:
+    """gup_put_folio() for each page of pages[:npages] (NULL skipped), not grouped by folio.
+
+    Every page drops its share (1024 or 1 on a small folio, 1 on a large folio's refcount and
+    _pincount) with one ``ufunc.at`` per array. The "held" check reads the ledgers after the
+    drop: if a folio went short, the ledgers are restored and the grouped
+    :func:`gup_put_folios` raises its RuntimeError, so nothing changes (all-or-nothing).
+    ``dirty`` marks the folios dirty first (unpin_user_pages_dirty_lock).
+    """
+    mem = kernel.mem
+    p = np.asarray(pages[:npages], dtype=np.int64)
+    if len(p) > _UNGROUPED_MAX:
+        heads, counts = _grouped_heads(kernel, pages, npages)
+        if dirty:
+            _mark_dirty(kernel, heads)
+        gup_put_folios(kernel, heads, counts, flags)
+        return
+    if not len(p):
+        return
+    if p.min() < 0:
+        p = p[p >= 0]
+    order = mem.order[p]
+    large = (order != 0) if order.any() else None
+    heads = p if large is None else mem.compound_heads(p)
+    if dirty:
+        _mark_dirty(kernel, heads)
+    pin = bool(flags & FOLL_PIN)
+    if pin:
+        keep = heads != mem.zero_pfn
+        if not keep.all():
+            heads = heads[keep]
+            large = None if large is None else large[keep]
+    if not len(heads):
+        return
+    d: np.int32 | npt.NDArray[np.int32] = _ONE32
+    if pin:
+        d = _BIAS32 if large is None else np.where(large, _ONE32, _BIAS32)
+    er = kernel.extra_refs
+    np.subtract.at(er, heads, d)
+    if (er[heads] < 0).any():
+        np.add.at(er, heads, d)
+        return _refuse(kernel, heads, flags)
+    if pin and large is not None and large.any():
+        blk = heads[large] >> HPAGE_PMD_ORDER
+        ep = kernel.extra_pins
+        np.subtract.at(ep, blk, _ONE32)
+        if (ep[blk] < 0).any():
+            np.add.at(ep, blk, _ONE32)
+            np.add.at(er, heads, d)
+            return _refuse(kernel, heads, flags)
+        np.subtract.at(mem.large_pincount, blk, _ONE32)
+    if pin:
+        kernel.vmstat.count("nr_foll_pin_released", len(heads))
+    rc = mem.refcount
+    np.subtract.at(rc, heads, d)
+    left = rc[heads]
+    if not left.all():
+        mem.free_folios(np.unique(heads[left == 0]))
+    hz = mem.huge_zero_pfn
+    if (
+        hz >= 0
+        and large is not None
+        and mem.huge_zero_maps == 0
+        and rc[hz] == 1
+        and (heads == hz).any()
+    ):
+        mem.put_huge_zero_page(0)
+
+
+def _refuse(kernel: Kernel, heads: PageArray, flags: int) -> None:
+    """A put of references not held: the grouped gup_put_folios() names the folio and raises."""
+    uniq, counts = np.unique(heads, return_counts=True)
+    gup_put_folios(kernel, uniq.astype(np.int64), counts.astype(np.int64), flags)
+
+
 def unpin_user_page(kernel: Kernel, pfn: int) -> None:
     """unpin_user_page(): release one FOLL_PIN pin."""
     gup_put_folio(kernel, kernel.mem.compound_head(pfn), 1, FOLL_PIN)
 
 
 def unpin_user_pages(kernel: Kernel, pages: PageArray, npages: int) -> None:
-    """unpin_user_pages(): release pins on pages[:npages]; pages of one folio in one put."""
+    """unpin_user_pages(): release pins on pages[:npages] (NULL entries skipped)."""
     if npages <= 0:
         return
-    heads, counts = _grouped_heads(kernel, pages, npages)
-    gup_put_folios(kernel, heads, counts, FOLL_PIN)
+    _put_pages(kernel, pages, npages, FOLL_PIN, False)
 
 
 def _mark_dirty(kernel: Kernel, heads: PageArray) -> None:
@@ -371,10 +451,7 @@ def unpin_user_pages_dirty_lock(
     """unpin_user_pages_dirty_lock(): mark each folio dirty (if asked), then unpin it."""
     if npages <= 0:
         return
-    heads, counts = _grouped_heads(kernel, pages, npages)
-    if make_dirty:
-        _mark_dirty(kernel, heads)
-    gup_put_folios(kernel, heads, counts, FOLL_PIN)
+    _put_pages(kernel, pages, npages, FOLL_PIN, make_dirty)
 
 
 def unpin_user_page_range_dirty_lock(
@@ -393,11 +470,10 @@ def put_page(kernel: Kernel, pfn: int) -> None:
 
 
 def put_pages(kernel: Kernel, pages: PageArray, npages: int) -> None:
-    """release_pages(): put_page() for pages[:npages] (NULL entries skipped), batched by folio."""
+    """release_pages(): put_page() for pages[:npages] (NULL entries skipped), one batch."""
     if npages <= 0:
         return
-    heads, counts = _grouped_heads(kernel, pages, npages)
-    gup_put_folios(kernel, heads, counts, FOLL_GET)
+    _put_pages(kernel, pages, npages, FOLL_GET, False)
 
 
 # ---- the seeds' names (2014 get_user_pages_locked, 2019 put_user_page*) --------------------------

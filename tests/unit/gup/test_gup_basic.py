@@ -597,11 +597,42 @@ async def test_batched_put_not_held_changes_nothing(make_kernel: MakeKernel) -> 
         gup.unpin_user_page(kernel, head + 1)
     with pytest.raises(RuntimeError, match=f"pfn {head}"):
         gup.put_pages(kernel, np.full(3, head, dtype=np.int64), 3)
+    with pytest.raises(RuntimeError, match=f"pfn {p0}: 2048 references not held"):
+        gup.unpin_user_pages(kernel, np.array([p0, -1, p0], dtype=np.int64), 3)
+    assert state() == before
+    # The same page twice, held twice: one call drops both (NULL entries skipped).
+    assert await _pin(task, b, 1, FOLL_WRITE, page_array(1)) == 1
+    gup.unpin_user_pages(kernel, np.array([-1, p0, p0], dtype=np.int64), 3)
+    assert (int(kernel.mem.refcount[p0]), int(kernel.extra_refs[p0])) == (1, 0)
+    assert await _pin(task, b, 1, FOLL_WRITE, pages) == 1
     assert state() == before
     gup.unpin_user_pages(kernel, pages, 1)
     gup.put_pages(kernel, pages[1:], 2)
     assert not kernel.extra_refs.any()
     assert not kernel.extra_pins.any()
+    from vkernel.kernel.audit import audit
+
+    assert audit(kernel) == []
+
+
+async def test_very_large_puts_are_grouped_by_folio(
+    kernel: Kernel, task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A.5: above _UNGROUPED_MAX pages a put goes through the grouped gup_put_folios(), with
+    the same result (dirty marking, counters, ledgers)."""
+    monkeypatch.setattr(gup, "_UNGROUPED_MAX", 2)
+    a = await mmap_anon(task, 4 * P)
+    await write_user(task, a, b"\x01" * 4 * P)
+    pages = page_array(4)
+    assert await _pin(task, a, 4, FOLL_WRITE, pages) == 4
+    rc = kernel.mem.refcount[pages].tolist()
+    kernel.mem.flags[pages] &= ~np.uint32(PG_dirty)
+    gup.unpin_user_pages_dirty_lock(kernel, pages, 4, True)
+    assert (kernel.mem.flags[pages] & PG_dirty).all()
+    assert [r - GUP_PIN_COUNTING_BIAS for r in rc] == kernel.mem.refcount[pages].tolist()
+    assert await _get(task, a, 4, 0, pages) == 4
+    gup.put_pages(kernel, pages, 4)
+    assert not kernel.extra_refs.any()
     from vkernel.kernel.audit import audit
 
     assert audit(kernel) == []
