@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from vkclient import (
     O_WRONLY,
     vkctl,
 )
+from vkernel.kernel.blockdev import DeviceSpec
 
 P = 4096
 MiB = 1 << 20
@@ -57,24 +59,24 @@ async def test_errno_round_trips(k: vkclient.Kernel) -> None:
         await p.open("f", O_CREAT | O_EXCL | O_RDWR)
     with pytest.raises(OSError) as ei:
         await p.read_fd(fd, 1)
-    assert ei.value.errno == 9  # EBADF: not open for reading
+    assert ei.value.errno == errno.EBADF  # not open for reading
     with pytest.raises(OSError) as ei:
         await p.close(42)
-    assert ei.value.errno == 9
+    assert ei.value.errno == errno.EBADF
     with pytest.raises(OSError) as ei:
         await p.ftruncate(fd, -1)
-    assert ei.value.errno == 22
+    assert ei.value.errno == errno.EINVAL
     with pytest.raises(OSError) as ei:
         await p.fallocate(fd, FALLOC_FL_PUNCH_HOLE, 0, P)
-    assert ei.value.errno == 95  # EOPNOTSUPP
+    assert ei.value.errno == errno.EOPNOTSUPP
     with pytest.raises(OSError) as ei:
         await p.pwrite(fd, b"x", 1 << 41)
-    assert ei.value.errno == 27  # EFBIG
+    assert ei.value.errno == errno.EFBIG
     with pytest.raises(FileNotFoundError):
         await p.unlink("missing")
     with pytest.raises(OSError) as ei:
         await p.open("x", O_CREAT | O_RDWR, kind="disk", device="nodev")
-    assert ei.value.errno == 19  # ENODEV
+    assert ei.value.errno == errno.ENODEV
 
 
 async def test_another_sessions_process_is_eperm(daemon: Daemon, k: vkclient.Kernel) -> None:
@@ -131,11 +133,11 @@ async def test_device_fault_injection_and_listing(k: vkclient.Kernel) -> None:
     await p.pwrite(fd, b"y", 0)
     with pytest.raises(OSError) as ei:
         await p.fsync(fd)
-    assert ei.value.errno == 5  # EIO
+    assert ei.value.errno == errno.EIO
     await k.set_device_fault("ram0", [])
     with pytest.raises(OSError) as ei:
         await k.set_device_fault("ram0", [(dev.size, 1)])
-    assert ei.value.errno == 22
+    assert ei.value.errno == errno.EINVAL
 
 
 @pytest.fixture
@@ -172,3 +174,36 @@ async def test_vkctl_devices_and_files(
     files = json.loads(capsys.readouterr().out)
     assert (files[0]["name"], files[0]["size"], files[0]["opens"]) == ("listed", 10, 1)
     await anyio.lowlevel.checkpoint()
+
+
+async def test_kill_unwinds_a_read_waiting_on_a_slow_device(
+    daemon: Daemon, k: vkclient.Kernel
+) -> None:
+    """A pread waiting for a 500 ms device read ends with EINTR as soon as the process is
+    killed; the I/O completes in the background and nothing leaks."""
+    daemon.kernel.vfs.add_device(DeviceSpec.parse("slow=ram:4M,latency=500ms"))
+    p = await k.spawn("victim")
+    fd = await p.open("f", O_CREAT | O_RDWR, kind="disk", device="slow")
+    await p.pwrite(fd, b"q" * 4 * P, 0)
+    await p.fsync(fd)
+    daemon.kernel.vfs.drop_caches()
+    result: list[BaseException | bytes] = []
+
+    async def reader() -> None:
+        try:
+            result.append(await p.pread(fd, 4 * P, 0))
+        except OSError as e:
+            result.append(e)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await anyio.sleep(0.1)
+        start = anyio.current_time()
+        await p.kill()
+    assert anyio.current_time() - start < 0.35
+    (err,) = result
+    assert isinstance(err, OSError)
+    assert err.errno == errno.EINTR
+    await p.wait()
+    await daemon.kernel.vfs.quiesce()
+    assert await k.audit() == []
