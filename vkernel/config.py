@@ -99,6 +99,8 @@ class ServeConfig:
     """Block devices (--device, repeatable); empty means the default RAM device."""
     readahead: bool = True
     """Page-cache readahead on file reads (--no-readahead)."""
+    fault_retry: bool = True
+    """Faults may drop mmap_lock to sleep (FAULT_FLAG_ALLOW_RETRY; --no-fault-retry)."""
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -148,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="page-cache readahead on file reads (VKERNEL_READAHEAD=0 to disable; default on)",
+    )
+    serve.add_argument(
+        "--fault-retry",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="faults drop mmap_lock while they sleep on I/O (FAULT_FLAG_ALLOW_RETRY; "
+        "VKERNEL_FAULT_RETRY=0 or --no-fault-retry to hold it; default on)",
     )
     return parser
 
@@ -232,9 +241,19 @@ def config_from_args(
         readahead = bool(args.readahead)
     else:
         readahead = (_env(environ, "READAHEAD") or "1").lower() not in ("0", "false", "no", "off")
+    if args.fault_retry is not None:
+        fault_retry = bool(args.fault_retry)
+    else:
+        fault_retry = (_env(environ, "FAULT_RETRY") or "1").lower() not in (
+            "0",
+            "false",
+            "no",
+            "off",
+        )
     return ServeConfig(
         devices=devices,
         readahead=readahead,
+        fault_retry=fault_retry,
         listen=listen,
         token=token,
         memory_bytes=memory,

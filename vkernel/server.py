@@ -141,6 +141,7 @@ async def serve(
             movable_bytes=cfg.movable_bytes,
             thp=cfg.thp,
             readahead=cfg.readahead,
+            fault_retry=cfg.fault_retry,
         )
     )
     if not kernel.vfs.devices:

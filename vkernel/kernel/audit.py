@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vkernel.kernel.mm import MM_ANONPAGES, MM_SHMEMPAGES, MmStruct
+from vkernel.kernel.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MmStruct
 from vkernel.kernel.pagecache import AddressSpace
 from vkernel.kernel.pgtable import U64_PFN_MASK, U64_PRESENT, U64_SHIFT, iter_tables
 from vkernel.kernel.uapi import (
@@ -29,6 +29,7 @@ from vkernel.kernel.uapi import (
     PG_head,
     PG_pgtable,
     PG_reserved,
+    PG_shmem,
     PG_tail,
 )
 
@@ -67,6 +68,7 @@ def audit(kernel: Kernel) -> list[str]:
     for mm in _live_mms(kernel):
         mm_anon = 0
         mm_shmem = 0
+        mm_file = 0
         ntables = 0
         starts = np.array([v.vm_start for v in mm.vmas], dtype=np.int64)
         ends = np.array([v.vm_end for v in mm.vmas], dtype=np.int64)
@@ -105,9 +107,12 @@ def audit(kernel: Kernel) -> list[str]:
                 pfns = pfns[~z]
                 leaves.append(pfns)
                 heads = mem.compound_heads(pfns)
-                a = int(np.count_nonzero(mem.flags[heads] & PG_anon))
+                hf = mem.flags[heads]
+                a = int(np.count_nonzero(hf & PG_anon))
+                sh = int(np.count_nonzero(hf & PG_shmem))
                 mm_anon += a
-                mm_shmem += len(pfns) - a
+                mm_shmem += sh
+                mm_file += len(pfns) - a - sh
             elif level == 2:
                 hp = ents[((ents & U64_PRESENT) != 0) & ((ents & _PSE) != 0)]
                 for h in ((hp & U64_PFN_MASK) >> U64_SHIFT).tolist():
@@ -122,10 +127,11 @@ def audit(kernel: Kernel) -> list[str]:
             problems.append(
                 f"mm {id(mm):#x}: pgtables_bytes {mm.pgtables_bytes} != {ntables} tables"
             )
-        if mm.rss_stat[MM_ANONPAGES] != mm_anon or mm.rss_stat[MM_SHMEMPAGES] != mm_shmem:
+        rss = (mm.rss_stat[MM_ANONPAGES], mm.rss_stat[MM_SHMEMPAGES], mm.rss_stat[MM_FILEPAGES])
+        if rss != (mm_anon, mm_shmem, mm_file):
             problems.append(
-                f"mm {id(mm):#x}: rss anon/shmem {mm.rss_stat[MM_ANONPAGES]}/"
-                f"{mm.rss_stat[MM_SHMEMPAGES]} != mapped {mm_anon}/{mm_shmem}"
+                f"mm {id(mm):#x}: rss anon/shmem/file {rss[0]}/{rss[1]}/{rss[2]} "
+                f"!= mapped {mm_anon}/{mm_shmem}/{mm_file}"
             )
         for vma in mm.vmas:
             if vma.shmem is not None:

@@ -13,7 +13,7 @@ import numpy as np
 from vkernel.kernel import thp
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.memory import ANON_FLAGS
-from vkernel.kernel.mm import MM_ANONPAGES, MM_SHMEMPAGES, MmStruct
+from vkernel.kernel.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, MmStruct
 from vkernel.kernel.pgtable import (
     U64_NOT_ACCESSED,
     U64_NOT_DIRTY,
@@ -54,6 +54,7 @@ from vkernel.kernel.uapi import (
     VM_WRITE,
     PG_anon,
     PG_anon_exclusive,
+    PG_shmem,
 )
 from vkernel.kernel.vma import VMA, AnonVma
 
@@ -141,7 +142,11 @@ def copy_pte_range(dst_vma: VMA, src_vma: VMA, src_t: int, dst_t: int, a: int, b
         if na:
             dst_mm.add_rss(MM_ANONPAGES, na)
         if na != len(sh_pfns):
-            dst_mm.add_rss(MM_SHMEMPAGES, len(sh_pfns) - na)
+            nsh = int(np.count_nonzero(mem.flags[heads[shared]] & PG_shmem))
+            if nsh:
+                dst_mm.add_rss(MM_SHMEMPAGES, nsh)
+            if na + nsh != len(sh_pfns):
+                dst_mm.add_rss(MM_FILEPAGES, len(sh_pfns) - na - nsh)
     nz = int(np.count_nonzero(zero))
     if nz:
         mem.zero_maps += nz
@@ -250,7 +255,7 @@ def dup_mmap(mm: MmStruct, oldmm: MmStruct) -> None:
             vm_flags=flags,
             vm_pgoff=vma.vm_pgoff,
             anon_vma=None,
-            shmem=vma.shmem,
+            **vma.file_fields(),  # type: ignore[arg-type]
         )
         mm.insert_vma(new)
         if vma.vm_flags & VM_WIPEONFORK:

@@ -59,6 +59,7 @@ from vkernel.kernel.vma import ShmemObject
 if TYPE_CHECKING:
     from vkernel.kernel.kernel import Kernel
     from vkernel.kernel.task import Task
+    from vkernel.kernel.vma import VMA
 
 log = structlog.get_logger("vkernel.fs")
 
@@ -296,6 +297,10 @@ class Inode:
         self.blocks = np.full(0, -1, dtype=np.int64)
         """Page index → device block, -1 for a hole (disk and dax)."""
         self._size = size
+        self.i_mmap: set[VMA] = set()
+        """VMAs mapping a dax file (disk and shmem files keep theirs on the AddressSpace)."""
+        self.i_mmap_locked = 0
+        """i_mmap_rwsem readers: dax COW faults holding it (VM_FAULT_LOCKED without a page)."""
         self.mapping: AddressSpace | None = None
         if kind == KIND_SHMEM:
             obj = ShmemObject(vfs.mem, size)
@@ -844,10 +849,20 @@ class Vfs:
 
     # ---- truncate / fallocate --------------------------------------------------------------
 
+    @staticmethod
+    def _unmap(ino: Inode, first: int, last: int, even_cows: bool) -> None:
+        """unmap_mapping_range() over every VMA mapping the file (its i_mmap)."""
+        from vkernel.kernel.memory import unmap_mapping_range
+
+        vmas = ino.mapping.i_mmap if ino.mapping is not None else ino.i_mmap
+        if vmas:
+            unmap_mapping_range(vmas, first, last, even_cows)
+
     def _truncate_now(self, ino: Inode, length: int) -> None:
         """O_TRUNC to 0 (no sleep when no page is busy; otherwise finishes in the background)."""
         old = ino.size
         ino.size = length
+        self._unmap(ino, 0, 1 << 62, True)
         if ino.mapping is not None:
             busy = pagecache.truncate_inode_pages_sync(ino.mapping, 0, 1 << 62)
             if busy:
@@ -875,6 +890,7 @@ class Vfs:
             await self._zero_range(ino, length, min(old, _pages(length) << PAGE_SHIFT), task)
             ino.size = length
             first = _pages(length)
+            self._unmap(ino, first, 1 << 62, True)  # truncate_pagecache(): no PTE past EOF
             if ino.mapping is not None:
                 await pagecache.truncate_inode_pages_range(ino.mapping, first, 1 << 62)
             ino.free_blocks_from(first)
@@ -946,6 +962,7 @@ class Vfs:
         await self._zero_range(ino, offset, first_full << PAGE_SHIFT, task)
         if end & (PAGE_SIZE - 1):
             await self._zero_range(ino, last_full << PAGE_SHIFT, end, task)
+        self._unmap(ino, first_full, last_full, False)  # truncate_pagecache_range()
         if ino.mapping is not None:
             await pagecache.truncate_inode_pages_range(ino.mapping, first_full, last_full)
         ino.free_blocks_from(first_full, last_full)

@@ -34,7 +34,7 @@ import numpy.typing as npt
 from vkernel.kernel import memory, thp
 from vkernel.kernel.cred import Capability
 from vkernel.kernel.errors import KernelError
-from vkernel.kernel.memory import handle_mm_fault
+from vkernel.kernel.memory import FaultWait, VmFault, handle_mm_fault
 from vkernel.kernel.pgtable import (
     U64_PFN_MASK,
     U64_PRESENT,
@@ -139,11 +139,14 @@ _VM_UFFD_ANY = VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR
 class Locked:
     """The ``int *locked`` of the remote variants: 1 on entry; 0 on return = mmap_lock dropped."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "wait")
 
     def __init__(self, value: int = 1) -> None:
         """``int locked = value;``"""
         self.value = value
+        self.wait: FaultWait | None = None
+        """The sleep a fault handed back (memory.VmFault): taken by the retry driver, after
+        the lock is released when ``value`` is 0, else with the lock held."""
 
     def __repr__(self) -> str:
         """Debug form, ``Locked(1)``."""
@@ -880,7 +883,17 @@ def faultin_page(
         fault_flags |= FAULT_FLAG_TRIED
     if unshare:
         fault_flags |= FAULT_FLAG_UNSHARE
-    ret = handle_mm_fault(vma, address, fault_flags, current)
+    vmf = VmFault()
+    ret = handle_mm_fault(vma, address, fault_flags, current, vmf)
+    if vmf.wait is not None:
+        # The handler must sleep: hand the wait to the retry driver. With ALLOW_RETRY and not
+        # TRIED the lock goes now (the handler "dropped mmap_lock"); otherwise it is kept and
+        # the driver sleeps under it and redoes this page (folio_lock in the handler).
+        locked.wait = vmf.wait
+        if vmf.unlock:
+            vma.mm.mmap_lock.read_unlock()
+            locked.value = 0
+        return -errno.EBUSY
     if ret & VM_FAULT_COMPLETED:
         locked.value = 0
         return -errno.EAGAIN
@@ -1008,6 +1021,45 @@ def __get_user_pages(
 # ---- the retry driver and the entry points --------------------------------------------------------
 
 
+async def _gup_sleeping(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    flags: int,
+    pages: PageArray | None,
+    off: int,
+    locked: Locked,
+    current: Task | None,
+) -> int:
+    """__get_user_pages(), taking the sleeps a fault needs *with* mmap_lock held (TRIED, or no
+    ALLOW_RETRY: the handler's folio_lock) and going on from the page that slept. A kill during
+    such a sleep → -EINTR, or the partial count. Sleeps after a dropped lock are the driver's."""
+    done = 0
+    while True:
+        ret = __get_user_pages(
+            mm,
+            start + (done << PAGE_SHIFT),
+            nr_pages - done,
+            flags,
+            pages,
+            off + done,
+            locked,
+            current,
+        )
+        w = locked.wait
+        if w is None or not locked.value:
+            if ret > 0:
+                return done + ret
+            return done or ret
+        locked.wait = None
+        if ret > 0:
+            done += ret
+        try:
+            await w.sleep()
+        except KernelError as e:
+            return done or -e.errno
+
+
 def _signal_pending(current: Task | None, flags: int) -> bool:
     """gup_signal_pending(): a fatal signal (vkernel delivers no other kind to a GUP caller)."""
     return _fatal(current)
@@ -1050,7 +1102,7 @@ async def __get_user_pages_locked(
     off = 0
     pages_done = 0
     while True:
-        ret = __get_user_pages(mm, start, nr_pages, flags, pages, off, locked, current)
+        ret = await _gup_sleeping(mm, start, nr_pages, flags, pages, off, locked, current)
         if not flags & FOLL_UNLOCKABLE:
             pages_done = ret  # VM_FAULT_RETRY could not trigger
             break
@@ -1068,6 +1120,12 @@ async def __get_user_pages_locked(
         start += ret << PAGE_SHIFT
         must_unlock = True
         while True:  # retry:
+            w, locked.wait = locked.wait, None
+            if w is not None:
+                try:
+                    await w.sleep()  # the handler's sleep, mmap_lock already released
+                except KernelError:
+                    pass
             if _signal_pending(current, flags):
                 ret = -errno.EINTR
                 break
@@ -1077,7 +1135,7 @@ async def __get_user_pages_locked(
                 ret = -e.errno
                 break
             locked.value = 1
-            ret = __get_user_pages(mm, start, 1, flags | FOLL_TRIED, pages, off, locked, current)
+            ret = await _gup_sleeping(mm, start, 1, flags | FOLL_TRIED, pages, off, locked, current)
             if locked.value:
                 break
         if ret != 1:
@@ -1090,6 +1148,13 @@ async def __get_user_pages_locked(
             break
         off += 1
         start += PAGE_SIZE
+    if locked.wait is not None and not locked.value:
+        w, locked.wait = locked.wait, None
+        try:
+            await w.sleep()  # a !UNLOCKABLE caller never gets here; keep the handler's sleep
+        except KernelError:
+            pass
+    locked.wait = None
     if must_unlock and locked.value:
         lock.read_unlock()
         locked.value = 0
@@ -1298,7 +1363,23 @@ async def fixup_user_fault(
             return -errno.EFAULT
         if fault_flags & FAULT_FLAG_KILLABLE and _fatal(current):
             return -errno.EINTR
-        ret = handle_mm_fault(vma, address, fault_flags, current)
+        vmf = VmFault()
+        ret = handle_mm_fault(vma, address, fault_flags, current, vmf)
+        if vmf.wait is not None:
+            if vmf.unlock:
+                lock.read_unlock()
+            try:
+                await vmf.wait.sleep()
+            except KernelError:
+                if not vmf.unlock:
+                    return -errno.EINTR
+            if not vmf.unlock:
+                continue
+            await lock.read_lock(current, killable=False)
+            if unlocked is not None:
+                unlocked[0] = True
+            fault_flags |= FAULT_FLAG_TRIED
+            continue
         if ret & VM_FAULT_COMPLETED:
             await lock.read_lock(current, killable=False)
             if unlocked is not None:

@@ -52,6 +52,8 @@ class KernelConfig:
     """transparent_hugepage/enabled: always, madvise or never."""
     readahead: bool = True
     """Page-cache readahead (a 32-page window) on file reads."""
+    fault_retry: bool = True
+    """FAULT_FLAG_ALLOW_RETRY honoured (--no-fault-retry: every fault sleeps holding mmap_lock)."""
 
 
 class Kernel:

@@ -1,19 +1,48 @@
-"""Page faults, COW and unmapping (mm/memory.c).
+"""Page faults, COW and unmapping (mm/memory.c, the fault half of mm/filemap.c).
 
-The fault core is synchronous: anonymous and shmem faults never sleep, so GUP-fast and the
-user-access paths call it without an ``await``. Batch helpers vectorise over one leaf table.
+The fault core is synchronous so await-free callers (batch paths, populate under a held lock)
+can use it; GUP-fast never faults. Batch helpers vectorise over one leaf table.
+
+**Sleeping in a fault (the ALLOW_RETRY protocol, A.9).** Anonymous and shmem faults never
+sleep; a disk-file fault may have to wait for a page lock (a read in flight, or a page held
+locked) or for writeback (a stable page for page_mkwrite). A synchronous function cannot
+await, so the handler does what ``__folio_lock_or_retry`` decides and hands the sleep to its
+caller through a :class:`VmFault` (``vmf``) passed into ``handle_mm_fault``:
+
+- ``ALLOW_RETRY`` and not ``TRIED`` (and not ``RETRY_NOWAIT``): return VM_FAULT_RETRY with
+  ``vmf.wait`` set and ``vmf.unlock`` True. The caller releases mmap_lock *then* awaits the wait
+  (killable with KILLABLE) — between the handler's return and the release there is no await,
+  so this is Linux dropping the lock inside the handler before it sleeps. The caller reports
+  RETRY, retakes the lock and faults again with ``TRIED``.
+- ``TRIED`` or no ``ALLOW_RETRY``: RETRY with ``vmf.wait`` set and ``vmf.unlock`` False. The
+  caller awaits with mmap_lock held and runs the same fault again (Linux's plain
+  ``folio_lock`` under the lock); this inner RETRY is never reported and never counted.
+- ``RETRY_NOWAIT``, or no ``vmf`` (a caller that cannot sleep): RETRY at once, lock held, no wait.
+
+Sleepable callers: ``handle_mm_fault_sleepable`` (one page: fixup_user_fault), the user
+access loop (``uaccess``: drops the lock around the wait, TRIED for the retried page), GUP's
+``faultin_page`` (which stashes the wait on ``Locked``; the retry driver ``__get_user_pages_locked``
+sleeps after the lock is gone), and MADV_POPULATE/MAP_POPULATE (they hold the lock through
+the syscall and sleep with it held). The userfaultfd issue reuses this: a missing-page handler
+sets a wait on the uffd event instead of a page. ``KernelConfig.fault_retry`` (daemon
+``--no-fault-retry``) clears ALLOW_RETRY in ``handle_mm_fault`` so every sleep holds the lock.
+
+**Seed 002 (dax COW).** ``do_fault`` sends dax VMAs to ``dax_fault``: a private write fault
+preallocates ``cow_page`` and the dax handler fills it (zeroes for a hole, a copy of the
+device frame otherwise) and maps it itself (VM_FAULT_DONE_COW): one fault, one copy.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vkernel.kernel import thp
-from vkernel.kernel.mm import MM_ANONPAGES, MM_SHMEMPAGES
+from vkernel.kernel import pagecache, thp
+from vkernel.kernel.errors import KernelError
+from vkernel.kernel.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES
 from vkernel.kernel.pgtable import (
     U64_PFN_MASK,
     U64_PRESENT,
@@ -38,6 +67,8 @@ from vkernel.kernel.uapi import (
     _PAGE_SPECIAL,
     _PAGE_UFFD_WP,
     FAULT_FLAG_ALLOW_RETRY,
+    FAULT_FLAG_KILLABLE,
+    FAULT_FLAG_RETRY_NOWAIT,
     FAULT_FLAG_TRIED,
     FAULT_FLAG_UNSHARE,
     FAULT_FLAG_WRITE,
@@ -46,8 +77,10 @@ from vkernel.kernel.uapi import (
     PMD_MASK,
     PMD_SIZE,
     PTRS_PER_TABLE,
+    VM_FAULT_DONE_COW,
     VM_FAULT_ERROR,
     VM_FAULT_FALLBACK,
+    VM_FAULT_LOCKED,
     VM_FAULT_MAJOR,
     VM_FAULT_OOM,
     VM_FAULT_RETRY,
@@ -55,19 +88,23 @@ from vkernel.kernel.uapi import (
     VM_FAULT_SIGSEGV,
     VM_MAYSHARE,
     VM_MAYWRITE,
+    VM_RAND_READ,
     VM_SHARED,
     VM_WRITE,
     PG_anon,
     PG_anon_exclusive,
     PG_dirty,
+    PG_locked,
     PG_lru,
     PG_shmem,
     PG_swapbacked,
     PG_uptodate,
+    PG_writeback,
 )
 
 if TYPE_CHECKING:
     from vkernel.kernel.mm import MmStruct
+    from vkernel.kernel.physmem import PhysMem
     from vkernel.kernel.task import Task
 
 from vkernel.kernel.vma import VMA
@@ -152,33 +189,328 @@ def do_anonymous_pages(vma: VMA, table: int, base_addr: int, idx: np.ndarray, wr
     return n
 
 
-def do_shmem_fault(vma: VMA, addr: int, pslot: int, flags: int) -> int:
-    """do_read_fault()/do_shared_fault() via shmem_fault(): find or allocate the page, map it."""
-    mm = vma.mm
-    mem = mm.mem
+def _shmem_get_folio(vma: VMA, idx: int) -> tuple[int, int]:
+    """shmem_get_folio(SGP_CACHE): ``(vm_fault, pfn)``; a hole gets a fresh zeroed page."""
+    mem = vma.mm.mem
     obj = vma.shmem
     assert obj is not None
-    idx = vma.linear_page_index(addr)
     if idx << PAGE_SHIFT >= obj.size:
-        return VM_FAULT_SIGBUS
+        return VM_FAULT_SIGBUS, -1
     pfn = obj.pages.get(idx, -1)
     if pfn < 0:
         pfn = mem.alloc_page(movable=True)
         if pfn < 0:
-            return VM_FAULT_OOM
+            return VM_FAULT_OOM, -1
         mem.flags[pfn] |= PG_shmem | PG_uptodate | PG_swapbacked | PG_lru
         mem.mapping[pfn] = obj.id
         mem.index[pfn] = idx
         obj.pages[idx] = pfn
+    return 0, pfn
+
+
+def finish_fault(vma: VMA, pslot: int, pfn: int, write: bool) -> None:
+    """finish_fault() → set_pte_range() of a page-cache page (shmem or file): the PTE's
+    reference and mapcount, MM_SHMEMPAGES/MM_FILEPAGES. A read fault of a shared mapping that
+    needs dirty tracking (a disk file: writenotify) maps read-only, so the first write faults."""
+    mm = vma.mm
+    mem = mm.mem
     mem.refcount[mem.compound_head(pfn)] += 1
     mem.mapcount[pfn] += 1
     bits = vma.vm_page_prot | _PAGE_ACCESSED
-    if flags & FAULT_FLAG_WRITE:
+    if write:
         bits |= _PAGE_DIRTY | _PAGE_SOFT_DIRTY
-        mem.flags[pfn] |= PG_dirty
+    elif vma.mapping is not None:
+        bits &= ~_PAGE_RW
     mem.u64[pslot] = (pfn << PAGE_SHIFT) | bits
-    mm.add_rss(MM_SHMEMPAGES, 1)
+    mm.add_rss(MM_SHMEMPAGES if mem.flags[pfn] & PG_shmem else MM_FILEPAGES, 1)
+
+
+def do_shmem_fault(vma: VMA, addr: int, pslot: int, flags: int) -> int:
+    """do_read_fault()/do_shared_fault() via shmem_fault(): find or allocate the page, map it."""
+    mem = vma.mm.mem
+    ret, pfn = _shmem_get_folio(vma, vma.linear_page_index(addr))
+    if ret:
+        return ret
+    write = bool(flags & FAULT_FLAG_WRITE)
+    if write:
+        mem.flags[pfn] |= PG_dirty
+    finish_fault(vma, pslot, pfn, write)
     return 0
+
+
+# ---- file faults and the sleep/RETRY protocol ---------------------------------------------------
+
+
+class FaultWait:
+    """A sleep a fault handler needs (the page lock, or PG_writeback for a stable page)."""
+
+    __slots__ = ("mem", "pfn", "task", "writeback")
+
+    def __init__(self, mem: PhysMem, pfn: int, task: Task | None, writeback: bool) -> None:
+        self.mem = mem
+        self.pfn = pfn
+        self.task = task
+        """Killable for this task (FAULT_FLAG_KILLABLE), else an uninterruptible wait."""
+        self.writeback = writeback
+
+    async def sleep(self) -> None:
+        """folio_wait_locked_killable() / folio_wait_stable(): EINTR when killed."""
+        if self.writeback:
+            await pagecache.folio_wait_writeback(self.mem, self.pfn, self.task)
+        else:
+            await pagecache.folio_wait_locked(self.mem, self.pfn, self.task)
+
+
+class VmFault:
+    """The parts of struct vm_fault a sleepable caller keeps across attempts of one fault.
+
+    ``wait`` is set when the handler returned VM_FAULT_RETRY because it must sleep: with
+    ``unlock`` the caller releases mmap_lock *before* sleeping (ALLOW_RETRY, not TRIED) and
+    reports RETRY upwards; without it (TRIED, or no ALLOW_RETRY) the caller sleeps with the
+    lock held and runs the same fault again (Linux's plain ``folio_lock`` in the handler).
+    """
+
+    __slots__ = ("major", "reread", "task", "unlock", "wait")
+
+    def __init__(self) -> None:
+        self.wait: FaultWait | None = None
+        self.unlock = False
+        self.major = False
+        """The page had to be read from the device (VM_FAULT_MAJOR survives a re-run)."""
+        self.reread = False
+        """A page left !uptodate by a failed read was dropped and read once more."""
+        self.task: Task | None = None
+
+
+def _lock_or_retry(vma: VMA, pfn: int, flags: int, vmf: VmFault | None, wb: bool = False) -> int:
+    """__folio_lock_or_retry() (A.9): the handler must sleep on ``pfn``. Returns VM_FAULT_RETRY
+    and tells the caller through ``vmf`` how: drop mmap_lock then sleep (ALLOW_RETRY && !TRIED),
+    or sleep holding it. RETRY_NOWAIT, or a caller that cannot sleep (no ``vmf``), gets RETRY
+    at once with the lock held and nothing to wait for."""
+    if flags & FAULT_FLAG_RETRY_NOWAIT or vmf is None:
+        return VM_FAULT_RETRY
+    task = vmf.task if flags & FAULT_FLAG_KILLABLE else None
+    vmf.wait = FaultWait(vma.mm.mem, pfn, task, wb)
+    vmf.unlock = bool(flags & FAULT_FLAG_ALLOW_RETRY) and not flags & FAULT_FLAG_TRIED
+    return VM_FAULT_RETRY
+
+
+def filemap_fault(vma: VMA, idx: int, flags: int, vmf: VmFault | None) -> tuple[int, int]:
+    """filemap_fault(): ``(vm_fault, pfn)`` of the uptodate page ``idx`` of a disk file.
+
+    A miss starts the read (with readahead) and counts a major fault; a page that is locked
+    (I/O in flight, or held by someone) means sleeping (``_lock_or_retry``). Past EOF, or a
+    page whose read failed twice → SIGBUS. No sleep happens here: see ``VmFault``.
+    """
+    mapping = vma.mapping
+    assert mapping is not None
+    mem = vma.mm.mem
+    if idx << PAGE_SHIFT >= mapping.size:
+        return VM_FAULT_SIGBUS, -1
+    major = VM_FAULT_MAJOR if vmf is not None and vmf.major else 0
+    pfn = mapping.pages.get(idx)
+    if pfn is not None and not mem.flags[pfn] & (PG_uptodate | PG_locked):
+        if flags & FAULT_FLAG_TRIED or (vmf is not None and vmf.reread) or vmf is None:
+            return VM_FAULT_SIGBUS, -1  # the read failed (EIO): SIGBUS
+        vmf.reread = True
+        pagecache.truncate_inode_pages_sync(mapping, idx, idx + 1)
+        pfn = None
+    if pfn is None:
+        ra = 1 if vma.vm_flags & VM_RAND_READ else max(1, mapping.ra_pages)
+        try:
+            pagecache.page_cache_ra_unbounded(mapping, idx, ra)
+        except KernelError:
+            return VM_FAULT_OOM, -1
+        pfn = mapping.pages[idx]
+        major = VM_FAULT_MAJOR
+        vma.mm.kernel.vmstat.count("pgmajfault")
+        if vmf is not None:
+            vmf.major = True
+    if mem.flags[pfn] & PG_locked:
+        return _lock_or_retry(vma, pfn, flags, vmf) | major, -1
+    return major, pfn
+
+
+def _fault_page(vma: VMA, idx: int, flags: int, vmf: VmFault | None) -> tuple[int, int]:
+    """__do_fault() → vma->vm_ops->fault: shmem_fault() or filemap_fault()."""
+    if vma.shmem is not None:
+        return _shmem_get_folio(vma, idx)
+    return filemap_fault(vma, idx, flags, vmf)
+
+
+def do_read_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
+    """do_read_fault(): map the page-cache page (read-only unless the mapping is writable
+    shared and not dirty-tracked)."""
+    ret, pfn = _fault_page(vma, vma.linear_page_index(addr), flags, vmf)
+    if pfn < 0:
+        return ret
+    finish_fault(vma, pslot, pfn, False)
+    return ret
+
+
+def do_cow_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
+    """do_cow_fault(): private write fault of a file page: copy it into a new anon page."""
+    mm = vma.mm
+    mem = mm.mem
+    ret, src = _fault_page(vma, vma.linear_page_index(addr), flags, vmf)
+    if src < 0:
+        return ret
+    anon = vma.anon_vma_prepare()
+    new = mem.alloc_page(movable=True)
+    if new < 0:
+        return VM_FAULT_OOM
+    mem.mv[new << PAGE_SHIFT : (new + 1) << PAGE_SHIFT] = mem.mv[
+        src << PAGE_SHIFT : (src + 1) << PAGE_SHIFT
+    ]
+    _map_new_anon(vma, addr, pslot, new, anon.id)
+    return ret
+
+
+def _map_new_anon(vma: VMA, addr: int, pslot: int, new: int, anon_id: int) -> None:
+    """finish_fault() of a COW page: a new anon-exclusive page, writable and dirty."""
+    mm = vma.mm
+    mem = mm.mem
+    mem.flags[new] |= ANON_FLAGS
+    mem.mapping[new] = anon_id
+    mem.index[new] = vma.linear_page_index(addr)
+    mem.mapcount[new] = 1
+    mem.u64[pslot] = (new << PAGE_SHIFT) | _new_anon_pte_bits(vma, True)
+    mm.add_rss(MM_ANONPAGES, 1)
+
+
+def page_mkwrite(vma: VMA, pfn: int, flags: int, vmf: VmFault | None) -> int:
+    """do_page_mkwrite() → filemap_page_mkwrite(): wait for a stable page (no write while it
+    is under writeback), then mark it dirty in its file. 0, or RETRY (must sleep)."""
+    mem = vma.mm.mem
+    if mem.flags[pfn] & PG_writeback:
+        return _lock_or_retry(vma, pfn, flags, vmf, wb=True)
+    obj = mem.mapping_obj(int(mem.mapping[pfn]))
+    if isinstance(obj, pagecache.AddressSpace) and not obj.shmem:
+        idx = int(mem.index[pfn])
+        # block_page_mkwrite(): a page over a hole gets its block now (ENOSPC → SIGBUS).
+        if obj.host is not None and not obj.host.prepare_blocks(idx, 1):
+            return VM_FAULT_SIGBUS
+        pagecache.folio_mark_dirty(obj, idx, pfn)
+    return 0
+
+
+def do_shared_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
+    """do_shared_fault(): ->fault, ->page_mkwrite (dirty the page), map it writable."""
+    ret, pfn = _fault_page(vma, vma.linear_page_index(addr), flags, vmf)
+    if pfn < 0:
+        return ret
+    if vma.shmem is not None:
+        vma.mm.mem.flags[pfn] |= PG_dirty
+    else:
+        r = page_mkwrite(vma, pfn, flags, vmf)
+        if r:
+            return r | ret
+    finish_fault(vma, pslot, pfn, True)
+    return ret
+
+
+# ---- dax (fs/dax.c): device frames mapped directly; seed 002's handler COW ----------------------
+
+DAX_COW_DONE = "done_cow"
+DAX_COW_LOCKED = "locked"
+dax_cow_mode = DAX_COW_DONE
+"""How the dax handler finishes a private write fault: DONE_COW (it maps ``cow_page`` itself,
+as fs/dax.c does since 4.10) or VM_FAULT_LOCKED with no page while holding the file's
+i_mmap lock (the 2014 form of seed 002; the core maps ``cow_page`` and drops that lock)."""
+dax_cow_copies = 0
+"""Pages copied for dax COW faults (tests check that the core never copies a second time)."""
+
+
+def _dax_frame(vma: VMA, idx: int, allocate: bool) -> int:
+    """dax_iomap_pfn(): the device frame of page ``idx``; -1 for a hole unless ``allocate``
+    (a shared write or read: the block is allocated zeroed), -2 when the device is full."""
+    ino = vma.dax
+    assert ino is not None
+    pfns, holes = ino.vfs._dax_pfns(ino, idx, 1)
+    if not holes[0]:
+        return int(pfns[0])
+    if not allocate:
+        return -1
+    if not ino.prepare_blocks(idx, 1):
+        return -2
+    pfns, holes = ino.vfs._dax_pfns(ino, idx, 1)
+    return int(pfns[0])
+
+
+def dax_fault_cow_page(vma: VMA, addr: int, pslot: int, idx: int, cow: int, anon_id: int) -> int:
+    """dax_fault_cow_page(): fill ``cow_page`` (zeroes for a hole, a copy of the device frame for
+    a mapped extent) and map it (DONE_COW), or leave the mapping to the core with the i_mmap
+    lock held (VM_FAULT_LOCKED, no page)."""
+    global dax_cow_copies
+    mem = vma.mm.mem
+    src = _dax_frame(vma, idx, False)
+    if src < 0:
+        mem.frames[cow] = 0
+    else:
+        mem.frames[cow] = mem.frames[src]
+        dax_cow_copies += 1
+    if dax_cow_mode == DAX_COW_LOCKED:
+        ino = vma.dax
+        assert ino is not None
+        ino.i_mmap_locked += 1  # i_mmap_lock_read(): truncate cannot unmap under us
+        return VM_FAULT_LOCKED
+    _map_new_anon(vma, addr, pslot, cow, anon_id)
+    return VM_FAULT_DONE_COW
+
+
+def dax_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
+    """dax_iomap_pte_fault() behind do_read_fault/do_shared_fault/do_cow_fault for a dax file.
+
+    Device frames are mapped directly (a PTE reference and mapcount on top of the device's own
+    reference; MM_FILEPAGES). A private read of a hole maps the zero page. A private write goes
+    through do_cow_fault's preallocated ``cow_page`` (seed 002): one fault, one copy.
+    """
+    mm = vma.mm
+    mem = mm.mem
+    ino = vma.dax
+    assert ino is not None
+    idx = vma.linear_page_index(addr)
+    if idx << PAGE_SHIFT >= ino.size:
+        return VM_FAULT_SIGBUS
+    if flags & FAULT_FLAG_WRITE and not vma.vm_flags & VM_SHARED:
+        # do_cow_fault(): preallocate cow_page, let ->fault do the COW.
+        anon = vma.anon_vma_prepare()
+        cow = mem.alloc_page(movable=True)
+        if cow < 0:
+            return VM_FAULT_OOM
+        ret = dax_fault_cow_page(vma, addr, pslot, idx, cow, anon.id)
+        if ret & VM_FAULT_DONE_COW:
+            return 0
+        # VM_FAULT_LOCKED and no page: the i_mmap lock is held instead of a page lock.
+        try:
+            if idx << PAGE_SHIFT >= ino.size:  # truncated meanwhile: never a PTE past EOF
+                mem.put_folio(cow)
+                return VM_FAULT_SIGBUS
+            _map_new_anon(vma, addr, pslot, cow, anon.id)  # no copy: the handler filled it
+        finally:
+            ino.i_mmap_locked -= 1
+        return 0
+    shared = bool(vma.vm_flags & VM_SHARED)
+    pfn = _dax_frame(vma, idx, shared)
+    if pfn == -2:
+        return VM_FAULT_SIGBUS  # ENOSPC
+    if pfn < 0:
+        mem.u64[pslot] = (mem.zero_pfn << PAGE_SHIFT) | vma.vm_page_prot | _PAGE_SPECIAL
+        mem.zero_maps += 1
+        return 0
+    finish_fault(vma, pslot, pfn, bool(flags & FAULT_FLAG_WRITE))
+    return 0
+
+
+def do_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
+    """do_fault(): read → do_read_fault; private write → do_cow_fault; shared → do_shared_fault."""
+    if vma.dax is not None:
+        return dax_fault(vma, addr, pslot, flags, vmf)
+    if not flags & FAULT_FLAG_WRITE:
+        return do_read_fault(vma, addr, pslot, flags, vmf)
+    if not vma.vm_flags & VM_SHARED:
+        return do_cow_fault(vma, addr, pslot, flags, vmf)
+    return do_shared_fault(vma, addr, pslot, flags, vmf)
 
 
 # ---- write-protect faults (COW) -----------------------------------------------------------------
@@ -212,14 +544,16 @@ def wp_page_copy(vma: VMA, addr: int, pslot: int, pte: int, unshare: bool) -> in
         mm.add_rss(MM_ANONPAGES, 1)
     else:
         if not mem.flags[old] & PG_anon:
-            mm.add_rss(MM_SHMEMPAGES, -1)
+            mm.add_rss(MM_SHMEMPAGES if mem.flags[old] & PG_shmem else MM_FILEPAGES, -1)
             mm.add_rss(MM_ANONPAGES, 1)
         mem.mapcount[old] -= 1
         mem.put_folio(mem.compound_head(old))
     return 0
 
 
-def do_wp_page(vma: VMA, addr: int, pslot: int, pte: int, flags: int) -> int:
+def do_wp_page(
+    vma: VMA, addr: int, pslot: int, pte: int, flags: int, vmf: VmFault | None = None
+) -> int:
     """do_wp_page(): reuse vs copy decided by refcount (A.10); UNSHARE keeps the PTE read-only."""
     mm = vma.mm
     mem = mm.mem
@@ -227,6 +561,11 @@ def do_wp_page(vma: VMA, addr: int, pslot: int, pte: int, flags: int) -> int:
     if vma.vm_flags & (VM_SHARED | VM_MAYSHARE):
         if unshare:
             return 0
+        if vma.mapping is not None:
+            # wp_page_shared() → do_page_mkwrite(): the page is redirtied in its file.
+            r = page_mkwrite(vma, (pte & _PAGE_PFN_MASK) >> PAGE_SHIFT, flags, vmf)
+            if r:
+                return r
         # wp_page_shared(): no COW for shared mappings, just make it writable and dirty.
         mem.u64[pslot] = pte | _PAGE_RW | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_ACCESSED
         return 0
@@ -331,14 +670,16 @@ def do_wp_pages(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> tuple[
 # ---- the fault entry -------------------------------------------------------------------------
 
 
-def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int) -> int:
+def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
     """handle_pte_fault()."""
     mem = vma.mm.mem
     pte = mem.u64.item(pslot)
     if not pte:
         if vma.is_anonymous():
             return do_anonymous_page(vma, addr, pslot, flags)
-        return do_shmem_fault(vma, addr, pslot, flags)
+        if vma.shmem is not None and (vma.vm_flags & VM_SHARED or not flags & FAULT_FLAG_WRITE):
+            return do_shmem_fault(vma, addr, pslot, flags)
+        return do_fault(vma, addr, pslot, flags, vmf)
     if not pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
         return VM_FAULT_SIGBUS
     if not pte & _PAGE_PRESENT and vma.is_accessible():
@@ -348,7 +689,7 @@ def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int) -> int:
         return 0
     if flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE):
         if not pte & _PAGE_RW:
-            return do_wp_page(vma, addr, pslot, pte, flags)
+            return do_wp_page(vma, addr, pslot, pte, flags, vmf)
         if flags & FAULT_FLAG_WRITE:
             pte |= _PAGE_DIRTY | _PAGE_SOFT_DIRTY
     mem.u64[pslot] = pte | _PAGE_ACCESSED
@@ -364,7 +705,7 @@ def thp_eligible(vma: VMA, haddr: int) -> bool:
     )
 
 
-def __handle_mm_fault(vma: VMA, addr: int, flags: int) -> int:
+def __handle_mm_fault(vma: VMA, addr: int, flags: int, vmf: VmFault | None = None) -> int:
     """__handle_mm_fault(): allocate the upper levels, try a huge PMD, else the PTE level."""
     mm = vma.mm
     u = mm.mem.u64
@@ -395,7 +736,9 @@ def __handle_mm_fault(vma: VMA, addr: int, flags: int) -> int:
     t = pte_alloc(mm, slot)
     if t < 0:
         return VM_FAULT_OOM
-    return handle_pte_fault(vma, addr, t * PTRS_PER_TABLE + ((addr >> PAGE_SHIFT) & 511), flags)
+    return handle_pte_fault(
+        vma, addr, t * PTRS_PER_TABLE + ((addr >> PAGE_SHIFT) & 511), flags, vmf
+    )
 
 
 def mm_account_fault(mm: MmStruct, task: Task | None, flags: int, ret: int, count: int = 1) -> None:
@@ -412,19 +755,53 @@ def mm_account_fault(mm: MmStruct, task: Task | None, flags: int, ret: int, coun
         task.min_flt += count
 
 
-def handle_mm_fault(vma: VMA, address: int, flags: int, task: Task | None = None) -> int:
+def handle_mm_fault(
+    vma: VMA, address: int, flags: int, task: Task | None = None, vmf: VmFault | None = None
+) -> int:
     """handle_mm_fault(): resolve one fault; returns VM_FAULT_* bits (0 on success).
 
-    ``task`` is ``current`` for the accounting (pgfault, min_flt/maj_flt). Anonymous and shmem
-    faults never block, so this never returns VM_FAULT_RETRY today; callers must still honour it.
+    ``task`` is ``current`` for the accounting (pgfault, min_flt/maj_flt). Synchronous: a
+    handler that must sleep returns VM_FAULT_RETRY and describes the sleep in ``vmf`` (see the
+    module docstring); without ``vmf`` the caller cannot sleep and gets RETRY with mmap_lock
+    held, as RETRY_NOWAIT would. With ``KernelConfig.fault_retry`` off, ALLOW_RETRY is ignored
+    (every sleep happens with mmap_lock held) except under RETRY_NOWAIT.
     """
+    if not flags & FAULT_FLAG_RETRY_NOWAIT and not vma.mm.kernel.config.fault_retry:
+        flags &= ~(FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_TRIED)
     flags, ret = sanitize_fault_flags(vma, flags)
     if not ret:
+        if vmf is not None:
+            vmf.wait = None
+            vmf.task = task
         hook = _TEST_FAULT_HOOKS.get(vma) if _TEST_FAULT_HOOKS else None
         r = hook(vma, address & PAGE_MASK, flags) if hook is not None else None
-        ret = __handle_mm_fault(vma, address & PAGE_MASK, flags) if r is None else r
+        ret = __handle_mm_fault(vma, address & PAGE_MASK, flags, vmf) if r is None else r
     mm_account_fault(vma.mm, task, flags, ret)
     return ret
+
+
+async def handle_mm_fault_sleepable(vma: VMA, address: int, flags: int, task: Task | None) -> int:
+    """handle_mm_fault() for a caller holding mmap_lock for read that may sleep.
+
+    Returns what Linux's handle_mm_fault returns: VM_FAULT_RETRY means mmap_lock was released
+    (unless RETRY_NOWAIT) after the sleep the handler needed; the caller retakes the lock and
+    faults again with TRIED. Sleeps that must hold the lock are taken here and the fault re-run.
+    A kill during a killable sleep under the lock raises EINTR (the lock is still held).
+    """
+    vmf = VmFault()
+    while True:
+        ret = handle_mm_fault(vma, address, flags, task, vmf)
+        w = vmf.wait
+        if w is None:
+            return ret
+        if vmf.unlock:
+            vma.mm.mmap_lock.read_unlock()
+            try:
+                await w.sleep()
+            except KernelError:
+                pass  # killed: the caller sees the fatal signal after RETRY
+            return ret
+        await w.sleep()
 
 
 # ---- TEST ONLY: an injectable ->fault ----------------------------------------------------------
@@ -499,10 +876,19 @@ def zap_pte_range(mm: MmStruct, table: int, i0: int, i1: int) -> None:
             if nanon:
                 mm.add_rss(MM_ANONPAGES, -nanon)
             if nanon != len(pfns):
-                mm.add_rss(MM_SHMEMPAGES, nanon - len(pfns))
+                shm = (mem.flags[heads] & PG_shmem) != 0
+                nshm = int(np.count_nonzero(shm))
+                if nshm:
+                    mm.add_rss(MM_SHMEMPAGES, -nshm)
+                if nanon + nshm != len(pfns):
+                    mm.add_rss(MM_FILEPAGES, nanon + nshm - len(pfns))
                 dirty = ~anon & ((pv & _U64_HWDIRTY) != 0)
                 if dirty.any():
                     mem.flags[pfns[dirty]] |= np.uint32(PG_dirty)
+                    for p in pfns[dirty & ~shm].tolist():
+                        obj = mem.mapping_obj(int(mem.mapping[p]))
+                        if isinstance(obj, pagecache.AddressSpace):
+                            pagecache.folio_mark_dirty(obj, int(mem.index[p]), p)
             s[:] = 0
             mem.put_folios(heads)
             return
@@ -553,6 +939,76 @@ def split_all_huge_pmds(mm: MmStruct, start: int, end: int) -> None:
     for slot, _a, _b in walk_pmds(mm, start, end):
         if u.item(slot) & _PAGE_PSE:
             thp.split_huge_pmd(mm, slot)
+
+
+# ---- rmap of file pages: page_mkclean, unmap_mapping_range (mm/rmap.c, mm/memory.c) ------------
+
+
+def _file_pte_slot(vma: VMA, index: int) -> int:
+    """The PTE slot mapping file page ``index`` in ``vma`` (vma_address + page_vma_mapped_walk),
+    or -1 when the VMA does not cover it or has no table there."""
+    addr = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
+    if not vma.vm_start <= addr < vma.vm_end:
+        return -1
+    mm = vma.mm
+    slot = pmd_slot(mm, addr)
+    if slot < 0:
+        return -1
+    e = mm.mem.u64.item(slot)
+    if not e or e & _PAGE_PSE:
+        return -1
+    return table_of(e) * PTRS_PER_TABLE + ((addr >> PAGE_SHIFT) & 511)
+
+
+def page_mkclean(vmas: Iterable[VMA], index: int, pfn: int) -> bool:
+    """folio_mkclean(): write-protect and clean every shared PTE mapping ``pfn`` at file page
+    ``index``, so the next store faults (page_mkwrite) and redirties the page. Returns whether
+    a PTE was dirty. (One CPU per mm and no lazy TLB in vkernel: nothing to flush.)"""
+    dirty = False
+    for vma in list(vmas):
+        if not vma.vm_flags & VM_SHARED:
+            continue  # private mappings map file pages read-only already
+        slot = _file_pte_slot(vma, index)
+        if slot < 0:
+            continue
+        u = vma.mm.mem.u64
+        pte = u.item(slot)
+        if pte & _PAGE_PRESENT and (pte & _PAGE_PFN_MASK) >> PAGE_SHIFT == pfn:
+            dirty |= bool(pte & _PAGE_DIRTY)
+            u[slot] = pte & ~(_PAGE_RW | _PAGE_DIRTY)
+    return dirty
+
+
+def unmap_mapping_range(vmas: Iterable[VMA], first: int, last: int, even_cows: bool) -> None:
+    """unmap_mapping_range(): zap the PTEs of file pages [first, last) in every VMA mapping the
+    file (truncate, hole punch: never a PTE past EOF); private COW copies are kept unless
+    ``even_cows`` (truncate drops them too, as truncate_pagecache does)."""
+    for vma in list(vmas):
+        if vma.detached:
+            continue
+        lo = max(vma.vm_start, vma.vm_start + ((first - vma.vm_pgoff) << PAGE_SHIFT))
+        hi = min(vma.vm_end, vma.vm_start + ((last - vma.vm_pgoff) << PAGE_SHIFT))
+        if lo >= hi:
+            continue
+        if even_cows or vma.vm_flags & VM_SHARED:
+            unmap_page_range(vma.mm, lo, hi)
+            continue
+        # Keep anonymous COW copies in private mappings: zap only PTEs of file pages.
+        mm = vma.mm
+        mem = mm.mem
+        u = mem.u64
+        for slot, a, b in walk_pmds(mm, lo, hi):
+            e = u.item(slot)
+            if not e or e & _PAGE_PSE:
+                continue
+            base = table_of(e) * PTRS_PER_TABLE
+            i0 = (a >> PAGE_SHIFT) & 511
+            ptes = u[base + i0 : base + i0 + ((b - a) >> PAGE_SHIFT)]
+            pfns = ((ptes & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
+            keep = ((ptes & U64_PRESENT) == 0) | (pfns == mem.zero_pfn)
+            keep |= (mem.flags[pfns] & PG_anon) != 0
+            for j in np.flatnonzero(~keep).tolist():
+                zap_pte_range(mm, table_of(e), i0 + j, i0 + j + 1)
 
 
 # ---- mprotect -----------------------------------------------------------------------------------

@@ -108,6 +108,13 @@ class MmStruct:
             self.locked_vm += vma.size >> PAGE_SHIFT
         if vma.shmem is not None:
             vma.shmem.get()
+        if vma.vm_file is not None:
+            vma.vm_file.get()
+        fm = vma.f_mapping()
+        if fm is not None:
+            fm.i_mmap.add(vma)
+        if vma.dax is not None:
+            vma.dax.i_mmap.add(vma)
 
     def remove_vma(self, vma: VMA) -> None:
         """vma_iter_clear() + remove_vma(): unlink a VMA (its pages must already be zapped)."""
@@ -118,8 +125,15 @@ class MmStruct:
         self.total_vm -= vma.size >> PAGE_SHIFT
         if vma.vm_flags & VM_LOCKED:
             self.locked_vm -= vma.size >> PAGE_SHIFT
+        fm = vma.f_mapping()
+        if fm is not None:
+            fm.i_mmap.discard(vma)
+        if vma.dax is not None:
+            vma.dax.i_mmap.discard(vma)
         if vma.shmem is not None:
             vma.shmem.put()
+        if vma.vm_file is not None:
+            vma.vm_file.put()
 
     def resize_vma(self, vma: VMA, start: int, end: int) -> None:
         """vma_shrink()/vma_expand(): change a VMA's bounds in place (no overlap allowed)."""

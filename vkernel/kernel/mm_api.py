@@ -5,15 +5,16 @@ are ``KernelError`` (or its subclass ``UserFault``) carrying Linux's errno.
 
 Where the model knowingly differs from Linux 6.12:
 
-- Anonymous memory only: file-backed mmap is EBADF; MAP_SHARED|MAP_ANONYMOUS is a small shmem
-  object. No swap, KSM, NUMA, mlock syscalls or overcommit accounting (VM_ACCOUNT is only set).
+- Files (shmem, disk, dax) map MAP_SHARED or MAP_PRIVATE; MAP_SHARED|MAP_ANONYMOUS is a small
+  shmem object. No swap, KSM, NUMA, mlock syscalls or overcommit accounting (VM_ACCOUNT is only
+  set). File faults map single pages (no fault-around, no large folios in the page cache).
 - Folios are order 0 or 9 (no mTHP). There is no deferred split: a partly unmapped THP stays
   whole until its last mapping goes, then the whole 2 MiB block is freed. mremap splits THP
   PMDs instead of moving them. The huge zero page is freed as soon as nothing maps it.
 - MADV_FREE frees at once (like MADV_DONTNEED); MADV_COLD/PAGEOUT/WILLNEED are no-ops;
   mremap with old_size 0 is EINVAL.
-- pgmajfault never moves (no I/O yet). User accesses are loads and stores, not instruction
-  fetches (no exec permission check).
+- pgmajfault counts faults that had to read a file page from its device. User accesses are
+  loads and stores, not instruction fetches (no exec permission check).
 - Physical frames live in a memfd: the first touch of a frame costs the host a page fault.
   ``kernel.mem.prefault(background=True)`` at boot takes that cost out of the first faults.
 """

@@ -104,6 +104,7 @@ from vkernel.kernel.uapi import (
 from vkernel.kernel.vma import VMA, ShmemObject, can_merge
 
 if TYPE_CHECKING:
+    from vkernel.kernel.fdtable import File
     from vkernel.kernel.mm import MmStruct
     from vkernel.kernel.task import Task
 
@@ -233,7 +234,7 @@ def split_vma(mm: MmStruct, vma: VMA, addr: int) -> VMA:
         vm_flags=vma.vm_flags,
         vm_pgoff=vma.linear_page_index(addr),
         anon_vma=vma.anon_vma,
-        shmem=vma.shmem,
+        **vma.file_fields(),  # type: ignore[arg-type]
     )
     mm.resize_vma(vma, vma.vm_start, addr)
     mm.insert_vma(upper)
@@ -339,7 +340,13 @@ async def sys_munmap(task: Task, addr: int, length: int) -> None:
 
 
 def _mmap_region(
-    mm: MmStruct, task: Task, addr: int, length: int, vm_flags: int, pgoff: int
+    mm: MmStruct,
+    task: Task,
+    addr: int,
+    length: int,
+    vm_flags: int,
+    pgoff: int,
+    file: File | None = None,
 ) -> VMA:
     """mmap_region(): RLIMIT_AS, unmap what MAP_FIXED covers, create/merge the VMA."""
     end = addr + length
@@ -352,12 +359,23 @@ def _mmap_region(
         if mm.map_count + _count_splits(mm, addr, end) > mm.kernel.sysctl_max_map_count:
             raise KernelError(errno.ENOMEM, "too many mappings", field="addr")
         do_vmi_munmap(mm, addr, length)
-    shmem = None
-    if vm_flags & VM_SHARED:
+    shmem: ShmemObject | None = None
+    vma = VMA(mm=mm, vm_start=addr, vm_end=end, vm_flags=vm_flags, vm_pgoff=pgoff)
+    if file is not None:
+        # call_mmap(): the file's ->mmap sets what the faults use.
+        ino = file.inode
+        vma.vm_file = file
+        if isinstance(ino.mapping, ShmemObject):
+            vma.shmem = ino.mapping
+        elif ino.kind == "dax":
+            vma.dax = ino
+        else:
+            vma.mapping = ino.mapping
+    elif vm_flags & VM_SHARED:
         shmem = ShmemObject(mm.mem, length)
-    elif vm_flags & VM_WRITE and not vm_flags & VM_NORESERVE:
-        vm_flags |= VM_ACCOUNT
-    vma = VMA(mm=mm, vm_start=addr, vm_end=end, vm_flags=vm_flags, vm_pgoff=pgoff, shmem=shmem)
+        vma.shmem = shmem
+    if not vm_flags & VM_SHARED and vm_flags & VM_WRITE and not vm_flags & VM_NORESERVE:
+        vma.set_flags(vm_flags | VM_ACCOUNT)
     mm.insert_vma(vma)
     if shmem is None:
         vma = vma_try_merge_around(mm, vma)
@@ -368,11 +386,12 @@ def _mmap_region(
 async def sys_mmap(
     task: Task, addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0
 ) -> int:
-    """mmap(2) of anonymous memory (ksys_mmap_pgoff → do_mmap → mmap_region)."""
+    """mmap(2) (ksys_mmap_pgoff → do_mmap → mmap_region): anonymous memory or a file."""
     if offset & ~PAGE_MASK:
         raise einval("offset is not page aligned", field="offset")
+    file: File | None = None
     if not flags & MAP_ANONYMOUS:
-        raise KernelError(errno.EBADF, f"bad file descriptor {fd}", field="fd")
+        file = _mm_of(task).kernel.vfs.fget(task, fd)  # EBADF
     if not length:
         raise einval("length is zero", field="length")
     if addr < 0 or length < 0 or offset < 0:
@@ -398,7 +417,18 @@ async def sys_mmap(
         vm_flags |= VM_LOCKED
     if flags & MAP_NORESERVE:
         vm_flags |= VM_NORESERVE
-    if typ == MAP_SHARED:
+    if file is not None:
+        if typ == MAP_SHARED:
+            if prot & PROT_WRITE and not file.writable:
+                raise KernelError(errno.EACCES, "PROT_WRITE|MAP_SHARED of a read-only fd", fd=fd)
+            vm_flags |= VM_SHARED | VM_MAYSHARE
+            if not file.writable:
+                vm_flags &= ~(VM_MAYWRITE | VM_SHARED)
+        if not file.readable:
+            raise KernelError(errno.EACCES, "mapping a file not open for reading", fd=fd)
+        if vm_flags & VM_GROWSDOWN:
+            raise einval("MAP_GROWSDOWN of a file", field="flags")
+    elif typ == MAP_SHARED:
         if vm_flags & VM_GROWSDOWN:
             raise einval("MAP_GROWSDOWN with MAP_SHARED", field="flags")
         vm_flags |= VM_SHARED | VM_MAYSHARE
@@ -406,7 +436,7 @@ async def sys_mmap(
         mm.check_alive()
         if mm.map_count > mm.kernel.sysctl_max_map_count:
             raise KernelError(errno.ENOMEM, "too many mappings", field="addr")
-        got = get_unmapped_area(mm, addr, length, pgoff, flags, typ == MAP_PRIVATE)
+        got = get_unmapped_area(mm, addr, length, pgoff, flags, typ == MAP_PRIVATE and file is None)
         if got < 0:
             raise KernelError(-got, "no room for the mapping", field="addr")
         addr = got
@@ -419,11 +449,9 @@ async def sys_mmap(
 
                 if not task.cred.capable(Capability.CAP_IPC_LOCK):
                     raise KernelError(errno.EAGAIN, "RLIMIT_MEMLOCK exceeded", field="length")
-        if typ == MAP_PRIVATE:
-            pgoff = addr >> PAGE_SHIFT
-        else:
-            pgoff = 0
-        vma = _mmap_region(mm, task, addr, length, vm_flags, pgoff)
+        if file is None:
+            pgoff = addr >> PAGE_SHIFT if typ == MAP_PRIVATE else 0
+        vma = _mmap_region(mm, task, addr, length, vm_flags, pgoff, file)
         await tlb_finish_mmu(mm)  # a MAP_FIXED replacement freed page tables
         populate = (flags & (MAP_POPULATE | MAP_NONBLOCK)) == MAP_POPULATE or vm_flags & VM_LOCKED
         if populate:
@@ -431,7 +459,7 @@ async def sys_mmap(
 
             write = (vma.vm_flags & (VM_WRITE | VM_SHARED)) == VM_WRITE
             try:
-                populate_range(mm, task, addr, addr + length, write, madvise=False)
+                await populate_range(mm, task, addr, addr + length, write, madvise=False)
             except KernelError:
                 pass  # mm_populate() errors are ignored by mmap
     return addr
@@ -560,7 +588,7 @@ def move_vma(
         vm_flags=vma.vm_flags,
         vm_pgoff=vma.linear_page_index(old_addr),
         anon_vma=vma.anon_vma,
-        shmem=vma.shmem,
+        **vma.file_fields(),  # type: ignore[arg-type]
     )
     mm.insert_vma(new_vma)
     move_page_tables(mm, old_addr, new_addr, old_len)
@@ -830,7 +858,7 @@ async def sys_madvise(task: Task, addr: int, length: int, advice: int) -> None:
 
         async with mm.mmap_lock.read(task):
             mm.check_alive()
-            populate_range(mm, task, addr, end, advice == MADV_POPULATE_WRITE, madvise=True)
+            await populate_range(mm, task, addr, end, advice == MADV_POPULATE_WRITE, madvise=True)
         return
     guard = mm.mmap_lock.write(task) if advice in _WRITE_LOCK_ADVICE else mm.mmap_lock.read(task)
     async with guard:

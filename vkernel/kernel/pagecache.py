@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from vkernel.kernel.blockdev import BlockDevice
     from vkernel.kernel.physmem import PhysMem
     from vkernel.kernel.task import Task
+    from vkernel.kernel.vma import VMA
 
 IntArray = npt.NDArray[np.int64]
 
@@ -61,6 +62,10 @@ class PageHost(Protocol):
 
     def bmap_range(self, first: int, n: int) -> IntArray:
         """bmap(): device block of pages [first, first+n), -1 for holes."""
+        ...
+
+    def prepare_blocks(self, first: int, n: int) -> int:
+        """write_begin()'s block allocation: how many pages from ``first`` have a block."""
         ...
 
 
@@ -87,6 +92,8 @@ class AddressSpace:
         """file_ra_state: the page a sequential reader reads next (-1: none yet)."""
         self.io: set[asyncio.Task[None]] = set()
         """Read bios in flight (they own their locked pages)."""
+        self.i_mmap: set[VMA] = set()
+        """mapping->i_mmap: the VMAs mapping this file (for unmap_mapping_range)."""
 
     @property
     def nrpages(self) -> int:
@@ -625,6 +632,8 @@ async def filemap_fdatawrite(
     Each page is locked, its dirty bit moved to PG_writeback, unlocked, and sent in bios of
     pages contiguous on the device; PG_writeback is cleared when the bio completes.
     """
+    from vkernel.kernel.memory import page_mkclean
+
     host = mapping.host
     if mapping.shmem or host is None or host.bdev is None or not mapping.dirty_time:
         return 0
@@ -644,6 +653,8 @@ async def filemap_fdatawrite(
             if mapping.pages.get(i) != pfn or not mem.flags[pfn] & PG_dirty:
                 continue
             await folio_wait_writeback(mem, pfn)
+            if mapping.i_mmap:
+                page_mkclean(mapping.i_mmap, i, pfn)  # later stores fault and redirty
             mem.flags[pfn] &= ~np.uint32(PG_dirty)  # folio_clear_dirty_for_io()
             mapping.dirty_time.pop(i, None)
             mem.flags[pfn] |= PG_writeback

@@ -74,7 +74,15 @@ def _vma_header(vma: VMA) -> str:
         + ("x" if f & VM_EXEC else "-")
         + ("s" if f & VM_MAYSHARE else "p")
     )
-    if vma.shmem is not None:
+    if vma.vm_file is not None:
+        inode = vma.vm_file.inode
+        pgoff, dev, ino, name = (
+            vma.vm_pgoff << PAGE_SHIFT,
+            "00:01" if inode.kind == "shmem" else "08:00",
+            inode.ino,
+            "/" + inode.name if inode.nlink else f"/{inode.name} (deleted)",
+        )
+    elif vma.shmem is not None:
         pgoff, dev, ino, name = (
             vma.vm_pgoff << PAGE_SHIFT,
             "00:01",

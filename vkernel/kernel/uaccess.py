@@ -17,6 +17,8 @@ import numpy as np
 
 from vkernel.kernel.errors import KernelError, UserFault
 from vkernel.kernel.memory import (
+    FaultWait,
+    VmFault,
     do_anonymous_pages,
     do_wp_pages,
     handle_mm_fault,
@@ -33,12 +35,12 @@ from vkernel.kernel.uapi import (
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
     EHWPOISON,
-    FAULT_FLAG_ALLOW_RETRY,
     FAULT_FLAG_DEFAULT,
     FAULT_FLAG_KILLABLE,
     FAULT_FLAG_TRIED,
     FAULT_FLAG_USER,
     FAULT_FLAG_WRITE,
+    PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
     PMD_MASK,
@@ -71,12 +73,14 @@ _MAX_RETRIES = 64
 
 
 def fault_in_range(
-    vma: VMA, start: int, end: int, flags: int, task: Task | None
+    vma: VMA, start: int, end: int, flags: int, task: Task | None, vmf: VmFault | None = None
 ) -> tuple[int, int]:
     """Make [start, end) (inside ``vma``, within one PMD) accessible for the access in ``flags``.
 
     Returns ``(vm_fault, address)``: ``(0, end)`` on success, else the VM_FAULT error bits and
-    the address of the first page that could not be faulted in.
+    the address of the first page that could not be faulted in. ``(VM_FAULT_RETRY, address)``
+    with ``vmf.wait`` set: the fault at ``address`` must sleep (see memory.py); nothing was
+    released yet, the caller does it.
     """
     mm = vma.mm
     mem = mm.mem
@@ -129,9 +133,11 @@ def fault_in_range(
             addr = (start & PMD_MASK) + ((i + i0) << PAGE_SHIFT)
             fl = flags
             for _retry in range(_MAX_RETRIES):
-                ret = handle_mm_fault(vma, addr, fl, task)
+                ret = handle_mm_fault(vma, addr, fl, task, vmf)
                 if not ret & VM_FAULT_RETRY:
                     break
+                if vmf is not None and vmf.wait is not None:
+                    return VM_FAULT_RETRY, addr
                 fl |= FAULT_FLAG_TRIED
             if ret & VM_FAULT_ERROR:
                 return ret, addr
@@ -203,8 +209,11 @@ async def write_user(task: Task, addr: int, data: bytes | bytearray | memoryview
     mm = _mm_of(task)
     mem = mm.mem
     flags = FAULT_FLAG_DEFAULT | FAULT_FLAG_USER | FAULT_FLAG_WRITE
+    vmf = VmFault()
     pos = 0
+    tried = -1
     while pos < total:
+        wait: FaultWait | None = None
         async with mm.mmap_lock.read(task):
             mm.check_alive()
             # Work through up to 16 MiB per lock hold to let writers in between.
@@ -213,7 +222,11 @@ async def write_user(task: Task, addr: int, data: bytes | bytearray | memoryview
                 a = addr + pos
                 vma = _user_vma(mm, a, True)
                 cend = min((a & PMD_MASK) + PMD_SIZE, addr + total, vma.vm_end)
-                ret, fail = fault_in_range(vma, a, cend, flags, task)
+                fl = flags
+                if a & PAGE_MASK == tried:
+                    fl |= FAULT_FLAG_TRIED
+                    cend = min(cend, tried + PAGE_SIZE)
+                ret, fail = fault_in_range(vma, a, cend, fl, task, vmf)
                 upto = fail if ret else cend
                 if upto > a:
                     _copy_in(
@@ -221,8 +234,18 @@ async def write_user(task: Task, addr: int, data: bytes | bytearray | memoryview
                     )
                 pos += upto - a
                 budget -= upto - a
+                if ret & VM_FAULT_RETRY and vmf.wait is not None:
+                    wait, vmf.wait = vmf.wait, None
+                    if vmf.unlock:
+                        tried = fail
+                        break
+                    await wait.sleep()  # TRIED or no ALLOW_RETRY: sleep holding mmap_lock
+                    wait = None
+                    continue
                 if ret:
                     raise _fault_error(ret, fail)
+        if wait is not None:
+            await _sleep_unlocked(task, wait)
 
 
 def _copy_in(mem: object, pfns: np.ndarray, off: int, data: memoryview) -> None:
@@ -293,22 +316,40 @@ async def read_user(task: Task, addr: int, length: int) -> AsyncIterator[memoryv
     flags = FAULT_FLAG_DEFAULT | FAULT_FLAG_USER
     end = addr + length
     pos = addr
+    vmf = VmFault()
+    tried = -1
     while pos < end:
         err: KernelError | None = None
         chunk: memoryview | None = None
+        wait: FaultWait | None = None
         async with mm.mmap_lock.read(task):
             mm.check_alive()
             vma = _user_vma(mm, pos, False)
             cend = min((pos // READ_CHUNK + 1) * READ_CHUNK, end, vma.vm_end)
-            ret, fail = fault_in_range(vma, pos, cend, flags, task)
+            fl = flags
+            if pos & PAGE_MASK == tried:
+                fl |= FAULT_FLAG_TRIED
+                cend = min(cend, tried + PAGE_SIZE)
+            while True:
+                ret, fail = fault_in_range(vma, pos, cend, fl, task, vmf)
+                if not ret & VM_FAULT_RETRY or vmf.wait is None or vmf.unlock:
+                    break
+                wait, vmf.wait = vmf.wait, None
+                await wait.sleep()  # TRIED or no ALLOW_RETRY: sleep holding mmap_lock
+                wait = None
             upto = fail if ret else cend
             if upto > pos:
                 chunk = _copy_out(mem, translate(mm, pos, upto), pos & (PAGE_SIZE - 1), upto - pos)
-            if ret:
+            if ret & VM_FAULT_RETRY and vmf.wait is not None:
+                wait, vmf.wait = vmf.wait, None
+                tried = fail
+            elif ret:
                 err = _fault_error(ret, fail)
         if chunk is not None:
             yield chunk
             pos += len(chunk)
+        if wait is not None:
+            await _sleep_unlocked(task, wait)
         if err is not None:
             raise err
 
@@ -334,15 +375,29 @@ async def access_user(
 # ---- populate ------------------------------------------------------------------------------------
 
 
-def populate_range(
+async def _sleep_unlocked(task: Task, wait: FaultWait) -> None:
+    """The sleep of a fault that returned VM_FAULT_RETRY, after mmap_lock was released; a
+    fatal signal ends it and the access (fault_signal_pending → EINTR here)."""
+    try:
+        await wait.sleep()
+    except KernelError:
+        pass
+    if task.fatal_signal_pending():
+        raise KernelError(errno.EINTR, "killed while a page fault slept")
+
+
+async def populate_range(
     mm: MmStruct, task: Task | None, start: int, end: int, write: bool, madvise: bool
 ) -> None:
     """faultin_page_range() (MADV_POPULATE_*, B.13) or __mm_populate() (MAP_POPULATE).
 
     MADV_POPULATE: a hole → ENOMEM; incompatible protection → EINVAL; SIGBUS/SIGSEGV → EFAULT;
     poison → EHWPOISON; OOM → ENOMEM. mm_populate skips inaccessible VMAs and stops at holes.
+    The caller holds mmap_lock through the call, so faults sleep with it held (KILLABLE, no
+    ALLOW_RETRY; a kill → EINTR).
     """
-    flags = FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_KILLABLE | (FAULT_FLAG_WRITE if write else 0)
+    flags = FAULT_FLAG_KILLABLE | (FAULT_FLAG_WRITE if write else 0)
+    vmf = VmFault()
     addr = start
     while addr < end:
         vma = mm.vma_lookup(addr)
@@ -362,7 +417,11 @@ def populate_range(
             raise KernelError(errno.EINTR, "killed while populating")
         while addr < vend:
             cend = min((addr & PMD_MASK) + PMD_SIZE, vend)
-            ret, fail = fault_in_range(vma, addr, cend, flags, task)
+            ret, fail = fault_in_range(vma, addr, cend, flags, task, vmf)
+            if ret & VM_FAULT_RETRY and vmf.wait is not None:
+                wait, vmf.wait = vmf.wait, None
+                await wait.sleep()
+                continue
             if ret:
                 if ret & VM_FAULT_OOM:
                     raise KernelError(errno.ENOMEM, "out of memory", address=f"{fail:#x}")

@@ -23,6 +23,8 @@ from vkernel.kernel.uapi import (
 )
 
 if TYPE_CHECKING:
+    from vkernel.kernel.fdtable import File
+    from vkernel.kernel.fs import Inode
     from vkernel.kernel.mm import MmStruct
     from vkernel.kernel.physmem import PhysMem
 
@@ -79,6 +81,12 @@ class VMA:
     vm_pgoff: int
     anon_vma: AnonVma | None = None
     shmem: ShmemObject | None = None
+    vm_file: File | None = None
+    """The mapped file (vma->vm_file); holds a reference on the open file description."""
+    mapping: AddressSpace | None = None
+    """The page cache of a mapped ``disk`` file (vm_file->f_mapping; shmem files use ``shmem``)."""
+    dax: Inode | None = None
+    """The inode of a mapped ``dax`` file (no page cache: faults map the device's frames)."""
     vm_page_prot: int = field(init=False)
     detached: bool = field(default=False, init=False)
     """Unlinked from its mm (vma_mark_detached): stale references must skip it."""
@@ -98,7 +106,20 @@ class VMA:
 
     def is_anonymous(self) -> bool:
         """vma_is_anonymous(): no backing object (private anonymous memory)."""
-        return self.shmem is None
+        return self.shmem is None and self.mapping is None and self.dax is None
+
+    def f_mapping(self) -> AddressSpace | None:
+        """vma->vm_file->f_mapping (the shmem object for shared anonymous and shmem mappings)."""
+        return self.shmem if self.shmem is not None else self.mapping
+
+    def file_fields(self) -> dict[str, object]:
+        """What a copy of this VMA (split, mremap, fork) maps: the same object and file."""
+        return {
+            "shmem": self.shmem,
+            "vm_file": self.vm_file,
+            "mapping": self.mapping,
+            "dax": self.dax,
+        }
 
     def is_shared(self) -> bool:
         """VM_SHARED mapping (writes go to the shared object)."""
@@ -145,7 +166,9 @@ def can_merge(prev: VMA, nxt: VMA) -> bool:
         return False
     if prev.vm_flags & VM_SPECIAL:
         return False
-    if prev.shmem is not nxt.shmem:
+    if prev.shmem is not nxt.shmem or prev.mapping is not nxt.mapping or prev.dax is not nxt.dax:
+        return False
+    if prev.vm_file is not nxt.vm_file:
         return False
     if prev.vm_pgoff + ((prev.vm_end - prev.vm_start) >> PAGE_SHIFT) != nxt.vm_pgoff:
         return False

@@ -19,8 +19,10 @@ async def make_fs_kernel() -> AsyncIterator[MakeFsKernel]:
     """Build kernels with the given device specs; each is quiesced and audited at teardown."""
     kernels: list[Kernel] = []
 
-    def make(*devices: str, memory: int = 64 << 20, readahead: bool = True) -> Kernel:
-        k = Kernel(KernelConfig(memory_bytes=memory, readahead=readahead))
+    def make(
+        *devices: str, memory: int = 64 << 20, readahead: bool = True, fault_retry: bool = True
+    ) -> Kernel:
+        k = Kernel(KernelConfig(memory_bytes=memory, readahead=readahead, fault_retry=fault_retry))
         for spec in devices:
             k.vfs.add_device(DeviceSpec.parse(spec))
         kernels.append(k)
@@ -29,6 +31,9 @@ async def make_fs_kernel() -> AsyncIterator[MakeFsKernel]:
     yield make
     for k in kernels:
         await k.vfs.quiesce()
+        assert audit(k) == []
+        for t in list(k.tasks.values()):
+            k.do_exit(t)  # the daemon ends every session before vfs.shutdown()
         assert audit(k) == []
         await k.vfs.shutdown()
         assert audit(k) == []

@@ -1,0 +1,181 @@
+"""mmap of files (issue 5 part 2): shmem, disk and dax; read, shared and private write faults,
+/proc maps and RSS, major faults, SIGBUS past EOF and on I/O errors, errno rules."""
+
+from __future__ import annotations
+
+import errno
+import signal
+
+import pytest
+
+from tests.unit.fs.fshelp import P, make_file, pattern, raises
+from vkernel.kernel.audit import audit
+from vkernel.kernel.errors import UserFault
+from vkernel.kernel.fs import O_CREAT, O_RDONLY, O_RDWR, O_WRONLY
+from vkernel.kernel.kernel import Kernel
+from vkernel.kernel.mm_api import proc_maps, proc_status_mm, sys_mmap, sys_munmap
+from vkernel.kernel.task import Task
+from vkernel.kernel.uaccess import read_user_bytes, write_user
+from vkernel.kernel.uapi import MAP_PRIVATE, MAP_SHARED, PROT_READ, PROT_WRITE
+
+RW = PROT_READ | PROT_WRITE
+
+
+def vmstat(k: Kernel, name: str) -> int:
+    """A /proc/vmstat event counter."""
+    return int(k.vmstat[name])
+
+
+@pytest.mark.parametrize("kind", ["disk", "shmem", "dax"])
+async def test_shared_mapping_reads_and_writes_the_file(
+    kernel: Kernel, task: Task, kind: str
+) -> None:
+    """MAP_SHARED: the mapping shows the file; stores through it are what read(2) returns;
+    RSS counts file (or shmem) pages; munmap leaves the data in the file."""
+    data = pattern(3 * P)
+    dev = "pmem0" if kind == "dax" else ""
+    fd = await make_file(kernel, task, f"f-{kind}", data, kind, dev)
+    a = await sys_mmap(task, 0, 3 * P, RW, MAP_SHARED, fd, 0)
+    assert await read_user_bytes(task, a, 3 * P) == data
+    await write_user(task, a + P + 10, b"hello")
+    got = await kernel.vfs.read(task, fd, 3 * P, 0)
+    assert got[P + 10 : P + 15] == b"hello"
+    st = proc_status_mm(task)
+    key = "RssShmem" if kind == "shmem" else "RssFile"
+    assert st[key] == 3 * 4
+    assert audit(kernel) == []
+    await sys_munmap(task, a, 3 * P)
+    assert (await kernel.vfs.read(task, fd, 3 * P, 0))[P + 10 : P + 15] == b"hello"
+    assert proc_status_mm(task)[key] == 0
+
+
+@pytest.mark.parametrize("kind", ["disk", "shmem", "dax"])
+async def test_private_cow_leaves_the_file_unchanged(kernel: Kernel, task: Task, kind: str) -> None:
+    """B.35(a): writing a MAP_PRIVATE mapping changes neither the file nor a shared mapping
+    of it; the private copy is anonymous memory."""
+    data = pattern(2 * P, seed=3)
+    dev = "pmem0" if kind == "dax" else ""
+    fd = await make_file(kernel, task, f"p-{kind}", data, kind, dev)
+    priv = await sys_mmap(task, 0, 2 * P, RW, MAP_PRIVATE, fd, 0)
+    smem = await sys_mmap(task, 0, 2 * P, PROT_READ, MAP_SHARED, fd, 0)
+    assert await read_user_bytes(task, priv, 2 * P) == data
+    await write_user(task, priv + 5, b"XYZ")
+    await write_user(task, priv + P, b"Q")  # a write fault with no read before (do_cow_fault)
+    assert (await read_user_bytes(task, priv, 8))[5:8] == b"XYZ"
+    assert await read_user_bytes(task, smem, 2 * P) == data
+    assert await kernel.vfs.read(task, fd, 2 * P, 0) == data
+    assert proc_status_mm(task)["RssAnon"] == 2 * 4
+    assert audit(kernel) == []
+    await sys_munmap(task, smem, 2 * P)  # dax frames go with the device at shutdown
+
+
+async def test_maps_shows_name_and_offset(kernel: Kernel, task: Task) -> None:
+    """/proc/PID/maps: file name and offset of a file mapping."""
+    fd = await make_file(kernel, task, "named", pattern(4 * P))
+    a = await sys_mmap(task, 0, 2 * P, PROT_READ, MAP_PRIVATE, fd, 2 * P)
+    line = next(ln for ln in proc_maps(task).splitlines() if ln.startswith(f"{a:08x}"))
+    assert line.split()[1] == "r--p"
+    assert line.split()[2] == f"{2 * P:08x}"
+    assert line.endswith("/named")
+    assert await read_user_bytes(task, a, 4) == pattern(4 * P)[2 * P : 2 * P + 4]
+
+
+async def test_mmap_errnos(kernel: Kernel, task: Task) -> None:
+    """EBADF for an unknown fd, EINVAL for an unaligned offset, EACCES for O_WRONLY, and for
+    PROT_WRITE|MAP_SHARED of an O_RDONLY file (MAP_PRIVATE of it is fine)."""
+    await make_file(kernel, task, "e", pattern(P))
+    await raises(errno.EBADF, sys_mmap(task, 0, P, PROT_READ, MAP_SHARED, 77, 0))
+    ro, _ = kernel.vfs.do_sys_open(task, "e", O_RDONLY)
+    wo, _ = kernel.vfs.do_sys_open(task, "e", O_WRONLY)
+    await raises(errno.EINVAL, sys_mmap(task, 0, P, PROT_READ, MAP_SHARED, ro, 100))
+    await raises(errno.EACCES, sys_mmap(task, 0, P, PROT_READ, MAP_SHARED, wo, 0))
+    await raises(errno.EACCES, sys_mmap(task, 0, P, PROT_READ, MAP_PRIVATE, wo, 0))
+    await raises(errno.EACCES, sys_mmap(task, 0, P, RW, MAP_SHARED, ro, 0))
+    a = await sys_mmap(task, 0, P, RW, MAP_PRIVATE, ro, 0)
+    await write_user(task, a, b"ok")
+    b = await sys_mmap(task, 0, P, PROT_READ, MAP_SHARED, ro, 0)
+    assert await read_user_bytes(task, b, 2) == pattern(P)[:2]
+
+
+@pytest.mark.parametrize("kind", ["disk", "shmem", "dax"])
+async def test_sigbus_past_eof(kernel: Kernel, task: Task, kind: str) -> None:
+    """A page wholly past i_size is SIGBUS; the partial last page reads zeros after EOF."""
+    dev = "pmem0" if kind == "dax" else ""
+    fd = await make_file(kernel, task, f"eof-{kind}", b"x" * 100, kind, dev)
+    a = await sys_mmap(task, 0, 2 * P, RW, MAP_SHARED, fd, 0)
+    got = await read_user_bytes(task, a, P)
+    assert got[:100] == b"x" * 100
+    assert got[100:] == bytes(P - 100)
+    with pytest.raises(UserFault) as ei:
+        await read_user_bytes(task, a + P, 1)
+    assert ei.value.signo == signal.SIGBUS
+    assert ei.value.address == a + P
+
+
+async def test_major_fault_when_read_from_the_device(make_fs_kernel: object) -> None:
+    """A page read from the device is a major fault (pgmajfault, maj_flt); a cached one is
+    minor; RssFile counts the mapped pages."""
+    from collections.abc import Callable
+
+    assert callable(make_fs_kernel)
+    mk: Callable[..., Kernel] = make_fs_kernel
+    k = mk("ram0=ram:16M,latency=1ms", readahead=False)
+    t = k.spawn("t", "s")
+    fd = await make_file(k, t, "maj", pattern(4 * P))
+    await k.vfs.fsync(t, fd)
+    k.vfs.drop_caches()
+    a = await sys_mmap(t, 0, 4 * P, PROT_READ, MAP_SHARED, fd, 0)
+    maj, majfault = t.maj_flt, vmstat(k, "pgmajfault")
+    assert await read_user_bytes(t, a, 4) == pattern(4 * P)[:4]
+    assert vmstat(k, "pgmajfault") == majfault + 1
+    assert t.maj_flt >= maj + 1
+    minf = t.min_flt
+    await k.vfs.read(t, fd, P, P)  # now cached
+    assert await read_user_bytes(t, a + P, 4) == pattern(4 * P)[P : P + 4]
+    assert t.min_flt == minf + 1
+    assert proc_status_mm(t)["RssFile"] == 2 * 4
+
+
+async def test_device_eio_is_sigbus_on_fault(make_fs_kernel: object) -> None:
+    """A read that fails with EIO: read(2) gets EIO, a fault gets SIGBUS."""
+    from collections.abc import Callable
+
+    assert callable(make_fs_kernel)
+    mk: Callable[..., Kernel] = make_fs_kernel
+    k = mk("ram0=ram:16M", readahead=False)
+    t = k.spawn("t", "s")
+    fd = await make_file(k, t, "bad", pattern(2 * P))
+    await k.vfs.fsync(t, fd)
+    k.vfs.drop_caches()
+    ino = k.vfs.lookup("bad")
+    block = int(ino.bmap_range(1, 1)[0])
+    k.vfs.device("ram0").set_bad_ranges([(block * 8, 8)])
+    a = await sys_mmap(t, 0, 2 * P, PROT_READ, MAP_SHARED, fd, 0)
+    assert await read_user_bytes(t, a, 4) == pattern(2 * P)[:4]
+    with pytest.raises(UserFault) as ei:
+        await read_user_bytes(t, a + P, 4)
+    assert ei.value.signo == signal.SIGBUS
+    await raises(errno.EIO, k.vfs.read(t, fd, 4, P))
+    k.vfs.device("ram0").set_bad_ranges([])
+    assert await read_user_bytes(t, a + P, 4) == pattern(2 * P)[P : P + 4]
+
+
+async def test_shared_write_reaches_the_device_after_fsync(make_fs_kernel: object) -> None:
+    """A store through a MAP_SHARED mapping dirties the page; fsync writes it; after dropping
+    the cache a new read comes from the device and sees it."""
+    from collections.abc import Callable
+
+    assert callable(make_fs_kernel)
+    mk: Callable[..., Kernel] = make_fs_kernel
+    k = mk("ram0=ram:16M")
+    t = k.spawn("t", "s")
+    fd, _ = k.vfs.do_sys_open(t, "sw", O_CREAT | O_RDWR)
+    await k.vfs.ftruncate(t, fd, 2 * P)
+    a = await sys_mmap(t, 0, 2 * P, RW, MAP_SHARED, fd, 0)
+    await write_user(t, a + P + 1, b"persist")
+    await k.vfs.fsync(t, fd)
+    await sys_munmap(t, a, 2 * P)
+    k.vfs.drop_caches()
+    assert k.vfs.lookup("sw").mapping is not None
+    assert not k.vfs.lookup("sw").mapping.pages  # type: ignore[union-attr]
+    assert (await k.vfs.read(t, fd, 8, P + 1))[:7] == b"persist"
