@@ -42,7 +42,7 @@ use-after-free (``PageTableUseAfterFree``).
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -72,7 +72,6 @@ from vkernel.kernel.uapi import (
     PGDIR_SHIFT,
     PMD_MASK,
     PMD_SHIFT,
-    PMD_SIZE,
     PTRS_PER_TABLE,
     PUD_SHIFT,
     TASK_SIZE,
@@ -91,11 +90,14 @@ if TYPE_CHECKING:
     from vkernel.kernel.task import Task
 
 PageArray = npt.NDArray[np.int64]
+_A = TypeVar("_A", bound=np.ndarray)
 
 _U64 = (1 << 64) - 1
+_PAGE_MASK_U64 = PAGE_MASK & _U64
 _PFN40 = (1 << 40) - 1
-_I64_PFN = np.int64(_PFN40)
-_I64_SHIFT = np.int64(PAGE_SHIFT)
+_U64_PFN = np.uint64(_PFN40)
+_U64_SHIFT = np.uint64(PAGE_SHIFT)
+_UINT64 = np.dtype(np.uint64)
 _NEED_R_INT = _PAGE_PRESENT | _PAGE_USER
 _NEED_W_INT = _PAGE_PRESENT | _PAGE_USER | _PAGE_RW
 _NEED_R = np.uint64(_PAGE_PRESENT | _PAGE_USER)
@@ -103,7 +105,6 @@ _NEED_W = np.uint64(_PAGE_PRESENT | _PAGE_USER | _PAGE_RW)
 _U64_SPECIAL = np.uint64(_PAGE_SPECIAL)
 _U64_RW = np.uint64(_PAGE_RW)
 _U64_POISON = np.uint64(POISON)
-_LARGE = np.uint32(PG_head | PG_tail)
 _FREE = np.uint32(PG_buddy)
 _MOVABLE = np.uint32(PG_movable_zone)
 _ANON = np.uint32(PG_anon)
@@ -204,12 +205,61 @@ Run = tuple[int, int, int, int]
 """One leaf-table stretch of a walk: ``(pmd_slot, pmd_value, first_pte_slot, npages)``."""
 
 
-def _read_runs(u: np.ndarray, runs: list[Run]) -> np.ndarray:
-    """ptep_get_lockless() of every PTE of the runs, as one array (a copy)."""
-    if len(runs) == 1:
-        _s, _p, base, n = runs[0]
-        return u[base : base + n].copy()
-    return np.concatenate([u[base : base + n] for _s, _p, base, n in runs])
+class _Consts:
+    """Read-only arrays the walk slices instead of building them per call (grown on demand).
+
+    ``step[i] == i << PAGE_SHIFT`` (uint64), ``bias[i] == 1024`` and ``one[i] == 1`` (int32:
+    adding a same-dtype slice costs less than a scalar) for ``i < n``; ``pfn[p] == p`` (int64).
+    """
+
+    n: int
+    step: npt.NDArray[np.uint64]
+    bias: npt.NDArray[np.int32]
+    one: npt.NDArray[np.int32]
+    pfn: PageArray
+
+    def __init__(self) -> None:
+        self.grow(1024)
+        self.grow_pfn(1 << 16)
+
+    def grow(self, n: int) -> None:
+        """Make ``step``, ``bias`` and ``one`` at least ``n`` long."""
+        self.n = n = max(n, 2 * getattr(self, "n", 0))
+        self.step = _frozen(np.arange(n, dtype=np.uint64) << np.uint64(PAGE_SHIFT))
+        self.bias = _frozen(np.full(n, GUP_PIN_COUNTING_BIAS, dtype=np.int32))
+        self.one = _frozen(np.ones(n, dtype=np.int32))
+
+    def grow_pfn(self, n: int) -> None:
+        """Make ``pfn`` at least ``n`` long."""
+        self.pfn = _frozen(np.arange(max(n, 2 * len(getattr(self, "pfn", ()))), dtype=np.int64))
+
+
+def _frozen(a: _A) -> _A:
+    """``a``, made read-only (views handed out can never write the cached array)."""
+    a.flags.writeable = False
+    return a
+
+
+_C = _Consts()
+
+
+def _first_changed(u: np.ndarray, runs: list[Run], ptes: np.ndarray, k: int) -> int:
+    """The recheck, run by run: the first of the ``k`` grabbed entries to give back.
+
+    "pmd changed" → that run's first entry; "pte changed" → that entry; ``k`` if none.
+    """
+    off = 0
+    for pmdslot, pmd, base, rn in runs:
+        if off >= k:
+            break
+        if u.item(pmdslot) != pmd:
+            return off
+        rn = min(rn, k - off)
+        now = u[base : base + rn]
+        if now.tobytes() != ptes[off : off + rn].tobytes():
+            return off + int((now != ptes[off : off + rn]).argmax())
+        off += rn
+    return k
 
 
 def _gup_pte_range(
@@ -223,9 +273,20 @@ def _gup_pte_range(
 ) -> int:
     """gup_fast_pte_range() over consecutive leaf tables at once; how many pages it took.
 
-    The runs' PTEs are checked, grabbed and rechecked as one array, so a range spanning two
-    leaf tables costs one pass of numpy calls, not two. The first entry that fails any check
-    ends the walk (the prefix before it is kept), exactly as a per-table walk would.
+    The runs' PTEs are read once (one copy), checked, grabbed and rechecked as one array, so a
+    range spanning two leaf tables costs one pass of numpy calls, not two. The first entry
+    that fails any check ends the walk (the prefix before it is kept), exactly as a per-table
+    walk would.
+
+    The common case -- prefaulted small anon pages: contiguous pfns ``p0 … p0+n-1``, entries
+    with equal bits, folios with equal flags, nothing to stop at -- is taken here with about
+    ten numpy calls and no gather or scatter: when the first and last entries map pfns
+    ``n - 1`` apart, entry ``i`` less ``i << PAGE_SHIFT`` equals entry 0 for every ``i`` iff
+    that holds for the entries (the low 12 bits, the ones tested, are untouched), which is one
+    bytes comparison; the folios' flags are a slice (one more); the grab and its mirror in
+    ``kernel.extra_refs`` are slice additions; the recheck compares bytes. Anything else
+    (scattered pfns, mixed bits or flags, a stop, large folios) goes to
+    :func:`_gup_pte_general` with the same snapshot.
     """
     mem = kernel.mem
     hook = st.park_hook
@@ -233,7 +294,115 @@ def _gup_pte_range(
         for _s, pmd, base, n in runs:
             hook("pmd", (pmd & _PAGE_PFN_MASK) >> PAGE_SHIFT)
             _check_poison(st, u[base : base + n])
-    ptes = _read_runs(u, runs)
+    # ptep_get_lockless() of each entry, once: an array (one run) or bytes (two, as a range
+    # of up to 512 pages crosses at most one table boundary; the recheck compares bytes).
+    nruns = len(runs)
+    if nruns == 1:
+        s1, q1, b1, n = runs[0]
+        ptes = u[b1 : b1 + n].copy()
+    elif nruns == 2:
+        (s1, q1, b1, m1), (s2, q2, b2, m2) = runs
+        sb = u[b1 : b1 + m1].tobytes() + u[b2 : b2 + m2].tobytes()
+        ptes = np.frombuffer(sb, _UINT64)
+        n = m1 + m2
+    else:
+        ptes = np.concatenate([u[b : b + m] for _s, _p, b, m in runs])
+        n = len(ptes)
+    e0 = ptes.item(0)
+    p0 = (e0 >> PAGE_SHIFT) & _PFN40
+    c = _C
+    if ((ptes.item(-1) >> PAGE_SHIFT) & _PFN40) - p0 != n - 1:
+        return _gup_pte_general(kernel, st, u, runs, flags, pages, nr, ptes)
+    if n > c.n:
+        c.grow(n)
+    db = (ptes - c.step[:n]).tobytes()
+    if db == db[:8] * n:  # entry i == e0 + (i << PAGE_SHIFT) for every i
+        andv = orv = e0
+    else:
+        d = np.frombuffer(db, _UINT64)
+        andv = int(np.bitwise_and.reduce(d))
+        orv = int(np.bitwise_or.reduce(d))
+    need = _NEED_W_INT if flags & FOLL_WRITE else _NEED_R_INT
+    if (andv ^ orv) & _PAGE_PFN_MASK or andv & need != need or orv & _PAGE_SPECIAL:
+        return _gup_pte_general(kernel, st, u, runs, flags, pages, nr, ptes)
+    # n contiguous pfns p0 … p0+n-1, every entry present+user(+RW) and not special.
+    fl = mem.flags[p0 : p0 + n]
+    fb = fl.tobytes()
+    if fb == fb[:4] * n:
+        fl_or = fl_and = fl.item(0)
+    else:
+        fl_or = int(np.bitwise_or.reduce(fl))
+        fl_and = int(np.bitwise_and.reduce(fl))
+    pin = flags & FOLL_PIN
+    if (
+        fl_or & (PG_buddy | PG_head | PG_tail)
+        or (flags & FOLL_LONGTERM and fl_or & PG_movable_zone)
+        or (pin and not andv & _PAGE_RW and (fl_or != fl_and or _must_unshare(fl_or, flags)))
+    ):
+        return _gup_pte_general(kernel, st, u, runs, flags, pages, nr, ptes)
+    # try_grab_folio_fast() of n distinct small folios, mirrored in extra_refs.
+    add = c.bias[:n] if pin else c.one[:n]
+    v = mem.refcount[p0 : p0 + n]
+    v += add
+    v = kernel.extra_refs[p0 : p0 + n]
+    v += add
+    if hook is not None:
+        hook("grabbed", n)
+    k = n
+    if nruns == 1:
+        same = u.item(s1) == q1 and u[b1 : b1 + n].tobytes() == ptes.tobytes()
+    elif nruns == 2:
+        same = (
+            u.item(s1) == q1
+            and u.item(s2) == q2
+            and u[b1 : b1 + m1].tobytes() == sb[: m1 << 3]
+            and u[b2 : b2 + m2].tobytes() == sb[m1 << 3 :]
+        )
+    else:
+        same = False
+    if not same:
+        k = _first_changed(u, runs, ptes, n)
+        if k != n:
+            if p0 + n > len(c.pfn):
+                c.grow_pfn(p0 + n)
+            back = c.pfn[p0 + k : p0 + n]
+            _undo(kernel, back, back[:0], None, bool(pin))
+            if not k:
+                return 0
+    if not fl_and & PG_referenced:  # folio_set_referenced()
+        fv = mem.flags[p0 : p0 + k]
+        fv |= _REFERENCED
+    if p0 + k > len(c.pfn):
+        c.grow_pfn(p0 + k)
+    pages[nr : nr + k] = c.pfn[p0 : p0 + k]
+    return k
+
+
+def _must_unshare(f: int, flags: int) -> bool:
+    """gup_must_unshare(NULL, flags, page) for a R/O PTE, from the folio's flags."""
+    if f & PG_anon:
+        return not f & PG_anon_exclusive
+    return bool(flags & FOLL_LONGTERM)
+
+
+def _gup_pte_general(
+    kernel: Kernel,
+    st: TlbState,
+    u: np.ndarray,
+    runs: list[Run],
+    flags: int,
+    pages: PageArray,
+    nr: int,
+    ptes: np.ndarray,
+) -> int:
+    """:func:`_gup_pte_range` for any entries, given their snapshot ``ptes``.
+
+    Reductions over the entries (present+user[+RW], not special), one gather of the folios'
+    flags, the prefix that passed grabbed with ``np.add.at`` (a speculative
+    ``try_grab_folio_fast`` per page), then the recheck of PMDs and entries.
+    """
+    mem = kernel.mem
+    hook = st.park_hook
     n = len(ptes)
     write = flags & FOLL_WRITE
     need = _NEED_W_INT if write else _NEED_R_INT
@@ -243,10 +412,9 @@ def _gup_pte_range(
         k = _first_bad_pte(ptes, _NEED_W if write else _NEED_R)
         if not k:
             return 0
-        ptes = ptes[:k]
-        andv = int(np.bitwise_and.reduce(ptes))
-    pfns = (ptes.view(np.int64) >> _I64_SHIFT) & _I64_PFN
-    fl = mem.flags[pfns]
+        andv = int(np.bitwise_and.reduce(ptes[:k]))
+    pfns = ((ptes[:k] >> _U64_SHIFT) & _U64_PFN).view(np.int64)
+    fl = mem.flags.take(pfns)
     fl_or = int(np.bitwise_or.reduce(fl))
     pin = bool(flags & FOLL_PIN)
     stop = None
@@ -257,7 +425,7 @@ def _gup_pte_range(
         stop = m if stop is None else stop | m
     if pin and not write and not andv & _PAGE_RW:
         # !pte_write() && gup_must_unshare(NULL, flags, page)
-        ro = (ptes & _U64_RW) == 0
+        ro = (ptes[:k] & _U64_RW) == 0
         anon = (fl & _ANON) != 0
         must = ro & np.where(anon, (fl & _ANON_EXCL) == 0, bool(flags & FOLL_LONGTERM))
         stop = must if stop is None else stop | must
@@ -265,13 +433,12 @@ def _gup_pte_range(
         k = int(stop.argmax())
         if not k:
             return 0
-        ptes = ptes[:k]
         pfns = pfns[:k]
         fl = fl[:k]
     large = bool(fl_or & (PG_head | PG_tail))
     if large:
         small_h, large_h, pins, heads = _grab(kernel, pfns, large, pin)
-    else:  # _grab()'s small-folio case, inline: the common path
+    else:  # _grab()'s small-folio case, inline
         np.add.at(mem.refcount, pfns, _BIAS32 if pin else _ONE32)
         _mirror(kernel, pfns, GUP_PIN_COUNTING_BIAS if pin else 1, None)
         small_h = heads = pfns
@@ -280,18 +447,7 @@ def _gup_pte_range(
     if hook is not None:
         hook("grabbed", k)
     # Recheck: "pmd changed" or "pte changed" → put what we grabbed from there on, stop.
-    j = k
-    off = 0
-    for pmdslot, pmd, _b, rn in runs:
-        if off >= k:
-            break
-        if u.item(pmdslot) != pmd:
-            j = off
-            break
-        off += rn
-    now = _read_runs(u, runs)[:j]
-    if now.tobytes() != ptes[:j].tobytes():
-        j = int((now != ptes[:j]).argmax())
+    j = _first_changed(u, runs, ptes, k)
     if j != k:
         if j == 0:
             _undo(kernel, small_h, large_h, pins, pin)
@@ -372,8 +528,11 @@ def _gup_fast_walk(
 ) -> int:
     """gup_fast_pgd_range(): the walk proper, with IRQs already off; pages taken.
 
-    Upper levels are read one entry per 2 MiB; consecutive PTE-table stretches are collected
-    and handled together by :func:`_gup_pte_range`, PMD leaves one by one.
+    The PGD and PUD entries are read once per PUD range (1 GiB) and the PMD entry once per
+    2 MiB, as gup_fast_pud_range()/gup_fast_pmd_range() do; with a park hook installed (tests)
+    the walk starts again from the PGD at every PMD, so a parked walker never reuses an upper
+    table it read before the park. Consecutive PTE-table stretches are collected and handled
+    together by :func:`_gup_pte_range`, PMD leaves one by one.
     """
     kernel = mm.kernel
     u = mm.mem.u64
@@ -382,16 +541,23 @@ def _gup_fast_walk(
     addr = start
     runs: list[Run] = []
     want = 0
+    pud_end = 0  # the PUD range whose PMD table is ``pmdt`` ends here (0: none read yet)
+    pmdt = 0
+    reuse = st.park_hook is None
     while addr < end:
-        e = u.item(pgd + ((addr >> PGDIR_SHIFT) & 511))
-        if not e & _PAGE_PRESENT:
-            break
-        e = u.item(((e >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PUD_SHIFT) & 511))
-        if not e & _PAGE_PRESENT:
-            break
-        pmdslot = ((e >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PMD_SHIFT) & 511)
+        if addr >= pud_end or not reuse:
+            e = u.item(pgd + ((addr >> PGDIR_SHIFT) & 511))
+            if not e & _PAGE_PRESENT:
+                break
+            e = u.item(((e >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PUD_SHIFT) & 511))
+            if not e & _PAGE_PRESENT:
+                break
+            pmdt = ((e >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE
+            pud_end = ((addr >> PUD_SHIFT) + 1) << PUD_SHIFT
+        pmdslot = pmdt + ((addr >> PMD_SHIFT) & 511)
         pmd = u.item(pmdslot)
-        nxt = min((addr & PMD_MASK) + PMD_SIZE, end)
+        nxt = ((addr >> PMD_SHIFT) + 1) << PMD_SHIFT
+        nxt = min(nxt, end)
         n = (nxt - addr) >> PAGE_SHIFT
         if pmd & _PAGE_PSE:
             if runs:
@@ -465,7 +631,7 @@ def _check_args(mm: MmStruct, start: int, nr_pages: int, gup_flags: int) -> tupl
         return -errno.EINVAL, 0
     if gup_flags & FOLL_PIN:
         mm.flags |= MMF_HAS_PINNED  # mm_set_has_pinned_flag()
-    start &= PAGE_MASK & _U64
+    start &= _PAGE_MASK_U64
     length = ((nr_pages & _U64) << PAGE_SHIFT) & _U64
     end = start + length
     if end > _U64:
@@ -485,6 +651,52 @@ def _fast_only(mm: MmStruct, start: int, nr_pages: int, flags: int, pages: PageA
     return gup_fast(mm, start, end, flags, pages)
 
 
+def _fast_part(
+    mm: MmStruct, start: int, nr_pages: int, gup_flags: int, pages: PageArray
+) -> tuple[int, int, int]:
+    """gup_fast_fallback() up to its slow path: ``(ret, start, nr_pages)``.
+
+    ``start < 0``: ``ret`` is the final result. Otherwise ``ret`` pages of the page-aligned
+    ``[start, start + nr_pages pages)`` were taken and the rest needs :func:`_slow_part`.
+    Synchronous, so the common (all-fast) case costs no coroutine.
+    """
+    s, end = _check_args(mm, start, nr_pages, gup_flags)
+    if s < 0:
+        return s, -1, 0
+    nr_pages = (end - s) >> PAGE_SHIFT
+    if not nr_pages:
+        return 0, -1, 0
+    nr_pinned = gup_fast(mm, s, end, gup_flags, pages)
+    if nr_pinned == nr_pages or gup_flags & FOLL_FAST_ONLY:
+        return nr_pinned, -1, 0
+    return nr_pinned, s, nr_pages
+
+
+async def _slow_part(
+    mm: MmStruct,
+    start: int,
+    nr_pages: int,
+    nr_pinned: int,
+    gup_flags: int,
+    pages: PageArray,
+    current: Task | None,
+) -> int:
+    """gup_fast_fallback()'s slow path for what the lockless walk left (see :func:`_fast_part`)."""
+    mm.kernel.vmstat.count("fast_gup_slow")
+    ret = await __gup_longterm_locked(
+        mm,
+        start + (nr_pinned << PAGE_SHIFT),
+        nr_pages - nr_pinned,
+        pages[nr_pinned:],
+        Locked(0),
+        gup_flags | FOLL_TOUCH | FOLL_UNLOCKABLE,
+        current=current,
+    )
+    if ret < 0:
+        return nr_pinned if nr_pinned else ret
+    return ret + nr_pinned
+
+
 async def gup_fast_fallback(
     mm: MmStruct,
     start: int,
@@ -495,28 +707,10 @@ async def gup_fast_fallback(
     current: Task | None = None,
 ) -> int:
     """gup_fast_fallback(): the lockless walk, then the slow path for what it left."""
-    s, end = _check_args(mm, start, nr_pages, gup_flags)
+    ret, s, nr_pages = _fast_part(mm, start, nr_pages, gup_flags, pages)
     if s < 0:
-        return s
-    nr_pages = (end - s) >> PAGE_SHIFT
-    if not nr_pages:
-        return 0
-    nr_pinned = gup_fast(mm, s, end, gup_flags, pages)
-    if nr_pinned == nr_pages or gup_flags & FOLL_FAST_ONLY:
-        return nr_pinned
-    mm.kernel.vmstat.count("fast_gup_slow")
-    ret = await __gup_longterm_locked(
-        mm,
-        s + (nr_pinned << PAGE_SHIFT),
-        nr_pages - nr_pinned,
-        pages[nr_pinned:],
-        Locked(0),
-        gup_flags | FOLL_TOUCH | FOLL_UNLOCKABLE,
-        current=current,
-    )
-    if ret < 0:
-        return nr_pinned if nr_pinned else ret
-    return ret + nr_pinned
+        return ret
+    return await _slow_part(mm, s, nr_pages, ret, gup_flags, pages, current)
 
 
 def _valid(pages: PageArray | None, gup_flags: int, to_set: int) -> int | None:
@@ -549,11 +743,14 @@ async def get_user_pages_fast(
     current: Task | None = None,
 ) -> int:
     """get_user_pages_fast(): FOLL_GET references, lockless walk then the slow path."""
-    flags = _valid(pages, gup_flags, FOLL_GET)
+    flags = valid_gup_flags(pages, None, gup_flags, FOLL_GET)
     if flags is None:
         return -errno.EINVAL
     assert pages is not None
-    return await gup_fast_fallback(mm, start, nr_pages, flags, pages, current=current)
+    ret, s, nr_pages = _fast_part(mm, start, nr_pages, flags, pages)
+    if s < 0:
+        return ret
+    return await _slow_part(mm, s, nr_pages, ret, flags, pages, current)
 
 
 async def pin_user_pages_fast(
@@ -565,9 +762,16 @@ async def pin_user_pages_fast(
     *,
     current: Task | None = None,
 ) -> int:
-    """pin_user_pages_fast(): FOLL_PIN pins, lockless walk then the slow path."""
-    flags = _valid(pages, gup_flags, FOLL_PIN)
+    """pin_user_pages_fast(): FOLL_PIN pins, lockless walk then the slow path.
+
+    gup_fast_fallback() inline: the lockless part is a plain call, so a call the walk
+    completes awaits nothing (no nested coroutine).
+    """
+    flags = valid_gup_flags(pages, None, gup_flags, FOLL_PIN)
     if flags is None:
         return -errno.EINVAL
     assert pages is not None
-    return await gup_fast_fallback(mm, start, nr_pages, flags, pages, current=current)
+    ret, s, nr_pages = _fast_part(mm, start, nr_pages, flags, pages)
+    if s < 0:
+        return ret
+    return await _slow_part(mm, s, nr_pages, ret, flags, pages, current)
