@@ -782,8 +782,10 @@ class Vfs:
 
     async def fsync(self, task: Task, fd: int, datasync: bool = False) -> None:
         """vfs_fsync_range(): write back the file, then make the device's namespace durable."""
-        file = self.fget(task, fd)
-        ino = file.inode
+        await self.fsync_inode(self.fget(task, fd).inode, task)
+
+    async def fsync_inode(self, ino: Inode, task: Task | None) -> None:
+        """->fsync of one inode (fsync(2), msync(MS_SYNC)): its pages, then the device."""
         if ino.kind == KIND_SHMEM:
             return
         assert ino.sb is not None

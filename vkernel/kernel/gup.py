@@ -35,6 +35,7 @@ from vkernel.kernel import memory, thp
 from vkernel.kernel.cred import Capability
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.memory import FaultWait, VmFault, handle_mm_fault
+from vkernel.kernel.pagecache import AddressSpace, folio_mark_dirty
 from vkernel.kernel.pgtable import (
     U64_PFN_MASK,
     U64_PRESENT,
@@ -115,10 +116,13 @@ from vkernel.kernel.uapi import (
     PG_anon_exclusive,
     PG_buddy,
     PG_dirty,
+    PG_locked,
     PG_movable_zone,
     PG_referenced,
+    PG_shmem,
+    PG_writeback,
 )
-from vkernel.kernel.vma import AnonVma, ShmemObject
+from vkernel.kernel.vma import AnonVma
 
 if TYPE_CHECKING:
     from vkernel.kernel.kernel import Kernel
@@ -442,10 +446,17 @@ def unpin_user_pages(kernel: Kernel, pages: PageArray, npages: int) -> None:
 
 
 def _mark_dirty(kernel: Kernel, heads: PageArray) -> None:
-    """folio_mark_dirty() under the folio lock, for each folio not already dirty."""
-    heads = heads[heads != kernel.mem.zero_pfn]
+    """folio_mark_dirty() under the folio lock, for each folio not already dirty: a page-cache
+    page of a disk file is dirtied in its file, so writeback sends what a device wrote."""
+    mem = kernel.mem
+    heads = heads[heads != mem.zero_pfn]
     if len(heads):
-        kernel.mem.flags[heads] |= np.uint32(PG_dirty)
+        mem.flags[heads] |= np.uint32(PG_dirty)
+        file = heads[(mem.flags[heads] & np.uint32(PG_anon | PG_shmem)) == 0]
+        for p in file.tolist():
+            obj = mem.mapping_obj(int(mem.mapping[p]))
+            if isinstance(obj, AddressSpace) and obj.host is not None:
+                folio_mark_dirty(obj, int(mem.index[p]), p)
 
 
 def unpin_user_pages_dirty_lock(
@@ -811,8 +822,9 @@ def faultin_none_run(vma: VMA, start: int, nr_pages: int, flags: int, current: T
 
 
 def vma_needs_dirty_tracking(vma: VMA) -> bool:
-    """vma_needs_dirty_tracking(): shared writable file mappings with writenotify (none yet)."""
-    return False
+    """vma_needs_dirty_tracking(): a shared mapping of a file that writes back (disk; not
+    shmem, not dax)."""
+    return vma.mapping is not None and bool(vma.vm_flags & VM_SHARED)
 
 
 def writable_file_mapping_allowed(vma: VMA, gup_flags: int) -> bool:
@@ -831,6 +843,8 @@ def check_vma_flags(vma: VMA, gup_flags: int) -> int:
         return -errno.EFAULT
     if gup_flags & FOLL_ANON and not vma_anon:
         return -errno.EFAULT
+    if gup_flags & FOLL_LONGTERM and vma.dax is not None:
+        return -errno.EOPNOTSUPP  # vma_is_fsdax()
     if write:
         if not vma_anon and not writable_file_mapping_allowed(vma, gup_flags):
             return -errno.EFAULT
@@ -1448,8 +1462,9 @@ def migrate_folio_out_of_movable(kernel: Kernel, head: int) -> bool:
     mem = kernel.mem
     nr = 1 << int(mem.order[head])
     obj = mem.mapping_obj(int(mem.mapping[head]))
-    is_shmem = isinstance(obj, ShmemObject)
-    if obj is None or kernel.extra_refs[head]:
+    is_shmem = isinstance(obj, AddressSpace)  # shmem or disk page cache: the cache holds a ref
+    busy = int(mem.flags[head]) & (PG_locked | PG_writeback)
+    if obj is None or kernel.extra_refs[head] or busy:
         kernel.vmstat.count("pgmigrate_fail", nr)
         return False
     idx0 = int(mem.index[head])
@@ -1459,7 +1474,7 @@ def migrate_folio_out_of_movable(kernel: Kernel, head: int) -> bool:
     for mm in _live_mms(kernel):
         for vma in mm.vmas:
             if is_shmem:
-                if vma.shmem is not obj:
+                if vma.f_mapping() is not obj:
                     continue
             elif not _anon_family(vma.anon_vma, obj):
                 continue
@@ -1513,7 +1528,7 @@ def migrate_folio_out_of_movable(kernel: Kernel, head: int) -> bool:
     for slot in pte_slots + pmd_slots:
         u[slot] = u.item(slot) + delta
     if is_shmem:
-        assert isinstance(obj, ShmemObject)
+        assert isinstance(obj, AddressSpace)
         for k in range(nr):
             obj.pages[idx0 + k] = new + k
     mem.refcount[head] = 0

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING
 
 from vkernel.kernel.audit import audit
 from vkernel.kernel.errors import KernelError
-from vkernel.kernel.mmap import sys_madvise, sys_mmap, sys_mprotect, sys_mremap, sys_munmap
+from vkernel.kernel.mmap import (
+    sys_madvise,
+    sys_mmap,
+    sys_mprotect,
+    sys_mremap,
+    sys_msync,
+    sys_munmap,
+)
 from vkernel.kernel.proc import (
     dump_page,
     lookup_pte,
@@ -58,6 +65,7 @@ __all__ = [
     "sys_mmap",
     "sys_mprotect",
     "sys_mremap",
+    "sys_msync",
     "sys_munmap",
     "write_user",
 ]

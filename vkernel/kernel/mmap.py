@@ -62,6 +62,9 @@ from vkernel.kernel.uapi import (
     MREMAP_DONTUNMAP,
     MREMAP_FIXED,
     MREMAP_MAYMOVE,
+    MS_ASYNC,
+    MS_INVALIDATE,
+    MS_SYNC,
     PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -781,6 +784,8 @@ def _madvise_vma(mm: MmStruct, vma: VMA, start: int, end: int, advice: int) -> N
         zap_page_range_single(vma, start, end)
         return
     if advice == MADV_REMOVE:
+        if vma.vm_file is not None:
+            raise AssertionError("file MADV_REMOVE is done by sys_madvise")
         if not flags & VM_SHARED:
             raise einval("MADV_REMOVE needs a shared mapping", field="advice")
         zap_page_range_single(vma, start, end)
@@ -861,6 +866,7 @@ async def sys_madvise(task: Task, addr: int, length: int, advice: int) -> None:
             await populate_range(mm, task, addr, end, advice == MADV_POPULATE_WRITE, madvise=True)
         return
     guard = mm.mmap_lock.write(task) if advice in _WRITE_LOCK_ADVICE else mm.mmap_lock.read(task)
+    punch: list[tuple[File, int, int]] = []
     async with guard:
         mm.check_alive()
         unmapped = False
@@ -873,8 +879,67 @@ async def sys_madvise(task: Task, addr: int, length: int, advice: int) -> None:
                 unmapped = True
                 start = vma.vm_start
             tmp = min(vma.vm_end, end)
-            _madvise_vma(mm, vma, start, tmp, advice)
+            if advice == MADV_REMOVE and vma.vm_file is not None:
+                # madvise_remove(): a hole punched in the file, after mmap_lock is released.
+                if vma.vm_flags & VM_LOCKED:
+                    raise einval("MADV_REMOVE on a locked mapping", field="advice")
+                if vma.vm_flags & (VM_SHARED | VM_WRITE) != VM_SHARED | VM_WRITE:
+                    raise KernelError(errno.EACCES, "MADV_REMOVE needs a shared writable map")
+                off = vma.linear_page_index(start) << PAGE_SHIFT
+                punch.append((vma.vm_file.get(), off, tmp - start))
+            else:
+                _madvise_vma(mm, vma, start, tmp, advice)
             start = tmp
         await tlb_finish_mmu(mm)  # THP collapse/split IPIs wait out lockless walkers
-        if unmapped:
-            raise KernelError(errno.ENOMEM, "range has unmapped parts", field="addr")
+    for file, off, n in punch:
+        try:
+            await mm.kernel.vfs.punch_hole(file.inode, off, n, task)
+        finally:
+            file.put()
+    if unmapped:
+        raise KernelError(errno.ENOMEM, "range has unmapped parts", field="addr")
+
+
+async def sys_msync(task: Task, addr: int, length: int, flags: int) -> None:
+    """msync(2): MS_SYNC writes back (and syncs) the files of shared mappings in the range;
+    MS_ASYNC is a no-op (dirty pages are already tracked); MS_INVALIDATE only checks locks."""
+    if flags & ~(MS_ASYNC | MS_INVALIDATE | MS_SYNC):
+        raise einval(f"unknown msync flags {flags:#x}", field="flags")
+    if addr & ~PAGE_MASK or addr < 0:
+        raise einval("address is not page aligned", field="addr")
+    if flags & MS_ASYNC and flags & MS_SYNC:
+        raise einval("MS_ASYNC and MS_SYNC together", field="flags")
+    if length < 0:
+        raise KernelError(errno.ENOMEM, "negative length", field="length")
+    end = addr + page_align(length)
+    if end > TASK_SIZE:
+        raise KernelError(errno.ENOMEM, "range outside the address space", field="length")
+    if end == addr:
+        return
+    mm = _mm_of(task)
+    unmapped = False
+    start = addr
+    while start < end:
+        sync: File | None = None
+        async with mm.mmap_lock.read(task):
+            mm.check_alive()
+            vma = mm.find_vma(start)
+            if vma is None:
+                raise KernelError(errno.ENOMEM, "range not fully mapped", field="addr")
+            if start < vma.vm_start:
+                if end <= vma.vm_start:
+                    raise KernelError(errno.ENOMEM, "range not fully mapped", field="addr")
+                unmapped = True
+                start = vma.vm_start
+            if flags & MS_INVALIDATE and vma.vm_flags & VM_LOCKED:
+                raise KernelError(errno.EBUSY, "MS_INVALIDATE of a locked mapping")
+            if flags & MS_SYNC and vma.vm_file is not None and vma.vm_flags & VM_SHARED:
+                sync = vma.vm_file.get()
+            start = vma.vm_end
+        if sync is not None:
+            try:  # vfs_fsync_range() without mmap_lock
+                await mm.kernel.vfs.fsync_inode(sync.inode, task)
+            finally:
+                sync.put()
+    if unmapped:
+        raise KernelError(errno.ENOMEM, "range has unmapped parts", field="addr")

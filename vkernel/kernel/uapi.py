@@ -64,6 +64,9 @@ MAP_FIXED_NOREPLACE = 0x100000
 MAP_UNINITIALIZED = 0x4000000
 
 # ---- mremap (uapi/linux/mman.h) ---------------------------------------------------------------
+MS_ASYNC = 1
+MS_INVALIDATE = 2
+MS_SYNC = 4
 MREMAP_MAYMOVE = 1
 MREMAP_FIXED = 2
 MREMAP_DONTUNMAP = 4
