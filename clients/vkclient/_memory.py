@@ -192,6 +192,18 @@ class MemoryMixin:
             ),
         )
 
+    async def msync(self, addr: int, length: int, flags: int) -> None:
+        """msync(2): MS_SYNC writes the files of shared mappings in the range to their device."""
+        await self._unary_memory(
+            "Msync",
+            pb.MsyncRequest(
+                pid=self.pid,
+                addr=_ulong(addr, "addr"),
+                length=_ulong(length, "length"),
+                flags=_signed(flags, 32, "flags"),
+            ),
+        )
+
     # ---- user memory ----------------------------------------------------------------------
 
     async def read(self, addr: int, length: int) -> bytes:

@@ -503,3 +503,27 @@ async def test_demo_tour_runs_clean(daemon: Daemon, quiet_logs: None) -> None:
     from vkclient import demo
 
     assert await demo.tour(daemon.addr, None) == 0
+
+
+async def test_file_mapping_and_msync(k: vkclient.Kernel) -> None:
+    """mmap(fd) through the SDK: a MAP_SHARED store is what pread returns, msync(MS_SYNC)
+    sends it to the device, /proc/PID/maps names the file; msync errno rules (EINVAL, ENOMEM)."""
+    p = await k.spawn("filemap")
+    fd = await p.open("svc-map", vkclient.O_CREAT | vkclient.O_RDWR)
+    await p.ftruncate(fd, 2 * PAGE_SIZE)
+    addr = await p.mmap(2 * PAGE_SIZE, flags=vkclient.MAP_SHARED, fd=fd)
+    await p.write(addr + 5, b"mapped")
+    assert await p.pread(fd, 6, 5) == b"mapped"
+    writes = sum(d.writes for d in await k.devices())
+    await p.msync(addr, 2 * PAGE_SIZE, vkclient.MS_SYNC)
+    assert sum(d.writes for d in await k.devices()) > writes
+    assert any(line.endswith("/svc-map") for line in (await p.maps()).splitlines())
+    with pytest.raises(OSError) as ei:
+        await p.msync(addr, PAGE_SIZE, vkclient.MS_SYNC | vkclient.MS_ASYNC)
+    assert ei.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as ei:
+        await p.msync(addr, 8 * PAGE_SIZE, vkclient.MS_SYNC)
+    assert ei.value.errno == errno.ENOMEM
+    with pytest.raises(OSError) as ei:
+        await p.mmap(PAGE_SIZE, flags=vkclient.MAP_SHARED, fd=99)
+    assert ei.value.errno == errno.EBADF

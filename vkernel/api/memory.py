@@ -107,6 +107,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         await mm_api.sys_madvise(task, request.addr, request.length, request.advice)
         return pb.MadviseResponse()
 
+    async def Msync(self, request: pb.MsyncRequest, context: Context) -> pb.MsyncResponse:
+        task = self._owned(context, request.pid)
+        check_range(request.addr, request.length)
+        await mm_api.sys_msync(task, request.addr, request.length, request.flags)
+        return pb.MsyncResponse()
+
     # ---- user memory ----------------------------------------------------------------------
 
     async def ReadMemory(

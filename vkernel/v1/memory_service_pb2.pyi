@@ -328,6 +328,57 @@ class MadviseResponse(_message.Message):
 Global___MadviseResponse: _TypeAlias = MadviseResponse  # noqa: Y015
 
 @_typing.final
+class MsyncRequest(_message.Message):
+    """MsyncRequest holds msync(2)'s arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    """The process whose mappings are synced."""
+    addr: _builtins.int
+    """The start address (page-aligned)."""
+    length: _builtins.int
+    """The length in bytes."""
+    flags: _builtins.int
+    """MS_ASYNC, MS_SYNC, MS_INVALIDATE."""
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        addr: _builtins.int = ...,
+        length: _builtins.int = ...,
+        flags: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "flags", b"flags", "length", b"length", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MsyncRequest: _TypeAlias = MsyncRequest  # noqa: Y015
+
+@_typing.final
+class MsyncResponse(_message.Message):
+    """MsyncResponse is empty: success is the answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MsyncResponse: _TypeAlias = MsyncResponse  # noqa: Y015
+
+@_typing.final
 class ReadMemoryRequest(_message.Message):
     """ReadMemoryRequest names the range to read."""
 

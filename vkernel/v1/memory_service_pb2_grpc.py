@@ -71,6 +71,11 @@ class MemoryServiceStub:
                 request_serializer=vkernel_dot_v1_dot_memory__service__pb2.MadviseRequest.SerializeToString,
                 response_deserializer=vkernel_dot_v1_dot_memory__service__pb2.MadviseResponse.FromString,
                 _registered_method=True)
+        self.Msync = channel.unary_unary(
+                '/vkernel.v1.MemoryService/Msync',
+                request_serializer=vkernel_dot_v1_dot_memory__service__pb2.MsyncRequest.SerializeToString,
+                response_deserializer=vkernel_dot_v1_dot_memory__service__pb2.MsyncResponse.FromString,
+                _registered_method=True)
         self.ReadMemory = channel.unary_stream(
                 '/vkernel.v1.MemoryService/ReadMemory',
                 request_serializer=vkernel_dot_v1_dot_memory__service__pb2.ReadMemoryRequest.SerializeToString,
@@ -163,6 +168,15 @@ class MemoryServiceServicer:
 
     def Madvise(self, request, context):
         """Madvise gives advice about a range, like madvise(2).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Msync(self, request, context):
+        """Msync writes back the files of shared mappings in a range, like msync(2) (MS_SYNC waits
+        for the writeback and the device; MS_ASYNC does nothing more; MS_INVALIDATE is EBUSY on
+        locked mappings).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -269,6 +283,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Madvise,
                     request_deserializer=vkernel_dot_v1_dot_memory__service__pb2.MadviseRequest.FromString,
                     response_serializer=vkernel_dot_v1_dot_memory__service__pb2.MadviseResponse.SerializeToString,
+            ),
+            'Msync': grpc.unary_unary_rpc_method_handler(
+                    servicer.Msync,
+                    request_deserializer=vkernel_dot_v1_dot_memory__service__pb2.MsyncRequest.FromString,
+                    response_serializer=vkernel_dot_v1_dot_memory__service__pb2.MsyncResponse.SerializeToString,
             ),
             'ReadMemory': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadMemory,
@@ -463,6 +482,33 @@ class MemoryService:
             '/vkernel.v1.MemoryService/Madvise',
             vkernel_dot_v1_dot_memory__service__pb2.MadviseRequest.SerializeToString,
             vkernel_dot_v1_dot_memory__service__pb2.MadviseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Msync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vkernel.v1.MemoryService/Msync',
+            vkernel_dot_v1_dot_memory__service__pb2.MsyncRequest.SerializeToString,
+            vkernel_dot_v1_dot_memory__service__pb2.MsyncResponse.FromString,
             options,
             channel_credentials,
             insecure,

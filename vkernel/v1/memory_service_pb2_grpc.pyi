@@ -55,6 +55,11 @@ class MemoryServiceStub:
     """Mremap grows, shrinks or moves a mapping, like mremap(2); returns the new address."""
     Madvise: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.MadviseRequest, _memory_service_pb2.MadviseResponse]
     """Madvise gives advice about a range, like madvise(2)."""
+    Msync: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.MsyncRequest, _memory_service_pb2.MsyncResponse]
+    """Msync writes back the files of shared mappings in a range, like msync(2) (MS_SYNC waits
+    for the writeback and the device; MS_ASYNC does nothing more; MS_INVALIDATE is EBUSY on
+    locked mappings).
+    """
     ReadMemory: _grpc.UnaryStreamMultiCallable[_memory_service_pb2.ReadMemoryRequest, _memory_service_pb2.ReadMemoryResponse]
     """ReadMemory reads a process's memory as the process itself would, faulting pages in.
     It is a server stream because reads of many MiB must not exceed message limits: the
@@ -117,6 +122,11 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     """Mremap grows, shrinks or moves a mapping, like mremap(2); returns the new address."""
     Madvise: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.MadviseRequest, _memory_service_pb2.MadviseResponse]  # type: ignore[assignment]
     """Madvise gives advice about a range, like madvise(2)."""
+    Msync: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.MsyncRequest, _memory_service_pb2.MsyncResponse]  # type: ignore[assignment]
+    """Msync writes back the files of shared mappings in a range, like msync(2) (MS_SYNC waits
+    for the writeback and the device; MS_ASYNC does nothing more; MS_INVALIDATE is EBUSY on
+    locked mappings).
+    """
     ReadMemory: _aio.UnaryStreamMultiCallable[_memory_service_pb2.ReadMemoryRequest, _memory_service_pb2.ReadMemoryResponse]  # type: ignore[assignment]
     """ReadMemory reads a process's memory as the process itself would, faulting pages in.
     It is a server stream because reads of many MiB must not exceed message limits: the
@@ -206,6 +216,17 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_memory_service_pb2.MadviseResponse, _abc.Awaitable[_memory_service_pb2.MadviseResponse]]:
         """Madvise gives advice about a range, like madvise(2)."""
+
+    @_abc_1.abstractmethod
+    def Msync(
+        self,
+        request: _memory_service_pb2.MsyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_service_pb2.MsyncResponse, _abc.Awaitable[_memory_service_pb2.MsyncResponse]]:
+        """Msync writes back the files of shared mappings in a range, like msync(2) (MS_SYNC waits
+        for the writeback and the device; MS_ASYNC does nothing more; MS_INVALIDATE is EBUSY on
+        locked mappings).
+        """
 
     @_abc_1.abstractmethod
     def ReadMemory(
