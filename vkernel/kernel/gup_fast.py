@@ -6,25 +6,40 @@ check for pins, then a walk that contains **no await** (interrupts disabled, see
 ``vkernel.kernel.tlb``) and stops at the first entry it may not take; the remainder goes to the
 slow path (``__gup_longterm_locked`` with FOLL_TOUCH|FOLL_UNLOCKABLE) unless FOLL_FAST_ONLY.
 
-The walk is vectorised per leaf table: the upper levels are read one entry per 2 MiB, then the
-PTE slice is copied once (``ptep_get_lockless`` for all of them), checked with reductions
-(present+user[+RW], not special), the folios are checked from one gather of their flags, the
-whole prefix that passed is grabbed with ``np.add.at`` (a speculative ``try_grab_folio_fast``
-per page), and the slice and the PMD are re-read: on a change the grabs from the first changed
-entry on are undone and the walk stops there. A PMD-mapped THP is taken with one grab of all
-covered subpages (``record_subpages`` + one ``try_grab_folio_fast``). Every reference is
-mirrored into the numpy ledgers ``kernel.extra_refs`` (per frame) / ``extra_pins`` (per 2 MiB
-block) like stream A's ``try_grab_folio``: one more ``np.add.at`` next to the refcount's.
+The walk is vectorised per leaf table: the PGD/PUD entries are read once per 1 GiB and the PMD
+entry once per 2 MiB, then the PTEs of the consecutive leaf tables are copied once
+(``ptep_get_lockless`` for all of them), checked, the folios checked from their flags, the
+whole prefix that passed grabbed (a speculative ``try_grab_folio_fast`` per page), and the PTEs
+and PMDs re-read: on a change the grabs from the first changed entry on are undone and the walk
+stops there. A PMD-mapped THP is taken with one grab of all covered subpages
+(``record_subpages`` + one ``try_grab_folio_fast``). Every reference is mirrored into the numpy
+ledgers ``kernel.extra_refs`` (per frame) / ``extra_pins`` (per 2 MiB block) like stream A's
+``try_grab_folio``.
+
+Two ways through a leaf-table stretch (:func:`_gup_pte_range`):
+
+- common case, prefaulted small anon pages -- contiguous pfns, equal PTE bits, equal folio
+  flags, nothing to stop at: the checks are bytes comparisons (entry ``i`` less
+  ``i << PAGE_SHIFT`` all equal), the folio flags a slice, the grab and its mirror two slice
+  additions, the recheck a bytes comparison, ``pages`` a copy from a cached arange: no gather,
+  no scatter, no reduction;
+- anything else (:func:`_gup_pte_general`, same snapshot): one reduction for the PTE bits,
+  shift+mask for the pfns, one ``take`` of the folio flags, ``np.add.at`` for the refcount and
+  for the mirror (a pfn may repeat).
 
 Stop conditions (A.7 §3): not present, PROT_NONE, WRITE without RW, special (the shared zero
 page included), a free folio (refcount 0), FOLL_LONGTERM on a ZONE_MOVABLE folio, a R/O pin
 that must unshare (``gup_must_unshare`` with no VMA), the PTE or PMD changed after the grab.
 The walker never looks at VMAs, so FOLL_FORCE never helps it.
 
-Cost: per call the walk is one pass of ~14 numpy calls over all its PTEs (perf-floor §4's floor
-does 5); keeping ``kernel.extra_refs`` exact is one ``np.add.at`` on an int32 array (it was a
-Counter costing ~55 ns per small page, more than the walk; see bench_gup_fast's
-``mirror_ns_per_page`` and docs/gup-interface.md, stream B).
+Cost (bench_gup_fast, 512 pages, against perf-floor §4's flat gup on the same PTEs in the same
+run): the common case is ~0.55-0.6 of the floor's pages/s; what is left is mostly Python -- the
+async entry point, argument rules, the IRQ/seqcount bracket and the upper-level walk (~3 µs a
+call) and ~40 lines of checks around ~10 short numpy calls (the floor has 7 numpy calls and no
+upper levels, no folio flags, no second ledger). The general path costs about twice the floor.
+Keeping ``kernel.extra_refs`` exact is one slice addition (common case) or one ``np.add.at``
+(it was a Counter costing ~55 ns per small page; see bench_gup_fast's ``mirror_ns_per_page``
+and docs/gup-interface.md, stream B).
 
 Counters: ``fast_gup`` (pages the lockless walk took, net of undo) and ``fast_gup_slow`` (calls
 that fell back), next to Linux's ``nr_foll_pin_acquired``. ``kernel.config.arch == "generic"``
@@ -224,10 +239,11 @@ class _Consts:
 
     def grow(self, n: int) -> None:
         """Make ``step``, ``bias`` and ``one`` at least ``n`` long."""
-        self.n = n = max(n, 2 * getattr(self, "n", 0))
+        n = max(n, 2 * getattr(self, "n", 0))
         self.step = _frozen(np.arange(n, dtype=np.uint64) << np.uint64(PAGE_SHIFT))
         self.bias = _frozen(np.full(n, GUP_PIN_COUNTING_BIAS, dtype=np.int32))
         self.one = _frozen(np.ones(n, dtype=np.int32))
+        self.n = n  # last: a walker on another thread never sees n before the arrays
 
     def grow_pfn(self, n: int) -> None:
         """Make ``pfn`` at least ``n`` long."""
@@ -397,9 +413,11 @@ def _gup_pte_general(
 ) -> int:
     """:func:`_gup_pte_range` for any entries, given their snapshot ``ptes``.
 
-    Reductions over the entries (present+user[+RW], not special), one gather of the folios'
-    flags, the prefix that passed grabbed with ``np.add.at`` (a speculative
-    ``try_grab_folio_fast`` per page), then the recheck of PMDs and entries.
+    One reduction checks the entries (and of ``ptes ^ _PAGE_SPECIAL``: present+user[+RW] set
+    and special clear everywhere), the pfns are shifted and masked in place, the folios'
+    flags are one ``take()`` (equal flags: a bytes comparison instead of reductions), the
+    prefix that passed is grabbed with ``np.add.at`` (a speculative ``try_grab_folio_fast``
+    per page; a pfn may repeat), then the PMDs and entries are rechecked.
     """
     mem = kernel.mem
     hook = st.park_hook
@@ -407,15 +425,19 @@ def _gup_pte_general(
     write = flags & FOLL_WRITE
     need = _NEED_W_INT if write else _NEED_R_INT
     k = n
-    andv = int(np.bitwise_and.reduce(ptes))
-    if andv & need != need or int(np.bitwise_or.reduce(ptes)) & _PAGE_SPECIAL:
+    andv = int(np.bitwise_and.reduce(ptes ^ _U64_SPECIAL))
+    if andv & need != need or not andv & _PAGE_SPECIAL:
         k = _first_bad_pte(ptes, _NEED_W if write else _NEED_R)
         if not k:
             return 0
         andv = int(np.bitwise_and.reduce(ptes[:k]))
-    pfns = ((ptes[:k] >> _U64_SHIFT) & _U64_PFN).view(np.int64)
+    pfns_u = np.right_shift(ptes[:k], _U64_SHIFT)
+    np.bitwise_and(pfns_u, _U64_PFN, out=pfns_u)
+    pfns: PageArray = pfns_u.view(np.int64)
     fl = mem.flags.take(pfns)
-    fl_or = int(np.bitwise_or.reduce(fl))
+    fb = fl.tobytes()
+    same_fl = fb == fb[:4] * k
+    fl_or = fl.item(0) if same_fl else int(np.bitwise_or.reduce(fl))
     pin = bool(flags & FOLL_PIN)
     stop = None
     if fl_or & PG_buddy:
@@ -438,16 +460,17 @@ def _gup_pte_general(
     large = bool(fl_or & (PG_head | PG_tail))
     if large:
         small_h, large_h, pins, heads = _grab(kernel, pfns, large, pin)
-    else:  # _grab()'s small-folio case, inline
-        np.add.at(mem.refcount, pfns, _BIAS32 if pin else _ONE32)
-        _mirror(kernel, pfns, GUP_PIN_COUNTING_BIAS if pin else 1, None)
+    else:  # _grab()'s small-folio case, inline, and _mirror() with the same typed scalar
+        delta = _BIAS32 if pin else _ONE32
+        np.add.at(mem.refcount, pfns, delta)
+        np.add.at(kernel.extra_refs, pfns, delta)
         small_h = heads = pfns
         large_h = pfns[:0]
         pins = None
     if hook is not None:
         hook("grabbed", k)
     # Recheck: "pmd changed" or "pte changed" → put what we grabbed from there on, stop.
-    j = _first_changed(u, runs, ptes, k)
+    j = k if k == n and _unchanged(u, runs, ptes) else _first_changed(u, runs, ptes, k)
     if j != k:
         if j == 0:
             _undo(kernel, small_h, large_h, pins, pin)
@@ -462,10 +485,24 @@ def _gup_pte_general(
         pfns = pfns[:k]
         heads = heads[:k]
         fl = fl[:k]
-    if not int(np.bitwise_and.reduce(fl)) & PG_referenced:
+    if not (fl_or if same_fl else int(np.bitwise_and.reduce(fl))) & PG_referenced:
         mem.flags[heads] |= _REFERENCED  # folio_set_referenced()
     pages[nr : nr + k] = pfns
     return k
+
+
+def _unchanged(u: np.ndarray, runs: list[Run], ptes: np.ndarray) -> bool:
+    """The recheck of every run's PMD and entries against the snapshot, as bytes."""
+    if len(runs) == 1:
+        pmdslot, pmd, base, rn = runs[0]
+        return u.item(pmdslot) == pmd and u[base : base + rn].tobytes() == ptes.tobytes()
+    sb = ptes.tobytes()
+    off = 0
+    for pmdslot, pmd, base, rn in runs:
+        if u.item(pmdslot) != pmd or u[base : base + rn].tobytes() != sb[off : off + (rn << 3)]:
+            return False
+        off += rn << 3
+    return True
 
 
 def _gup_huge_pmd(
@@ -536,45 +573,39 @@ def _gup_fast_walk(
     """
     kernel = mm.kernel
     u = mm.mem.u64
-    pgd = mm.pgd * PTRS_PER_TABLE
     nr = 0
     addr = start
     runs: list[Run] = []
-    want = 0
-    pud_end = 0  # the PUD range whose PMD table is ``pmdt`` ends here (0: none read yet)
+    pud_end = 0  # the PUD range whose PMD table starts at slot ``pmdt`` ends here
     pmdt = 0
     reuse = st.park_hook is None
     while addr < end:
-        if addr >= pud_end or not reuse:
-            e = u.item(pgd + ((addr >> PGDIR_SHIFT) & 511))
+        if addr >= pud_end:
+            e = u.item(mm.pgd * PTRS_PER_TABLE + ((addr >> PGDIR_SHIFT) & 511))
             if not e & _PAGE_PRESENT:
                 break
             e = u.item(((e >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PUD_SHIFT) & 511))
             if not e & _PAGE_PRESENT:
                 break
             pmdt = ((e >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE
-            pud_end = ((addr >> PUD_SHIFT) + 1) << PUD_SHIFT
+            pud_end = ((addr >> PUD_SHIFT) + 1) << PUD_SHIFT if reuse else 0
         pmdslot = pmdt + ((addr >> PMD_SHIFT) & 511)
         pmd = u.item(pmdslot)
-        nxt = ((addr >> PMD_SHIFT) + 1) << PMD_SHIFT
-        nxt = min(nxt, end)
-        n = (nxt - addr) >> PAGE_SHIFT
-        if pmd & _PAGE_PSE:
+        nxt = min(((addr >> PMD_SHIFT) + 1) << PMD_SHIFT, end)
+        if pmd & (_PAGE_PSE | _PAGE_PRESENT) == _PAGE_PRESENT:  # a PTE table
+            base = ((pmd >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PAGE_SHIFT) & 511)
+            runs.append((pmdslot, pmd, base, (nxt - addr) >> PAGE_SHIFT))
+        elif pmd & _PAGE_PSE:
             if runs:
                 got = _gup_pte_range(kernel, st, u, runs, flags, pages, nr)
                 nr += got
-                if got != want:
+                if got != sum(r[3] for r in runs):
                     return nr
                 runs = []
-                want = 0
             got = _gup_huge_pmd(kernel, st, u, pmdslot, pmd, addr, nxt, flags, pages, nr)
             nr += got
-            if got != n:
+            if got != (nxt - addr) >> PAGE_SHIFT:
                 return nr
-        elif pmd & _PAGE_PRESENT:
-            base = ((pmd >> PAGE_SHIFT) & _PFN40) * PTRS_PER_TABLE + ((addr >> PAGE_SHIFT) & 511)
-            runs.append((pmdslot, pmd, base, n))
-            want += n
         else:
             break
         addr = nxt
@@ -625,51 +656,34 @@ def _unpin_pass(kernel: Kernel, pfns: PageArray) -> None:
 # ---- entry points --------------------------------------------------------------------------------
 
 
-def _check_args(mm: MmStruct, start: int, nr_pages: int, gup_flags: int) -> tuple[int, int]:
-    """gup_fast_fallback()'s argument rules: ``(start, end)``, or ``(-errno, 0)``."""
-    if gup_flags & ~FOLL_FAST_ALLOWED:
-        return -errno.EINVAL, 0
-    if gup_flags & FOLL_PIN:
-        mm.flags |= MMF_HAS_PINNED  # mm_set_has_pinned_flag()
-    start &= _PAGE_MASK_U64
-    length = ((nr_pages & _U64) << PAGE_SHIFT) & _U64
-    end = start + length
-    if end > _U64:
-        return -errno.EOVERFLOW, 0
-    if end > TASK_SIZE:
-        return -errno.EFAULT, 0
-    return start, end
-
-
-def _fast_only(mm: MmStruct, start: int, nr_pages: int, flags: int, pages: PageArray) -> int:
-    """gup_fast_fallback() with FOLL_FAST_ONLY: the checks plus the walk; pages or -errno."""
-    start, end = _check_args(mm, start, nr_pages, flags)
-    if start < 0:
-        return start
-    if end == start:
-        return 0
-    return gup_fast(mm, start, end, flags, pages)
-
-
 def _fast_part(
     mm: MmStruct, start: int, nr_pages: int, gup_flags: int, pages: PageArray
 ) -> tuple[int, int, int]:
     """gup_fast_fallback() up to its slow path: ``(ret, start, nr_pages)``.
 
-    ``start < 0``: ``ret`` is the final result. Otherwise ``ret`` pages of the page-aligned
-    ``[start, start + nr_pages pages)`` were taken and the rest needs :func:`_slow_part`.
-    Synchronous, so the common (all-fast) case costs no coroutine.
+    The argument rules (flag whitelist → -EINVAL, MMF_HAS_PINNED for PIN, -EOVERFLOW,
+    -EFAULT), then the lockless walk. ``start < 0``: ``ret`` is the final result (always so
+    with FOLL_FAST_ONLY). Otherwise ``ret`` pages of the page-aligned ``[start, start +
+    nr_pages pages)`` were taken and the rest needs :func:`_slow_part`. Synchronous, so the
+    common (all-fast) case costs no coroutine.
     """
-    s, end = _check_args(mm, start, nr_pages, gup_flags)
-    if s < 0:
-        return s, -1, 0
-    nr_pages = (end - s) >> PAGE_SHIFT
-    if not nr_pages:
+    if gup_flags & ~FOLL_FAST_ALLOWED:
+        return -errno.EINVAL, -1, 0
+    if gup_flags & FOLL_PIN:
+        mm.flags |= MMF_HAS_PINNED  # mm_set_has_pinned_flag()
+    start &= _PAGE_MASK_U64
+    end = start + (((nr_pages & _U64) << PAGE_SHIFT) & _U64)
+    if end > _U64:
+        return -errno.EOVERFLOW, -1, 0
+    if end > TASK_SIZE:
+        return -errno.EFAULT, -1, 0
+    if end == start:
         return 0, -1, 0
-    nr_pinned = gup_fast(mm, s, end, gup_flags, pages)
+    nr_pinned = gup_fast(mm, start, end, gup_flags, pages)
+    nr_pages = (end - start) >> PAGE_SHIFT
     if nr_pinned == nr_pages or gup_flags & FOLL_FAST_ONLY:
         return nr_pinned, -1, 0
-    return nr_pinned, s, nr_pages
+    return nr_pinned, start, nr_pages
 
 
 async def _slow_part(
@@ -726,7 +740,7 @@ def get_user_pages_fast_only(
     if flags is None:
         return -errno.EINVAL
     assert pages is not None
-    return _fast_only(mm, start, nr_pages, flags, pages)
+    return _fast_part(mm, start, nr_pages, flags, pages)[0]  # FOLL_FAST_ONLY: final
 
 
 __get_user_pages_fast = get_user_pages_fast_only
