@@ -72,3 +72,44 @@ async def test_orderly_shutdown_writes_back_everything(tmp_path: Path) -> None:
             assert [f.name for f in await k.files()] == ["dirty.txt"]
     finally:
         assert d2.stop() == 0, d2.log_path.read_text()[-3000:]
+
+
+async def test_mapped_writes_survive_kill_9_after_msync_and_fsync(tmp_path: Path) -> None:
+    """Stores through a MAP_SHARED mapping, then msync(MS_SYNC) (one file) or fsync (another),
+    SIGKILL, restart: both files read back what was stored through the mappings."""
+    img = tmp_path / "disk2.img"
+    env = {"VKERNEL_DEVICE": f"disk2=file:{img}:32M,latency=50us"}
+    d1 = start_daemon(tmp_path, "--memory", "128M", "--no-prefault", env=env, name="a")
+    page = vkclient.PAGE_SIZE
+    blob = os.urandom(3 * page)
+    try:
+        async with vkclient.connect(d1.addr) as k:
+            p = await k.spawn("mapper")
+            fds = []
+            for name in ("msynced.bin", "fsynced.bin"):
+                fd = await p.open(name, O_CREAT | O_RDWR)
+                await p.ftruncate(fd, 4 * page)
+                addr = await p.mmap(4 * page, flags=vkclient.MAP_SHARED, fd=fd)
+                await p.write(addr + page, blob)
+                fds.append((fd, addr))
+            await p.msync(fds[0][1], 4 * page, vkclient.MS_SYNC)
+            await p.fsync(fds[1][0])
+            d1.proc.send_signal(signal.SIGKILL)
+            assert d1.proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if d1.proc.poll() is None:
+            d1.proc.kill()
+    d2 = start_daemon(tmp_path, "--memory", "128M", "--no-prefault", env=env, name="b")
+    try:
+        async with vkclient.connect(d2.addr) as k:
+            p = await k.spawn("reader")
+            for name in ("msynced.bin", "fsynced.bin"):
+                fd = await p.open(name, O_RDONLY)
+                addr = await p.mmap(
+                    4 * page, prot=vkclient.PROT_READ, flags=vkclient.MAP_SHARED, fd=fd
+                )
+                assert await p.read(addr + page, 3 * page) == blob
+                assert await p.read(addr, page) == bytes(page)
+            assert await k.audit() == []
+    finally:
+        assert d2.stop() == 0, d2.log_path.read_text()[-3000:]

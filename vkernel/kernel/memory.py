@@ -74,6 +74,7 @@ from vkernel.kernel.uapi import (
     FAULT_FLAG_WRITE,
     PAGE_MASK,
     PAGE_SHIFT,
+    PAGE_SIZE,
     PMD_MASK,
     PMD_SIZE,
     PTRS_PER_TABLE,
@@ -318,17 +319,76 @@ def filemap_fault(vma: VMA, idx: int, flags: int, vmf: VmFault | None) -> tuple[
     if pfn is None:
         ra = 1 if vma.vm_flags & VM_RAND_READ else max(1, mapping.ra_pages)
         try:
+            # do_sync_mmap_readahead(): a window from here; its last quarter is the trigger
+            # of the next window (PG_readahead, as mapping.mmap_ra_mark).
             pagecache.page_cache_ra_unbounded(mapping, idx, ra)
         except KernelError:
             return VM_FAULT_OOM, -1
+        if ra > 1:
+            mapping.mmap_ra_mark = idx + ra - max(1, ra // 4)
+            mapping.mmap_ra_end = idx + ra
+            mapping.mmap_ra_size = ra
         pfn = mapping.pages[idx]
         major = VM_FAULT_MAJOR
         vma.mm.kernel.vmstat.count("pgmajfault")
         if vmf is not None:
             vmf.major = True
+    elif idx == mapping.mmap_ra_mark:
+        _async_mmap_readahead(mapping)
     if mem.flags[pfn] & PG_locked:
         return _lock_or_retry(vma, pfn, flags, vmf) | major, -1
     return major, pfn
+
+
+def _async_mmap_readahead(mapping: pagecache.AddressSpace) -> None:
+    """do_async_mmap_readahead() → ondemand readahead: a fault reached the trigger page, so
+    the reader is sequential: start the next window, twice as large (up to one 1 MiB bio),
+    whose first page is the next trigger (async_size = size: one window always in flight)."""
+    ra = min(2 * max(1, mapping.mmap_ra_size), pagecache.MAX_BIO_PAGES)
+    start = mapping.mmap_ra_end
+    mapping.mmap_ra_mark = start
+    mapping.mmap_ra_end = start + ra
+    mapping.mmap_ra_size = ra
+    try:
+        pagecache.page_cache_ra_unbounded(mapping, start, ra)
+    except KernelError:
+        pass  # readahead is best effort
+
+
+FAULT_AROUND_PAGES = 16
+"""fault_around_bytes (64 KiB): cached pages mapped around a read fault of a file."""
+
+
+def do_fault_around(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> int:
+    """do_fault_around() → filemap_map_pages(): map, read-only, the cached pages of ``idx``
+    (none PTEs of one leaf table, whose entry 0 maps ``base_addr``) that are uptodate and not
+    locked, without faulting; returns how many were mapped. Not counted as faults."""
+    mapping = vma.mapping
+    if mapping is None or not len(idx):
+        return 0
+    mm = vma.mm
+    mem = mm.mem
+    fidx = vma.vm_pgoff + ((base_addr - vma.vm_start) >> PAGE_SHIFT) + idx.astype(np.int64)
+    limit = (mapping.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+    get = mapping.pages.get
+    pfns = np.fromiter((get(i, -1) for i in fidx.tolist()), dtype=np.int64, count=len(fidx))
+    # next_uptodate_folio() skips PG_readahead: the trigger page is left to a real fault.
+    ok = (pfns >= 0) & (fidx < limit) & (fidx != mapping.mmap_ra_mark)
+    if not ok.any():
+        return 0
+    idx, pfns = idx[ok], pfns[ok]
+    fl = mem.flags[pfns]
+    ok = ((fl & np.uint32(PG_uptodate)) != 0) & ((fl & np.uint32(PG_locked)) == 0)
+    idx, pfns = idx[ok], pfns[ok]
+    n = len(pfns)
+    if not n:
+        return 0
+    bits = (vma.vm_page_prot | _PAGE_ACCESSED) & ~_PAGE_RW
+    mem.u64[table * PTRS_PER_TABLE + idx] = (pfns.astype(np.uint64) << U64_SHIFT) | np.uint64(bits)
+    np.add.at(mem.refcount, mem.compound_heads(pfns), ONE32)
+    np.add.at(mem.mapcount, pfns, ONE32)
+    mm.add_rss(MM_FILEPAGES, n)
+    return n
 
 
 def _fault_page(vma: VMA, idx: int, flags: int, vmf: VmFault | None) -> tuple[int, int]:

@@ -90,6 +90,12 @@ class AddressSpace:
         self.ra_pages = DEFAULT_RA_PAGES
         self.ra_next = -1
         """file_ra_state: the page a sequential reader reads next (-1: none yet)."""
+        self.mmap_ra_mark = -1
+        """The page whose fault starts the next mmap readahead window (PG_readahead)."""
+        self.mmap_ra_end = -1
+        """Where the current mmap readahead window ends."""
+        self.mmap_ra_size = 0
+        """The current mmap readahead window in pages (doubles per sequential window)."""
         self.io: set[asyncio.Task[None]] = set()
         """Read bios in flight (they own their locked pages)."""
         self.i_mmap: set[VMA] = set()

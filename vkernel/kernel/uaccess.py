@@ -17,9 +17,11 @@ import numpy as np
 
 from vkernel.kernel.errors import KernelError, UserFault
 from vkernel.kernel.memory import (
+    FAULT_AROUND_PAGES,
     FaultWait,
     VmFault,
     do_anonymous_pages,
+    do_fault_around,
     do_wp_pages,
     handle_mm_fault,
     mm_account_fault,
@@ -129,7 +131,10 @@ def fault_in_range(
                 if oom >= 0:
                     return VM_FAULT_OOM, (start & PMD_MASK) + (oom << PAGE_SHIFT)
                 need = np.flatnonzero((s & need_bits) != need_bits)
+        around = vma.mapping is not None and not write
         for i in need.tolist():
+            if (s.item(i) & _PAGE_PRESENT) and (not write or s.item(i) & _PAGE_RW):
+                continue  # mapped by fault-around meanwhile
             addr = (start & PMD_MASK) + ((i + i0) << PAGE_SHIFT)
             fl = flags
             for _retry in range(_MAX_RETRIES):
@@ -141,6 +146,11 @@ def fault_in_range(
                 fl |= FAULT_FLAG_TRIED
             if ret & VM_FAULT_ERROR:
                 return ret, addr
+            if around:
+                win = s[i + 1 : i + FAULT_AROUND_PAGES]
+                none = np.flatnonzero(win == 0)
+                if len(none):
+                    do_fault_around(vma, t, start & PMD_MASK, none + (i + 1 + i0))
         present = (s & _U64_P) != 0
         s[present] |= _U64_TOUCH_W if write else _U64_TOUCH_R
         if ((s & need_bits) == need_bits).all():

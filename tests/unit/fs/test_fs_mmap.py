@@ -179,3 +179,38 @@ async def test_shared_write_reaches_the_device_after_fsync(make_fs_kernel: objec
     assert k.vfs.lookup("sw").mapping is not None
     assert not k.vfs.lookup("sw").mapping.pages  # type: ignore[union-attr]
     assert (await k.vfs.read(t, fd, 8, P + 1))[:7] == b"persist"
+
+
+async def test_fault_around_maps_cached_neighbours(kernel: Kernel, task: Task) -> None:
+    """do_fault_around(): a read fault maps up to 16 cached pages at once (one pgfault per
+    64 KiB of a warm file); a write fault does not (each page is its own page_mkwrite)."""
+    fd = await make_file(kernel, task, "around", pattern(32 * P))
+    a = await sys_mmap(task, 0, 32 * P, RW, MAP_SHARED, fd, 0)
+    pgfault = vmstat(kernel, "pgfault")
+    assert await read_user_bytes(task, a, 32 * P) == pattern(32 * P)
+    assert vmstat(kernel, "pgfault") == pgfault + 2
+    assert proc_status_mm(task)["RssFile"] == 32 * 4
+    await write_user(task, a, b"w" * 3 * P)
+    assert vmstat(kernel, "pgfault") == pgfault + 5  # write-protected: mkwrite per page
+    assert audit(kernel) == []
+
+
+async def test_sequential_mapping_read_ramps_readahead(make_fs_kernel: object) -> None:
+    """Reading a cold mapping sequentially: the trigger page of each window starts the next,
+    twice as large (up to 1 MiB bios): far fewer bios and sleeping faults than pages."""
+    from collections.abc import Callable
+
+    assert callable(make_fs_kernel)
+    mk: Callable[..., Kernel] = make_fs_kernel
+    k = mk("ram0=ram:32M,latency=100us")
+    t = k.spawn("t", "s")
+    n = 1024
+    fd = await make_file(k, t, "seq", pattern(n * P))
+    await k.vfs.fsync(t, fd)
+    k.vfs.drop_caches()
+    a = await sys_mmap(t, 0, n * P, PROT_READ, MAP_SHARED, fd, 0)
+    dev = k.vfs.device("ram0")
+    reads = dev.stats.reads
+    assert await read_user_bytes(t, a, n * P) == pattern(n * P)
+    assert dev.stats.reads - reads <= 10
+    assert t.maj_flt < n // 8  # faults that slept (TRIED counts as major)
