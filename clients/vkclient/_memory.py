@@ -8,10 +8,11 @@ travels as its two's complement and the kernel answers what Linux answers for it
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import sys
 from array import array
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -236,15 +237,30 @@ class MemoryMixin:
         start = _ulong(addr, "addr")
         pid = self.pid
 
-        def messages() -> Iterator[pb.WriteMemoryRequest]:
-            yield pb.WriteMemoryRequest(pid=pid, addr=start, data=bytes(view[:CHUNK]))
-            for offset in range(CHUNK, len(view), CHUNK):
-                yield pb.WriteMemoryRequest(data=bytes(view[offset : offset + CHUNK]))
-
+        call = k._memory.WriteMemory(metadata=k._metadata, timeout=k.timeout)
         try:
-            resp: pb.WriteMemoryResponse = await k._memory.WriteMemory(
-                messages(), metadata=k._metadata, timeout=k.timeout
-            )
+            # Explicit writes, not a request iterator: when the kernel stops early (a fault,
+            # ENOMEM) the call ends while data is still being sent; the final status is then
+            # read from the call instead of surfacing as a transport error of the sender.
+            first = True
+            for offset in range(0, max(len(view), 1), CHUNK):
+                chunk = bytes(view[offset : offset + CHUNK])
+                msg = (
+                    pb.WriteMemoryRequest(pid=pid, addr=start, data=chunk)
+                    if first
+                    else pb.WriteMemoryRequest(data=chunk)
+                )
+                first = False
+                if call.done():
+                    break
+                try:
+                    await call.write(msg)
+                except (grpc.RpcError, asyncio.InvalidStateError):
+                    break
+            if not call.done():
+                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                    await call.done_writing()
+            resp: pb.WriteMemoryResponse = await call
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return resp.bytes_written

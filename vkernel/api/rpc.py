@@ -6,6 +6,7 @@ gRPC status; every call ends with exactly one ``rpc_finished`` log line.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import secrets
 import time
@@ -147,7 +148,7 @@ class KernelInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap(method, handler.stream_unary),
+                self._wrap(method, handler.stream_unary, drain_on_error=True),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
@@ -169,11 +170,13 @@ class KernelInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token", "BAD_TOKEN"
             )
 
-    def _wrap(self, method: str, behavior: Any) -> Any:
+    def _wrap(self, method: str, behavior: Any, drain_on_error: bool = False) -> Any:
         counted = method not in LONG_LIVED_METHODS
         interceptor = self
 
-        async def run_with_status(call: Callable[[], Awaitable[Any]], context: Any) -> Any:
+        async def run_with_status(
+            call: Callable[[], Awaitable[Any]], context: Any, requests: Any = None
+        ) -> Any:
             info = CallInfo(method)
             _current_call.set(info)
             code = grpc.StatusCode.OK
@@ -186,6 +189,7 @@ class KernelInterceptor(grpc.aio.ServerInterceptor):
             except KernelError as e:
                 status = status_for_kernel_error(e)
                 code = status.code
+                await _drain(requests)
                 await context.abort(status.code, status.details, status.trailing_metadata)
             except RpcFailure as e:
                 code = e.status.code
@@ -225,9 +229,27 @@ class KernelInterceptor(grpc.aio.ServerInterceptor):
             return relay
 
         async def wrapped(request: Any, context: Any) -> Any:
-            return await run_with_status(lambda: behavior(request, context), context)
+            return await run_with_status(
+                lambda: behavior(request, context),
+                context,
+                request if drain_on_error else None,
+            )
 
         return wrapped
+
+
+async def _drain(requests: Any) -> None:
+    """Read what a client-streaming caller still sends before answering with an error.
+
+    Ending the call while request data is in flight makes gRPC core report the race as
+    INTERNAL to the client instead of our status; a client stops sending once the call is
+    done, so draining first delivers the real errno.
+    """
+    if requests is None:
+        return
+    with contextlib.suppress(Exception):
+        async for _ in requests:
+            pass
 
 
 def _context_code(context: Any) -> grpc.StatusCode | None:
