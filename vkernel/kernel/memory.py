@@ -340,11 +340,16 @@ def filemap_fault(vma: VMA, idx: int, flags: int, vmf: VmFault | None) -> tuple[
     return major, pfn
 
 
+MMAP_RA_MAX_PAGES = 2 * pagecache.MAX_BIO_PAGES
+"""Largest mmap readahead window (2 MiB, two bios in flight): what a raised read_ahead_kb
+gives a sequential mmap reader in Linux."""
+
+
 def _async_mmap_readahead(mapping: pagecache.AddressSpace) -> None:
     """do_async_mmap_readahead() → ondemand readahead: a fault reached the trigger page, so
-    the reader is sequential: start the next window, twice as large (up to one 1 MiB bio),
+    the reader is sequential: start the next window, twice as large (up to 2 MiB),
     whose first page is the next trigger (async_size = size: one window always in flight)."""
-    ra = min(2 * max(1, mapping.mmap_ra_size), pagecache.MAX_BIO_PAGES)
+    ra = min(2 * max(1, mapping.mmap_ra_size), MMAP_RA_MAX_PAGES)
     start = mapping.mmap_ra_end
     mapping.mmap_ra_mark = start
     mapping.mmap_ra_end = start + ra
