@@ -1090,6 +1090,9 @@ def change_protection(vma: VMA, start: int, end: int) -> None:
     u = mem.u64
     newprot = vma.vm_page_prot
     try_writable = bool(vma.vm_flags & VM_WRITE) and not vma.vm_flags & VM_SHARED
+    # vma_wants_writenotify(): a shared disk mapping stays write-protected where the PTE is
+    # clean, so the first store still goes through page_mkwrite (can_change_pte_writable()).
+    writenotify = vma.mapping is not None and bool(vma.vm_flags & VM_SHARED)
     for slot, a, b in walk_pmds(mm, start, end):
         e = u.item(slot)
         if not e:
@@ -1115,6 +1118,9 @@ def change_protection(vma: VMA, start: int, end: int) -> None:
             continue
         old = s[pm]
         new = pte_modify_vec(old, newprot)
+        if writenotify:
+            clean = (old & np.uint64(_PAGE_DIRTY)) == 0
+            new[clean] &= ~np.uint64(_PAGE_RW)
         if try_writable and newprot & _PAGE_PRESENT:
             pfns = ((old & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
             ok = (mem.flags[pfns] & PG_anon_exclusive) != 0

@@ -661,8 +661,10 @@ async def sys_mremap(
                 and (nxt is None or nxt.vm_start >= end)
                 and (not vma.vm_flags & VM_SPECIAL)
             ):
-                if vma.shmem is not None and (vma.linear_page_index(end) << PAGE_SHIFT) > (
-                    vma.shmem.size
+                if (
+                    vma.shmem is not None
+                    and vma.vm_file is None
+                    and (vma.linear_page_index(end) << PAGE_SHIFT) > vma.shmem.size
                 ):
                     vma.shmem.size = vma.linear_page_index(end) << PAGE_SHIFT
                 mm.resize_vma(vma, vma.vm_start, end)
@@ -671,7 +673,7 @@ async def sys_mremap(
         if not flags & MREMAP_MAYMOVE:
             raise KernelError(errno.ENOMEM, "cannot grow in place", field="new_size")
         got = get_unmapped_area(
-            mm, 0, new_len, vma.linear_page_index(old_addr), 0, vma.shmem is None
+            mm, 0, new_len, vma.linear_page_index(old_addr), 0, vma.is_anonymous()
         )
         if got < 0:
             raise KernelError(-got, "no room for the moved mapping", field="new_size")
@@ -680,8 +682,9 @@ async def sys_mremap(
 
 
 def _grow_shmem(vma: VMA, old_addr: int, new_len: int) -> None:
-    """shmem_setattr() size growth when a shared mapping is remapped larger."""
-    if vma.shmem is not None:
+    """shmem_setattr() size growth when a shared anonymous mapping is remapped larger (a
+    file's size never changes by mremap: past EOF is SIGBUS)."""
+    if vma.shmem is not None and vma.vm_file is None:
         need = (vma.linear_page_index(old_addr) << PAGE_SHIFT) + new_len
         vma.shmem.size = max(vma.shmem.size, need)
 
@@ -715,7 +718,7 @@ def _mremap_to(
             raise KernelError(errno.ENOMEM, "RLIMIT_AS exceeded", field="new_size")
     if not fixed:
         got = get_unmapped_area(
-            mm, new_addr, new_len, vma.linear_page_index(addr), 0, vma.shmem is None
+            mm, new_addr, new_len, vma.linear_page_index(addr), 0, vma.is_anonymous()
         )
         if got < 0:
             raise KernelError(-got, "no room for the moved mapping", field="new_size")

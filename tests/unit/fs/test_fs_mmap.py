@@ -214,3 +214,117 @@ async def test_sequential_mapping_read_ramps_readahead(make_fs_kernel: object) -
     assert await read_user_bytes(t, a, n * P) == pattern(n * P)
     assert dev.stats.reads - reads <= 10
     assert t.maj_flt < n // 8  # faults that slept (TRIED counts as major)
+
+
+async def test_mprotect_keeps_dirty_tracking(kernel: Kernel, task: Task) -> None:
+    """mprotect(PROT_READ) then (RW) of a shared disk mapping: clean PTEs stay
+    write-protected (writenotify), so a store after writeback still dirties the page."""
+    from vkernel.kernel.mm_api import lookup_pte, sys_mprotect
+    from vkernel.kernel.uapi import _PAGE_RW
+
+    fd = await make_file(kernel, task, "mprot", pattern(2 * P))
+    a = await sys_mmap(task, 0, 2 * P, RW, MAP_SHARED, fd, 0)
+    await write_user(task, a, b"d")  # dirty PTE
+    await read_user_bytes(task, a + P, 1)  # clean PTE
+    await sys_mprotect(task, a, 2 * P, PROT_READ)
+    await sys_mprotect(task, a, 2 * P, RW)
+    assert lookup_pte(task, a) & _PAGE_RW
+    assert not lookup_pte(task, a + P) & _PAGE_RW
+    await kernel.vfs.fsync(task, fd)
+    mapping = kernel.vfs.lookup("mprot").mapping
+    assert mapping is not None
+    await write_user(task, a + P, b"e")
+    assert mapping.nr_dirty() == 1
+
+
+async def test_mremap_of_a_file_mapping_does_not_grow_the_file(kernel: Kernel, task: Task) -> None:
+    """mremap of a file mapping to a larger size: the file keeps its size, the new tail is
+    SIGBUS (past EOF), for shmem and disk files alike."""
+    from vkernel.kernel.mm_api import sys_mremap
+    from vkernel.kernel.uapi import MREMAP_MAYMOVE
+
+    for kind in ("shmem", "disk"):
+        fd = await make_file(kernel, task, f"mr-{kind}", pattern(P), kind)
+        a = await sys_mmap(task, 0, P, RW, MAP_SHARED, fd, 0)
+        b = await sys_mremap(task, a, P, 3 * P, MREMAP_MAYMOVE)
+        assert await read_user_bytes(task, b, 4) == pattern(P)[:4]
+        with pytest.raises(UserFault) as ei:
+            await read_user_bytes(task, b + P, 1)
+        assert ei.value.signo == signal.SIGBUS
+        assert kernel.vfs.lookup(f"mr-{kind}").size == P
+
+
+async def test_fork_with_file_mappings(kernel: Kernel, task: Task) -> None:
+    """fork: the child sees the shared file mapping (same page cache) and a copy of the
+    parent's private COW pages; later private writes stay private to each side."""
+    from vkernel.kernel.mm_api import fork
+
+    fd = await make_file(kernel, task, "fk", pattern(2 * P))
+    s = await sys_mmap(task, 0, 2 * P, RW, MAP_SHARED, fd, 0)
+    p = await sys_mmap(task, 0, 2 * P, RW, MAP_PRIVATE, fd, 0)
+    await write_user(task, p, b"parent")
+    await read_user_bytes(task, p + P, 1)
+    child = await fork(task)
+    await write_user(child, s, b"from child")
+    assert await read_user_bytes(task, s, 10) == b"from child"
+    assert await read_user_bytes(child, p, 6) == b"parent"
+    await write_user(child, p, b"child!")
+    assert await read_user_bytes(task, p, 6) == b"parent"
+    assert await read_user_bytes(child, p + P, 4) == pattern(2 * P)[P : P + 4]
+    assert audit(kernel) == []
+    kernel.do_exit(child)
+    assert audit(kernel) == []
+
+
+async def test_gup_fast_falls_back_and_sleeps_on_a_cold_file(make_fs_kernel: object) -> None:
+    """pin_user_pages_fast() on a cold file mapping: nothing present, the fallback faults
+    with ALLOW_RETRY (the reads happen without mmap_lock) and pins every page."""
+    from collections.abc import Callable
+
+    from tests.unit.gup.guphelp import mm_of, page_array
+    from vkernel.kernel import gup
+    from vkernel.kernel.gup_fast import pin_user_pages_fast
+
+    assert callable(make_fs_kernel)
+    mk: Callable[..., Kernel] = make_fs_kernel
+    k = mk("ram0=ram:16M,latency=5ms")
+    t = k.spawn("t", "s")
+    fd = await make_file(k, t, "gf", pattern(8 * P))
+    await k.vfs.fsync(t, fd)
+    k.vfs.drop_caches()
+    a = await sys_mmap(t, 0, 8 * P, PROT_READ, MAP_SHARED, fd, 0)
+    pages = page_array(8)
+    assert await pin_user_pages_fast(mm_of(t), a, 8, 0, pages, current=t) == 8
+    mapping = k.vfs.lookup("gf").mapping
+    assert mapping is not None
+    assert [int(x) for x in pages] == [mapping.pages[i] for i in range(8)]
+    assert audit(k) == []
+    gup.unpin_user_pages(k, pages, 8)
+    assert not mm_of(t).mmap_lock.is_locked()
+
+
+async def test_cow_fault_on_a_locked_page_retries_without_leaking(
+    kernel: Kernel, task: Task
+) -> None:
+    """B.38: a private write fault whose file page is locked returns RETRY (the lock is
+    dropped, nothing allocated is left behind); after the unlock the COW completes."""
+    import asyncio
+
+    from vkernel.kernel.pagecache import folio_trylock, folio_unlock
+
+    fd = await make_file(kernel, task, "cl", pattern(P))
+    a = await sys_mmap(task, 0, P, RW, MAP_PRIVATE, fd, 0)
+    mapping = kernel.vfs.lookup("cl").mapping
+    assert mapping is not None
+    pfn = mapping.pages[0]
+    assert folio_trylock(kernel.mem, pfn)
+    free = kernel.mem.nr_free_pages
+    w = asyncio.create_task(write_user(task, a, b"cow"))
+    await asyncio.sleep(0.005)
+    assert not w.done()
+    assert kernel.mem.nr_free_pages >= free - 4  # at most page tables; no cow page parked
+    assert audit(kernel) == []
+    folio_unlock(kernel.mem, pfn)
+    await w
+    assert await read_user_bytes(task, a, 3) == b"cow"
+    assert (await kernel.vfs.read(task, fd, 3, 0)) == pattern(P)[:3]
