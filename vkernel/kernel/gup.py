@@ -143,11 +143,13 @@ _VM_UFFD_ANY = VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR
 class Locked:
     """The ``int *locked`` of the remote variants: 1 on entry; 0 on return = mmap_lock dropped."""
 
-    __slots__ = ("value", "wait")
+    __slots__ = ("value", "vmf", "wait")
 
     def __init__(self, value: int = 1) -> None:
         """``int locked = value;``"""
         self.value = value
+        self.vmf: VmFault | None = None
+        """The fault state kept across re-runs of one page's fault (VM_FAULT_MAJOR)."""
         self.wait: FaultWait | None = None
         """The sleep a fault handed back (memory.VmFault): taken by the retry driver, after
         the lock is released when ``value`` is 0, else with the lock held."""
@@ -897,7 +899,9 @@ def faultin_page(
         fault_flags |= FAULT_FLAG_TRIED
     if unshare:
         fault_flags |= FAULT_FLAG_UNSHARE
-    vmf = VmFault()
+    vmf = locked.vmf
+    if vmf is None:
+        vmf = locked.vmf = VmFault()
     ret = handle_mm_fault(vma, address, fault_flags, current, vmf)
     if vmf.wait is not None:
         # The handler must sleep: hand the wait to the retry driver. With ALLOW_RETRY and not

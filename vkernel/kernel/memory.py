@@ -271,9 +271,11 @@ class VmFault:
     lock held and runs the same fault again (Linux's plain ``folio_lock`` in the handler).
     """
 
-    __slots__ = ("major", "reread", "task", "unlock", "wait")
+    __slots__ = ("addr", "major", "reread", "task", "unlock", "wait")
 
     def __init__(self) -> None:
+        self.addr = -1
+        """The page the state below belongs to (a fault at another address starts afresh)."""
         self.wait: FaultWait | None = None
         self.unlock = False
         self.major = False
@@ -838,6 +840,9 @@ def handle_mm_fault(
         if vmf is not None:
             vmf.wait = None
             vmf.task = task
+            if vmf.addr != address & PAGE_MASK:
+                vmf.addr = address & PAGE_MASK
+                vmf.major = vmf.reread = False
         hook = _TEST_FAULT_HOOKS.get(vma) if _TEST_FAULT_HOOKS else None
         r = hook(vma, address & PAGE_MASK, flags) if hook is not None else None
         ret = __handle_mm_fault(vma, address & PAGE_MASK, flags, vmf) if r is None else r

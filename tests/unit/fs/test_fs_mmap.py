@@ -328,3 +328,23 @@ async def test_cow_fault_on_a_locked_page_retries_without_leaking(
     await w
     assert await read_user_bytes(task, a, 3) == b"cow"
     assert (await kernel.vfs.read(task, fd, 3, 0)) == pattern(P)[:3]
+
+
+async def test_major_faults_are_counted_per_page(make_fs_kernel: object) -> None:
+    """One access over cached and cold pages: only faults that read from the device (or
+    slept and retried) are major; the state of one fault does not leak into the next."""
+    from collections.abc import Callable
+
+    assert callable(make_fs_kernel)
+    mk: Callable[..., Kernel] = make_fs_kernel
+    k = mk("ram0=ram:16M,latency=1ms", readahead=False, fault_retry=False)
+    t = k.spawn("t", "s")
+    fd = await make_file(k, t, "mj", pattern(40 * P))
+    await k.vfs.fsync(t, fd)
+    k.vfs.drop_caches()
+    await k.vfs.read(t, fd, 16 * P, 24 * P)  # pages 0..23 cold, 24..39 cached
+    a = await sys_mmap(t, 0, 40 * P, PROT_READ, MAP_SHARED, fd, 0)
+    maj, minf = t.maj_flt, t.min_flt
+    assert await read_user_bytes(t, a, 40 * P) == pattern(40 * P)
+    assert t.maj_flt - maj == 24  # every cold page (no readahead: one read each)
+    assert t.min_flt - minf == 1  # page 24 (after 23 cold ones), fault-around maps 25..39
