@@ -417,6 +417,9 @@ class Vfs:
         self._ino = 1
         self._bg: set[asyncio.Task[None]] = set()
         self.dirty_expire = DIRTY_EXPIRE
+        self.dirty_limit_pages = 0
+        """vm.dirty_bytes in pages: above it a task dirtying pages through a shared mapping
+        writes the file back itself (balance_dirty_pages); 0 = no limit."""
         self._register_vmstat()
 
     def _register_vmstat(self) -> None:

@@ -911,7 +911,7 @@ def faultin_page(
         if vmf.unlock:
             vma.mm.mmap_lock.read_unlock()
             locked.value = 0
-        return -errno.EBUSY
+        return -errno.EAGAIN if ret & VM_FAULT_COMPLETED else -errno.EBUSY
     if ret & VM_FAULT_COMPLETED:
         locked.value = 0
         return -errno.EAGAIN

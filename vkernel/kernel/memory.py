@@ -78,6 +78,7 @@ from vkernel.kernel.uapi import (
     PMD_MASK,
     PMD_SIZE,
     PTRS_PER_TABLE,
+    VM_FAULT_COMPLETED,
     VM_FAULT_DONE_COW,
     VM_FAULT_ERROR,
     VM_FAULT_FALLBACK,
@@ -245,18 +246,29 @@ def do_shmem_fault(vma: VMA, addr: int, pslot: int, flags: int) -> int:
 class FaultWait:
     """A sleep a fault handler needs (the page lock, or PG_writeback for a stable page)."""
 
-    __slots__ = ("mem", "pfn", "task", "writeback")
+    __slots__ = ("mem", "pfn", "task", "throttle", "writeback")
 
-    def __init__(self, mem: PhysMem, pfn: int, task: Task | None, writeback: bool) -> None:
+    def __init__(
+        self,
+        mem: PhysMem,
+        pfn: int,
+        task: Task | None,
+        writeback: bool,
+        throttle: pagecache.AddressSpace | None = None,
+    ) -> None:
         self.mem = mem
         self.pfn = pfn
         self.task = task
         """Killable for this task (FAULT_FLAG_KILLABLE), else an uninterruptible wait."""
         self.writeback = writeback
+        self.throttle = throttle
+        """balance_dirty_pages() on this file instead of a page wait."""
 
     async def sleep(self) -> None:
-        """folio_wait_locked_killable() / folio_wait_stable(): EINTR when killed."""
-        if self.writeback:
+        """folio_wait_locked_killable() / folio_wait_stable() / balance_dirty_pages()."""
+        if self.throttle is not None:
+            await pagecache.filemap_fdatawrite(self.throttle, task=self.task)
+        elif self.writeback:
             await pagecache.folio_wait_writeback(self.mem, self.pfn, self.task)
         else:
             await pagecache.folio_wait_locked(self.mem, self.pfn, self.task)
@@ -461,8 +473,29 @@ def page_mkwrite(vma: VMA, pfn: int, flags: int, vmf: VmFault | None) -> int:
     return 0
 
 
+def fault_dirty_shared_page(vma: VMA, flags: int, vmf: VmFault | None) -> int:
+    """fault_dirty_shared_page() → balance_dirty_pages_ratelimited(): above the dirty limit
+    (``Vfs.dirty_limit_pages``, vm.dirty_bytes; 0 = none) the faulting task writes the file
+    back before going on. With ALLOW_RETRY (not TRIED, not NOWAIT) it does so after dropping
+    mmap_lock and the fault returns VM_FAULT_COMPLETED (done, lock released); otherwise it
+    throttles holding the lock. The fault itself is complete in both cases."""
+    mapping = vma.mapping
+    vfs = getattr(vma.mm.kernel, "vfs", None)
+    if mapping is None or vfs is None or not vfs.dirty_limit_pages or vmf is None:
+        return 0
+    if flags & FAULT_FLAG_RETRY_NOWAIT:
+        return 0
+    if sum(m.nr_dirty() for m in vfs.address_spaces()) <= vfs.dirty_limit_pages:
+        return 0
+    task = vmf.task if flags & FAULT_FLAG_KILLABLE else None
+    vmf.wait = FaultWait(vma.mm.mem, -1, task, False, throttle=mapping)
+    vmf.unlock = bool(flags & FAULT_FLAG_ALLOW_RETRY) and not flags & FAULT_FLAG_TRIED
+    return VM_FAULT_COMPLETED if vmf.unlock else 0
+
+
 def do_shared_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
-    """do_shared_fault(): ->fault, ->page_mkwrite (dirty the page), map it writable."""
+    """do_shared_fault(): ->fault, ->page_mkwrite (dirty the page), map it writable, then
+    fault_dirty_shared_page() (may throttle: VM_FAULT_COMPLETED)."""
     ret, pfn = _fault_page(vma, vma.linear_page_index(addr), flags, vmf)
     if pfn < 0:
         return ret
@@ -473,7 +506,7 @@ def do_shared_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | 
         if r:
             return r | ret
     finish_fault(vma, pslot, pfn, True)
-    return ret
+    return ret | fault_dirty_shared_page(vma, flags, vmf)
 
 
 # ---- dax (fs/dax.c): device frames mapped directly; seed 002's handler COW ----------------------
@@ -635,6 +668,8 @@ def do_wp_page(
                 return r
         # wp_page_shared(): no COW for shared mappings, just make it writable and dirty.
         mem.u64[pslot] = pte | _PAGE_RW | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_ACCESSED
+        if vma.mapping is not None:
+            return fault_dirty_shared_page(vma, flags, vmf)
         return 0
     pfn = (pte & _PAGE_PFN_MASK) >> PAGE_SHIFT
     if pfn != mem.zero_pfn and not pte & _PAGE_SPECIAL and mem.flags[pfn] & PG_anon:

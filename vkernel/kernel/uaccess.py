@@ -139,10 +139,10 @@ def fault_in_range(
             fl = flags
             for _retry in range(_MAX_RETRIES):
                 ret = handle_mm_fault(vma, addr, fl, task, vmf)
+                if vmf is not None and vmf.wait is not None:
+                    return VM_FAULT_RETRY, addr  # a sleep (COMPLETED: after the fault)
                 if not ret & VM_FAULT_RETRY:
                     break
-                if vmf is not None and vmf.wait is not None:
-                    return VM_FAULT_RETRY, addr
                 fl |= FAULT_FLAG_TRIED
             if ret & VM_FAULT_ERROR:
                 return ret, addr

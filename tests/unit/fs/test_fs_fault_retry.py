@@ -20,9 +20,10 @@ from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.mm_api import sys_madvise, sys_mmap, sys_munmap
 from vkernel.kernel.pagecache import folio_trylock, folio_unlock
 from vkernel.kernel.task import Task
-from vkernel.kernel.uaccess import read_user_bytes
+from vkernel.kernel.uaccess import read_user_bytes, write_user
 from vkernel.kernel.uapi import (
     FOLL_NOWAIT,
+    FOLL_WRITE,
     MADV_POPULATE_READ,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
@@ -214,3 +215,29 @@ def test_no_fault_retry_option() -> None:
     assert not config_from_args(
         build_parser().parse_args(["serve"]), env, stdout_isatty=False
     ).fault_retry
+
+
+async def test_b26_completed_from_dirty_throttling(kernel: Kernel, task: Task) -> None:
+    """B.26 with a real producer: above the dirty limit a shared write fault throttles
+    (writes the file back) after dropping mmap_lock and returns VM_FAULT_COMPLETED; GUP treats
+    it as "lock dropped, redo this page" and returns the page; pgfault counts it once."""
+    kernel.vfs.dirty_limit_pages = 2
+    fd = await make_file(kernel, task, "thr", pattern(8 * P))
+    await kernel.vfs.fsync(task, fd)
+    a = await sys_mmap(task, 0, 8 * P, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    mm = mm_of(task)
+    mapping = kernel.vfs.lookup("thr").mapping
+    assert mapping is not None
+    pages = page_array(8)
+    acquired = mm.mmap_lock.stats()["read_acquired"]
+    assert await gup.pin_user_pages_unlocked(mm, a, 8, pages, FOLL_WRITE, current=task) == 8
+    assert mm.mmap_lock.stats()["read_acquired"] - acquired >= 3  # dropped and retaken
+    assert [int(p) for p in pages] == [mapping.pages[i] for i in range(8)]
+    assert mapping.nr_dirty() <= 2 + 1  # throttled: written back along the way
+    assert not mm.mmap_lock.is_locked()
+    gup.unpin_user_pages(kernel, pages, 8)
+    # The same through user stores: every byte lands, the file ends up consistent.
+    await write_user(task, a, b"\xee" * 8 * P)
+    await kernel.vfs.fsync(task, fd)
+    assert await kernel.vfs.read(task, fd, 8 * P, 0) == b"\xee" * 8 * P
+    assert audit(kernel) == []
