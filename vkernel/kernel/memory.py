@@ -989,7 +989,9 @@ def zap_pte_range(mm: MmStruct, table: int, i0: int, i1: int) -> None:
                     mm.add_rss(MM_FILEPAGES, nanon + nshm - len(pfns))
                 dirty = ~anon & ((pv & _U64_HWDIRTY) != 0)
                 if dirty.any():
-                    mem.flags[pfns[dirty]] |= np.uint32(PG_dirty)
+                    # set_page_dirty(): shmem pages, and file pages in their file (dax
+                    # device frames have no page cache to dirty).
+                    mem.flags[pfns[dirty & shm]] |= np.uint32(PG_dirty)
                     for p in pfns[dirty & ~shm].tolist():
                         obj = mem.mapping_obj(int(mem.mapping[p]))
                         if isinstance(obj, pagecache.AddressSpace):

@@ -141,3 +141,15 @@ async def test_truncate_unmaps_dax_and_cow_pages(kernel: Kernel, task: Task) -> 
     assert audit(kernel) == []
     await sys_munmap(task, s, 3 * P)
     await sys_munmap(task, p, 3 * P)
+
+
+async def test_unmapping_dirty_dax_ptes_dirties_no_page_cache(kernel: Kernel, task: Task) -> None:
+    """Stores through a shared dax mapping then munmap: the data is in the device frames and
+    nothing is left dirty (no page cache to write back)."""
+    fd = await dax_file(kernel, task, pattern(2 * P))
+    a = await sys_mmap(task, 0, 2 * P, RW, MAP_SHARED, fd, 0)
+    dirty = kernel.vmstat["nr_dirty"]
+    await write_user(task, a, b"D" * 2 * P)
+    await sys_munmap(task, a, 2 * P)
+    assert kernel.vmstat["nr_dirty"] == dirty
+    assert await kernel.vfs.read(task, fd, 2 * P, 0) == b"D" * 2 * P
