@@ -241,3 +241,40 @@ async def test_b26_completed_from_dirty_throttling(kernel: Kernel, task: Task) -
     await kernel.vfs.fsync(task, fd)
     assert await kernel.vfs.read(task, fd, 8 * P, 0) == b"\xee" * 8 * P
     assert audit(kernel) == []
+
+
+async def test_truncate_racing_a_sleeping_fault(make_fs_kernel: MakeFsKernel) -> None:
+    """A fault sleeping on a read (mmap_lock dropped) while the file is truncated below the
+    page: the retried fault sees i_size and gives SIGBUS; no PTE is left past EOF."""
+    from vkernel.kernel.errors import UserFault
+    from vkernel.kernel.mm_api import lookup_pte
+
+    k = make_fs_kernel("ram0=ram:16M,latency=20ms", readahead=False)
+    t = k.spawn("t", "s")
+    a = await cold_file(k, t)
+    fd = k.vfs.do_sys_open(t, "cold", 2)[0]
+    reader = asyncio.create_task(read_user_bytes(t, a + 3 * P, 1))
+    await asyncio.sleep(0.005)
+    assert not mm_of(t).mmap_lock.is_locked()
+    await k.vfs.ftruncate(t, fd, P)
+    with pytest.raises(UserFault) as ei:
+        await reader
+    assert ei.value.signo == signal.SIGBUS
+    assert lookup_pte(t, a + 3 * P) == 0
+    await k.vfs.quiesce()
+    assert audit(k) == []
+
+
+async def test_map_populate_of_a_cold_file(make_fs_kernel: MakeFsKernel) -> None:
+    """MAP_POPULATE on a file mapping reads it in at mmap time (sleeping on the I/O)."""
+    from vkernel.kernel.uapi import MAP_POPULATE
+
+    k = make_fs_kernel("ram0=ram:16M,latency=1ms")
+    t = k.spawn("t", "s")
+    fd = await make_file(k, t, "pop", pattern(16 * P))
+    await k.vfs.fsync(t, fd)
+    k.vfs.drop_caches()
+    a = await sys_mmap(t, 0, 16 * P, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0)
+    faults = t.min_flt + t.maj_flt
+    assert await read_user_bytes(t, a, 16 * P) == pattern(16 * P)
+    assert t.min_flt + t.maj_flt == faults
