@@ -278,3 +278,39 @@ async def test_map_populate_of_a_cold_file(make_fs_kernel: MakeFsKernel) -> None
     faults = t.min_flt + t.maj_flt
     assert await read_user_bytes(t, a, 16 * P) == pattern(16 * P)
     assert t.min_flt + t.maj_flt == faults
+
+
+async def test_handle_mm_fault_sleepable(kernel: Kernel, task: Task) -> None:
+    """The async wrapper: with ALLOW_RETRY the first fault on a locked page releases
+    mmap_lock, sleeps until the unlock and returns RETRY; the TRIED fault then completes under
+    the lock; without ALLOW_RETRY the wait happens holding the lock and the result is 0."""
+    from vkernel.kernel.memory import handle_mm_fault_sleepable
+    from vkernel.kernel.uapi import (
+        FAULT_FLAG_ALLOW_RETRY,
+        FAULT_FLAG_KILLABLE,
+        FAULT_FLAG_TRIED,
+        VM_FAULT_RETRY,
+    )
+
+    a, pfn = await held_page(kernel, task)
+    mm = mm_of(task)
+    flags = FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_KILLABLE
+    await mm.mmap_lock.read_lock(task)
+    vma = mm.vma_lookup(a)
+    assert vma is not None
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.005, folio_unlock, kernel.mem, pfn)
+    assert await handle_mm_fault_sleepable(vma, a, flags, task) == VM_FAULT_RETRY
+    assert not mm.mmap_lock.is_locked()
+    await mm.mmap_lock.read_lock(task)
+    vma = mm.vma_lookup(a)
+    assert vma is not None
+    assert await handle_mm_fault_sleepable(vma, a, flags | FAULT_FLAG_TRIED, task) == 0
+    mapping = kernel.vfs.lookup("held").mapping
+    assert mapping is not None
+    other = mapping.pages[1]
+    assert folio_trylock(kernel.mem, other)
+    loop.call_later(0.005, folio_unlock, kernel.mem, other)
+    assert await handle_mm_fault_sleepable(vma, a + P, FAULT_FLAG_KILLABLE, task) == 0
+    assert mm.mmap_lock.readers == 1
+    mm.mmap_lock.read_unlock()
