@@ -378,6 +378,45 @@ FAULT_AROUND_PAGES = 16
 """fault_around_bytes (64 KiB): cached pages mapped around a read fault of a file."""
 
 
+def do_read_fault_run(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> int:
+    """do_read_fault() for a run of none PTEs of a disk-file VMA whose pages are cached (the
+    CPU reading through a warm mapping): each fault maps its page and the fault-around window
+    after it. Handles the leading windows whose first page is cached, uptodate, unlocked and
+    not the readahead trigger, mapping every such page of each window in one step; returns
+    how many faults that was (the caller counts them). The rest goes through the per-page
+    path (which sleeps, reads, retries)."""
+    mapping = vma.mapping
+    if mapping is None or not len(idx):
+        return 0
+    mm = vma.mm
+    mem = mm.mem
+    fidx = vma.vm_pgoff + ((base_addr - vma.vm_start) >> PAGE_SHIFT) + idx.astype(np.int64)
+    get = mapping.pages.get
+    pfns = np.fromiter((get(i, -1) for i in fidx.tolist()), dtype=np.int64, count=len(fidx))
+    limit = (mapping.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+    ok = (pfns >= 0) & (fidx < limit) & (fidx != mapping.mmap_ra_mark)
+    fl = mem.flags[np.where(ok, pfns, 0)]
+    ok &= ((fl & np.uint32(PG_uptodate)) != 0) & ((fl & np.uint32(PG_locked)) == 0)
+    take = np.zeros(len(idx), dtype=bool)
+    faults = 0
+    pos = 0
+    n = len(idx)
+    while pos < n and ok[pos]:
+        end = int(np.searchsorted(idx, idx[pos] + FAULT_AROUND_PAGES))
+        take[pos:end] = ok[pos:end]
+        faults += 1
+        pos = end
+    if not faults:
+        return 0
+    tidx, tpfn = idx[take], pfns[take]
+    bits = (vma.vm_page_prot | _PAGE_ACCESSED) & ~_PAGE_RW
+    mem.u64[table * PTRS_PER_TABLE + tidx] = (tpfn.astype(np.uint64) << U64_SHIFT) | np.uint64(bits)
+    np.add.at(mem.refcount, mem.compound_heads(tpfn), ONE32)
+    np.add.at(mem.mapcount, tpfn, ONE32)
+    mm.add_rss(MM_FILEPAGES, len(tpfn))
+    return faults
+
+
 def do_fault_around(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> int:
     """do_fault_around() → filemap_map_pages(): map, read-only, the cached pages of ``idx``
     (none PTEs of one leaf table, whose entry 0 maps ``base_addr``) that are uptodate and not

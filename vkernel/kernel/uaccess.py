@@ -22,6 +22,7 @@ from vkernel.kernel.memory import (
     VmFault,
     do_anonymous_pages,
     do_fault_around,
+    do_read_fault_run,
     do_wp_pages,
     handle_mm_fault,
     mm_account_fault,
@@ -132,6 +133,18 @@ def fault_in_range(
                     return VM_FAULT_OOM, (start & PMD_MASK) + (oom << PAGE_SHIFT)
                 need = np.flatnonzero((s & need_bits) != need_bits)
         around = vma.mapping is not None and not write
+        if around and len(need) > 1:
+            none = need[s[need] == 0]
+            if len(none) and vmf is not None:
+                first = (start & PMD_MASK) + (int(none[0] + i0) << PAGE_SHIFT)
+                if vmf.addr == first:
+                    # A fault being re-run after a sleep keeps its own path (VM_FAULT_MAJOR);
+                    # its fault-around covers the next window.
+                    none = none[none >= none[0] + FAULT_AROUND_PAGES]
+            n = do_read_fault_run(vma, t, start & PMD_MASK, none + i0)
+            if n:
+                mm_account_fault(mm, task, flags, 0, n)
+                need = np.flatnonzero((s & need_bits) != need_bits)
         for i in need.tolist():
             if (s.item(i) & _PAGE_PRESENT) and (not write or s.item(i) & _PAGE_RW):
                 continue  # mapped by fault-around meanwhile
