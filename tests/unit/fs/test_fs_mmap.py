@@ -348,3 +348,30 @@ async def test_major_faults_are_counted_per_page(make_fs_kernel: object) -> None
     assert await read_user_bytes(t, a, 40 * P) == pattern(40 * P)
     assert t.maj_flt - maj == 24  # every cold page (no readahead: one read each)
     assert t.min_flt - minf == 1  # page 24 (after 23 cold ones), fault-around maps 25..39
+
+
+async def test_warm_run_with_a_locked_page(kernel: Kernel, task: Task) -> None:
+    """A warm mapping read in one access while one page is held locked: the windows around
+    it are mapped at once, the locked page's own fault sleeps (mmap_lock dropped) until the
+    unlock; one counted fault per 16-page window plus one for the locked page."""
+    import asyncio
+
+    from tests.unit.gup.guphelp import mm_of
+    from vkernel.kernel.pagecache import folio_trylock, folio_unlock
+
+    fd = await make_file(kernel, task, "lk", pattern(64 * P))
+    a = await sys_mmap(task, 0, 64 * P, PROT_READ, MAP_SHARED, fd, 0)
+    mapping = kernel.vfs.lookup("lk").mapping
+    assert mapping is not None
+    pfn = mapping.pages[20]
+    assert folio_trylock(kernel.mem, pfn)
+    pgfault = vmstat(kernel, "pgfault")
+    r = asyncio.create_task(read_user_bytes(task, a, 64 * P))
+    await asyncio.sleep(0.005)
+    assert not r.done()
+    assert not mm_of(task).mmap_lock.is_locked()
+    folio_unlock(kernel.mem, pfn)
+    assert await r == pattern(64 * P)
+    assert vmstat(kernel, "pgfault") == pgfault + 5
+    assert proc_status_mm(task)["RssFile"] == 64 * 4
+    assert audit(kernel) == []
