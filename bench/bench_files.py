@@ -21,7 +21,8 @@ The mapping variants (issue 5, part 2), on the same kernel and file:
 
 - ``files.mmap_read_cold`` / ``files.mmap_read_warm``: the file mapped MAP_SHARED|PROT_READ
   and read by the CPU (``read_user`` in 1 MiB loads) after ``drop_caches`` and again with the
-  cache warm: every page is a read fault (filemap_fault, readahead; one page per fault).
+  cache warm (a fresh mapping each time): read faults (filemap_fault, mmap readahead) that map
+  16 pages each (fault-around).
   MB/s; floor: the raw 1 MiB bio loop; goal ratio ≥ 0.7 cold, none warm (the fault cost is
   the figure to watch).
 
