@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
@@ -134,6 +135,10 @@ async def serve(
     kernel: Kernel | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT (or ``shutdown`` is set); return the exit status."""
+    stop = shutdown or anyio.Event()
+    if handle_signals:
+        # Before anything else: a SIGTERM that arrives while we start must drain, not kill.
+        _install_signal_handlers(stop)
     kernel = kernel or Kernel(
         KernelConfig(
             memory_bytes=cfg.memory_bytes,
@@ -212,10 +217,7 @@ async def serve(
     if on_ready is not None:
         on_ready(addresses)
 
-    stop = shutdown or anyio.Event()
     async with anyio.create_task_group() as tg:
-        if handle_signals:
-            tg.start_soon(_watch_signals, stop)
         tg.start_soon(kernel.vfs.flusher)  # the dirty-page flusher (wb_workfn)
         await stop.wait()
         tg.cancel_scope.cancel()
@@ -253,8 +255,6 @@ def _remove_sockets(listen: tuple[Listen, ...]) -> None:
 
 def _spawn_stop(server: grpc.aio.Server, grace: float) -> anyio.Event:
     """Start server.stop(grace) in the background; the returned event fires when it is done."""
-    import asyncio
-
     done = anyio.Event()
 
     async def run() -> None:
@@ -272,23 +272,17 @@ def _spawn_stop(server: grpc.aio.Server, grace: float) -> anyio.Event:
 _background: set[object] = set()
 
 
-async def _watch_signals(stop: anyio.Event) -> None:
-    """First SIGTERM/SIGINT: orderly shutdown. A second one: exit at once."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("shutdown_requested", signal=signal.Signals(signum).name)
-            stop.set()
-            break
-    # Leaving the receiver restored the default handlers; replace them only now.
-    _install_second_signal_handler()
+def _install_signal_handlers(stop: anyio.Event) -> None:
+    """First SIGTERM/SIGINT: orderly shutdown (``stop``). A second one: exit at once."""
+    loop = asyncio.get_running_loop()
 
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("shutdown_forced", signal=name)
+            os._exit(1)
+        log.info("shutdown_requested", signal=name)
+        stop.set()
 
-def _install_second_signal_handler() -> None:
-    """After the first signal the receiver is gone; a plain handler catches the second."""
-
-    def force(signum: int, frame: object) -> None:
-        log.warning("shutdown_forced", signal=signal.Signals(signum).name)
-        os._exit(1)
-
-    signal.signal(signal.SIGTERM, force)
-    signal.signal(signal.SIGINT, force)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
