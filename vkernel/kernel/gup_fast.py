@@ -28,8 +28,10 @@ Two ways through a leaf-table stretch (:func:`_gup_pte_range`):
   for the mirror (a pfn may repeat).
 
 Stop conditions (A.7 §3): not present, PROT_NONE, WRITE without RW, special (the shared zero
-page included), a free folio (refcount 0), FOLL_LONGTERM on a ZONE_MOVABLE folio, a R/O pin
-that must unshare (``gup_must_unshare`` with no VMA), the PTE or PMD changed after the grab.
+page included), a free folio (refcount 0), FOLL_LONGTERM on a ZONE_MOVABLE folio or a dax
+(devmap) frame, PIN|LONGTERM|WRITE on a file folio that is not shmem (``gup_fast_folio_allowed``),
+a R/O pin that must unshare (``gup_must_unshare`` with no VMA), the PTE or PMD changed after
+the grab.
 The walker never looks at VMAs, so FOLL_FORCE never helps it.
 
 Cost (bench_gup_fast, 512 pages, against perf-floor §4's flat gup on the same PTEs in the same
@@ -96,6 +98,8 @@ from vkernel.kernel.uapi import (
     PG_head,
     PG_movable_zone,
     PG_referenced,
+    PG_reserved,
+    PG_shmem,
     PG_tail,
 )
 
@@ -121,7 +125,13 @@ _U64_SPECIAL = np.uint64(_PAGE_SPECIAL)
 _U64_RW = np.uint64(_PAGE_RW)
 _U64_POISON = np.uint64(POISON)
 _FREE = np.uint32(PG_buddy)
-_MOVABLE = np.uint32(PG_movable_zone)
+_NOT_LONGTERM_INT = PG_movable_zone | PG_reserved
+"""Folios a FOLL_LONGTERM fast grab refuses: ZONE_MOVABLE (migrate first) and dax/devmap
+frames (PG_reserved here), which the slow path then rejects or migrates."""
+_NOT_LONGTERM = np.uint32(_NOT_LONGTERM_INT)
+_ANON_OR_SHMEM_INT = PG_anon | PG_shmem
+_ANON_OR_SHMEM = np.uint32(_ANON_OR_SHMEM_INT)
+_PIN_LT_WRITE = FOLL_PIN | FOLL_LONGTERM | FOLL_WRITE
 _ANON = np.uint32(PG_anon)
 _ANON_EXCL = np.uint32(PG_anon_exclusive)
 _REFERENCED = np.uint32(PG_referenced)
@@ -352,7 +362,11 @@ def _gup_pte_range(
     pin = flags & FOLL_PIN
     if (
         fl_or & (PG_buddy | PG_head | PG_tail)
-        or (flags & FOLL_LONGTERM and fl_or & PG_movable_zone)
+        or (flags & FOLL_LONGTERM and fl_or & _NOT_LONGTERM_INT)
+        or (
+            flags & _PIN_LT_WRITE == _PIN_LT_WRITE
+            and (fl_or != fl_and or not fl_or & _ANON_OR_SHMEM_INT)
+        )
         or (pin and not andv & _PAGE_RW and (fl_or != fl_and or _must_unshare(fl_or, flags)))
     ):
         return _gup_pte_general(kernel, st, u, runs, flags, pages, nr, ptes)
@@ -442,9 +456,14 @@ def _gup_pte_general(
     stop = None
     if fl_or & PG_buddy:
         stop = (fl & _FREE) != 0  # refcount 0: folio_try_get() fails
-    if flags & FOLL_LONGTERM and fl_or & PG_movable_zone:
-        m = (fl & _MOVABLE) != 0  # !folio_is_longterm_pinnable()
+    if flags & FOLL_LONGTERM and fl_or & _NOT_LONGTERM_INT:
+        m = (fl & _NOT_LONGTERM) != 0  # !folio_is_longterm_pinnable(), devmap + LONGTERM
         stop = m if stop is None else stop | m
+    if flags & _PIN_LT_WRITE == _PIN_LT_WRITE:
+        # gup_fast_folio_allowed(): a writable long-term pin of a file folio needs dirty
+        # tracking the pin would defeat; only anon and shmem pass (the slow path → EFAULT).
+        f = (fl & _ANON_OR_SHMEM) == 0
+        stop = f if stop is None else stop | f
     if pin and not write and not andv & _PAGE_RW:
         # !pte_write() && gup_must_unshare(NULL, flags, page)
         ro = (ptes[:k] & _U64_RW) == 0
@@ -530,8 +549,10 @@ def _gup_huge_pmd(
     f = int(mem.flags[head])
     if f & PG_buddy:
         return 0
-    if flags & FOLL_LONGTERM and f & PG_movable_zone:
+    if flags & FOLL_LONGTERM and f & _NOT_LONGTERM_INT:
         return 0
+    if flags & _PIN_LT_WRITE == _PIN_LT_WRITE and not f & _ANON_OR_SHMEM_INT:
+        return 0  # gup_fast_folio_allowed()
     pin = bool(flags & FOLL_PIN)
     must_unshare = (not f & PG_anon_exclusive) if f & PG_anon else bool(flags & FOLL_LONGTERM)
     if pin and not flags & FOLL_WRITE and not pmd & _PAGE_RW and must_unshare:

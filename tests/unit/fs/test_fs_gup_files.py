@@ -13,7 +13,10 @@ from tests.unit.gup.guphelp import mm_of, page_array
 from tests.unit.mm.mmhelp import pfn_at
 from vkernel.kernel import gup
 from vkernel.kernel.audit import audit
+from vkernel.kernel.gup import PageArray
+from vkernel.kernel.gup_fast import pin_user_pages_fast
 from vkernel.kernel.kernel import Kernel
+from vkernel.kernel.mm import MmStruct
 from vkernel.kernel.mm_api import sys_mmap
 from vkernel.kernel.task import Task
 from vkernel.kernel.uaccess import read_user_bytes, write_user
@@ -40,23 +43,32 @@ async def mapped(k: Kernel, t: Task, kind: str, flags: int, name: str = "g") -> 
     return a
 
 
+async def pin(api: str, mm: MmStruct, a: int, n: int, pages: PageArray, flags: int, t: Task) -> int:
+    """pin_user_pages_unlocked (slow) or pin_user_pages_fast (lockless walk, then slow)."""
+    if api == "fast":
+        return await pin_user_pages_fast(mm, a, n, flags, pages, current=t)
+    return await gup.pin_user_pages_unlocked(mm, a, n, pages, flags, current=t)
+
+
+@pytest.mark.parametrize("api", ["slow", "fast"])
 @pytest.mark.parametrize("kind", ["shmem", "disk"])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("write", [True, False])
 async def test_b39_longterm_matrix(
-    kernel: Kernel, task: Task, kind: str, shared: bool, write: bool
+    kernel: Kernel, task: Task, kind: str, shared: bool, write: bool, api: str
 ) -> None:
     """B.39: R/O long-term pins always succeed, all pins on MAP_PRIVATE succeed, R/W
     long-term pins of MAP_SHARED succeed for shmem and fail with EFAULT for a disk file
-    (dirty-tracked); a short-term R/W pin of a shared disk file is fine."""
+    (dirty-tracked); a short-term R/W pin of a shared disk file is fine. GUP-fast refuses the
+    file folio (gup_fast_folio_allowed) so the slow path gives the same answer (A.6)."""
     a = await mapped(kernel, task, kind, MAP_SHARED if shared else MAP_PRIVATE)
     mm = mm_of(task)
     pages = page_array(2)
     flags = FOLL_LONGTERM | (FOLL_WRITE if write else 0)
-    ret = await gup.pin_user_pages_unlocked(mm, a, 2, pages, flags, current=task)
+    ret = await pin(api, mm, a, 2, pages, flags, task)
     if write and shared and kind == "disk":
         assert ret == -errno.EFAULT
-        ret = await gup.pin_user_pages_unlocked(mm, a, 2, pages, FOLL_WRITE, current=task)
+        ret = await pin(api, mm, a, 2, pages, FOLL_WRITE, task)
     assert ret == 2
     assert audit(kernel) == []
     gup.unpin_user_pages(kernel, pages, 2)
@@ -77,6 +89,23 @@ async def test_longterm_on_dax_is_eopnotsupp(
     assert got == -errno.EOPNOTSUPP
     assert await gup.pin_user_pages_unlocked(mm, a, 1, pages, flags, current=task) == 1
     gup.unpin_user_pages(kernel, pages, 1)
+
+
+@pytest.mark.parametrize("write", [True, False])
+async def test_fast_longterm_on_shared_dax_falls_back_to_eopnotsupp(
+    kernel: Kernel, task: Task, write: bool
+) -> None:
+    """A.7 §3: GUP-fast never long-term pins a devmap (dax) frame; the slow path then
+    refuses the fsdax VMA with EOPNOTSUPP. Short-term fast pins of dax frames work."""
+    a = await mapped(kernel, task, "dax", MAP_SHARED)
+    mm = mm_of(task)
+    pages = page_array(1)
+    flags = FOLL_WRITE if write else 0
+    got = await pin_user_pages_fast(mm, a, 1, flags | FOLL_LONGTERM, pages, current=task)
+    assert got == -errno.EOPNOTSUPP
+    assert await pin_user_pages_fast(mm, a, 1, flags, pages, current=task) == 1
+    gup.unpin_user_pages(kernel, pages, 1)
+    assert audit(kernel) == []
 
 
 @pytest.mark.parametrize("kind", ["shmem", "disk"])
