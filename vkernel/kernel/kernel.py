@@ -54,6 +54,8 @@ class KernelConfig:
     """Page-cache readahead (a 32-page window) on file reads."""
     fault_retry: bool = True
     """FAULT_FLAG_ALLOW_RETRY honoured (--no-fault-retry: every fault sleeps holding mmap_lock)."""
+    unprivileged_userfaultfd: bool = False
+    """vm.unprivileged_userfaultfd: userfaultfd(0) without CAP_SYS_PTRACE."""
 
 
 class Kernel:

@@ -92,6 +92,7 @@ from vkernel.kernel.uapi import (
     VM_MAYWRITE,
     VM_RAND_READ,
     VM_SHARED,
+    VM_UFFD_MISSING,
     VM_WRITE,
     PG_anon,
     PG_anon_exclusive,
@@ -129,12 +130,19 @@ def _new_anon_pte_bits(vma: VMA, write: bool) -> int:
     return bits
 
 
-def do_anonymous_page(vma: VMA, addr: int, pslot: int, flags: int) -> int:
-    """do_anonymous_page(): zero page for a read, a new anon-exclusive zeroed page for a write."""
+def do_anonymous_page(
+    vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None = None
+) -> int:
+    """do_anonymous_page(): zero page for a read, a new anon-exclusive zeroed page for a write;
+    a MISSING-registered VMA hands the fault to handle_userfault (userfaultfd_missing)."""
     mm = vma.mm
     mem = mm.mem
     if vma.vm_flags & VM_SHARED:
         return VM_FAULT_SIGBUS
+    if vma.vm_flags & VM_UFFD_MISSING:
+        from vkernel.kernel.userfaultfd import handle_userfault
+
+        return handle_userfault(vma, addr, flags, vmf, VM_UFFD_MISSING)
     if not flags & FAULT_FLAG_WRITE:
         mem.u64[pslot] = (mem.zero_pfn << PAGE_SHIFT) | vma.vm_page_prot | _PAGE_SPECIAL
         mem.zero_maps += 1
@@ -283,7 +291,7 @@ class VmFault:
     lock held and runs the same fault again (Linux's plain ``folio_lock`` in the handler).
     """
 
-    __slots__ = ("addr", "major", "reread", "task", "unlock", "wait")
+    __slots__ = ("addr", "major", "real_address", "reread", "task", "unlock", "wait")
 
     def __init__(self) -> None:
         self.addr = -1
@@ -295,6 +303,8 @@ class VmFault:
         self.reread = False
         """A page left !uptodate by a failed read was dropped and read once more."""
         self.task: Task | None = None
+        self.real_address = -1
+        """vmf->real_address: the faulting address with its in-page offset."""
 
 
 def _lock_or_retry(vma: VMA, pfn: int, flags: int, vmf: VmFault | None, wb: bool = False) -> int:
@@ -817,7 +827,7 @@ def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault |
     pte = mem.u64.item(pslot)
     if not pte:
         if vma.is_anonymous():
-            return do_anonymous_page(vma, addr, pslot, flags)
+            return do_anonymous_page(vma, addr, pslot, flags, vmf)
         if vma.shmem is not None and (vma.vm_flags & VM_SHARED or not flags & FAULT_FLAG_WRITE):
             return do_shmem_fault(vma, addr, pslot, flags)
         return do_fault(vma, addr, pslot, flags, vmf)
@@ -838,9 +848,12 @@ def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault |
 
 
 def thp_eligible(vma: VMA, haddr: int) -> bool:
-    """thp_vma_suitable_order() + allowable orders: the aligned 2 MiB lies inside a THP VMA."""
+    """thp_vma_suitable_order() + allowable orders: the aligned 2 MiB lies inside a THP VMA.
+    A MISSING-registered VMA faults by pages (vkernel: do_huge_pmd_anonymous_page's
+    handle_userfault is replaced by the PTE-level one)."""
     return (
-        haddr >= vma.vm_start
+        not vma.vm_flags & VM_UFFD_MISSING
+        and haddr >= vma.vm_start
         and haddr + PMD_SIZE <= vma.vm_end
         and vma.thp_enabled(vma.mm.kernel.config.thp)
     )
@@ -914,6 +927,7 @@ def handle_mm_fault(
         if vmf is not None:
             vmf.wait = None
             vmf.task = task
+            vmf.real_address = address
             if vmf.addr != address & PAGE_MASK:
                 vmf.addr = address & PAGE_MASK
                 vmf.major = vmf.reread = False

@@ -101,6 +101,9 @@ from vkernel.kernel.uapi import (
     VM_SHARED,
     VM_SOFTDIRTY,
     VM_SPECIAL,
+    VM_UFFD_MINOR,
+    VM_UFFD_MISSING,
+    VM_UFFD_WP,
     VM_WIPEONFORK,
     VM_WRITE,
 )
@@ -237,6 +240,7 @@ def split_vma(mm: MmStruct, vma: VMA, addr: int) -> VMA:
         vm_flags=vma.vm_flags,
         vm_pgoff=vma.linear_page_index(addr),
         anon_vma=vma.anon_vma,
+        uffd_ctx=vma.uffd_ctx,
         **vma.file_fields(),  # type: ignore[arg-type]
     )
     mm.resize_vma(vma, vma.vm_start, addr)
@@ -588,7 +592,8 @@ def move_vma(
         mm=mm,
         vm_start=new_addr,
         vm_end=new_addr + new_len,
-        vm_flags=vma.vm_flags,
+        # mremap_userfaultfd_prep() without EVENT_REMAP (not implemented): unregistered.
+        vm_flags=vma.vm_flags & ~(VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR),
         vm_pgoff=vma.linear_page_index(old_addr),
         anon_vma=vma.anon_vma,
         **vma.file_fields(),  # type: ignore[arg-type]

@@ -58,6 +58,9 @@ from vkernel.kernel.uapi import (
     VM_IO,
     VM_PFNMAP,
     VM_READ,
+    VM_UFFD_MINOR,
+    VM_UFFD_MISSING,
+    VM_UFFD_WP,
     VM_WRITE,
 )
 
@@ -69,6 +72,8 @@ if TYPE_CHECKING:
 READ_CHUNK = 1 << 20
 """read_user yields chunks of at most this many bytes."""
 _U64_P = np.uint64(_PAGE_PRESENT)
+_VM_UFFD_ANY = VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR
+"""A userfaultfd-registered VMA takes the per-page path (handle_userfault per fault)."""
 _U64_PRW = np.uint64(_PAGE_PRESENT | _PAGE_RW)
 _U64_TOUCH_R = np.uint64(_PAGE_ACCESSED)
 _U64_TOUCH_W = np.uint64(_PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY)
@@ -116,7 +121,7 @@ def fault_in_range(
         i0 = (start >> PAGE_SHIFT) & 511
         i1 = i0 + ((end - 1) >> PAGE_SHIFT) - (start >> PAGE_SHIFT) + 1
         s = u[base + i0 : base + i1]
-        if vma.is_anonymous():
+        if vma.is_anonymous() and not vma.vm_flags & _VM_UFFD_ANY:
             none = np.flatnonzero(s == 0)
             if len(none):
                 n = do_anonymous_pages(vma, t, start & PMD_MASK, none + i0, write)
@@ -151,7 +156,8 @@ def fault_in_range(
             addr = (start & PMD_MASK) + ((i + i0) << PAGE_SHIFT)
             fl = flags
             for _retry in range(_MAX_RETRIES):
-                ret = handle_mm_fault(vma, addr, fl, task, vmf)
+                # The first page faults at the access's own address (vmf->real_address).
+                ret = handle_mm_fault(vma, max(addr, start), fl, task, vmf)
                 if vmf is not None and vmf.wait is not None:
                     return VM_FAULT_RETRY, addr  # a sleep (COMPLETED: after the fault)
                 if not ret & VM_FAULT_RETRY:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from vkernel.kernel.fs import Inode
     from vkernel.kernel.mm import MmStruct
     from vkernel.kernel.physmem import PhysMem
+    from vkernel.kernel.userfaultfd import UserfaultfdCtx
 
 _shmem_ino = itertools.count(1)
 
@@ -88,6 +89,8 @@ class VMA:
     dax: Inode | None = None
     """The inode of a mapped ``dax`` file (no page cache: faults map the device's frames)."""
     vm_page_prot: int = field(init=False)
+    uffd_ctx: UserfaultfdCtx | None = None
+    """vma->vm_userfaultfd_ctx: the uffd the VM_UFFD_* flags belong to (split keeps it)."""
     detached: bool = field(default=False, init=False)
     """Unlinked from its mm (vma_mark_detached): stale references must skip it."""
 
@@ -168,7 +171,7 @@ def can_merge(prev: VMA, nxt: VMA) -> bool:
         return False
     if prev.shmem is not nxt.shmem or prev.mapping is not nxt.mapping or prev.dax is not nxt.dax:
         return False
-    if prev.vm_file is not nxt.vm_file:
+    if prev.vm_file is not nxt.vm_file or prev.uffd_ctx is not nxt.uffd_ctx:
         return False
     if prev.vm_pgoff + ((prev.vm_end - prev.vm_start) >> PAGE_SHIFT) != nxt.vm_pgoff:
         return False
