@@ -76,6 +76,8 @@ class DioStats:
 
 def _kernel(task: Task) -> Kernel:
     """The kernel a task lives in (through its mm)."""
+    if task.mm is None:
+        raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
     k: Kernel = task.mm.kernel
     return k
 
@@ -166,14 +168,14 @@ async def _grab_pages(
     return await get_user_pages_unlocked(mm, start, n, pages, flags, current=task)
 
 
-def _release_pages(task: Task, pages: np.ndarray, n: int, foll: str, dirty: bool) -> None:
+def _release_pages(kernel: Kernel, pages: np.ndarray, n: int, foll: str, dirty: bool) -> None:
     """__bio_release_pages(): unpin (dirtying for reads) or put_page for FOLL_GET."""
     if n <= 0:
         return
     if foll == "pin":
-        unpin_user_pages_dirty_lock(_kernel(task), pages, n, dirty)
+        unpin_user_pages_dirty_lock(kernel, pages, n, dirty)
     else:
-        _put_pages(_kernel(task), pages, n, FOLL_GET, dirty)
+        _put_pages(kernel, pages, n, FOLL_GET, dirty)
 
 
 async def _wait_device(io: asyncio.Future[list[BaseException | None]]) -> None:
@@ -246,7 +248,7 @@ async def _invalidate(ino: Inode, first: int, last: int) -> None:
 
 
 async def _extract(
-    task: Task, iov: IoVec, write_mem: bool, gup: str, foll: str
+    kernel: Kernel, task: Task, iov: IoVec, write_mem: bool, gup: str, foll: str
 ) -> tuple[np.ndarray, list[tuple[int, int, int]], int]:
     """Pin every segment's pages: (pages, per-segment (first page slot, page offset, bytes
     covered), pinned page count). Stops at the first short segment (its prefix is kept)."""
@@ -254,31 +256,37 @@ async def _extract(
     pages = np.full(max(npages, 1), -1, dtype=np.int64)
     segs: list[tuple[int, int, int]] = []
     got = 0
-    for base, ln in iov:
-        if not ln:
-            continue
-        off = base & (PAGE_SIZE - 1)
-        n = (off + ln + PAGE_SIZE - 1) >> PAGE_SHIFT
-        view = pages[got : got + n]
-        ret = await _grab_pages(task, base - off, n, write_mem, gup, foll, view)
-        if ret < 0:
-            if not segs:
-                raise KernelError(-ret, "cannot pin the user buffer")
-            break
-        got += ret
-        covered = min(ln, ret * PAGE_SIZE - off) if ret else 0
-        if covered > 0:
-            segs.append((got - ret, off, covered))
-        if ret < n:
-            break
+    try:
+        for base, ln in iov:
+            if not ln:
+                continue
+            off = base & (PAGE_SIZE - 1)
+            n = (off + ln + PAGE_SIZE - 1) >> PAGE_SHIFT
+            view = pages[got : got + n]
+            if task.mm is None:
+                raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
+            ret = await _grab_pages(task, base - off, n, write_mem, gup, foll, view)
+            if ret < 0:
+                if not segs:
+                    raise KernelError(-ret, "cannot pin the user buffer")
+                break
+            got += ret
+            covered = min(ln, ret * PAGE_SIZE - off) if ret else 0
+            if covered > 0:
+                segs.append((got - ret, off, covered))
+            if ret < n:
+                break
+    except BaseException:
+        _release_pages(kernel, pages, got, foll, False)
+        raise
     return pages, segs, got
 
 
 def _gather(
-    task: Task, pages: np.ndarray, segs: list[tuple[int, int, int]], out: memoryview
+    kernel: Kernel, pages: np.ndarray, segs: list[tuple[int, int, int]], out: memoryview
 ) -> None:
     """Copy user bytes out of the pinned frames (the device reading memory)."""
-    mv = _kernel(task).mem.mv
+    mv = kernel.mem.mv
     pos = 0
     for slot, off, ln in segs:
         done = 0
@@ -295,10 +303,10 @@ def _gather(
 
 
 def _scatter(
-    task: Task, pages: np.ndarray, segs: list[tuple[int, int, int]], src: memoryview
+    kernel: Kernel, pages: np.ndarray, segs: list[tuple[int, int, int]], src: memoryview
 ) -> None:
     """Copy bytes into the pinned frames (the device writing memory)."""
-    mv = _kernel(task).mem.mv
+    mv = kernel.mem.mv
     pos = 0
     for slot, off, ln in segs:
         done = 0
@@ -328,6 +336,7 @@ async def iomap_dio_rw(
     bdev = ino.bdev
     assert bdev is not None
     assert ino.mapping is not None
+    kernel = _kernel(task)
     gmode, fmode = _modes(task, gup, foll)
     total = _check_iov(iov)
     lbs = logical_block_size(ino)
@@ -345,7 +354,7 @@ async def iomap_dio_rw(
     first = pos >> PAGE_SHIFT
     last = (pos + total + PAGE_SIZE - 1) >> PAGE_SHIFT
     await _coherence_before(ino, write, first, last)
-    pages, segs, npinned = await _extract(task, iov, not write, gmode, fmode)
+    pages, segs, npinned = await _extract(kernel, task, iov, not write, gmode, fmode)
     err: BaseException | None = None
     done = 0
     try:
@@ -368,7 +377,7 @@ async def iomap_dio_rw(
         aligned = not (pos | count) & (PAGE_SIZE - 1) and all(
             off == 0 and ln & (PAGE_SIZE - 1) == 0 for _, off, ln in segs
         )
-        mem = _kernel(task).mem
+        mem = kernel.mem
         if aligned:
             pfns = pages[: count >> PAGE_SHIFT]
             bios: list[Awaitable[None]] = []
@@ -380,16 +389,17 @@ async def iomap_dio_rw(
                 bios.append(bdev.submit_bio(op, int(blocks[s]), mem, pfns[s:e], None))
             err = await _run_bios(bios)
         else:
-            err = await _bounce(task, ino, pages, segs, pos, count, blocks, write)
+            err = await _bounce(kernel, ino, pages, segs, pos, count, blocks, write)
         if err is None:
             done = count
     finally:
-        _release_pages(task, pages, npinned, fmode, not write and done > 0)
+        # The process may have exited meanwhile (its mm gone): the pins are the kernel's.
+        _release_pages(kernel, pages, npinned, fmode, not write and done > 0)
     if err is not None:
         if isinstance(err, KernelError):
             raise KernelError(err.errno, str(err))
         raise err
-    stats = _stats(task)
+    stats = _stats(kernel)
     if write:
         await _invalidate(ino, first, last)  # kiocb_invalidate_post_direct_write()
         if pos + done > ino.size:
@@ -415,9 +425,8 @@ def _clip(iov: IoVec, total: int) -> list[tuple[int, int]]:
     return out
 
 
-def _stats(task: Task) -> DioStats:
+def _stats(k: Kernel) -> DioStats:
     """The kernel's DioStats, created on first use."""
-    k = _kernel(task)
     st = getattr(k, "dio_stats", None)
     if st is None:
         st = DioStats()
@@ -426,7 +435,7 @@ def _stats(task: Task) -> DioStats:
 
 
 async def _bounce(
-    task: Task,
+    kernel: Kernel,
     ino: Inode,
     pages: np.ndarray,
     segs: list[tuple[int, int, int]],
@@ -438,7 +447,7 @@ async def _bounce(
     """A sector-aligned transfer through whole-block bounce buffers."""
     bdev = ino.bdev
     assert bdev is not None
-    _stats(task).bounced += 1
+    _stats(kernel).bounced += 1
     nblk = len(blocks)
     buf = np.zeros((nblk, BLOCK_SIZE), dtype=np.uint8)
     flat = memoryview(buf.reshape(-1).data)
@@ -456,7 +465,7 @@ async def _bounce(
     if not write:
         err = await read_blocks(list(range(nblk)))
         if err is None:
-            _scatter(task, pages, segs, flat[head : head + count])
+            _scatter(kernel, pages, segs, flat[head : head + count])
         return err
     edges = sorted({0, nblk - 1})
     partial = [
@@ -466,7 +475,7 @@ async def _bounce(
         err = await read_blocks(partial)
         if err is not None:
             return err
-    _gather(task, pages, segs, flat[head : head + count])
+    _gather(kernel, pages, segs, flat[head : head + count])
     bios = [
         bdev.submit_bio(REQ_OP_WRITE, int(blocks[s]), None, None, buf[s:e])
         for s, e in _runs(blocks)
