@@ -25,6 +25,7 @@ from vkernel.api.process import ProcessServicer
 from vkernel.api.rpc import InflightCalls, KernelInterceptor
 from vkernel.api.session import SessionServicer
 from vkernel.api.system import SystemServicer
+from vkernel.api.userfaultfd import UserfaultfdServicer
 from vkernel.config import DEFAULT_DEVICE, Listen, ServeConfig
 from vkernel.dma_socket import DmaSocketServer, dma_socket_path
 from vkernel.grants import GrantTable
@@ -46,6 +47,8 @@ from vkernel.v1 import (
     session_service_pb2_grpc,
     system_service_pb2,
     system_service_pb2_grpc,
+    userfaultfd_service_pb2,
+    userfaultfd_service_pb2_grpc,
 )
 
 log = structlog.get_logger("vkernel.server")
@@ -57,6 +60,7 @@ SERVICE_NAMES = (
     memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
     gup_service_pb2.DESCRIPTOR.services_by_name["GupService"].full_name,
     file_service_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
+    userfaultfd_service_pb2.DESCRIPTOR.services_by_name["UserfaultfdService"].full_name,
 )
 # 64 MiB messages: page data moves in large chunks, and a malformed huge request must be
 # refused by size rather than crash anything.
@@ -190,6 +194,8 @@ async def serve(
     )
     file_service_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(kernel, sessions), server)
     gup_service_pb2_grpc.add_GupServiceServicer_to_server(gup_servicer, server)
+    uffd_servicer = UserfaultfdServicer(kernel, sessions)
+    userfaultfd_service_pb2_grpc.add_UserfaultfdServiceServicer_to_server(uffd_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -225,6 +231,7 @@ async def serve(
     with anyio.CancelScope(shield=True):
         await health_servicer.enter_graceful_shutdown()
         gup_servicer.stop_streams()
+        uffd_servicer.stop_streams()
         # Stop accepting now. Ordinary in-flight calls get the grace; long-lived keepalive
         # streams would hold all of it, so sessions end (with close semantics) once the
         # ordinary calls are done or the grace is up, and calls still waiting on a session's

@@ -71,6 +71,10 @@ class SessionTable:
         """The live session holding ``token``."""
         return self._by_token.get(token)
 
+    def by_id(self, session_id: str) -> Session | None:
+        """The live session with the public id ``session_id`` (handing it a uffd handle)."""
+        return next((s for s in self._by_token.values() if s.id == session_id), None)
+
     def attach(self, session: Session, task: asyncio.Task[None]) -> bool:
         """Bind the keepalive stream's handler; False if one is attached already."""
         if session.keepalive_task is not None:
