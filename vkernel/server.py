@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vkernel import __version__
+from vkernel.api.aio import AioServicer
 from vkernel.api.files import FileServicer
 from vkernel.api.gup import GupServicer
 from vkernel.api.memory import MemoryServicer
@@ -35,6 +36,8 @@ from vkernel.kernel.errors import KernelError
 from vkernel.kernel.kernel import Kernel, KernelConfig
 from vkernel.sessions import SessionTable
 from vkernel.v1 import (
+    aio_service_pb2,
+    aio_service_pb2_grpc,
     file_service_pb2,
     file_service_pb2_grpc,
     gup_service_pb2,
@@ -61,6 +64,7 @@ SERVICE_NAMES = (
     gup_service_pb2.DESCRIPTOR.services_by_name["GupService"].full_name,
     file_service_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
     userfaultfd_service_pb2.DESCRIPTOR.services_by_name["UserfaultfdService"].full_name,
+    aio_service_pb2.DESCRIPTOR.services_by_name["AioService"].full_name,
 )
 # 64 MiB messages: page data moves in large chunks, and a malformed huge request must be
 # refused by size rather than crash anything.
@@ -196,6 +200,8 @@ async def serve(
     gup_service_pb2_grpc.add_GupServiceServicer_to_server(gup_servicer, server)
     uffd_servicer = UserfaultfdServicer(kernel, sessions)
     userfaultfd_service_pb2_grpc.add_UserfaultfdServiceServicer_to_server(uffd_servicer, server)
+    aio_servicer = AioServicer(kernel, sessions)
+    aio_service_pb2_grpc.add_AioServiceServicer_to_server(aio_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -232,6 +238,7 @@ async def serve(
         await health_servicer.enter_graceful_shutdown()
         gup_servicer.stop_streams()
         uffd_servicer.stop_streams()
+        aio_servicer.stop_streams()
         # Stop accepting now. Ordinary in-flight calls get the grace; long-lived keepalive
         # streams would hold all of it, so sessions end (with close semantics) once the
         # ordinary calls are done or the grace is up, and calls still waiting on a session's
@@ -246,6 +253,7 @@ async def serve(
         await stopping.wait()
         if dma is not None:
             await dma.stop()
+        await aio_servicer.drain()  # AIO still in flight: its pages stay pinned until done
         # Unmount: write back dirty pages, commit each device's namespace, close devices.
         await kernel.vfs.shutdown()
         _remove_sockets(cfg.listen)

@@ -1,0 +1,150 @@
+"""AioService: preadv/pwritev into process memory (O_DIRECT through pinned pages) and AIO rings.
+
+Thin: decode, check the process is the session's (``owned_task``), call
+:mod:`vkernel.kernel.dio` / :mod:`vkernel.kernel.aio`, encode. A Ring stream is one
+``KioCtx``; when the stream ends (the client closes it, the session dies, the daemon stops)
+the context is destroyed, which waits for the device before the pins go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from vkernel.api.process import owned_task
+from vkernel.api.rpc import RpcFailure, require_session
+from vkernel.kernel import aio, dio
+from vkernel.kernel.errors import KernelError, einval
+from vkernel.kernel.kernel import Kernel
+from vkernel.sessions import SessionTable
+from vkernel.v1 import aio_service_pb2 as pb
+from vkernel.v1 import aio_service_pb2_grpc as pb_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_RING_OPS = 4096
+"""Iocbs per RingRequest."""
+_GUP = {pb.GUP_MODE_FAST: "fast", pb.GUP_MODE_SLOW: "slow"}
+_FOLL = {pb.FOLL_MODE_PIN: "pin", pb.FOLL_MODE_GET: "get"}
+_GUP_PB = {v: k for k, v in _GUP.items()}
+_FOLL_PB = {v: k for k, v in _FOLL.items()}
+_OPS = {
+    pb.AIO_OPCODE_READ: aio.IOCB_CMD_PREADV,
+    pb.AIO_OPCODE_WRITE: aio.IOCB_CMD_PWRITEV,
+    pb.AIO_OPCODE_FSYNC: aio.IOCB_CMD_FSYNC,
+    pb.AIO_OPCODE_FDSYNC: aio.IOCB_CMD_FDSYNC,
+    pb.AIO_OPCODE_NOOP: aio.IOCB_CMD_NOOP,
+}
+
+
+def _iov(vs: Any) -> list[tuple[int, int]]:
+    """IoVec messages → (base, len) pairs."""
+    return [(v.base, v.len) for v in vs]
+
+
+class AioServicer(pb_grpc.AioServiceServicer):
+    """Thin servicer over the kernel's direct-I/O path and AIO contexts."""
+
+    def __init__(self, kernel: Kernel, sessions: SessionTable) -> None:
+        self._kernel = kernel
+        self._sessions = sessions
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._teardowns: set[asyncio.Task[None]] = set()
+
+    def stop_streams(self) -> None:
+        """Daemon shutdown: end every Ring stream (their contexts drain in the background)."""
+        for task in list(self._streams):
+            task.cancel()
+
+    async def drain(self) -> None:
+        """Wait for destroyed contexts' I/O (daemon shutdown, tests)."""
+        while self._teardowns:
+            await asyncio.gather(*list(self._teardowns), return_exceptions=True)
+
+    async def Rw(self, request: pb.RwRequest, context: Context) -> pb.RwResponse:
+        session = require_session(context, self._sessions)
+        task = owned_task(self._kernel, session, request.pid)
+        offset = None if request.offset == -1 else request.offset
+        gup, foll = _GUP.get(request.gup), _FOLL.get(request.foll)
+        iov = _iov(request.iov)
+        if request.write:
+            n = await dio.vfs_pwritev(task, request.fd, iov, offset, gup=gup, foll=foll)
+        else:
+            n = await dio.vfs_preadv(task, request.fd, iov, offset, gup=gup, foll=foll)
+        return pb.RwResponse(bytes=n)
+
+    async def SetDioDefaults(
+        self, request: pb.SetDioDefaultsRequest, context: Context
+    ) -> pb.SetDioDefaultsResponse:
+        require_session(context, self._sessions)
+        dio.set_dio_defaults(self._kernel, _GUP.get(request.gup), _FOLL.get(request.foll))
+        d = dio.dio_defaults(self._kernel)
+        return pb.SetDioDefaultsResponse(gup=_GUP_PB[d.gup], foll=_FOLL_PB[d.foll])
+
+    def _teardown(self, ctx: aio.KioCtx) -> None:
+        """io_destroy() in its own task: it survives the stream's cancellation."""
+        t = asyncio.ensure_future(ctx.destroy())
+        self._teardowns.add(t)
+        t.add_done_callback(self._teardowns.discard)
+
+    async def Ring(
+        self, request_iterator: AsyncIterator[pb.RingRequest], context: Context
+    ) -> AsyncIterator[pb.RingResponse]:
+        session = require_session(context, self._sessions)
+        me = asyncio.current_task()
+        if me is not None:
+            self._streams.add(me)
+            me.add_done_callback(self._streams.discard)
+        ctx: aio.KioCtx | None = None
+        try:
+            async for request in request_iterator:
+                if session.closed:
+                    raise RpcFailure(
+                        grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
+                    )
+                if ctx is None:
+                    if not request.HasField("setup"):
+                        raise einval("the first message must carry setup", "setup")
+                    s = request.setup
+                    task = owned_task(self._kernel, session, s.pid)
+                    ctx = aio.KioCtx(
+                        task, s.queue_depth, gup=_GUP.get(s.gup), foll=_FOLL.get(s.foll)
+                    )
+                elif request.HasField("setup"):
+                    raise einval("setup only in the first message", "setup")
+                if len(request.submit) > MAX_RING_OPS:
+                    raise einval(f"more than {MAX_RING_OPS} iocbs in one message", "submit")
+                yield await self._step(ctx, request)
+        finally:
+            if ctx is not None:
+                self._teardown(ctx)
+
+    async def _step(self, ctx: aio.KioCtx, request: pb.RingRequest) -> pb.RingResponse:
+        """io_submit() then io_getevents()."""
+        cbs = [
+            aio.Iocb(_OPS.get(c.opcode, -1), c.fd, _iov(c.iov), c.offset, c.user_data)
+            for c in request.submit
+        ]
+        out = pb.RingResponse()
+        try:
+            out.submitted = ctx.submit(cbs)
+        except KernelError as e:
+            out.errno, out.message = e.errno, e.message
+        max_nr = request.max_complete or ctx.nr_events
+        min_nr = min(request.min_complete, max_nr)
+        timeout = request.timeout_seconds or None
+        evs = await ctx.getevents(min_nr, max_nr, timeout)
+        out.completions.extend(
+            pb.Completion(
+                user_data=e.user_data,
+                res=e.res,
+                submit_ns=max(0, e.issue_ns - e.submit_ns),
+                complete_ns=max(0, e.complete_ns - e.issue_ns),
+            )
+            for e in evs
+        )
+        out.inflight = len(ctx.inflight)
+        return out
