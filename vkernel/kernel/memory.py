@@ -93,6 +93,7 @@ from vkernel.kernel.uapi import (
     VM_RAND_READ,
     VM_SHARED,
     VM_UFFD_MISSING,
+    VM_UFFD_WP,
     VM_WRITE,
     PG_anon,
     PG_anon_exclusive,
@@ -707,6 +708,15 @@ def do_wp_page(
     mm = vma.mm
     mem = mm.mem
     unshare = bool(flags & FAULT_FLAG_UNSHARE)
+    if not unshare and pte & _PAGE_UFFD_WP and vma.vm_flags & VM_UFFD_WP:
+        # userfaultfd_pte_wp(): a write to a uffd-wp page is the monitor's (B.56), unless
+        # WP_ASYNC, where the kernel just drops the protection bit (pagemap bit 57, B.60).
+        from vkernel.kernel import userfaultfd
+
+        if not userfaultfd.wp_async(vma):
+            return userfaultfd.handle_userfault(vma, addr, flags, vmf, VM_UFFD_WP)
+        pte &= ~_PAGE_UFFD_WP
+        mem.u64[pslot] = pte
     if vma.vm_flags & (VM_SHARED | VM_MAYSHARE):
         if unshare:
             return 0
@@ -849,10 +859,10 @@ def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault |
 
 def thp_eligible(vma: VMA, haddr: int) -> bool:
     """thp_vma_suitable_order() + allowable orders: the aligned 2 MiB lies inside a THP VMA.
-    A MISSING-registered VMA faults by pages (vkernel: do_huge_pmd_anonymous_page's
-    handle_userfault is replaced by the PTE-level one)."""
+    A MISSING- or WP-registered VMA faults by pages (vkernel: the huge-PMD userfaults of
+    do_huge_pmd_anonymous_page / wp_huge_pmd are replaced by the PTE-level ones)."""
     return (
-        not vma.vm_flags & VM_UFFD_MISSING
+        not vma.vm_flags & (VM_UFFD_MISSING | VM_UFFD_WP)
         and haddr >= vma.vm_start
         and haddr + PMD_SIZE <= vma.vm_end
         and vma.thp_enabled(vma.mm.kernel.config.thp)

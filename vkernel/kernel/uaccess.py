@@ -153,11 +153,12 @@ def fault_in_range(
         for i in need.tolist():
             if (s.item(i) & _PAGE_PRESENT) and (not write or s.item(i) & _PAGE_RW):
                 continue  # mapped by fault-around meanwhile
-            addr = (start & PMD_MASK) + ((i + i0) << PAGE_SHIFT)
+            # The first page faults at the access's own address (vmf->real_address), and that
+            # is where a failure or a sleep is reported (never before ``start``).
+            addr = max((start & PMD_MASK) + ((i + i0) << PAGE_SHIFT), start)
             fl = flags
             for _retry in range(_MAX_RETRIES):
-                # The first page faults at the access's own address (vmf->real_address).
-                ret = handle_mm_fault(vma, max(addr, start), fl, task, vmf)
+                ret = handle_mm_fault(vma, addr, fl, task, vmf)
                 if vmf is not None and vmf.wait is not None:
                     return VM_FAULT_RETRY, addr  # a sleep (COMPLETED: after the fault)
                 if not ret & VM_FAULT_RETRY:
@@ -266,7 +267,7 @@ async def write_user(task: Task, addr: int, data: bytes | bytearray | memoryview
                 if ret & VM_FAULT_RETRY and vmf.wait is not None:
                     wait, vmf.wait = vmf.wait, None
                     if vmf.unlock:
-                        tried = fail
+                        tried = fail & PAGE_MASK
                         break
                     await wait.sleep()  # TRIED or no ALLOW_RETRY: sleep holding mmap_lock
                     wait = None
@@ -371,7 +372,7 @@ async def read_user(task: Task, addr: int, length: int) -> AsyncIterator[memoryv
                 chunk = _copy_out(mem, translate(mm, pos, upto), pos & (PAGE_SIZE - 1), upto - pos)
             if ret & VM_FAULT_RETRY and vmf.wait is not None:
                 wait, vmf.wait = vmf.wait, None
-                tried = fail
+                tried = fail & PAGE_MASK
             elif ret:
                 err = _fault_error(ret, fail)
         if chunk is not None:

@@ -54,6 +54,7 @@ from vkernel.kernel.uapi import (
     VM_FAULT_RETRY,
     VM_FAULT_SIGBUS,
     VM_MAYWRITE,
+    VM_SHARED,
     VM_SPECIAL,
     VM_UFFD_MINOR,
     VM_UFFD_MISSING,
@@ -138,6 +139,8 @@ _REGISTER_MODES = (
 UFFDIO_COPY_MODE_DONTWAKE = 1
 UFFDIO_COPY_MODE_WP = 2
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1
+UFFDIO_WRITEPROTECT_MODE_WP = 1
+UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 2
 
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_EVENT_FORK = 0x13
@@ -481,8 +484,6 @@ async def uffdio_register(
     ctx._check_initialized()
     if not mode or mode & ~_REGISTER_MODES:
         raise _err(errno.EINVAL, "bad register mode", field="mode")
-    if mode & UFFDIO_REGISTER_MODE_WP:
-        raise _err(errno.EINVAL, "WP registration is not implemented yet", field="mode")
     end = _validate_range(start, length)
     mm = ctx.mm
     async with mm.mmap_lock.write(task):
@@ -522,6 +523,8 @@ def _unregister_vma(mm: MmStruct, v: VMA, start: int, end: int) -> None:
         v = split_vma(mm, v, start)
     if v.vm_end > end:
         split_vma(mm, v, end)
+    if v.vm_flags & VM_UFFD_WP:
+        uffd_wp_range(v, v.vm_start, v.vm_end, False)  # userfaultfd_clear_vma()
     v.set_flags(v.vm_flags & ~_VM_UFFD_ANY)
     v.uffd_ctx = None
     vma_try_merge_around(mm, v)
@@ -685,18 +688,19 @@ async def uffdio_copy(
     ctx._check_initialized()
     if mode & ~(UFFDIO_COPY_MODE_DONTWAKE | UFFDIO_COPY_MODE_WP):
         raise _err(errno.EINVAL, "bad copy mode", field="mode")
-    if mode & UFFDIO_COPY_MODE_WP:
-        raise _err(errno.EINVAL, "COPY with MODE_WP needs WP registration (not implemented)")
+    wp = bool(mode & UFFDIO_COPY_MODE_WP)
     src = memoryview(data).cast("B")
 
     def fill(vma: VMA, addr: int, slot: int, off: int) -> int:
+        if wp and not vma.vm_flags & VM_UFFD_WP:
+            return errno.EINVAL
         mem = vma.mm.mem
         pfn = mem.alloc_page(movable=True)
         if pfn < 0:
             return errno.ENOMEM
         b = pfn << PAGE_SHIFT
         mem.mv[b : b + PAGE_SIZE] = src[off : off + PAGE_SIZE]
-        _install_anon(vma, addr, slot, pfn, False)
+        _install_anon(vma, addr, slot, pfn, wp)
         return 0
 
     return await _mfill(ctx, task, dst, len(src), bool(mode & UFFDIO_COPY_MODE_DONTWAKE), fill)
@@ -726,3 +730,85 @@ def uffdio_wake(ctx: UserfaultfdCtx, start: int, length: int) -> int:
     ctx._check_initialized()
     _validate_range(start, length)
     return ctx.wake_range(start, length)
+
+
+# ---- write protection ----------------------------------------------------------------------------
+
+
+def wp_async(vma: VMA) -> bool:
+    """userfaultfd_wp_async(): the VMA's uffd has WP_ASYNC (writes just clear uffd-wp)."""
+    ctx = vma.uffd_ctx
+    return ctx is not None and bool(ctx.features & UFFD_FEATURE_WP_ASYNC)
+
+
+def uffd_wp_range(vma: VMA, start: int, end: int, enable: bool) -> None:
+    """uffd_wp_range() → change_protection(MM_CP_UFFD_WP[_RESOLVE]) on present PTEs.
+
+    Protect: read-only plus the uffd-wp bit. Resolve: drop the bit; an exclusive anon page of a
+    writable VMA gets RW back (MM_CP_TRY_CHANGE_WRITABLE), others keep RO and take a normal
+    write fault. Huge PMDs are split first (no uffd-wp PMDs in vkernel). Markers for none
+    PTEs (WP_UNPOPULATED) are not implemented yet.
+    """
+    import numpy as np
+
+    from vkernel.kernel.memory import split_all_huge_pmds
+    from vkernel.kernel.pgtable import U64_PFN_MASK, U64_PRESENT, U64_SHIFT, table_of, walk_pmds
+    from vkernel.kernel.uapi import PG_anon_exclusive
+
+    mm = vma.mm
+    mem = mm.mem
+    u = mem.u64
+    split_all_huge_pmds(mm, start, end)
+    wpbit = np.uint64(_PAGE_UFFD_WP)
+    rw = np.uint64(_PAGE_RW)
+    for slot, a, b in walk_pmds(mm, start, end):
+        e = u.item(slot)
+        if not e:
+            continue
+        base = table_of(e) * PTRS_PER_TABLE
+        i0 = (a >> PAGE_SHIFT) & (PTRS_PER_TABLE - 1)
+        ptes = u[base + i0 : base + i0 + ((b - a) >> PAGE_SHIFT)]
+        pm = np.flatnonzero((ptes & U64_PRESENT) != 0)
+        if not len(pm):
+            continue
+        old = ptes[pm]
+        if enable:
+            ptes[pm] = (old | wpbit) & ~rw
+            continue
+        new = old & ~wpbit
+        if vma.vm_flags & VM_WRITE and not vma.vm_flags & VM_SHARED:
+            pfns = ((old & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
+            ok = (mem.flags[pfns] & PG_anon_exclusive) != 0
+            ok &= (old & np.uint64(_PAGE_SPECIAL)) == 0
+            ok &= (old & wpbit) != 0
+            new[ok] |= rw
+        ptes[pm] = new
+
+
+async def uffdio_writeprotect(
+    ctx: UserfaultfdCtx, task: Task | None, start: int, length: int, mode: int
+) -> None:
+    """UFFDIO_WRITEPROTECT: mode WP protects, 0 resolves (and wakes unless DONTWAKE)."""
+    ctx._check_initialized()
+    if mode & ~(UFFDIO_WRITEPROTECT_MODE_WP | UFFDIO_WRITEPROTECT_MODE_DONTWAKE):
+        raise _err(errno.EINVAL, "bad writeprotect mode", field="mode")
+    enable = bool(mode & UFFDIO_WRITEPROTECT_MODE_WP)
+    if enable and mode & UFFDIO_WRITEPROTECT_MODE_DONTWAKE:
+        raise _err(errno.EINVAL, "WP together with DONTWAKE", field="mode")
+    end = _validate_range(start, length)
+    if ctx.mmap_changing:
+        raise _err(errno.EAGAIN, "address space changing (event pending)")
+    mm = ctx.mm
+    if mm.dead:
+        raise _err(errno.ESRCH, "mm is gone")
+    async with mm.mmap_lock.read(task):
+        vmas = mm.vmas_in(start, end)
+        if not vmas:
+            raise _err(errno.ENOENT, "no mapping in range")
+        for v in vmas:
+            if not v.vm_flags & VM_UFFD_WP or v.uffd_ctx is not ctx:
+                raise _err(errno.ENOENT, "range not registered for WP with this userfaultfd")
+        for v in vmas:
+            uffd_wp_range(v, max(start, v.vm_start), min(end, v.vm_end), enable)
+    if not enable and not mode & UFFDIO_WRITEPROTECT_MODE_DONTWAKE:
+        ctx.wake_range(start, length)

@@ -15,9 +15,11 @@ from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.cred import Capability, Cred
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.kernel import Kernel
+from vkernel.kernel.mm_api import fork
+from vkernel.kernel.proc import pagemap
 from vkernel.kernel.task import Task
 from vkernel.kernel.uaccess import read_user_bytes, write_user
-from vkernel.kernel.uapi import FOLL_NOWAIT, FOLL_WRITE, VM_UFFD_MISSING
+from vkernel.kernel.uapi import FOLL_NOWAIT, FOLL_WRITE, PM_UFFD_WP, VM_UFFD_MISSING
 
 
 def _priv(kernel: Kernel) -> Task:
@@ -311,4 +313,96 @@ async def test_kill_blocked_fault_and_blocking_read(kernel: Kernel) -> None:
     with pytest.raises(KernelError):
         await r
     assert not ctx.fault_read
+    await ctx.put()
+
+
+def _pm57(t: Task, addr: int) -> bool:
+    return bool(int.from_bytes(pagemap(t, addr, 1), "little") & PM_UFFD_WP)
+
+
+async def test_wp_fault_and_resolution(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    a = await mmap_anon(t, 2 * P)
+    await write_user(t, a, b"\1" * (2 * P))
+    ctx = await _ready(t)
+    ioctls = await uf.uffdio_register(ctx, t, a, 2 * P, uf.UFFDIO_REGISTER_MODE_WP)
+    assert ioctls & (1 << uf._UFFDIO_WRITEPROTECT)
+    assert not ioctls & (1 << uf._UFFDIO_CONTINUE)
+    await uf.uffdio_writeprotect(ctx, t, a, 2 * P, uf.UFFDIO_WRITEPROTECT_MODE_WP)
+    assert _pm57(t, a)
+    assert _pm57(t, a + P)
+    assert await read_user_bytes(t, a, 1) == b"\1"  # reads do not fault
+    w = asyncio.ensure_future(write_user(t, a + 5, b"x"))
+    await _settle()
+    assert not w.done()
+    (m,) = await ctx.read(32)
+    assert m.flags == uf.UFFD_PAGEFAULT_FLAG_WP | uf.UFFD_PAGEFAULT_FLAG_WRITE
+    assert m.address == a
+    mode = uf.UFFDIO_WRITEPROTECT_MODE_WP | uf.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_writeprotect(ctx, t, a, P, mode)
+    assert errname(e.value) == "EINVAL"
+    await uf.uffdio_writeprotect(ctx, t, a, P, 0)
+    await w
+    assert not _pm57(t, a)
+    assert _pm57(t, a + P)
+    assert await read_user_bytes(t, a + 4, 3) == b"\1x\1"
+    # GUP for write blocks on the protected page too, then completes
+    mm = mm_of(t)
+    pages = page_array(1)
+    g = asyncio.ensure_future(
+        gup.get_user_pages_unlocked(mm, a + P, 1, pages, FOLL_WRITE, current=t)
+    )
+    await _settle()
+    assert not g.done()
+    (m,) = await ctx.read(32)
+    assert m.flags & uf.UFFD_PAGEFAULT_FLAG_WP
+    await uf.uffdio_writeprotect(ctx, t, a + P, P, 0)
+    assert await g == 1
+    gup.put_pages(kernel, pages, 1)
+    await ctx.put()
+
+
+async def test_wp_enoent_and_copy_mode_wp(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    a = await mmap_anon(t, 2 * P)
+    ctx = await _ready(t)
+    await uf.uffdio_register(ctx, t, a, P, uf.UFFDIO_REGISTER_MODE_MISSING)
+    mode = uf.UFFDIO_REGISTER_MODE_MISSING | uf.UFFDIO_REGISTER_MODE_WP
+    await uf.uffdio_register(ctx, t, a + P, P, mode)
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_writeprotect(ctx, t, a, P, uf.UFFDIO_WRITEPROTECT_MODE_WP)
+    assert errname(e.value) == "ENOENT"
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_copy(ctx, t, a, b"\2" * P, uf.UFFDIO_COPY_MODE_WP)
+    assert errname(e.value) == "EINVAL"
+    await uf.uffdio_copy(ctx, t, a + P, b"\2" * P, uf.UFFDIO_COPY_MODE_WP)
+    assert _pm57(t, a + P)
+    w = asyncio.ensure_future(write_user(t, a + P, b"y"))
+    await _settle()
+    (m,) = await ctx.read(32)
+    assert m.flags == uf.UFFD_PAGEFAULT_FLAG_WP | uf.UFFD_PAGEFAULT_FLAG_WRITE
+    # release: registrations go, the protection is dropped, the write completes
+    await ctx.put()
+    await w
+    assert not _pm57(t, a + P)
+    assert await read_user_bytes(t, a + P, 2) == b"y\2"
+
+
+async def test_wp_async_and_fork_without_event_fork(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    a = await mmap_anon(t, 2 * P)
+    await write_user(t, a, b"\3" * (2 * P))
+    ctx = await _ready(t, features=uf.UFFD_FEATURE_WP_ASYNC)
+    await uf.uffdio_register(ctx, t, a, 2 * P, uf.UFFDIO_REGISTER_MODE_WP)
+    await uf.uffdio_writeprotect(ctx, t, a, 2 * P, uf.UFFDIO_WRITEPROTECT_MODE_WP)
+    child = await fork(t)
+    assert not _pm57(child, a)  # no EVENT_FORK: the child's bits are cleared
+    assert _pm57(t, a)
+    await write_user(t, a, b"z")  # WP_ASYNC: no message, no block
+    assert not ctx.fault_pending
+    assert not _pm57(t, a)
+    assert _pm57(t, a + P)
+    kernel.kill(child, 9)
+    kernel.reap(child)
     await ctx.put()
