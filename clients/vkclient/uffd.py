@@ -30,10 +30,14 @@ from vkernel.kernel.userfaultfd import (
     UFFD_FEATURE_EXACT_ADDRESS,
     UFFD_FEATURE_SIGBUS,
     UFFD_FEATURE_THREAD_ID,
+    UFFD_PAGEFAULT_FLAG_WP,
     UFFD_PAGEFAULT_FLAG_WRITE,
     UFFD_USER_MODE_ONLY,
     UFFDIO_COPY_MODE_DONTWAKE,
     UFFDIO_REGISTER_MODE_MISSING,
+    UFFDIO_REGISTER_MODE_WP,
+    UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+    UFFDIO_WRITEPROTECT_MODE_WP,
     UFFDIO_ZEROPAGE_MODE_DONTWAKE,
 )
 from vkernel.v1 import userfaultfd_service_pb2 as pb
@@ -45,18 +49,23 @@ if TYPE_CHECKING:
 __all__ = [
     "UFFDIO_COPY_MODE_DONTWAKE",
     "UFFDIO_REGISTER_MODE_MISSING",
+    "UFFDIO_REGISTER_MODE_WP",
+    "UFFDIO_WRITEPROTECT_MODE_DONTWAKE",
+    "UFFDIO_WRITEPROTECT_MODE_WP",
     "UFFDIO_ZEROPAGE_MODE_DONTWAKE",
     "UFFD_API",
     "UFFD_EVENT_PAGEFAULT",
     "UFFD_FEATURE_EXACT_ADDRESS",
     "UFFD_FEATURE_SIGBUS",
     "UFFD_FEATURE_THREAD_ID",
+    "UFFD_PAGEFAULT_FLAG_WP",
     "UFFD_PAGEFAULT_FLAG_WRITE",
     "UFFD_USER_MODE_ONLY",
     "UffdMessage",
     "Userfaultfd",
     "copy",
     "wake",
+    "writeprotect",
     "zeropage",
 ]
 
@@ -76,6 +85,11 @@ def zeropage(start: int, length: int, mode: int = 0) -> pb.UffdResolveOp:
 def wake(start: int, length: int) -> pb.UffdResolveOp:
     """A UFFDIO_WAKE operation."""
     return pb.UffdResolveOp(wake=pb.UffdRangeOp(start=start, len=length))
+
+
+def writeprotect(start: int, length: int, mode: int) -> pb.UffdResolveOp:
+    """A UFFDIO_WRITEPROTECT operation (mode WP protects, 0 resolves and wakes)."""
+    return pb.UffdResolveOp(writeprotect=pb.UffdRangeOp(start=start, len=length, mode=mode))
 
 
 async def _call(awaitable: Any) -> Any:

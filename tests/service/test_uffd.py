@@ -12,11 +12,15 @@ from tests.service.conftest import Daemon
 from vkclient import PAGE_SIZE
 from vkclient.uffd import (
     UFFD_EVENT_PAGEFAULT,
+    UFFD_PAGEFAULT_FLAG_WP,
     UFFD_PAGEFAULT_FLAG_WRITE,
     UFFD_USER_MODE_ONLY,
+    UFFDIO_REGISTER_MODE_WP,
+    UFFDIO_WRITEPROTECT_MODE_WP,
     Userfaultfd,
     copy,
     wake,
+    writeprotect,
     zeropage,
 )
 
@@ -115,5 +119,35 @@ async def test_only_holders_use_a_handle(daemon: Daemon, k: vkclient.Kernel) -> 
     with pytest.raises(OSError) as e:
         await u.close()
     assert e.value.errno == 9
+    await p.kill()
+    await p.wait()
+
+
+async def test_wp_served_by_monitor(daemon: Daemon, k: vkclient.Kernel) -> None:
+    p = await k.spawn("faulter")
+    addr = await p.mmap(2 * P)
+    await p.write(addr, b"a" * (2 * P))
+    u = await Userfaultfd.create(k, p.pid, UFFD_USER_MODE_ONLY)
+    await u.api()
+    ioctls = await u.register(addr, 2 * P, UFFDIO_REGISTER_MODE_WP)
+    assert ioctls & (1 << 6)
+    assert await u.resolve([writeprotect(addr, 2 * P, UFFDIO_WRITEPROTECT_MODE_WP)]) == [(0, 0)]
+    flags: list[int] = []
+
+    async def monitor() -> None:
+        async for msgs in u.messages():
+            flags.extend(m.flags for m in msgs)
+            await u.resolve([writeprotect(m.address, P, 0) for m in msgs])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(monitor)
+        with anyio.fail_after(10):
+            await p.write(addr + P + 1, b"b")
+        tg.cancel_scope.cancel()
+    assert flags == [UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_WRITE]
+    assert await p.read(addr + P, 3) == b"aba"
+    res = await u.resolve([writeprotect(addr + 4 * P, P, UFFDIO_WRITEPROTECT_MODE_WP)])
+    assert res == [(-2, 2)]  # ENOENT: no VMA there
+    await u.close()
     await p.kill()
     await p.wait()

@@ -196,8 +196,12 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
                 elif kind == "wake":
                     uf.uffdio_wake(h.ctx, op.wake.start, op.wake.len)
                     done = 0
+                elif kind == "writeprotect":
+                    w = op.writeprotect
+                    await uf.uffdio_writeprotect(h.ctx, None, w.start, w.len, w.mode)
+                    done = 0
                 else:
-                    raise einval("an operation is neither copy, zeropage nor wake", "ops")
+                    raise einval("an operation is neither copy, zeropage, wake nor wp", "ops")
                 results.append(pb.UffdResolveResult(result=done, errno=0))
             except uf.PartialFill as e:
                 results.append(pb.UffdResolveResult(result=e.done, errno=errno.EAGAIN))

@@ -334,6 +334,7 @@ class UffdResolveOp(_message.Message):
     COPY_FIELD_NUMBER: _builtins.int
     ZEROPAGE_FIELD_NUMBER: _builtins.int
     WAKE_FIELD_NUMBER: _builtins.int
+    WRITEPROTECT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def copy(self) -> Global___UffdCopyOp:
         """UFFDIO_COPY."""
@@ -346,18 +347,23 @@ class UffdResolveOp(_message.Message):
     def wake(self) -> Global___UffdRangeOp:
         """UFFDIO_WAKE."""
 
+    @_builtins.property
+    def writeprotect(self) -> Global___UffdRangeOp:
+        """UFFDIO_WRITEPROTECT (mode WP 1 protects, 0 resolves; DONTWAKE 2)."""
+
     def __init__(
         self,
         *,
         copy: Global___UffdCopyOp | None = ...,
         zeropage: Global___UffdRangeOp | None = ...,
         wake: Global___UffdRangeOp | None = ...,
+        writeprotect: Global___UffdRangeOp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "wake", b"wake", "zeropage", b"zeropage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "wake", b"wake", "zeropage", b"zeropage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["copy", "zeropage", "wake"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["copy", "zeropage", "wake", "writeprotect"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
@@ -395,7 +401,9 @@ Global___UffdCopyOp: _TypeAlias = UffdCopyOp  # noqa: Y015
 
 @_typing.final
 class UffdRangeOp(_message.Message):
-    """UffdRangeOp is a range plus a mode (ZEROPAGE: DONTWAKE 1; WAKE: unused)."""
+    """UffdRangeOp is a range plus a mode (ZEROPAGE: DONTWAKE 1; WAKE: unused; WRITEPROTECT: WP 1,
+    DONTWAKE 2).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -460,7 +468,9 @@ class UffdResolveResult(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERRNO_FIELD_NUMBER: _builtins.int
     result: _builtins.int
-    """Bytes done (the ioctl's copy/zeropage field; WAKE: 0), or -errno when none were done."""
+    """Bytes done (the ioctl's copy/zeropage field; WAKE, WRITEPROTECT: 0), or -errno when none
+    were done.
+    """
     errno: _builtins.int
     """0 when all was done, else the errno the ioctl returned (EAGAIN for a partial result)."""
     def __init__(

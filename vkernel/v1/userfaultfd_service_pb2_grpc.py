@@ -124,7 +124,7 @@ class UserfaultfdServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UffdResolve(self, request, context):
-        """UffdResolve runs many UFFDIO_COPY / UFFDIO_ZEROPAGE / UFFDIO_WAKE operations in order.
+        """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT operations in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
