@@ -104,7 +104,7 @@ def _msg(m: uf.UffdMsg) -> pb.UffdMessage:
         ptid=m.ptid,
         ufd=m.ufd,
         start=m.start,
-        end=m.end,
+        end=m.to if m.event == uf.UFFD_EVENT_REMAP else m.end,
         len=m.length,
     )
 

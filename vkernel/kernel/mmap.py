@@ -337,10 +337,15 @@ async def sys_munmap(task: Task, addr: int, length: int) -> None:
     """munmap(2)."""
     length = _check_munmap_args(addr, length)
     mm = _mm_of(task)
+    from vkernel.kernel import userfaultfd
+
     async with mm.mmap_lock.write(task):
         mm.check_alive()
+        uf = userfaultfd.userfaultfd_unmap_prep(mm, addr, addr + length)
         do_vmi_munmap(mm, addr, length)
         await tlb_finish_mmu(mm)  # x86: the table free waits for the shootdown IPI
+    if uf:
+        await userfaultfd.userfaultfd_unmap_complete(task, uf, addr, addr + length)
 
 
 # ---- mmap ----------------------------------------------------------------------------------------
@@ -588,16 +593,25 @@ def move_vma(
     """
     if mm.map_count >= mm.kernel.sysctl_max_map_count - 3:
         raise KernelError(errno.ENOMEM, "too many mappings", field="new_address")
+    from vkernel.kernel import userfaultfd
+
+    # mremap_userfaultfd_prep(): the new VMA keeps the registration only with EVENT_REMAP.
+    uctx = userfaultfd.mremap_userfaultfd_prep(vma)
+    vm_flags = vma.vm_flags
+    if uctx is None:
+        vm_flags &= ~(VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR)
     new_vma = VMA(
         mm=mm,
         vm_start=new_addr,
         vm_end=new_addr + new_len,
-        # mremap_userfaultfd_prep() without EVENT_REMAP (not implemented): unregistered.
-        vm_flags=vma.vm_flags & ~(VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR),
+        vm_flags=vm_flags,
         vm_pgoff=vma.linear_page_index(old_addr),
         anon_vma=vma.anon_vma,
+        uffd_ctx=uctx,
         **vma.file_fields(),  # type: ignore[arg-type]
     )
+    if uctx is not None:
+        userfaultfd.mremap_userfaultfd_note(mm, uctx, old_addr, new_addr, old_len)
     mm.insert_vma(new_vma)
     move_page_tables(mm, old_addr, new_addr, old_len)
     if dontunmap:
@@ -629,7 +643,21 @@ def vma_to_resize(mm: MmStruct, task: Task, addr: int, old_len: int, new_len: in
 async def sys_mremap(
     task: Task, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int = 0
 ) -> int:
-    """mremap(2)."""
+    """mremap(2); REMAP events (EVENT_REMAP) go out after mmap_lock is released."""
+    try:
+        return await _sys_mremap(task, old_addr, old_len, new_len, flags, new_addr)
+    finally:
+        mm = task.mm
+        if mm is not None:
+            from vkernel.kernel.userfaultfd import mremap_userfaultfd_complete
+
+            await mremap_userfaultfd_complete(mm, task)
+
+
+async def _sys_mremap(
+    task: Task, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int
+) -> int:
+    """mremap(2) under mmap_lock."""
     if flags & ~(MREMAP_FIXED | MREMAP_MAYMOVE | MREMAP_DONTUNMAP):
         raise einval(f"unknown flags {flags:#x}", field="flags")
     if flags & MREMAP_FIXED and not flags & MREMAP_MAYMOVE:
@@ -866,6 +894,10 @@ async def sys_madvise(task: Task, addr: int, length: int, advice: int) -> None:
     if advice in (MADV_HWPOISON, MADV_SOFT_OFFLINE):
         raise KernelError(errno.EPERM, "memory failure injection needs CAP_SYS_ADMIN")
     mm = _mm_of(task)
+    if advice in (MADV_DONTNEED, MADV_DONTNEED_LOCKED, MADV_FREE, MADV_REMOVE):
+        from vkernel.kernel.userfaultfd import userfaultfd_remove
+
+        await userfaultfd_remove(mm, task, addr, end)
     if advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
         from vkernel.kernel.uaccess import populate_range
 

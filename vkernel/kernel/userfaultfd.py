@@ -197,6 +197,21 @@ class UserfaultWaiter:
             self.fut.set_result(None)
 
 
+class UffdEventWaiter:
+    """A non-cooperative event whose triggering syscall waits until a reader takes it."""
+
+    __slots__ = ("fut", "msg")
+
+    def __init__(self, msg: UffdMsg) -> None:
+        self.msg = msg
+        self.fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def complete(self) -> None:
+        """The event was read (or abandoned on release)."""
+        if not self.fut.done():
+            self.fut.set_result(None)
+
+
 class UserfaultWait(FaultWait):
     """The sleep of handle_userfault: until the fault is resolved or woken (killable with
     KILLABLE/INTERRUPTIBLE). A killed sleeper leaves the queues (its message with it)."""
@@ -240,11 +255,12 @@ class UserfaultfdCtx:
         self.initialized = False
         """UFFD_FEATURE_INITIALIZED: UFFDIO_API succeeded."""
         self.released = False
-        self.mmap_changing = False
+        self.mmap_changing = 0
+        """ctx->mmap_changing: non-cooperative events prepared but not yet read (a count)."""
         self.holders = 0
         self.fault_pending: deque[UserfaultWaiter] = deque()
         self.fault_read: list[UserfaultWaiter] = []
-        self.events: deque[UffdMsg] = deque()
+        self.events: deque[UffdEventWaiter] = deque()
         self._readers: list[asyncio.Future[None]] = []
         self.total_faults = 0
 
@@ -322,7 +338,9 @@ class UserfaultfdCtx:
             self.fault_read.append(w)
             out.append(w.msg)
         while len(out) < max_msgs and self.events:
-            out.append(self.events.popleft())
+            ev = self.events.popleft()
+            ev.complete()  # userfaultfd_event_complete(): the triggering syscall may go on
+            out.append(ev.msg)
         return out
 
     async def read(self, bufsize: int, nonblock: bool | None = None) -> list[UffdMsg]:
@@ -369,6 +387,8 @@ class UserfaultfdCtx:
             w.wake()
         self.fault_pending.clear()
         self.fault_read.clear()
+        for ev in self.events:
+            ev.complete()  # abandoned
         self.events.clear()
         self._wake_readers()
 
@@ -812,3 +832,115 @@ async def uffdio_writeprotect(
             uffd_wp_range(v, max(start, v.vm_start), min(end, v.vm_end), enable)
     if not enable and not mode & UFFDIO_WRITEPROTECT_MODE_DONTWAKE:
         ctx.wake_range(start, length)
+
+
+# ---- non-cooperative events (UNMAP, REMOVE, REMAP) -----------------------------------------------
+
+
+async def userfaultfd_event_wait_completion(
+    ctx: UserfaultfdCtx, msg: UffdMsg, task: Task | None
+) -> None:
+    """userfaultfd_event_wait_completion(): queue the event, sleep (killable) until a reader
+    takes it; then mmap_changing drops. A released ctx or a killed task abandons it."""
+    try:
+        if ctx.released or (task is not None and task.fatal_signal_pending()):
+            return
+        ev = UffdEventWaiter(msg)
+        ctx.events.append(ev)
+        ctx._wake_readers()
+
+        def hook() -> None:
+            ev.complete()
+
+        if task is not None:
+            task.add_kill_hook(hook)
+        try:
+            await ev.fut
+        finally:
+            if task is not None:
+                task.remove_kill_hook(hook)
+            if ev in ctx.events:
+                ctx.events.remove(ev)
+    finally:
+        ctx.mmap_changing -= 1
+
+
+def _event_ctx(vma: VMA, feature: int) -> UserfaultfdCtx | None:
+    ctx = vma.uffd_ctx
+    if ctx is None or not ctx.features & feature or ctx.released:
+        return None
+    return ctx
+
+
+def userfaultfd_unmap_prep(mm: MmStruct, start: int, end: int) -> list[UserfaultfdCtx]:
+    """userfaultfd_unmap_prep(): the EVENT_UNMAP ctxs of the VMAs in [start, end) (once each),
+    with mmap_changing raised. Called under mmap_lock for write, before the unmap."""
+    out: list[UserfaultfdCtx] = []
+    for v in mm.vmas_in(start, end):
+        ctx = _event_ctx(v, UFFD_FEATURE_EVENT_UNMAP)
+        if ctx is not None and ctx not in out:
+            ctx.mmap_changing += 1
+            out.append(ctx)
+    return out
+
+
+async def userfaultfd_unmap_complete(
+    task: Task | None, ctxs: list[UserfaultfdCtx], start: int, end: int
+) -> None:
+    """userfaultfd_unmap_complete(): after mmap_lock is gone, an UNMAP {start, end} per ctx,
+    each waited for until read (B.66)."""
+    for ctx in ctxs:
+        msg = UffdMsg(event=UFFD_EVENT_UNMAP, start=start, end=end)
+        await userfaultfd_event_wait_completion(ctx, msg, task)
+
+
+async def userfaultfd_remove(mm: MmStruct, task: Task | None, start: int, end: int) -> None:
+    """userfaultfd_remove() for MADV_DONTNEED/DONTNEED_LOCKED/FREE/REMOVE: a REMOVE
+    {start, end} (clipped to each EVENT_REMOVE VMA) is read before the range is zapped.
+    vkernel sends them all before the madvise takes its lock (Linux drops the lock per VMA)."""
+    pending: list[tuple[UserfaultfdCtx, int, int]] = []
+    async with mm.mmap_lock.read(task):
+        for v in mm.vmas_in(start, end):
+            ctx = _event_ctx(v, UFFD_FEATURE_EVENT_REMOVE)
+            if ctx is not None:
+                ctx.mmap_changing += 1
+                pending.append((ctx, max(start, v.vm_start), min(end, v.vm_end)))
+    for i, (ctx, a, b) in enumerate(pending):
+        try:
+            msg = UffdMsg(event=UFFD_EVENT_REMOVE, start=a, end=b)
+            await userfaultfd_event_wait_completion(ctx, msg, task)
+        except BaseException:
+            for later, _a, _b in pending[i + 1 :]:
+                later.mmap_changing -= 1
+            raise
+
+
+def mremap_userfaultfd_prep(vma: VMA) -> UserfaultfdCtx | None:
+    """mremap_userfaultfd_prep(): with EVENT_REMAP the moved VMA stays registered and
+    mmap_changing rises until the REMAP is read; without it the new VMA is unregistered."""
+    ctx = _event_ctx(vma, UFFD_FEATURE_EVENT_REMAP)
+    if ctx is not None:
+        ctx.mmap_changing += 1
+    return ctx
+
+
+_REMAPS: dict[int, list[tuple[UserfaultfdCtx, UffdMsg]]] = {}
+"""REMAP events prepared under mmap_lock, by id(mm), sent by mremap_userfaultfd_complete."""
+
+
+def mremap_userfaultfd_note(mm: MmStruct, ctx: UserfaultfdCtx, old: int, new: int, n: int) -> None:
+    """Remember a REMAP {from, to, len} to send once mremap has dropped mmap_lock."""
+    msg = UffdMsg(event=UFFD_EVENT_REMAP, start=old, to=new, length=n)
+    _REMAPS.setdefault(id(mm), []).append((ctx, msg))
+
+
+async def mremap_userfaultfd_complete(mm: MmStruct, task: Task | None) -> None:
+    """mremap_userfaultfd_complete(): the REMAP events, each waited for until read."""
+    pending = _REMAPS.pop(id(mm), [])
+    for i, (ctx, msg) in enumerate(pending):
+        try:
+            await userfaultfd_event_wait_completion(ctx, msg, task)
+        except BaseException:
+            for later, _m in pending[i + 1 :]:
+                later.mmap_changing -= 1
+            raise

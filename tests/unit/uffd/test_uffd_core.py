@@ -16,10 +16,19 @@ from vkernel.kernel.cred import Capability, Cred
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.mm_api import fork
+from vkernel.kernel.mmap import sys_madvise, sys_mremap, sys_munmap
 from vkernel.kernel.proc import pagemap
 from vkernel.kernel.task import Task
 from vkernel.kernel.uaccess import read_user_bytes, write_user
-from vkernel.kernel.uapi import FOLL_NOWAIT, FOLL_WRITE, PM_UFFD_WP, VM_UFFD_MISSING
+from vkernel.kernel.uapi import (
+    FOLL_NOWAIT,
+    FOLL_WRITE,
+    MADV_DONTNEED,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PM_UFFD_WP,
+    VM_UFFD_MISSING,
+)
 
 
 def _priv(kernel: Kernel) -> Task:
@@ -405,4 +414,76 @@ async def test_wp_async_and_fork_without_event_fork(kernel: Kernel) -> None:
     assert _pm57(t, a + P)
     kernel.kill(child, 9)
     kernel.reap(child)
+    await ctx.put()
+
+
+async def test_unmap_event_blocks_until_read(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    a = await mmap_anon(t, 4 * P)
+    ctx = await _ready(t, features=uf.UFFD_FEATURE_EVENT_UNMAP)
+    await uf.uffdio_register(ctx, t, a, 4 * P, uf.UFFDIO_REGISTER_MODE_MISSING)
+    un = asyncio.ensure_future(sys_munmap(t, a, 2 * P))
+    await _settle()
+    assert not un.done()
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_zeropage(ctx, t, a + 2 * P, P)
+    assert errname(e.value) == "EAGAIN"  # mmap_changing
+    (m,) = await ctx.read(64)
+    assert (m.event, m.start, m.end) == (uf.UFFD_EVENT_UNMAP, a, a + 2 * P)
+    await un
+    assert not ctx.mmap_changing
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_copy(ctx, t, a, b"\0" * P)
+    assert errname(e.value) == "ENOENT"
+    assert await uf.uffdio_zeropage(ctx, t, a + 2 * P, P) == P
+    # closing with an event pending: the munmap goes on, the event is dropped
+    un = asyncio.ensure_future(sys_munmap(t, a + 2 * P, 2 * P))
+    await _settle()
+    assert not un.done()
+    await ctx.put()
+    await un
+
+
+async def test_remove_and_remap_events(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    a = await mmap_anon(t, 2 * P)
+    feats = uf.UFFD_FEATURE_EVENT_REMOVE | uf.UFFD_FEATURE_EVENT_REMAP
+    ctx = await _ready(t, features=feats)
+    await uf.uffdio_register(ctx, t, a, 2 * P, uf.UFFDIO_REGISTER_MODE_MISSING)
+    await uf.uffdio_copy(ctx, t, a, b"\4" * (2 * P))
+    md = asyncio.ensure_future(sys_madvise(t, a, 2 * P, MADV_DONTNEED))
+    await _settle()
+    assert not md.done()
+    (m,) = await ctx.read(64)
+    assert (m.event, m.start, m.end) == (uf.UFFD_EVENT_REMOVE, a, a + 2 * P)
+    await md
+    assert mm_of(t).vmas[0].uffd_ctx is ctx  # still registered
+    # mremap moves the registration along, REMAP {from, to, len} is read before it returns
+    target = await mmap_anon(t, 4 * P)
+    fl = MREMAP_MAYMOVE | MREMAP_FIXED
+    mr = asyncio.ensure_future(sys_mremap(t, a, 2 * P, 4 * P, fl, target))
+    await _settle()
+    assert not mr.done()
+    (m,) = await ctx.read(64)
+    new = await mr
+    assert new == target
+    assert (m.event, m.start, m.to, m.length) == (uf.UFFD_EVENT_REMAP, a, new, 2 * P)
+    r = asyncio.ensure_future(read_user_bytes(t, new + P, 1))
+    await _settle()
+    (m,) = await ctx.read(64)
+    assert m.address == new + P
+    await uf.uffdio_zeropage(ctx, t, new + P, P)
+    assert await r == b"\0"
+    await ctx.put()
+
+
+async def test_remap_without_feature_unregisters(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    a = await mmap_anon(t, 2 * P)
+    ctx = await _ready(t)
+    await uf.uffdio_register(ctx, t, a, 2 * P, uf.UFFDIO_REGISTER_MODE_MISSING)
+    target = await mmap_anon(t, 4 * P)
+    new = await sys_mremap(t, a, 2 * P, 4 * P, MREMAP_MAYMOVE | MREMAP_FIXED, target)
+    assert await read_user_bytes(t, new, 1) == b"\0"
+    assert not ctx.fault_pending
     await ctx.put()
