@@ -111,6 +111,9 @@ class KioCtx:
             res = -errno.ECANCELED
         except Exception:  # noqa: BLE001 -- the process died under the request (no fd table)
             res = -errno.EIO
+        me = asyncio.current_task()
+        if me is not None:
+            self.inflight.discard(me)  # the slot moves to the completion now, not a tick later
         self.done.append(IoEvent(cb.user_data, res, submit_ns, issue, time.perf_counter_ns()))
         self.completed += 1
         self._wake.set()
