@@ -77,11 +77,13 @@ from vkernel.kernel.uapi import (
     PAGE_SIZE,
     PMD_MASK,
     PMD_SIZE,
+    PTE_MARKER_POISONED,
     PTRS_PER_TABLE,
     VM_FAULT_COMPLETED,
     VM_FAULT_DONE_COW,
     VM_FAULT_ERROR,
     VM_FAULT_FALLBACK,
+    VM_FAULT_HWPOISON,
     VM_FAULT_LOCKED,
     VM_FAULT_MAJOR,
     VM_FAULT_OOM,
@@ -842,7 +844,8 @@ def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault |
             return do_shmem_fault(vma, addr, pslot, flags)
         return do_fault(vma, addr, pslot, flags, vmf)
     if not pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
-        return VM_FAULT_SIGBUS
+        # handle_pte_marker(): a UFFDIO_POISON marker is a hardware-poisoned page.
+        return VM_FAULT_HWPOISON if pte == PTE_MARKER_POISONED else VM_FAULT_SIGBUS
     if not pte & _PAGE_PRESENT and vma.is_accessible():
         # do_numa_page(): restore the VMA's protection. A PROT_NONE VMA's entries are not NUMA
         # hints: a FOLL_FORCE write or unshare goes on to do_wp_page below.

@@ -346,6 +346,9 @@ _PAGE_UFFD_WP = 1 << _PAGE_BIT_UFFD_WP
 _PAGE_SOFT_DIRTY = 1 << _PAGE_BIT_SOFT_DIRTY
 _PAGE_PROTNONE = 1 << _PAGE_BIT_PROTNONE
 _PAGE_NX = 1 << _PAGE_BIT_NX
+PTE_MARKER_POISONED = 1 << 58
+"""A non-present PTE holding only this bit is PTE_MARKER_POISONED (UFFDIO_POISON): any access is
+VM_FAULT_HWPOISON (vkernel's stand-in for the swap-entry PTE marker)."""
 _PAGE_PFN_MASK = ((1 << 52) - 1) & PAGE_MASK
 """Physical address bits 12..51 (__PHYSICAL_MASK_SHIFT = 52)."""
 _PAGE_TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY

@@ -49,6 +49,7 @@ from vkernel.kernel.uapi import (
     FAULT_FLAG_WRITE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PTE_MARKER_POISONED,
     PTRS_PER_TABLE,
     TASK_SIZE,
     VM_FAULT_RETRY,
@@ -140,6 +141,7 @@ UFFDIO_COPY_MODE_DONTWAKE = 1
 UFFDIO_COPY_MODE_WP = 2
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1
 UFFDIO_WRITEPROTECT_MODE_WP = 1
+UFFDIO_POISON_MODE_DONTWAKE = 1
 UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 2
 
 UFFD_EVENT_PAGEFAULT = 0x12
@@ -621,6 +623,7 @@ async def _mfill(
     length: int,
     dontwake: bool,
     fill: object,
+    overwrite_wp_marker: bool = True,
 ) -> int:
     """mfill_atomic(): the common part of COPY/ZEROPAGE. Returns the bytes done; raises the
     errno when none were done; EAGAIN (``partial``) when some but not all were."""
@@ -646,7 +649,7 @@ async def _mfill(
                 err = -slot
                 break
             pte = mem.u64.item(slot)
-            if pte and pte != _PAGE_UFFD_WP:
+            if pte and (pte != _PAGE_UFFD_WP or not overwrite_wp_marker):
                 err = errno.EEXIST
                 break
             r = fill(vma, dst + done, slot, done)
@@ -743,6 +746,23 @@ async def uffdio_zeropage(
         return 0
 
     return await _mfill(ctx, task, start, length, bool(mode & UFFDIO_ZEROPAGE_MODE_DONTWAKE), fill)
+
+
+async def uffdio_poison(
+    ctx: UserfaultfdCtx, task: Task | None, start: int, length: int, mode: int = 0
+) -> int:
+    """UFFDIO_POISON: PTE_MARKER_POISONED on none PTEs (a later access: SIGBUS for the CPU,
+    EFAULT/EHWPOISON for GUP); any existing PTE or marker → EEXIST. Bytes marked."""
+    ctx._check_initialized()
+    if mode & ~UFFDIO_POISON_MODE_DONTWAKE:
+        raise _err(errno.EINVAL, "bad poison mode", field="mode")
+
+    def fill(vma: VMA, addr: int, slot: int, off: int) -> int:
+        vma.mm.mem.u64[slot] = PTE_MARKER_POISONED
+        return 0
+
+    dontwake = bool(mode & UFFDIO_POISON_MODE_DONTWAKE)
+    return await _mfill(ctx, task, start, length, dontwake, fill, overwrite_wp_marker=False)
 
 
 def uffdio_wake(ctx: UserfaultfdCtx, start: int, length: int) -> int:
@@ -898,6 +918,8 @@ async def userfaultfd_remove(mm: MmStruct, task: Task | None, start: int, end: i
     """userfaultfd_remove() for MADV_DONTNEED/DONTNEED_LOCKED/FREE/REMOVE: a REMOVE
     {start, end} (clipped to each EVENT_REMOVE VMA) is read before the range is zapped.
     vkernel sends them all before the madvise takes its lock (Linux drops the lock per VMA)."""
+    if not any(_event_ctx(v, UFFD_FEATURE_EVENT_REMOVE) for v in mm.vmas_in(start, end)):
+        return  # the common case: no lock round trip
     pending: list[tuple[UserfaultfdCtx, int, int]] = []
     async with mm.mmap_lock.read(task):
         for v in mm.vmas_in(start, end):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import signal
 
 import pytest
 
@@ -13,7 +14,7 @@ from tests.unit.mm.mmhelp import MakeKernel, P, errname, mmap_anon
 from vkernel.kernel import gup, gup_fast
 from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.cred import Capability, Cred
-from vkernel.kernel.errors import KernelError
+from vkernel.kernel.errors import KernelError, UserFault
 from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.mm_api import fork
 from vkernel.kernel.mmap import sys_madvise, sys_mremap, sys_munmap
@@ -21,6 +22,8 @@ from vkernel.kernel.proc import pagemap
 from vkernel.kernel.task import Task
 from vkernel.kernel.uaccess import read_user_bytes, write_user
 from vkernel.kernel.uapi import (
+    EHWPOISON,
+    FOLL_HWPOISON,
     FOLL_NOWAIT,
     FOLL_WRITE,
     MADV_DONTNEED,
@@ -487,3 +490,42 @@ async def test_remap_without_feature_unregisters(kernel: Kernel) -> None:
     assert await read_user_bytes(t, new, 1) == b"\0"
     assert not ctx.fault_pending
     await ctx.put()
+
+
+async def test_poison(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    n = 6
+    a = await mmap_anon(t, n * P)
+    ctx = await _ready(t, features=uf.UFFD_FEATURE_POISON)
+    await uf.uffdio_register(ctx, t, a, n * P, uf.UFFDIO_REGISTER_MODE_MISSING)
+    sigbus = 0
+    for i in range(n):
+        r = asyncio.ensure_future(read_user_bytes(t, a + i * P, 1))
+        await _settle()
+        (m,) = await ctx.read(32)
+        assert m.address == a + i * P
+        if i % 2:
+            await uf.uffdio_copy(ctx, t, m.address, b"\0" * P)
+        else:
+            assert await uf.uffdio_poison(ctx, t, m.address, P) == P
+        exc = await asyncio.gather(r, return_exceptions=True)
+        if isinstance(exc[0], UserFault):
+            sigbus += 1
+            assert exc[0].signo == signal.SIGBUS
+        else:
+            assert exc[0] == b"\0"
+    assert sigbus == n // 2
+    with pytest.raises(KernelError) as e2:
+        await uf.uffdio_poison(ctx, t, a + P, P)  # present
+    assert errname(e2.value) == "EEXIST"
+    with pytest.raises(KernelError) as e2:
+        await uf.uffdio_poison(ctx, t, a, P)  # a marker already
+    assert errname(e2.value) == "EEXIST"
+    mm = mm_of(t)
+    pages = page_array(1)
+    assert await gup.get_user_pages_unlocked(mm, a, 1, pages, 0, current=t) == -errno.EFAULT
+    got = await gup.get_user_pages_unlocked(mm, a, 1, pages, FOLL_HWPOISON, current=t)
+    assert got == -EHWPOISON
+    await ctx.put()
+    with pytest.raises(UserFault):  # still poisoned after the uffd is gone
+        await read_user_bytes(t, a, 1)
