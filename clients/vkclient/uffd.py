@@ -64,6 +64,7 @@ __all__ = [
     "UffdMessage",
     "Userfaultfd",
     "copy",
+    "poison",
     "wake",
     "writeprotect",
     "zeropage",
@@ -85,6 +86,11 @@ def zeropage(start: int, length: int, mode: int = 0) -> pb.UffdResolveOp:
 def wake(start: int, length: int) -> pb.UffdResolveOp:
     """A UFFDIO_WAKE operation."""
     return pb.UffdResolveOp(wake=pb.UffdRangeOp(start=start, len=length))
+
+
+def poison(start: int, length: int, mode: int = 0) -> pb.UffdResolveOp:
+    """A UFFDIO_POISON operation (later accesses: SIGBUS)."""
+    return pb.UffdResolveOp(poison=pb.UffdRangeOp(start=start, len=length, mode=mode))
 
 
 def writeprotect(start: int, length: int, mode: int) -> pb.UffdResolveOp:

@@ -19,6 +19,7 @@ from vkclient.uffd import (
     UFFDIO_WRITEPROTECT_MODE_WP,
     Userfaultfd,
     copy,
+    poison,
     wake,
     writeprotect,
     zeropage,
@@ -65,8 +66,10 @@ async def test_monitor_in_another_session_serves_faults(daemon: Daemon, k: vkcli
             tg.cancel_scope.cancel()
         assert sorted(served) == [addr + i * P for i in range(8)]
         # batch results: EEXIST on a present page, wake of nothing is fine
-        res = await m.resolve([copy(addr, b"\0" * P), wake(addr, P), zeropage(addr + P, P)])
-        assert res == [(-17, 17), (0, 0), (-17, 17)]
+        res = await m.resolve(
+            [copy(addr, b"\0" * P), wake(addr, P), zeropage(addr + P, P), poison(addr, P)]
+        )
+        assert res == [(-17, 17), (0, 0), (-17, 17), (-17, 17)]
     await u.close()
     await p.kill()
     await p.wait()

@@ -200,8 +200,11 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
                     w = op.writeprotect
                     await uf.uffdio_writeprotect(h.ctx, None, w.start, w.len, w.mode)
                     done = 0
+                elif kind == "poison":
+                    z = op.poison
+                    done = await uf.uffdio_poison(h.ctx, None, z.start, z.len, z.mode)
                 else:
-                    raise einval("an operation is neither copy, zeropage, wake nor wp", "ops")
+                    raise einval("an operation names no ioctl", "ops")
                 results.append(pb.UffdResolveResult(result=done, errno=0))
             except uf.PartialFill as e:
                 results.append(pb.UffdResolveResult(result=e.done, errno=errno.EAGAIN))

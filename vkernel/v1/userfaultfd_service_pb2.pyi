@@ -335,6 +335,7 @@ class UffdResolveOp(_message.Message):
     ZEROPAGE_FIELD_NUMBER: _builtins.int
     WAKE_FIELD_NUMBER: _builtins.int
     WRITEPROTECT_FIELD_NUMBER: _builtins.int
+    POISON_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def copy(self) -> Global___UffdCopyOp:
         """UFFDIO_COPY."""
@@ -351,6 +352,10 @@ class UffdResolveOp(_message.Message):
     def writeprotect(self) -> Global___UffdRangeOp:
         """UFFDIO_WRITEPROTECT (mode WP 1 protects, 0 resolves; DONTWAKE 2)."""
 
+    @_builtins.property
+    def poison(self) -> Global___UffdRangeOp:
+        """UFFDIO_POISON (mode DONTWAKE 1)."""
+
     def __init__(
         self,
         *,
@@ -358,12 +363,13 @@ class UffdResolveOp(_message.Message):
         zeropage: Global___UffdRangeOp | None = ...,
         wake: Global___UffdRangeOp | None = ...,
         writeprotect: Global___UffdRangeOp | None = ...,
+        poison: Global___UffdRangeOp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["copy", "zeropage", "wake", "writeprotect"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["copy", "zeropage", "wake", "writeprotect", "poison"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 

@@ -50,7 +50,9 @@ class UserfaultfdServiceStub:
     faults before events, FIFO. The stream ends when the uffd is released.
     """
     UffdResolve: _grpc.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.UffdResolveRequest, _userfaultfd_service_pb2.UffdResolveResponse]
-    """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT operations in order."""
+    """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON operations
+    in order.
+    """
     GrantUffd: _grpc.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.GrantUffdRequest, _userfaultfd_service_pb2.GrantUffdResponse]
     """GrantUffd makes another session a holder (passing the fd to the monitor)."""
     CloseUffd: _grpc.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.CloseUffdRequest, _userfaultfd_service_pb2.CloseUffdResponse]
@@ -78,7 +80,9 @@ class UserfaultfdServiceAsyncStub(UserfaultfdServiceStub):
     faults before events, FIFO. The stream ends when the uffd is released.
     """
     UffdResolve: _aio.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.UffdResolveRequest, _userfaultfd_service_pb2.UffdResolveResponse]  # type: ignore[assignment]
-    """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT operations in order."""
+    """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON operations
+    in order.
+    """
     GrantUffd: _aio.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.GrantUffdRequest, _userfaultfd_service_pb2.GrantUffdResponse]  # type: ignore[assignment]
     """GrantUffd makes another session a holder (passing the fd to the monitor)."""
     CloseUffd: _aio.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.CloseUffdRequest, _userfaultfd_service_pb2.CloseUffdResponse]  # type: ignore[assignment]
@@ -139,7 +143,9 @@ class UserfaultfdServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _userfaultfd_service_pb2.UffdResolveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_userfaultfd_service_pb2.UffdResolveResponse, _abc.Awaitable[_userfaultfd_service_pb2.UffdResolveResponse]]:
-        """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT operations in order."""
+        """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON operations
+        in order.
+        """
 
     @_abc_1.abstractmethod
     def GrantUffd(
