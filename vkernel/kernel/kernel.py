@@ -56,6 +56,10 @@ class KernelConfig:
     """FAULT_FLAG_ALLOW_RETRY honoured (--no-fault-retry: every fault sleeps holding mmap_lock)."""
     unprivileged_userfaultfd: bool = False
     """vm.unprivileged_userfaultfd: userfaultfd(0) without CAP_SYS_PTRACE."""
+    dio_gup: str = "fast"
+    """O_DIRECT/AIO page extraction: "fast" (pin_user_pages_fast) or "slow" (under mmap_lock)."""
+    dio_foll: str = "pin"
+    """O_DIRECT/AIO references: "pin" (FOLL_PIN) or "get" (FOLL_GET, seed 004's comparison)."""
 
 
 class Kernel:

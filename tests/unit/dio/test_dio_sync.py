@@ -123,6 +123,23 @@ async def test_daemon_wide_switch() -> None:
     assert audit(k) == []
 
 
+async def test_kernel_config_switches() -> None:
+    """KernelConfig.dio_gup/dio_foll are the boot-time daemon-wide defaults."""
+    k = Kernel(KernelConfig(memory_bytes=64 << 20, dio_gup="slow", dio_foll="get"))
+    assert (dio.dio_defaults(k).gup, dio.dio_defaults(k).foll) == ("slow", "get")
+    k.vfs.add_device(DeviceSpec.parse("ram0=ram:16M"))
+    t = k.spawn("t", "s")
+    fd = await dfile(k, t, pattern(P))
+    a = await buf(t, P)
+    acq = k.vmstat["nr_foll_pin_acquired"]
+    assert await dio.vfs_preadv(t, fd, [(a, P)], 0) == P
+    assert k.vmstat["nr_foll_pin_acquired"] == acq
+    await k.vfs.quiesce()
+    k.do_exit(t)
+    await k.vfs.shutdown()
+    assert audit(k) == []
+
+
 async def test_alignment_einval(kernel: Kernel, task: Task) -> None:
     """Offset, address or length not a multiple of 512: EINVAL, nothing pinned."""
     fd = await dfile(kernel, task, pattern(4 * P))
