@@ -64,6 +64,7 @@ __all__ = [
     "UffdMessage",
     "Userfaultfd",
     "copy",
+    "move",
     "poison",
     "wake",
     "writeprotect",
@@ -86,6 +87,11 @@ def zeropage(start: int, length: int, mode: int = 0) -> pb.UffdResolveOp:
 def wake(start: int, length: int) -> pb.UffdResolveOp:
     """A UFFDIO_WAKE operation."""
     return pb.UffdResolveOp(wake=pb.UffdRangeOp(start=start, len=length))
+
+
+def move(dst: int, src: int, length: int, mode: int = 0) -> pb.UffdResolveOp:
+    """A UFFDIO_MOVE operation (pages of the same process, zero copy)."""
+    return pb.UffdResolveOp(move=pb.UffdMoveOp(dst=dst, src=src, len=length, mode=mode))
 
 
 def poison(start: int, length: int, mode: int = 0) -> pb.UffdResolveOp:

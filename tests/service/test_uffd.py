@@ -19,6 +19,7 @@ from vkclient.uffd import (
     UFFDIO_WRITEPROTECT_MODE_WP,
     Userfaultfd,
     copy,
+    move,
     poison,
     wake,
     writeprotect,
@@ -151,6 +152,22 @@ async def test_wp_served_by_monitor(daemon: Daemon, k: vkclient.Kernel) -> None:
     assert await p.read(addr + P, 3) == b"aba"
     res = await u.resolve([writeprotect(addr + 4 * P, P, UFFDIO_WRITEPROTECT_MODE_WP)])
     assert res == [(-2, 2)]  # ENOENT: no VMA there
+    await u.close()
+    await p.kill()
+    await p.wait()
+
+
+async def test_move_over_grpc(daemon: Daemon, k: vkclient.Kernel) -> None:
+    p = await k.spawn("mover")
+    src = await p.mmap(2 * P)
+    await p.write(src, b"s" * (2 * P))
+    dst = await p.mmap(2 * P)
+    u = await Userfaultfd.create(k, p.pid, UFFD_USER_MODE_ONLY)
+    await u.api()
+    await u.register(dst, 2 * P)
+    assert await u.resolve([move(dst, src, 2 * P), move(dst, src, P)]) == [(2 * P, 0), (-17, 17)]
+    assert await p.read(dst + P, 2) == b"ss"
+    assert await p.read(src, 2) == b"\0\0"
     await u.close()
     await p.kill()
     await p.wait()

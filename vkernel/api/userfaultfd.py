@@ -203,6 +203,9 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
                 elif kind == "poison":
                     z = op.poison
                     done = await uf.uffdio_poison(h.ctx, None, z.start, z.len, z.mode)
+                elif kind == "move":
+                    mv = op.move
+                    done = await uf.uffdio_move(h.ctx, None, mv.dst, mv.src, mv.len, mv.mode)
                 else:
                     raise einval("an operation names no ioctl", "ops")
                 results.append(pb.UffdResolveResult(result=done, errno=0))

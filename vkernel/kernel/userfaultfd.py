@@ -36,6 +36,8 @@ from vkernel.kernel.task import Task
 from vkernel.kernel.uapi import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
+    _PAGE_PFN_MASK,
+    _PAGE_PRESENT,
     _PAGE_PSE,
     _PAGE_RW,
     _PAGE_SOFT_DIRTY,
@@ -142,6 +144,8 @@ UFFDIO_COPY_MODE_WP = 2
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1
 UFFDIO_WRITEPROTECT_MODE_WP = 1
 UFFDIO_POISON_MODE_DONTWAKE = 1
+UFFDIO_MOVE_MODE_DONTWAKE = 1
+UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = 2
 UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 2
 
 UFFD_EVENT_PAGEFAULT = 0x12
@@ -966,3 +970,128 @@ async def mremap_userfaultfd_complete(mm: MmStruct, task: Task | None) -> None:
             for later, _m in pending[i + 1 :]:
                 later.mmap_changing -= 1
             raise
+
+
+# ---- UFFDIO_MOVE ---------------------------------------------------------------------------------
+
+
+def _move_vmas_ok(src: VMA, dst: VMA, ctx: UserfaultfdCtx) -> bool:
+    """validate_move_areas(): private anon, same access flags, prot and VM_LOCKED, writable,
+    not special; dst registered on this ctx."""
+    from vkernel.kernel.uapi import VM_ACCESS_FLAGS, VM_LOCKED
+
+    for v in (src, dst):
+        if not v.is_anonymous() or v.vm_flags & (VM_SHARED | VM_SPECIAL):
+            return False
+        if not v.vm_flags & VM_WRITE:
+            return False
+    if (src.vm_flags ^ dst.vm_flags) & (VM_ACCESS_FLAGS | VM_LOCKED):
+        return False
+    if src.vm_page_prot != dst.vm_page_prot:
+        return False
+    return dst.uffd_ctx is ctx
+
+
+async def uffdio_move(
+    ctx: UserfaultfdCtx,
+    task: Task | None,
+    dst: int,
+    src: int,
+    length: int,
+    mode: int = 0,
+) -> int:
+    """UFFDIO_MOVE (B.64): remap exclusive anon pages from src to dst (zero copy; the zero page
+    too); bytes moved. src hole → ENOENT unless ALLOW_SRC_HOLES (then it counts as moved); dst
+    populated → EEXIST; a page not exclusive (shared after fork, pinned, GUP-referenced) →
+    EBUSY; incompatible VMAs → EINVAL. ``task`` given: it must be of ctx's mm (else EINVAL);
+    the gRPC layer passes None and acts as the process itself. Huge PMDs are split first."""
+    from vkernel.kernel.memory import split_all_huge_pmds
+    from vkernel.kernel.uapi import PG_anon, PG_anon_exclusive
+
+    ctx._check_initialized()
+    if mode & ~(UFFDIO_MOVE_MODE_DONTWAKE | UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES):
+        raise _err(errno.EINVAL, "bad move mode", field="mode")
+    mm = ctx.mm
+    if task is not None and task.mm is not mm:
+        raise _err(errno.EINVAL, "UFFDIO_MOVE across address spaces")
+    if src & (PAGE_SIZE - 1):
+        raise _err(errno.EINVAL, "src not page aligned", field="src")
+    _validate_range(dst, length)
+    _validate_range(src, length)
+    if src < dst + length and dst < src + length:
+        raise _err(errno.EINVAL, "overlapping ranges")
+    if ctx.mmap_changing:
+        raise _err(errno.EAGAIN, "address space changing (event pending)")
+    if mm.dead:
+        raise _err(errno.ESRCH, "mm is gone")
+    holes = bool(mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES)
+    done = 0
+    err = 0
+    async with mm.mmap_lock.read(task):
+        if mm.dead:
+            raise _err(errno.ESRCH, "mm is gone")
+        dvma = mm.vma_lookup(dst)
+        svma = mm.vma_lookup(src)
+        if dvma is None or svma is None or dst + length > dvma.vm_end or src + length > svma.vm_end:
+            raise _err(errno.ENOENT, "no single mapping covers src or dst")
+        if not _move_vmas_ok(svma, dvma, ctx):
+            raise _err(errno.EINVAL, "src and dst cannot move pages")
+        split_all_huge_pmds(mm, src, src + length)
+        split_all_huge_pmds(mm, dst, dst + length)
+        mem = mm.mem
+        u = mem.u64
+        while done < length:
+            sslot = pmd_slot(mm, src + done, alloc=False)
+            spte = 0
+            if sslot >= 0 and u.item(sslot):
+                sslot = _dst_slot(svma, src + done)
+                spte = u.item(sslot) if sslot >= 0 else 0
+            dslot = _dst_slot(dvma, dst + done)
+            if dslot < 0:
+                err = -dslot
+                break
+            if u.item(dslot):
+                err = errno.EEXIST
+                break
+            if not spte:
+                if not holes:
+                    err = errno.ENOENT
+                    break
+                done += PAGE_SIZE
+                continue
+            if not spte & _PAGE_PRESENT:
+                err = errno.EBUSY  # markers are not moved (Linux moves swap entries)
+                break
+            pfn = (spte & _PAGE_PFN_MASK) >> PAGE_SHIFT
+            if pfn == mem.zero_pfn:
+                u[dslot] = (pfn << PAGE_SHIFT) | (dvma.vm_page_prot & ~_PAGE_RW) | _PAGE_SPECIAL
+                u[sslot] = 0
+                done += PAGE_SIZE
+                continue
+            fl = int(mem.flags[pfn])
+            if (
+                not fl & PG_anon
+                or not fl & PG_anon_exclusive
+                or mem.order[mem.compound_head(pfn)]
+                or mem.mapcount[pfn] != 1
+                or mem.refcount[pfn] != 1
+            ):
+                err = errno.EBUSY
+                break
+            anon = dvma.anon_vma_prepare()
+            mem.mapping[pfn] = anon.id
+            mem.index[pfn] = dvma.linear_page_index(dst + done)
+            bits = dvma.vm_page_prot | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_RW
+            u[dslot] = (pfn << PAGE_SHIFT) | bits
+            u[sslot] = 0
+            done += PAGE_SIZE
+            if task is not None and task.fatal_signal_pending() and done < length:
+                err = errno.EINTR
+                break
+    if done and not mode & UFFDIO_MOVE_MODE_DONTWAKE:
+        ctx.wake_range(dst, done)
+    if err and not done:
+        raise _err(err, errno.errorcode.get(err, str(err)))
+    if done < length:
+        raise PartialFill(done, err)
+    return done

@@ -336,6 +336,7 @@ class UffdResolveOp(_message.Message):
     WAKE_FIELD_NUMBER: _builtins.int
     WRITEPROTECT_FIELD_NUMBER: _builtins.int
     POISON_FIELD_NUMBER: _builtins.int
+    MOVE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def copy(self) -> Global___UffdCopyOp:
         """UFFDIO_COPY."""
@@ -356,6 +357,10 @@ class UffdResolveOp(_message.Message):
     def poison(self) -> Global___UffdRangeOp:
         """UFFDIO_POISON (mode DONTWAKE 1)."""
 
+    @_builtins.property
+    def move(self) -> Global___UffdMoveOp:
+        """UFFDIO_MOVE."""
+
     def __init__(
         self,
         *,
@@ -364,16 +369,51 @@ class UffdResolveOp(_message.Message):
         wake: Global___UffdRangeOp | None = ...,
         writeprotect: Global___UffdRangeOp | None = ...,
         poison: Global___UffdRangeOp | None = ...,
+        move: Global___UffdMoveOp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "move", b"move", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "move", b"move", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["copy", "zeropage", "wake", "writeprotect", "poison"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["copy", "zeropage", "wake", "writeprotect", "poison", "move"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
 Global___UffdResolveOp: _TypeAlias = UffdResolveOp  # noqa: Y015
+
+@_typing.final
+class UffdMoveOp(_message.Message):
+    """UffdMoveOp is struct uffdio_move (the daemon acts as a thread of the monitored process)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DST_FIELD_NUMBER: _builtins.int
+    SRC_FIELD_NUMBER: _builtins.int
+    LEN_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    dst: _builtins.int
+    """Page-aligned destination (registered on this uffd)."""
+    src: _builtins.int
+    """Page-aligned source in the same process."""
+    len: _builtins.int
+    """Page-multiple length."""
+    mode: _builtins.int
+    """UFFDIO_MOVE_MODE_* (DONTWAKE 1, ALLOW_SRC_HOLES 2)."""
+    def __init__(
+        self,
+        *,
+        dst: _builtins.int = ...,
+        src: _builtins.int = ...,
+        len: _builtins.int = ...,
+        mode: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dst", b"dst", "len", b"len", "mode", b"mode", "src", b"src"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UffdMoveOp: _TypeAlias = UffdMoveOp  # noqa: Y015
 
 @_typing.final
 class UffdCopyOp(_message.Message):

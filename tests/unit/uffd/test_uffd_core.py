@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from tests.unit.gup.guphelp import mm_of, page_array
-from tests.unit.mm.mmhelp import MakeKernel, P, errname, mmap_anon
+from tests.unit.mm.mmhelp import MakeKernel, P, errname, mmap_anon, pfn_at
 from vkernel.kernel import gup, gup_fast
 from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.cred import Capability, Cred
@@ -529,3 +529,48 @@ async def test_poison(kernel: Kernel) -> None:
     await ctx.put()
     with pytest.raises(UserFault):  # still poisoned after the uffd is gone
         await read_user_bytes(t, a, 1)
+
+
+async def test_move(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    n = 4
+    src = await mmap_anon(t, n * P)
+    dst = await mmap_anon(t, n * P)
+    for i in range(n - 1):  # the last source page is a hole
+        await write_user(t, src + i * P, bytes([i + 1]) * P)
+    ctx = await _ready(t, features=uf.UFFD_FEATURE_MOVE)
+    await uf.uffdio_register(ctx, t, dst, n * P, uf.UFFDIO_REGISTER_MODE_MISSING)
+    r = asyncio.ensure_future(read_user_bytes(t, dst + P, 1))
+    await _settle()
+    (m,) = await ctx.read(32)
+    assert m.flags == 0
+    pfn = pfn_at(t, src + P)
+    assert await uf.uffdio_move(ctx, t, dst + P, src + P, P) == P
+    assert await r == b"\2"
+    assert pfn_at(t, dst + P) == pfn  # zero copy
+    assert pfn_at(t, src + P) == -1
+    # hole without ALLOW_SRC_HOLES → ENOENT; with it, it counts as moved
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_move(ctx, t, dst + 3 * P, src + 3 * P, P)
+    assert errname(e.value) == "ENOENT"
+    mode = uf.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
+    assert await uf.uffdio_move(ctx, t, dst + 3 * P, src + 3 * P, P, mode) == P
+    # dst populated → EEXIST; partial: 1 page moved then EEXIST
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_move(ctx, t, dst + P, src, P)
+    assert errname(e.value) == "EEXIST"
+    with pytest.raises(uf.PartialFill) as pe:
+        await uf.uffdio_move(ctx, t, dst, src, 2 * P)
+    assert pe.value.done == P
+    assert await read_user_bytes(t, dst, 1) == b"\1"
+    # a source page shared with a child → EBUSY
+    child = await fork(t)
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_move(ctx, t, dst + 2 * P, src + 2 * P, P)
+    assert errname(e.value) == "EBUSY"
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_move(ctx, child, dst + 2 * P, src + 2 * P, P)
+    assert errname(e.value) == "EINVAL"  # another mm
+    kernel.kill(child, 9)
+    kernel.reap(child)
+    await ctx.put()
