@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vkernel.kernel import pagecache
-from vkernel.kernel.blockdev import BLOCK_SIZE, REQ_OP_READ, REQ_OP_WRITE, SECTOR_SIZE
+from vkernel.kernel.blockdev import (
+    BLOCK_SIZE,
+    REQ_OP_READ,
+    REQ_OP_WRITE,
+    SECTOR_SIZE,
+    RamDevice,
+)
 from vkernel.kernel.errors import KernelError, einval
 from vkernel.kernel.gup import (
     _put_pages,
@@ -47,7 +53,7 @@ from vkernel.kernel.gup import (
 )
 from vkernel.kernel.gup_fast import get_user_pages_fast, pin_user_pages_fast
 from vkernel.kernel.uaccess import read_user_bytes, write_user
-from vkernel.kernel.uapi import FOLL_GET, FOLL_WRITE, PAGE_SHIFT, PAGE_SIZE
+from vkernel.kernel.uapi import FOLL_GET, FOLL_WRITE, PAGE_SHIFT, PAGE_SIZE, PG_writeback
 
 if TYPE_CHECKING:
     from vkernel.kernel.fdtable import File
@@ -189,9 +195,20 @@ async def _wait_device(io: asyncio.Future[list[BaseException | None]]) -> None:
             continue
 
 
-async def _run_bios(bios: Sequence[Awaitable[None]]) -> BaseException | None:
-    """submit_bio() of each, wait for all; the first error (blk_status_to_errno) or None."""
+async def _run_bios(bios: Sequence[Awaitable[None]], inline: bool = False) -> BaseException | None:
+    """submit_bio() of each, wait for all; the first error (blk_status_to_errno) or None.
+
+    ``inline``: one bio on a device whose data copy is synchronous (brd): awaited directly,
+    since a cancellation can only land before the copy starts (in the queue or the service
+    wait), never during it. Otherwise the bios run in their own tasks and a cancelled caller
+    still waits for them (a thread may be copying into the frames)."""
     if not bios:
+        return None
+    if inline and len(bios) == 1:
+        try:
+            await bios[0]
+        except KernelError as e:
+            return e
         return None
     io = asyncio.ensure_future(asyncio.gather(*bios, return_exceptions=True))
     cancelled = False
@@ -233,6 +250,16 @@ async def _coherence_before(ino: Inode, write: bool, first: int, last: int) -> N
     if mapping.dirty_time:
         await pagecache.filemap_fdatawrite(mapping)
         pagecache.filemap_check_errors(mapping)
+    if mapping.pages:  # filemap_fdatawait_range(): writeback another caller started
+        mem = mapping.mem
+        if last - first < len(mapping.pages):
+            idxs = [i for i in range(first, last) if i in mapping.pages]
+        else:
+            idxs = [i for i in mapping.pages if first <= i < last]
+        for i in idxs:
+            pfn = mapping.pages.get(i)
+            if pfn is not None and mem.flags[pfn] & PG_writeback:
+                await pagecache.folio_wait_writeback(mem, pfn)
     if write:
         await _invalidate(ino, first, last)
 
@@ -387,7 +414,7 @@ async def iomap_dio_rw(
                     continue
                 op = REQ_OP_WRITE if write else REQ_OP_READ
                 bios.append(bdev.submit_bio(op, int(blocks[s]), mem, pfns[s:e], None))
-            err = await _run_bios(bios)
+            err = await _run_bios(bios, inline=isinstance(bdev, RamDevice))
         else:
             err = await _bounce(kernel, ino, pages, segs, pos, count, blocks, write)
         if err is None:
