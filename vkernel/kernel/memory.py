@@ -94,6 +94,7 @@ from vkernel.kernel.uapi import (
     VM_MAYWRITE,
     VM_RAND_READ,
     VM_SHARED,
+    VM_UFFD_MINOR,
     VM_UFFD_MISSING,
     VM_UFFD_WP,
     VM_WRITE,
@@ -202,14 +203,23 @@ def do_anonymous_pages(vma: VMA, table: int, base_addr: int, idx: np.ndarray, wr
     return n
 
 
-def _shmem_get_folio(vma: VMA, idx: int) -> tuple[int, int]:
-    """shmem_get_folio(SGP_CACHE): ``(vm_fault, pfn)``; a hole gets a fresh zeroed page."""
+def _shmem_get_folio(
+    vma: VMA, idx: int, flags: int = 0, vmf: VmFault | None = None
+) -> tuple[int, int]:
+    """shmem_get_folio(SGP_CACHE): ``(vm_fault, pfn)``; a hole gets a fresh zeroed page. A
+    userfaultfd VMA hands a cached page to MINOR and a hole to MISSING (handle_userfault)."""
     mem = vma.mm.mem
     obj = vma.shmem
     assert obj is not None
     if idx << PAGE_SHIFT >= obj.size:
         return VM_FAULT_SIGBUS, -1
     pfn = obj.pages.get(idx, -1)
+    reason = VM_UFFD_MINOR if pfn >= 0 else VM_UFFD_MISSING
+    if vma.vm_flags & reason:
+        from vkernel.kernel.userfaultfd import handle_userfault
+
+        addr = vma.vm_start + ((idx - vma.vm_pgoff) << PAGE_SHIFT)
+        return handle_userfault(vma, addr, flags, vmf, reason), -1
     if pfn < 0:
         pfn = mem.alloc_page(movable=True)
         if pfn < 0:
@@ -238,10 +248,10 @@ def finish_fault(vma: VMA, pslot: int, pfn: int, write: bool) -> None:
     mm.add_rss(MM_SHMEMPAGES if mem.flags[pfn] & PG_shmem else MM_FILEPAGES, 1)
 
 
-def do_shmem_fault(vma: VMA, addr: int, pslot: int, flags: int) -> int:
+def do_shmem_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None = None) -> int:
     """do_read_fault()/do_shared_fault() via shmem_fault(): find or allocate the page, map it."""
     mem = vma.mm.mem
-    ret, pfn = _shmem_get_folio(vma, vma.linear_page_index(addr))
+    ret, pfn = _shmem_get_folio(vma, vma.linear_page_index(addr), flags, vmf)
     if ret:
         return ret
     write = bool(flags & FAULT_FLAG_WRITE)
@@ -465,7 +475,7 @@ def do_fault_around(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> in
 def _fault_page(vma: VMA, idx: int, flags: int, vmf: VmFault | None) -> tuple[int, int]:
     """__do_fault() → vma->vm_ops->fault: shmem_fault() or filemap_fault()."""
     if vma.shmem is not None:
-        return _shmem_get_folio(vma, idx)
+        return _shmem_get_folio(vma, idx, flags, vmf)
     return filemap_fault(vma, idx, flags, vmf)
 
 
@@ -841,7 +851,7 @@ def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault |
         if vma.is_anonymous():
             return do_anonymous_page(vma, addr, pslot, flags, vmf)
         if vma.shmem is not None and (vma.vm_flags & VM_SHARED or not flags & FAULT_FLAG_WRITE):
-            return do_shmem_fault(vma, addr, pslot, flags)
+            return do_shmem_fault(vma, addr, pslot, flags, vmf)
         return do_fault(vma, addr, pslot, flags, vmf)
     if not pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
         # handle_pte_marker(): a UFFDIO_POISON marker is a hardware-poisoned page.

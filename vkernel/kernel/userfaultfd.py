@@ -482,12 +482,19 @@ def _validate_range(start: int, length: int) -> int:
 
 
 def vma_can_userfault(vma: VMA, mode: int, ctx: UserfaultfdCtx) -> bool:
-    """vma_can_userfault(): anonymous private memory only for now (no MINOR on anon)."""
+    """vma_can_userfault(): anonymous or shmem memory; MINOR on shmem only."""
     if vma.vm_flags & VM_SPECIAL:
         return False
+    if _is_shmem(vma):
+        return not mode & UFFDIO_REGISTER_MODE_WP  # shmem WP (markers) is not implemented
     if mode & UFFDIO_REGISTER_MODE_MINOR:
-        return False  # shmem/hugetlb only; shmem registration is not implemented yet
+        return False  # shmem/hugetlb only
     return vma.is_anonymous()
+
+
+def _is_shmem(vma: VMA) -> bool:
+    """vma_is_shmem(): shared anonymous memory or a shmem file."""
+    return vma.shmem is not None and vma.mapping is None and vma.dax is None
 
 
 def _mode_to_vm(mode: int) -> int:
@@ -601,9 +608,38 @@ def _fill_vma(ctx: UserfaultfdCtx, dst: int, end: int) -> VMA:
     vma = ctx.mm.vma_lookup(dst)
     if vma is None or end > vma.vm_end or vma.uffd_ctx is not ctx:
         raise _err(errno.ENOENT, "destination not registered with this userfaultfd")
-    if not vma.is_anonymous() or vma.vm_flags & VM_SPECIAL:
-        raise _err(errno.EINVAL, "destination is not anonymous memory")
+    if not (vma.is_anonymous() or _is_shmem(vma)) or vma.vm_flags & VM_SPECIAL:
+        raise _err(errno.EINVAL, "destination is neither anonymous memory nor shmem")
     return vma
+
+
+def _shmem_fill(vma: VMA, addr: int, slot: int, data: memoryview | None, wp: bool) -> int:
+    """shmem_mfill_atomic_pte(): a new page-cache page (copied or zeroed) mapped at ``addr``
+    of a shared shmem VMA. Offset past i_size → EFAULT; index already cached → EEXIST."""
+    from vkernel.kernel.memory import finish_fault
+    from vkernel.kernel.uapi import PG_dirty, PG_lru, PG_shmem, PG_swapbacked, PG_uptodate
+
+    obj = vma.shmem
+    assert obj is not None
+    idx = vma.linear_page_index(addr)
+    if idx << PAGE_SHIFT >= obj.size:
+        return errno.EFAULT
+    if idx in obj.pages:
+        return errno.EEXIST
+    mem = vma.mm.mem
+    pfn = mem.alloc_page(movable=True)
+    if pfn < 0:
+        return errno.ENOMEM
+    if data is not None:
+        mem.mv[pfn << PAGE_SHIFT : (pfn + 1) << PAGE_SHIFT] = data
+    mem.flags[pfn] |= PG_shmem | PG_uptodate | PG_swapbacked | PG_lru | PG_dirty
+    mem.mapping[pfn] = obj.id
+    mem.index[pfn] = idx
+    obj.pages[idx] = pfn
+    finish_fault(vma, slot, pfn, True)
+    if wp:
+        mem.u64[slot] = (mem.u64.item(slot) | _PAGE_UFFD_WP) & ~_PAGE_RW
+    return 0
 
 
 def _dst_slot(vma: VMA, addr: int) -> int:
@@ -721,6 +757,8 @@ async def uffdio_copy(
     def fill(vma: VMA, addr: int, slot: int, off: int) -> int:
         if wp and not vma.vm_flags & VM_UFFD_WP:
             return errno.EINVAL
+        if vma.vm_flags & VM_SHARED:
+            return _shmem_fill(vma, addr, slot, src[off : off + PAGE_SIZE], wp)
         mem = vma.mm.mem
         pfn = mem.alloc_page(movable=True)
         if pfn < 0:
@@ -742,6 +780,8 @@ async def uffdio_zeropage(
         raise _err(errno.EINVAL, "bad zeropage mode", field="mode")
 
     def fill(vma: VMA, addr: int, slot: int, off: int) -> int:
+        if vma.vm_flags & VM_SHARED:
+            return _shmem_fill(vma, addr, slot, None, False)
         mem = vma.mm.mem
         mem.u64[slot] = (
             (mem.zero_pfn << PAGE_SHIFT) | (vma.vm_page_prot & ~_PAGE_RW) | _PAGE_SPECIAL
@@ -750,6 +790,42 @@ async def uffdio_zeropage(
         return 0
 
     return await _mfill(ctx, task, start, length, bool(mode & UFFDIO_ZEROPAGE_MODE_DONTWAKE), fill)
+
+
+UFFDIO_CONTINUE_MODE_DONTWAKE = 1
+UFFDIO_CONTINUE_MODE_WP = 2
+
+
+async def uffdio_continue(
+    ctx: UserfaultfdCtx, task: Task | None, start: int, length: int, mode: int = 0
+) -> int:
+    """UFFDIO_CONTINUE (B.62): map the page already in the shmem page cache at a none PTE of a
+    MINOR fault. anon → EINVAL; page not cached → EFAULT; PTE present → EEXIST; MODE_WP
+    without VM_UFFD_WP → EINVAL. A private mapping maps it read-only. Bytes mapped."""
+    from vkernel.kernel.memory import finish_fault
+
+    ctx._check_initialized()
+    if mode & ~(UFFDIO_CONTINUE_MODE_DONTWAKE | UFFDIO_CONTINUE_MODE_WP):
+        raise _err(errno.EINVAL, "bad continue mode", field="mode")
+    wp = bool(mode & UFFDIO_CONTINUE_MODE_WP)
+
+    def fill(vma: VMA, addr: int, slot: int, off: int) -> int:
+        if not _is_shmem(vma) or (wp and not vma.vm_flags & VM_UFFD_WP):
+            return errno.EINVAL
+        obj = vma.shmem
+        assert obj is not None
+        pfn = obj.pages.get(vma.linear_page_index(addr), -1)
+        if pfn < 0:
+            return errno.EFAULT
+        finish_fault(vma, slot, pfn, False)
+        if wp or not vma.vm_flags & VM_SHARED:
+            mem = vma.mm.mem
+            e = mem.u64.item(slot) & ~_PAGE_RW
+            mem.u64[slot] = e | (_PAGE_UFFD_WP if wp else 0)
+        return 0
+
+    dontwake = bool(mode & UFFDIO_CONTINUE_MODE_DONTWAKE)
+    return await _mfill(ctx, task, start, length, dontwake, fill, overwrite_wp_marker=False)
 
 
 async def uffdio_poison(

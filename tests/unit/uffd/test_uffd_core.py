@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from tests.unit.gup.guphelp import mm_of, page_array
-from tests.unit.mm.mmhelp import MakeKernel, P, errname, mmap_anon, pfn_at
+from tests.unit.mm.mmhelp import SHARED_ANON, MakeKernel, P, errname, mmap_anon, pfn_at
 from vkernel.kernel import gup, gup_fast
 from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.cred import Capability, Cred
@@ -573,4 +573,67 @@ async def test_move(kernel: Kernel) -> None:
     assert errname(e.value) == "EINVAL"  # another mm
     kernel.kill(child, 9)
     kernel.reap(child)
+    await ctx.put()
+
+
+async def test_shmem_missing_copy_zeropage(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    a = await mmap_anon(t, 3 * P, flags=SHARED_ANON)
+    ctx = await _ready(t)
+    await uf.uffdio_register(ctx, t, a, 3 * P, uf.UFFDIO_REGISTER_MODE_MISSING)
+    r = asyncio.ensure_future(read_user_bytes(t, a + P, 2))
+    await _settle()
+    (m,) = await ctx.read(32)
+    assert m.address == a + P
+    assert await uf.uffdio_copy(ctx, t, a + P, b"\7" * P) == P
+    assert await r == b"\7\7"
+    w = asyncio.ensure_future(write_user(t, a, b"q"))
+    await _settle()
+    (m,) = await ctx.read(32)
+    assert m.flags == uf.UFFD_PAGEFAULT_FLAG_WRITE
+    assert await uf.uffdio_zeropage(ctx, t, a, P) == P
+    await w
+    assert await read_user_bytes(t, a, 2) == b"q\0"
+    vma = mm_of(t).vmas[0]
+    assert vma.shmem is not None
+    assert set(vma.shmem.pages) == {0, 1}
+    await ctx.put()
+
+
+async def test_shmem_minor_continue(kernel: Kernel) -> None:
+    t = _priv(kernel)
+    n = 3
+    a = await mmap_anon(t, n * P, flags=SHARED_ANON)
+    await write_user(t, a, b"".join(bytes([i + 1]) * P for i in range(n - 1)))
+    await sys_madvise(t, a, n * P, MADV_DONTNEED)  # PTEs gone, the page cache stays
+    ctx = await _ready(t, features=uf.UFFD_FEATURE_MINOR_SHMEM)
+    mode = uf.UFFDIO_REGISTER_MODE_MINOR | uf.UFFDIO_REGISTER_MODE_MISSING
+    ioctls = await uf.uffdio_register(ctx, t, a, n * P, mode)
+    assert ioctls & (1 << uf._UFFDIO_CONTINUE)
+    for i in range(n - 1):
+        r = asyncio.ensure_future(read_user_bytes(t, a + i * P, 1))
+        await _settle()
+        (m,) = await ctx.read(32)
+        assert m.flags == uf.UFFD_PAGEFAULT_FLAG_MINOR
+        assert await uf.uffdio_continue(ctx, t, a + i * P, P) == P
+        assert await r == bytes([i + 1])
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_continue(ctx, t, a, P)
+    assert errname(e.value) == "EEXIST"
+    # the last page is not cached: a MISSING fault, and CONTINUE there → EFAULT
+    r = asyncio.ensure_future(read_user_bytes(t, a + (n - 1) * P, 1))
+    await _settle()
+    (m,) = await ctx.read(32)
+    assert m.flags == 0
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_continue(ctx, t, a + (n - 1) * P, P)
+    assert errname(e.value) == "EFAULT"
+    await uf.uffdio_zeropage(ctx, t, a + (n - 1) * P, P)
+    assert await r == b"\0"
+    # anon: MINOR registration and CONTINUE → EINVAL
+    b = await mmap_anon(t, P)
+    await uf.uffdio_register(ctx, t, b, P, uf.UFFDIO_REGISTER_MODE_MISSING)
+    with pytest.raises(KernelError) as e:
+        await uf.uffdio_continue(ctx, t, b, P)
+    assert errname(e.value) == "EINVAL"
     await ctx.put()
