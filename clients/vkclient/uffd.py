@@ -63,6 +63,7 @@ __all__ = [
     "UFFD_USER_MODE_ONLY",
     "UffdMessage",
     "Userfaultfd",
+    "continue_",
     "copy",
     "move",
     "poison",
@@ -87,6 +88,13 @@ def zeropage(start: int, length: int, mode: int = 0) -> pb.UffdResolveOp:
 def wake(start: int, length: int) -> pb.UffdResolveOp:
     """A UFFDIO_WAKE operation."""
     return pb.UffdResolveOp(wake=pb.UffdRangeOp(start=start, len=length))
+
+
+def continue_(start: int, length: int, mode: int = 0) -> pb.UffdResolveOp:
+    """A UFFDIO_CONTINUE operation (map the cached shmem page of a MINOR fault)."""
+    op = pb.UffdResolveOp()
+    getattr(op, "continue").CopyFrom(pb.UffdRangeOp(start=start, len=length, mode=mode))
+    return op
 
 
 def move(dst: int, src: int, length: int, mode: int = 0) -> pb.UffdResolveOp:

@@ -18,6 +18,7 @@ from vkclient.uffd import (
     UFFDIO_REGISTER_MODE_WP,
     UFFDIO_WRITEPROTECT_MODE_WP,
     Userfaultfd,
+    continue_,
     copy,
     move,
     poison,
@@ -168,6 +169,33 @@ async def test_move_over_grpc(daemon: Daemon, k: vkclient.Kernel) -> None:
     assert await u.resolve([move(dst, src, 2 * P), move(dst, src, P)]) == [(2 * P, 0), (-17, 17)]
     assert await p.read(dst + P, 2) == b"ss"
     assert await p.read(src, 2) == b"\0\0"
+    await u.close()
+    await p.kill()
+    await p.wait()
+
+
+async def test_continue_over_grpc(daemon: Daemon, k: vkclient.Kernel) -> None:
+    p = await k.spawn("minor")
+    a = await p.mmap(2 * P, flags=vkclient.MAP_SHARED | vkclient.MAP_ANONYMOUS)
+    await p.write(a, b"m" * P)
+    await p.madvise(a, 2 * P, vkclient.MADV_DONTNEED)
+    u = await Userfaultfd.create(k, p.pid, UFFD_USER_MODE_ONLY)
+    await u.api()
+    await u.register(a, 2 * P, 4)  # MINOR
+    flags: list[int] = []
+
+    async def monitor() -> None:
+        async for msgs in u.messages():
+            flags.extend(m.flags for m in msgs)
+            assert await u.resolve([continue_(m.address, P) for m in msgs]) == [(P, 0)]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(monitor)
+        with anyio.fail_after(10):
+            assert await p.read(a, 1) == b"m"
+        tg.cancel_scope.cancel()
+    assert flags == [4]  # UFFD_PAGEFAULT_FLAG_MINOR
+    assert await u.resolve([continue_(a + P, P)]) == [(-14, 14)]  # not cached: EFAULT
     await u.close()
     await p.kill()
     await p.wait()

@@ -206,6 +206,9 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
                 elif kind == "move":
                     mv = op.move
                     done = await uf.uffdio_move(h.ctx, None, mv.dst, mv.src, mv.len, mv.mode)
+                elif kind == "continue":
+                    c = getattr(op, "continue")
+                    done = await uf.uffdio_continue(h.ctx, None, c.start, c.len, c.mode)
                 else:
                     raise einval("an operation names no ioctl", "ops")
                 results.append(pb.UffdResolveResult(result=done, errno=0))

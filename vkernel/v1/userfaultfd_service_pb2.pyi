@@ -337,6 +337,7 @@ class UffdResolveOp(_message.Message):
     WRITEPROTECT_FIELD_NUMBER: _builtins.int
     POISON_FIELD_NUMBER: _builtins.int
     MOVE_FIELD_NUMBER: _builtins.int
+    CONTINUE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def copy(self) -> Global___UffdCopyOp:
         """UFFDIO_COPY."""
@@ -371,11 +372,11 @@ class UffdResolveOp(_message.Message):
         poison: Global___UffdRangeOp | None = ...,
         move: Global___UffdMoveOp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "move", b"move", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["continue", b"continue", "copy", b"copy", "move", b"move", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "move", b"move", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue", b"continue", "copy", b"copy", "move", b"move", "op", b"op", "poison", b"poison", "wake", b"wake", "writeprotect", b"writeprotect", "zeropage", b"zeropage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["copy", "zeropage", "wake", "writeprotect", "poison", "move"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["copy", "zeropage", "wake", "writeprotect", "poison", "move", "continue"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 

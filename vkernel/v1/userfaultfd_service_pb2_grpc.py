@@ -124,8 +124,8 @@ class UserfaultfdServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UffdResolve(self, request, context):
-        """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE
-        operations in order.
+        """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE /
+        CONTINUE operations in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,8 +50,8 @@ class UserfaultfdServiceStub:
     faults before events, FIFO. The stream ends when the uffd is released.
     """
     UffdResolve: _grpc.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.UffdResolveRequest, _userfaultfd_service_pb2.UffdResolveResponse]
-    """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE
-    operations in order.
+    """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE /
+    CONTINUE operations in order.
     """
     GrantUffd: _grpc.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.GrantUffdRequest, _userfaultfd_service_pb2.GrantUffdResponse]
     """GrantUffd makes another session a holder (passing the fd to the monitor)."""
@@ -80,8 +80,8 @@ class UserfaultfdServiceAsyncStub(UserfaultfdServiceStub):
     faults before events, FIFO. The stream ends when the uffd is released.
     """
     UffdResolve: _aio.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.UffdResolveRequest, _userfaultfd_service_pb2.UffdResolveResponse]  # type: ignore[assignment]
-    """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE
-    operations in order.
+    """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE /
+    CONTINUE operations in order.
     """
     GrantUffd: _aio.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.GrantUffdRequest, _userfaultfd_service_pb2.GrantUffdResponse]  # type: ignore[assignment]
     """GrantUffd makes another session a holder (passing the fd to the monitor)."""
@@ -143,8 +143,8 @@ class UserfaultfdServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _userfaultfd_service_pb2.UffdResolveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_userfaultfd_service_pb2.UffdResolveResponse, _abc.Awaitable[_userfaultfd_service_pb2.UffdResolveResponse]]:
-        """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE
-        operations in order.
+        """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE /
+        CONTINUE operations in order.
         """
 
     @_abc_1.abstractmethod
