@@ -101,6 +101,9 @@ class ServeConfig:
     """Page-cache readahead on file reads (--no-readahead)."""
     fault_retry: bool = True
     """Faults may drop mmap_lock to sleep (FAULT_FLAG_ALLOW_RETRY; --no-fault-retry)."""
+    unprivileged_userfaultfd: bool = False
+    """vm.unprivileged_userfaultfd (--unprivileged-userfaultfd): userfaultfd(0) without
+    CAP_SYS_PTRACE."""
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -157,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="faults drop mmap_lock while they sleep on I/O (FAULT_FLAG_ALLOW_RETRY; "
         "VKERNEL_FAULT_RETRY=0 or --no-fault-retry to hold it; default on)",
+    )
+    serve.add_argument(
+        "--unprivileged-userfaultfd",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vm.unprivileged_userfaultfd: userfaultfd without CAP_SYS_PTRACE or "
+        "UFFD_USER_MODE_ONLY (VKERNEL_UNPRIVILEGED_USERFAULTFD=1; default off)",
     )
     return parser
 
@@ -250,7 +260,17 @@ def config_from_args(
             "no",
             "off",
         )
+    if args.unprivileged_userfaultfd is not None:
+        unpriv_uffd = bool(args.unprivileged_userfaultfd)
+    else:
+        unpriv_uffd = (_env(environ, "UNPRIVILEGED_USERFAULTFD") or "0").lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        )
     return ServeConfig(
+        unprivileged_userfaultfd=unpriv_uffd,
         devices=devices,
         readahead=readahead,
         fault_retry=fault_retry,

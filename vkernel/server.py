@@ -155,6 +155,7 @@ async def serve(
             thp=cfg.thp,
             readahead=cfg.readahead,
             fault_retry=cfg.fault_retry,
+            unprivileged_userfaultfd=cfg.unprivileged_userfaultfd,
         )
     )
     if not kernel.vfs.devices:
