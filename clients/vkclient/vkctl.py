@@ -232,6 +232,15 @@ async def cmd_gup_test(args: argparse.Namespace, out: Console) -> int:
         return await gup_test.run_args(k, args)
 
 
+async def cmd_uffd_unit_tests(args: argparse.Namespace, out: Console) -> int:
+    """A subset of the kernel's uffd-unit-tests selftest, over gRPC."""
+    from vkclient import uffd_unit_tests
+
+    async with await _session(args) as k:
+        failed = await uffd_unit_tests.run(k, lambda line: out.print(line, highlight=False))
+    return 1 if failed else 0
+
+
 async def cmd_audit(args: argparse.Namespace, out: Console) -> int:
     """Recompute every frame's counts; exit 1 and list the problems when not clean."""
     async with await _session(args) as k:
@@ -340,6 +349,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "files": (cmd_files, "list files (kind, device, size, page cache)"),
     "audit": (cmd_audit, "check every frame's counts (exit 1 when not clean)"),
     "gup-test": (cmd_gup_test, "port of the kernel's gup_test selftest (-a -b -c -L -u -U …)"),
+    "uffd-unit-tests": (cmd_uffd_unit_tests, "subset of the kernel's uffd-unit-tests selftest"),
 }
 
 

@@ -199,3 +199,11 @@ async def test_continue_over_grpc(daemon: Daemon, k: vkclient.Kernel) -> None:
     await u.close()
     await p.kill()
     await p.wait()
+
+
+async def test_uffd_unit_tests_subset(daemon: Daemon, k: vkclient.Kernel) -> None:
+    from vkclient import uffd_unit_tests
+
+    lines: list[str] = []
+    assert await uffd_unit_tests.run(k, lines.append) == 0, lines
+    assert lines[-1] == f"Userfaults unit tests: pass={len(uffd_unit_tests.TESTS)}, fail=0"
