@@ -49,6 +49,24 @@ _NOT_PFN_PSE = ~(_PAGE_PFN_MASK | _PAGE_PSE) & 0xFFFFFFFFFFFFFFFF
 _ARANGE = np.arange(HPAGE_PMD_NR, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
 
 
+def new_anon_huge_pmd(vma: VMA, head: int, haddr: int) -> int:
+    """folio_add_new_anon_rmap() + mk_huge_pmd(): make a fresh 2 MiB folio anon-exclusive in
+    ``vma`` at ``haddr`` and return the dirty, young PMD that maps it (writable if VM_WRITE)."""
+    mem = vma.mm.mem
+    anon = vma.anon_vma_prepare()
+    sl = slice(head, head + HPAGE_PMD_NR)
+    mem.flags[sl] |= np.uint32(PG_anon | PG_uptodate | PG_swapbacked)
+    mem.flags[head] |= PG_anon_exclusive | PG_lru
+    mem.mapping[sl] = anon.id
+    mem.index[sl] = vma.linear_page_index(haddr) + np.arange(HPAGE_PMD_NR)
+    mem.entire_mapcount[head >> HPAGE_PMD_ORDER] = 1
+    pmd = (head << PAGE_SHIFT) | vma.vm_page_prot | _PAGE_PSE | _PAGE_ACCESSED
+    pmd |= _PAGE_DIRTY | _PAGE_SOFT_DIRTY
+    if vma.vm_flags & VM_WRITE:
+        pmd |= _PAGE_RW
+    return pmd
+
+
 def do_huge_pmd_anonymous_page(vma: VMA, haddr: int, slot: int) -> int:
     """do_huge_pmd_anonymous_page(): map a new zeroed, anon-exclusive 2 MiB folio by one PMD.
 
@@ -65,18 +83,7 @@ def do_huge_pmd_anonymous_page(vma: VMA, haddr: int, slot: int) -> int:
         tlb_remove_table(mm, deposit)
         mm.kernel.vmstat.count("thp_fault_fallback")
         return VM_FAULT_FALLBACK
-    anon = vma.anon_vma_prepare()
-    sl = slice(head, head + HPAGE_PMD_NR)
-    mem.flags[sl] |= np.uint32(PG_anon | PG_uptodate | PG_swapbacked)
-    mem.flags[head] |= PG_anon_exclusive | PG_lru
-    mem.mapping[sl] = anon.id
-    mem.index[sl] = vma.linear_page_index(haddr) + np.arange(HPAGE_PMD_NR)
-    mem.entire_mapcount[head >> HPAGE_PMD_ORDER] = 1
-    pmd = (head << PAGE_SHIFT) | vma.vm_page_prot | _PAGE_PSE | _PAGE_ACCESSED
-    pmd |= _PAGE_DIRTY | _PAGE_SOFT_DIRTY
-    if vma.vm_flags & VM_WRITE:
-        pmd |= _PAGE_RW
-    mem.u64[slot] = pmd
+    mem.u64[slot] = new_anon_huge_pmd(vma, head, haddr)
     mm.deposited[slot] = deposit
     mm.add_rss(MM_ANONPAGES, HPAGE_PMD_NR)
     mm.kernel.vmstat.count("thp_fault_alloc")
@@ -259,18 +266,7 @@ def collapse_huge_page(vma: VMA, haddr: int) -> int:
         mem.put_folios(mem.compound_heads(rpfns))
     mem.zero_maps -= int(np.count_nonzero(~real))
     u[base : base + PTRS_PER_TABLE] = 0
-    anon = vma.anon_vma_prepare()
-    sl = slice(head, head + HPAGE_PMD_NR)
-    mem.flags[sl] |= np.uint32(PG_anon | PG_uptodate | PG_swapbacked)
-    mem.flags[head] |= PG_anon_exclusive | PG_lru
-    mem.mapping[sl] = anon.id
-    mem.index[sl] = vma.linear_page_index(haddr) + np.arange(HPAGE_PMD_NR)
-    mem.entire_mapcount[head >> HPAGE_PMD_ORDER] = 1
-    pmd = (head << PAGE_SHIFT) | vma.vm_page_prot | _PAGE_PSE | _PAGE_ACCESSED
-    pmd |= _PAGE_DIRTY | _PAGE_SOFT_DIRTY
-    if vma.vm_flags & VM_WRITE:
-        pmd |= _PAGE_RW
-    u[slot] = pmd
+    u[slot] = new_anon_huge_pmd(vma, head, haddr)
     mm.deposited[slot] = t
     mm.add_rss(MM_ANONPAGES, HPAGE_PMD_NR - len(rpfns))
     return SCAN_SUCCEED
