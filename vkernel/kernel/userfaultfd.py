@@ -182,6 +182,11 @@ class UffdMsg:
     end: int = 0
     to: int = 0
     length: int = 0
+    fork_ctx: UserfaultfdCtx | None = None
+    """FORK: the child's new uffd (the reader installs it as a new fd; its number goes in
+    ``ufd``)."""
+    fork_task: Task | None = None
+    """FORK: the child task the new uffd belongs to."""
 
 
 class UserfaultWaiter:
