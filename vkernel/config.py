@@ -16,6 +16,8 @@ _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 PAGE_SIZE = 4096
 DEFAULT_DEVICE = "ram0=ram:256M"
 """The block device the daemon gets when none is configured."""
+DIO_GUP_MODES = ("fast", "slow")
+DIO_FOLL_MODES = ("pin", "get")
 
 
 def parse_size(text: str) -> int:
@@ -104,6 +106,12 @@ class ServeConfig:
     unprivileged_userfaultfd: bool = False
     """vm.unprivileged_userfaultfd (--unprivileged-userfaultfd): userfaultfd(0) without
     CAP_SYS_PTRACE."""
+    dio_gup: str = "fast"
+    """O_DIRECT page extraction (--dio-gup): ``fast`` (pin_user_pages_fast) or ``slow``
+    (the *_user_pages_unlocked path under mmap_lock; seed 000's switch)."""
+    dio_foll: str = "pin"
+    """O_DIRECT page references (--dio-foll): ``pin`` (FOLL_PIN) or ``get`` (FOLL_GET;
+    seed 004's switch)."""
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -167,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="vm.unprivileged_userfaultfd: userfaultfd without CAP_SYS_PTRACE or "
         "UFFD_USER_MODE_ONLY (VKERNEL_UNPRIVILEGED_USERFAULTFD=1; default off)",
+    )
+    serve.add_argument(
+        "--dio-gup",
+        choices=DIO_GUP_MODES,
+        help="O_DIRECT/AIO page extraction daemon-wide: fast = pin_user_pages_fast, slow = "
+        "GUP under mmap_lock (VKERNEL_DIO_GUP; default fast)",
+    )
+    serve.add_argument(
+        "--dio-foll",
+        choices=DIO_FOLL_MODES,
+        help="O_DIRECT/AIO page references daemon-wide: pin = FOLL_PIN, get = FOLL_GET "
+        "(VKERNEL_DIO_FOLL; default pin)",
     )
     return parser
 
@@ -269,8 +289,16 @@ def config_from_args(
             "yes",
             "on",
         )
+    dio_gup = pick(args.dio_gup, "DIO_GUP", "fast")
+    if dio_gup not in DIO_GUP_MODES:
+        raise ValueError(f"unknown O_DIRECT GUP mode {dio_gup!r} (fast or slow)")
+    dio_foll = pick(args.dio_foll, "DIO_FOLL", "pin")
+    if dio_foll not in DIO_FOLL_MODES:
+        raise ValueError(f"unknown O_DIRECT FOLL mode {dio_foll!r} (pin or get)")
     return ServeConfig(
         unprivileged_userfaultfd=unpriv_uffd,
+        dio_gup=dio_gup,
+        dio_foll=dio_foll,
         devices=devices,
         readahead=readahead,
         fault_retry=fault_retry,

@@ -156,6 +156,8 @@ async def serve(
             readahead=cfg.readahead,
             fault_retry=cfg.fault_retry,
             unprivileged_userfaultfd=cfg.unprivileged_userfaultfd,
+            dio_gup=cfg.dio_gup,
+            dio_foll=cfg.dio_foll,
         )
     )
     if not kernel.vfs.devices:

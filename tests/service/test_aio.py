@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import anyio
 import pytest
@@ -105,3 +106,48 @@ async def test_session_killed_with_io_in_flight_leaks_nothing(
             assert dev.stats.inflight == 0
     await client.close()
     assert await k.audit() == []
+
+
+async def test_daemon_boots_dio_switches_from_its_config(tmp_path: Path) -> None:
+    """`vkernel serve --dio-gup slow --dio-foll get`: the daemon's kernel boots with them (an
+    O_DIRECT read then takes FOLL_GET references through slow GUP: no pins, no GUP-fast)."""
+    from vkernel.config import build_parser, config_from_args
+    from vkernel.server import serve
+
+    sock = tmp_path / "vk.sock"
+    args = build_parser().parse_args(
+        [
+            *("serve", "--listen", f"unix://{sock}", "--memory", "64M", "--no-prefault"),
+            *("--dio-gup", "slow", "--dio-foll", "get", "--grace", "1"),
+        ]
+    )
+    cfg = config_from_args(args, {}, False)
+    stop = anyio.Event()
+    ready = anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            assert (
+                await serve(
+                    cfg, on_ready=lambda _: ready.set(), shutdown=stop, handle_signals=False
+                )
+                == 0
+            )
+
+        tg.start_soon(run)
+        with anyio.fail_after(10):
+            await ready.wait()
+        async with vkclient.connect(f"unix://{sock}", client_name="t") as k:
+            assert await set_dio_defaults(k) == ("slow", "get")
+            p = await k.spawn("dio")
+            fd = await p.open("f", O_CREAT | O_RDWR | O_DIRECT)
+            a = await p.mmap(P)
+            await p.write(a, b"x" * P)
+            vm0 = await k.vmstat()
+            assert await pwritev(p, fd, [(a, P)], 0) == P
+            assert await preadv(p, fd, [(a, P)], 0) == P
+            vm = await k.vmstat()
+            assert vm["nr_foll_pin_acquired"] == vm0["nr_foll_pin_acquired"]
+            assert vm["fast_gup"] == vm0["fast_gup"]
+            await p.kill()
+        stop.set()

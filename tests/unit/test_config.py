@@ -85,3 +85,20 @@ def test_empty_token_file_refused(tmp_path: Path) -> None:
     token.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         cfg(["--token-file", str(token)])
+
+
+def test_dio_switches_flags_env_defaults() -> None:
+    """--dio-gup / --dio-foll (VKERNEL_DIO_GUP / VKERNEL_DIO_FOLL): flags beat the environment."""
+    c = cfg([])
+    assert (c.dio_gup, c.dio_foll) == ("fast", "pin")
+    env = {"VKERNEL_DIO_GUP": "slow", "VKERNEL_DIO_FOLL": "get"}
+    c = cfg([], env)
+    assert (c.dio_gup, c.dio_foll) == ("slow", "get")
+    c = cfg(["--dio-gup", "fast", "--dio-foll", "pin"], env)
+    assert (c.dio_gup, c.dio_foll) == ("fast", "pin")
+    with pytest.raises(ValueError, match="GUP mode 'medium'"):
+        cfg([], {"VKERNEL_DIO_GUP": "medium"})
+    with pytest.raises(ValueError, match="FOLL mode 'borrow'"):
+        cfg([], {"VKERNEL_DIO_FOLL": "borrow"})
+    with pytest.raises(SystemExit):  # argparse refuses a bad choice on the command line
+        cfg(["--dio-foll", "borrow"])
