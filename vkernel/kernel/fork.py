@@ -42,19 +42,24 @@ from vkernel.kernel.uapi import (
     HPAGE_PMD_ORDER,
     MMF_HAS_PINNED,
     PAGE_SHIFT,
+    PTE_MARKER_POISONED,
     PTRS_PER_TABLE,
     VM_DONTCOPY,
     VM_LOCKED,
     VM_LOCKONFAULT,
     VM_SHARED,
-    VM_UFFD_MINOR,
-    VM_UFFD_MISSING,
     VM_UFFD_WP,
     VM_WIPEONFORK,
     VM_WRITE,
     PG_anon,
     PG_anon_exclusive,
     PG_shmem,
+)
+from vkernel.kernel.userfaultfd import (
+    UserfaultfdForkCtx,
+    dup_userfaultfd,
+    dup_userfaultfd_complete,
+    dup_userfaultfd_fail,
 )
 from vkernel.kernel.vma import VMA, AnonVma
 
@@ -97,6 +102,13 @@ def copy_present_page(dst_vma: VMA, src_pfn: int, src_pte: int, addr: int) -> in
     return pte
 
 
+def copy_pte_markers(dst_vma: VMA, s: np.ndarray, d: np.ndarray, idx: np.ndarray) -> None:
+    """copy_nonpresent_pte() → copy_pte_marker(): PTE_MARKER_POISONED is always copied, the
+    uffd-wp marker only into a VM_UFFD_WP child VMA; a marker left empty is not installed."""
+    keep = np.uint64(PTE_MARKER_POISONED | (_PAGE_UFFD_WP if dst_vma.vm_flags & VM_UFFD_WP else 0))
+    d[idx] = s[idx] & keep
+
+
 def copy_pte_range(dst_vma: VMA, src_vma: VMA, src_t: int, dst_t: int, a: int, b: int) -> None:
     """copy_pte_range()/copy_present_ptes(), vectorised over one leaf table."""
     src_mm = src_vma.mm
@@ -107,7 +119,11 @@ def copy_pte_range(dst_vma: VMA, src_vma: VMA, src_t: int, dst_t: int, a: int, b
     n = (b - a) >> PAGE_SHIFT
     s = u[src_t * PTRS_PER_TABLE + i0 : src_t * PTRS_PER_TABLE + i0 + n]
     d = u[dst_t * PTRS_PER_TABLE + i0 : dst_t * PTRS_PER_TABLE + i0 + n]
-    idx = np.flatnonzero((s & U64_PRESENT) != 0)
+    present = (s & U64_PRESENT) != 0
+    markers = np.flatnonzero((s != 0) & ~present)
+    if len(markers):
+        copy_pte_markers(dst_vma, s, d, markers)
+    idx = np.flatnonzero(present)
     if not len(idx):
         return
     pv = s[idx]
@@ -209,13 +225,20 @@ def copy_huge_pmd(dst_vma: VMA, src_vma: VMA, src_slot: int, addr: int) -> bool:
     return True
 
 
+def vma_needs_copy(dst_vma: VMA, src_vma: VMA) -> bool:
+    """vma_needs_copy(): page tables are copied when there is anonymous memory, or when the
+    child VMA is uffd-wp registered (the protection lives only in the PTEs and markers);
+    otherwise shmem and file pages just refault in the child."""
+    return bool(dst_vma.vm_flags & VM_UFFD_WP) or src_vma.anon_vma is not None
+
+
 def copy_page_range(dst_vma: VMA, src_vma: VMA) -> None:
     """copy_page_range(): copy the page tables of one VMA, COW-protecting private anon memory."""
     src_mm = src_vma.mm
     dst_mm = dst_vma.mm
     u = src_mm.mem.u64
-    if src_vma.anon_vma is None:
-        return  # vma_needs_copy(): nothing anonymous to copy; shmem pages refault in the child
+    if not vma_needs_copy(dst_vma, src_vma):
+        return
     is_cow = src_vma.is_cow_mapping()
     if is_cow:
         src_mm.write_protect_seq += 1  # raw_write_seqcount_begin()
@@ -240,14 +263,14 @@ def copy_page_range(dst_vma: VMA, src_vma: VMA) -> None:
             src_mm.write_protect_seq += 1  # raw_write_seqcount_end()
 
 
-def dup_mmap(mm: MmStruct, oldmm: MmStruct) -> None:
-    """dup_mmap(): copy every VMA except VM_DONTCOPY; VM_WIPEONFORK ones start empty."""
+def dup_mmap(mm: MmStruct, oldmm: MmStruct, fcs: list[UserfaultfdForkCtx]) -> None:
+    """dup_mmap(): copy every VMA except VM_DONTCOPY; VM_WIPEONFORK ones start empty. A
+    registered VMA goes through dup_userfaultfd (``fcs`` collects the new uffds)."""
     mm.mmap_base = oldmm.mmap_base
     for vma in oldmm.vmas:
         if vma.vm_flags & VM_DONTCOPY:
             continue
         flags = vma.vm_flags & ~(VM_LOCKED | VM_LOCKONFAULT)
-        flags &= ~(VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR)
         new = VMA(
             mm=mm,
             vm_start=vma.vm_start,
@@ -257,6 +280,8 @@ def dup_mmap(mm: MmStruct, oldmm: MmStruct) -> None:
             anon_vma=None,
             **vma.file_fields(),  # type: ignore[arg-type]
         )
+        new.uffd_ctx = vma.uffd_ctx  # vm_area_dup() copies vm_userfaultfd_ctx
+        dup_userfaultfd(new, fcs)
         mm.insert_vma(new)
         if vma.vm_flags & VM_WIPEONFORK:
             continue
@@ -271,12 +296,14 @@ async def dup_task(kernel: Kernel, parent: Task) -> Task:
     oldmm = parent.mm
     if oldmm is None:
         raise KernelError(errno.ESRCH, f"process {parent.pid} has no address space")
+    fcs: list[UserfaultfdForkCtx] = []
     async with oldmm.mmap_lock.write(parent):
         oldmm.check_alive()
         mm = MmStruct(kernel)
         try:
-            dup_mmap(mm, oldmm)
+            dup_mmap(mm, oldmm, fcs)
         except KernelError:
+            dup_userfaultfd_fail(fcs)
             mm.exit_mmap()
             raise
     child = Task(
@@ -290,4 +317,21 @@ async def dup_task(kernel: Kernel, parent: Task) -> Task:
     )
     child.mm = mm
     kernel.tasks[child.pid] = child
+    if fcs:
+        # The FORK events go out after mmap_lock is dropped; fork returns once each was read.
+        try:
+            await dup_userfaultfd_complete(fcs, child, parent)
+        except BaseException:
+            _abort_child(kernel, child)
+            raise
+        if parent.fatal_signal_pending():
+            # copy_process(): a fatal signal that arrived meanwhile fails the fork.
+            _abort_child(kernel, child)
+            raise KernelError(errno.EINTR, "fork interrupted by a fatal signal")
     return child
+
+
+def _abort_child(kernel: Kernel, child: Task) -> None:
+    """The bad_fork_* unwinding: the half-made child goes away without being seen."""
+    kernel.do_exit(child)
+    kernel.tasks.pop(child.pid, None)

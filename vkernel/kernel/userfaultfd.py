@@ -211,11 +211,13 @@ class UserfaultWaiter:
 class UffdEventWaiter:
     """A non-cooperative event whose triggering syscall waits until a reader takes it."""
 
-    __slots__ = ("fut", "msg")
+    __slots__ = ("fut", "msg", "read")
 
     def __init__(self, msg: UffdMsg) -> None:
         self.msg = msg
         self.fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.read = False
+        """A reader took it (else it was abandoned: release or a fatal signal)."""
 
     def complete(self) -> None:
         """The event was read (or abandoned on release)."""
@@ -350,6 +352,7 @@ class UserfaultfdCtx:
             out.append(w.msg)
         while len(out) < max_msgs and self.events:
             ev = self.events.popleft()
+            ev.read = True  # a FORK's new ctx reference passes to the reader (its new fd)
             ev.complete()  # userfaultfd_event_complete(): the triggering syscall may go on
             out.append(ev.msg)
         return out
@@ -686,6 +689,10 @@ async def _mfill(
         if mm.dead:
             raise _err(errno.ESRCH, "mm is gone")
         vma = _fill_vma(ctx, dst, dst + length)
+        if not vma.vm_flags & VM_SHARED:
+            # mfill_atomic(): a private destination gets its anon_vma first (markers too: fork
+            # copies a VMA's page tables only when it has one, vma_needs_copy()).
+            vma.anon_vma_prepare()
         mem = mm.mem
         assert callable(fill)
         while done < length:
@@ -944,12 +951,13 @@ async def uffdio_writeprotect(
 
 async def userfaultfd_event_wait_completion(
     ctx: UserfaultfdCtx, msg: UffdMsg, task: Task | None
-) -> None:
+) -> bool:
     """userfaultfd_event_wait_completion(): queue the event, sleep (killable) until a reader
-    takes it; then mmap_changing drops. A released ctx or a killed task abandons it."""
+    takes it; then mmap_changing drops. A released ctx or a killed task abandons it. Returns
+    whether a reader took it (the FORK path releases the new ctx otherwise)."""
     try:
         if ctx.released or (task is not None and task.fatal_signal_pending()):
-            return
+            return False
         ev = UffdEventWaiter(msg)
         ctx.events.append(ev)
         ctx._wake_readers()
@@ -966,6 +974,7 @@ async def userfaultfd_event_wait_completion(
                 task.remove_kill_hook(hook)
             if ev in ctx.events:
                 ctx.events.remove(ev)
+        return ev.read
     finally:
         ctx.mmap_changing -= 1
 
@@ -1051,6 +1060,80 @@ async def mremap_userfaultfd_complete(mm: MmStruct, task: Task | None) -> None:
             for later, _m in pending[i + 1 :]:
                 later.mmap_changing -= 1
             raise
+
+
+# ---- UFFD_EVENT_FORK -----------------------------------------------------------------------------
+
+
+class UserfaultfdForkCtx:
+    """struct userfaultfd_fork_ctx: a parent uffd with EVENT_FORK and the child's new uffd."""
+
+    __slots__ = ("new", "orig")
+
+    def __init__(self, orig: UserfaultfdCtx, new: UserfaultfdCtx) -> None:
+        self.orig = orig
+        self.new = new
+
+
+def userfaultfd_reset_ctx(vma: VMA) -> None:
+    """userfaultfd_reset_ctx(): the VMA forgets its uffd (no VM_UFFD_* flags, no ctx)."""
+    vma.uffd_ctx = None
+    vma.set_flags(vma.vm_flags & ~_VM_UFFD_ANY)
+
+
+def dup_userfaultfd(vma: VMA, fcs: list[UserfaultfdForkCtx]) -> None:
+    """dup_userfaultfd(): the child's copy ``vma`` of a registered VMA. Without EVENT_FORK it
+    loses the registration; with it, it is registered with the child's new ctx (one per
+    parent ctx, same flags and features), and the parent ctx's mmap_changing rises until the
+    FORK event is read. Called by dup_mmap under the parent's mmap_lock, before the page
+    tables are copied (copy_pte_range keeps uffd-wp bits only for a VM_UFFD_WP child VMA)."""
+    octx = vma.uffd_ctx
+    if octx is None:
+        return
+    if not octx.features & UFFD_FEATURE_EVENT_FORK:
+        userfaultfd_reset_ctx(vma)
+        return
+    for f in fcs:
+        if f.orig is octx:
+            vma.uffd_ctx = f.new
+            return
+    ctx = UserfaultfdCtx(vma.mm, octx.flags)
+    ctx.features = octx.features
+    ctx.initialized = True
+    # The one reference of the new ctx: held by the pending FORK event, then by the reader's
+    # new fd (the gRPC layer makes it a handle of the reading session).
+    ctx.holders = 1
+    octx.mmap_changing += 1
+    fcs.append(UserfaultfdForkCtx(octx, ctx))
+    vma.uffd_ctx = ctx
+
+
+async def dup_userfaultfd_complete(
+    fcs: list[UserfaultfdForkCtx], child: Task, task: Task | None
+) -> None:
+    """dup_userfaultfd_complete(): one FORK {new ctx} per parent ctx, each waited for until
+    read (after dup_mmap dropped mmap_lock). An event not read (the parent uffd was closed or
+    the forking task killed) releases the new ctx: the child's VMAs lose the registration."""
+    for i, f in enumerate(fcs):
+        msg = UffdMsg(event=UFFD_EVENT_FORK, fork_ctx=f.new, fork_task=child)
+        try:
+            read = await userfaultfd_event_wait_completion(f.orig, msg, task)
+        except BaseException:
+            dup_userfaultfd_fail(fcs[i + 1 :])
+            f.new.released = True  # not read: nothing else holds it; the fork fails
+            f.new.holders = 0
+            raise
+        if not read:
+            await f.new.put()
+
+
+def dup_userfaultfd_fail(fcs: list[UserfaultfdForkCtx]) -> None:
+    """dup_userfaultfd_fail(): the fork failed before its FORK events went out: drop the
+    parents' mmap_changing and the new ctxs (their mm is torn down by the caller)."""
+    for f in fcs:
+        f.orig.mmap_changing -= 1
+        f.new.released = True
+        f.new.holders = 0
 
 
 # ---- UFFDIO_MOVE ---------------------------------------------------------------------------------
