@@ -113,6 +113,7 @@ if TYPE_CHECKING:
     from vkernel.kernel.fdtable import File
     from vkernel.kernel.mm import MmStruct
     from vkernel.kernel.task import Task
+    from vkernel.kernel.userfaultfd import UserfaultfdUnmapCtx
 
 RLIM_INFINITY = (1 << 64) - 1
 _U64 = (1 << 64) - 1
@@ -292,12 +293,20 @@ def _count_splits(mm: MmStruct, start: int, end: int) -> int:
 # ---- munmap --------------------------------------------------------------------------------------
 
 
-def do_vmi_munmap(mm: MmStruct, start: int, length: int) -> None:
-    """do_vmi_munmap(): remove [start, start+len) (holes are fine), zap pages, free tables."""
+def do_vmi_munmap(
+    mm: MmStruct, start: int, length: int, uf: list[UserfaultfdUnmapCtx] | None = None
+) -> None:
+    """do_vmi_munmap(): remove [start, start+len) (holes are fine), zap pages, free tables.
+    ``uf`` collects the UNMAP events of EVENT_UNMAP uffds (userfaultfd_unmap_prep); the
+    caller sends them once mmap_lock is dropped (userfaultfd_unmap_complete)."""
     end = start + length
     vmas = mm.vmas_in(start, end)
     if not vmas:
         return
+    if uf is not None:
+        from vkernel.kernel.userfaultfd import userfaultfd_unmap_prep
+
+        userfaultfd_unmap_prep(mm, start, end, uf)
     first, last = vmas[0], vmas[-1]
     if (
         first.vm_start < start
@@ -339,13 +348,16 @@ async def sys_munmap(task: Task, addr: int, length: int) -> None:
     mm = _mm_of(task)
     from vkernel.kernel import userfaultfd
 
-    async with mm.mmap_lock.write(task):
-        mm.check_alive()
-        uf = userfaultfd.userfaultfd_unmap_prep(mm, addr, addr + length)
-        do_vmi_munmap(mm, addr, length)
-        await tlb_finish_mmu(mm)  # x86: the table free waits for the shootdown IPI
-    if uf:
-        await userfaultfd.userfaultfd_unmap_complete(task, uf, addr, addr + length)
+    uf: list[userfaultfd.UserfaultfdUnmapCtx] = []
+    try:
+        async with mm.mmap_lock.write(task):
+            mm.check_alive()
+            do_vmi_munmap(mm, addr, length, uf)
+            await tlb_finish_mmu(mm)  # x86: the table free waits for the shootdown IPI
+    finally:
+        # __vm_munmap(): the UNMAP events go out after the unlock, even if the unmap failed.
+        if uf:
+            await userfaultfd.userfaultfd_unmap_complete(task, uf)
 
 
 # ---- mmap ----------------------------------------------------------------------------------------
@@ -359,8 +371,10 @@ def _mmap_region(
     vm_flags: int,
     pgoff: int,
     file: File | None = None,
+    uf: list[UserfaultfdUnmapCtx] | None = None,
 ) -> VMA:
-    """mmap_region(): RLIMIT_AS, unmap what MAP_FIXED covers, create/merge the VMA."""
+    """mmap_region(): RLIMIT_AS, unmap what MAP_FIXED covers (UNMAP events into ``uf``),
+    create/merge the VMA."""
     end = addr + length
     overlap = (
         sum(min(v.vm_end, end) - max(v.vm_start, addr) for v in mm.vmas_in(addr, end)) >> PAGE_SHIFT
@@ -370,7 +384,7 @@ def _mmap_region(
     if overlap:
         if mm.map_count + _count_splits(mm, addr, end) > mm.kernel.sysctl_max_map_count:
             raise KernelError(errno.ENOMEM, "too many mappings", field="addr")
-        do_vmi_munmap(mm, addr, length)
+        do_vmi_munmap(mm, addr, length, uf)
     shmem: ShmemObject | None = None
     vma = VMA(mm=mm, vm_start=addr, vm_end=end, vm_flags=vm_flags, vm_pgoff=pgoff)
     if file is not None:
@@ -444,6 +458,30 @@ async def sys_mmap(
         if vm_flags & VM_GROWSDOWN:
             raise einval("MAP_GROWSDOWN with MAP_SHARED", field="flags")
         vm_flags |= VM_SHARED | VM_MAYSHARE
+    uf: list[UserfaultfdUnmapCtx] = []
+    try:
+        return await _do_mmap(task, mm, addr, length, vm_flags, flags, pgoff, typ, file, uf)
+    finally:
+        # vm_mmap_pgoff(): MAP_FIXED's UNMAP events go out after mmap_lock is dropped.
+        if uf:
+            from vkernel.kernel.userfaultfd import userfaultfd_unmap_complete
+
+            await userfaultfd_unmap_complete(task, uf)
+
+
+async def _do_mmap(
+    task: Task,
+    mm: MmStruct,
+    addr: int,
+    length: int,
+    vm_flags: int,
+    flags: int,
+    pgoff: int,
+    typ: int,
+    file: File | None,
+    uf: list[UserfaultfdUnmapCtx],
+) -> int:
+    """do_mmap() under mmap_lock for write (+ MAP_POPULATE)."""
     async with mm.mmap_lock.write(task):
         mm.check_alive()
         if mm.map_count > mm.kernel.sysctl_max_map_count:
@@ -463,7 +501,7 @@ async def sys_mmap(
                     raise KernelError(errno.EAGAIN, "RLIMIT_MEMLOCK exceeded", field="length")
         if file is None:
             pgoff = addr >> PAGE_SHIFT if typ == MAP_PRIVATE else 0
-        vma = _mmap_region(mm, task, addr, length, vm_flags, pgoff, file)
+        vma = _mmap_region(mm, task, addr, length, vm_flags, pgoff, file, uf)
         await tlb_finish_mmu(mm)  # a MAP_FIXED replacement freed page tables
         populate = (flags & (MAP_POPULATE | MAP_NONBLOCK)) == MAP_POPULATE or vm_flags & VM_LOCKED
         if populate:
@@ -586,8 +624,10 @@ def move_vma(
     new_len: int,
     new_addr: int,
     dontunmap: bool = False,
+    uf_unmap: list[UserfaultfdUnmapCtx] | None = None,
 ) -> int:
-    """move_vma(): new VMA at ``new_addr``, page tables moved over, old range unmapped.
+    """move_vma(): new VMA at ``new_addr``, page tables moved over, old range unmapped (its
+    UNMAP events into ``uf_unmap``: the old VMA is still registered with EVENT_REMAP).
 
     With MREMAP_DONTUNMAP the old range stays mapped but empty (its next faults are fresh).
     """
@@ -619,7 +659,7 @@ def move_vma(
             vma.anon_vma = None  # unlink_anon_vmas(): the emptied VMA starts afresh
     else:
         # The old range's pages are now mapped at the new place; unmap the (now empty) range.
-        do_vmi_munmap(mm, old_addr, old_len)
+        do_vmi_munmap(mm, old_addr, old_len, uf_unmap)
     vma_try_merge_around(mm, new_vma)
     return new_addr
 
@@ -643,19 +683,33 @@ def vma_to_resize(mm: MmStruct, task: Task, addr: int, old_len: int, new_len: in
 async def sys_mremap(
     task: Task, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int = 0
 ) -> int:
-    """mremap(2); REMAP events (EVENT_REMAP) go out after mmap_lock is released."""
+    """mremap(2); the uffd events go out after mmap_lock is released, in Linux's order: UNMAP
+    of the MREMAP_FIXED target, REMAP (EVENT_REMAP), UNMAP of a shrunk or moved-from range."""
+    from vkernel.kernel.userfaultfd import mremap_userfaultfd_complete, userfaultfd_unmap_complete
+
+    uf_unmap_early: list[UserfaultfdUnmapCtx] = []
+    uf_unmap: list[UserfaultfdUnmapCtx] = []
     try:
-        return await _sys_mremap(task, old_addr, old_len, new_len, flags, new_addr)
+        return await _sys_mremap(
+            task, old_addr, old_len, new_len, flags, new_addr, uf_unmap_early, uf_unmap
+        )
     finally:
+        await userfaultfd_unmap_complete(task, uf_unmap_early)
         mm = task.mm
         if mm is not None:
-            from vkernel.kernel.userfaultfd import mremap_userfaultfd_complete
-
             await mremap_userfaultfd_complete(mm, task)
+        await userfaultfd_unmap_complete(task, uf_unmap)
 
 
 async def _sys_mremap(
-    task: Task, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int
+    task: Task,
+    old_addr: int,
+    old_len: int,
+    new_len: int,
+    flags: int,
+    new_addr: int,
+    uf_unmap_early: list[UserfaultfdUnmapCtx],
+    uf_unmap: list[UserfaultfdUnmapCtx],
 ) -> int:
     """mremap(2) under mmap_lock."""
     if flags & ~(MREMAP_FIXED | MREMAP_MAYMOVE | MREMAP_DONTUNMAP):
@@ -681,9 +735,11 @@ async def _sys_mremap(
         if not old_len:
             raise einval("old_size 0 (duplicating a mapping) is not supported", field="old_size")
         if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
-            return _mremap_to(mm, task, old_addr, old_len, new_addr, new_len, flags)
+            return _mremap_to(
+                mm, task, old_addr, old_len, new_addr, new_len, flags, uf_unmap_early, uf_unmap
+            )
         if old_len >= new_len:
-            do_vmi_munmap(mm, old_addr + new_len, old_len - new_len)
+            do_vmi_munmap(mm, old_addr + new_len, old_len - new_len, uf_unmap)
             return old_addr
         vma = vma_to_resize(mm, task, old_addr, old_len, new_len)
         if old_len == vma.vm_end - old_addr:
@@ -711,7 +767,7 @@ async def _sys_mremap(
         if got < 0:
             raise KernelError(-got, "no room for the moved mapping", field="new_size")
         _grow_shmem(vma, old_addr, new_len)
-        return move_vma(mm, task, vma, old_addr, old_len, new_len, got)
+        return move_vma(mm, task, vma, old_addr, old_len, new_len, got, uf_unmap=uf_unmap)
 
 
 def _grow_shmem(vma: VMA, old_addr: int, new_len: int) -> None:
@@ -723,7 +779,15 @@ def _grow_shmem(vma: VMA, old_addr: int, new_len: int) -> None:
 
 
 def _mremap_to(
-    mm: MmStruct, task: Task, addr: int, old_len: int, new_addr: int, new_len: int, flags: int
+    mm: MmStruct,
+    task: Task,
+    addr: int,
+    old_len: int,
+    new_addr: int,
+    new_len: int,
+    flags: int,
+    uf_unmap_early: list[UserfaultfdUnmapCtx],
+    uf_unmap: list[UserfaultfdUnmapCtx],
 ) -> int:
     """mremap_to(): MREMAP_FIXED and/or MREMAP_DONTUNMAP (``new_addr`` is then a hint)."""
     fixed = bool(flags & MREMAP_FIXED)
@@ -739,9 +803,9 @@ def _mremap_to(
     if fixed:
         if new_addr < MMAP_MIN_ADDR:
             raise KernelError(errno.EPERM, "below mmap_min_addr", field="new_address")
-        do_vmi_munmap(mm, new_addr, new_len)
+        do_vmi_munmap(mm, new_addr, new_len, uf_unmap_early)
     if old_len > new_len:
-        do_vmi_munmap(mm, addr + new_len, old_len - new_len)
+        do_vmi_munmap(mm, addr + new_len, old_len - new_len, uf_unmap)
         old_len = new_len
     vma = vma_to_resize(mm, task, addr, old_len, new_len)
     if dontunmap:
@@ -757,7 +821,7 @@ def _mremap_to(
             raise KernelError(-got, "no room for the moved mapping", field="new_size")
         new_addr = got
     _grow_shmem(vma, addr, new_len)
-    return move_vma(mm, task, vma, addr, old_len, new_len, new_addr, dontunmap)
+    return move_vma(mm, task, vma, addr, old_len, new_len, new_addr, dontunmap, uf_unmap)
 
 
 # ---- madvise -------------------------------------------------------------------------------------

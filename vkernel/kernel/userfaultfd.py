@@ -986,26 +986,46 @@ def _event_ctx(vma: VMA, feature: int) -> UserfaultfdCtx | None:
     return ctx
 
 
-def userfaultfd_unmap_prep(mm: MmStruct, start: int, end: int) -> list[UserfaultfdCtx]:
-    """userfaultfd_unmap_prep(): the EVENT_UNMAP ctxs of the VMAs in [start, end) (once each),
-    with mmap_changing raised. Called under mmap_lock for write, before the unmap."""
-    out: list[UserfaultfdCtx] = []
+class UserfaultfdUnmapCtx:
+    """struct userfaultfd_unmap_ctx: an UNMAP {start, end} to send to one uffd."""
+
+    __slots__ = ("ctx", "end", "start")
+
+    def __init__(self, ctx: UserfaultfdCtx, start: int, end: int) -> None:
+        self.ctx = ctx
+        self.start = start
+        self.end = end
+
+
+def userfaultfd_unmap_prep(
+    mm: MmStruct, start: int, end: int, unmaps: list[UserfaultfdUnmapCtx]
+) -> None:
+    """userfaultfd_unmap_prep(): an UNMAP {start, end} for each EVENT_UNMAP ctx of the VMAs in
+    [start, end) (once per ctx and range, has_unmap_ctx), with mmap_changing raised. Called
+    under mmap_lock for write by every do_vmi_munmap path that passes a list: munmap, mmap
+    MAP_FIXED over a mapping, mremap shrinking, mremap's MREMAP_FIXED target and moved-from
+    range."""
     for v in mm.vmas_in(start, end):
         ctx = _event_ctx(v, UFFD_FEATURE_EVENT_UNMAP)
-        if ctx is not None and ctx not in out:
-            ctx.mmap_changing += 1
-            out.append(ctx)
-    return out
+        if ctx is None or any(u.ctx is ctx and u.start == start and u.end == end for u in unmaps):
+            continue
+        ctx.mmap_changing += 1
+        unmaps.append(UserfaultfdUnmapCtx(ctx, start, end))
 
 
-async def userfaultfd_unmap_complete(
-    task: Task | None, ctxs: list[UserfaultfdCtx], start: int, end: int
-) -> None:
-    """userfaultfd_unmap_complete(): after mmap_lock is gone, an UNMAP {start, end} per ctx,
-    each waited for until read (B.66)."""
-    for ctx in ctxs:
-        msg = UffdMsg(event=UFFD_EVENT_UNMAP, start=start, end=end)
-        await userfaultfd_event_wait_completion(ctx, msg, task)
+async def userfaultfd_unmap_complete(task: Task | None, unmaps: list[UserfaultfdUnmapCtx]) -> None:
+    """userfaultfd_unmap_complete(): after mmap_lock is gone, each UNMAP, waited for until read
+    (B.66). The list is emptied."""
+    pending = list(unmaps)
+    unmaps.clear()
+    for i, u in enumerate(pending):
+        try:
+            msg = UffdMsg(event=UFFD_EVENT_UNMAP, start=u.start, end=u.end)
+            await userfaultfd_event_wait_completion(u.ctx, msg, task)
+        except BaseException:
+            for later in pending[i + 1 :]:
+                later.ctx.mmap_changing -= 1
+            raise
 
 
 async def userfaultfd_remove(mm: MmStruct, task: Task | None, start: int, end: int) -> None:
