@@ -8,7 +8,7 @@ import signal as _signal
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +27,9 @@ from vkernel.v1 import (
     system_service_pb2,
     system_service_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from vkclient.uffd import Userfaultfd
 
 T = TypeVar("T")
 
@@ -210,6 +213,38 @@ class Kernel(KernelMemoryMixin, KernelGupMixin, KernelFilesMixin):
     def process(self, pid: int) -> Process:
         """A handle on an existing process by pid (no call is made)."""
         return Process(self, ProcessInfo(pid=pid))
+
+    # ---- userfaultfd --------------------------------------------------------------------
+
+    async def userfaultfd(
+        self, process: Process | int, flags: int = 0, *, features: int | None = 0
+    ) -> Userfaultfd:
+        """userfaultfd(2) on one of this session's processes, then the UFFDIO_API handshake
+        asking for ``features`` (``None``: no handshake, for callers that test it).
+
+        ``flags``: ``O_CLOEXEC``, ``O_NONBLOCK``, ``UFFD_USER_MODE_ONLY`` (without it the
+        process needs CAP_SYS_PTRACE unless the daemon allows unprivileged userfaultfd).
+        Returns a :class:`vkclient.uffd.Userfaultfd` this session holds; ``grant()`` passes
+        it to a monitor session, which uses :meth:`attach_userfaultfd`.
+        """
+        from vkclient.uffd import Userfaultfd
+
+        pid = process if isinstance(process, int) else process.pid
+        uffd = await Userfaultfd.create(self, pid, flags)
+        if features is not None:
+            try:
+                await uffd.api(features)
+            except BaseException:
+                with contextlib.suppress(OSError, VkernelError):
+                    await uffd.close()
+                raise
+        return uffd
+
+    def attach_userfaultfd(self, handle: int) -> Userfaultfd:
+        """A uffd handle granted to this session (no call is made)."""
+        from vkclient.uffd import Userfaultfd
+
+        return Userfaultfd.attach(self, handle)
 
     async def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         return await _call(method(request, metadata=self._metadata, timeout=timeout))

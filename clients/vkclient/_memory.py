@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import signal as _signal
 import sys
 from array import array
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
 from vkclient.constants import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
-from vkclient.errors import from_rpc_error
+from vkclient.errors import UserFaultError, from_rpc_error
 from vkernel.v1 import memory_service_pb2 as pb
 from vkernel.v1 import memory_service_pb2_grpc as pb_grpc
 
@@ -52,6 +54,102 @@ def _ulong(value: int, field: str) -> int:
 
 def _uint(value: int, field: str) -> int:
     return _unsigned(value, 32, field)
+
+
+class AccessStream:
+    """One open ``MemoryService.Access`` stream: a process's loads and stores, one message
+    each way per access (a unary ``read``/``write`` costs about three times that).
+
+    Accesses run in call order, one at a time, like one thread of the process; a fault raises
+    :class:`vkclient.UserFaultError` and the stream goes on. Use ``async with
+    proc.access_stream() as a: data = await a.load(addr, n)``.
+    """
+
+    def __init__(self, kernel: Kernel, pid: int) -> None:
+        self._kernel = kernel
+        self.pid = pid
+        self._call: Any = None
+        self._lock = asyncio.Lock()
+        self._tag = 0
+
+    async def _roundtrip(self, request: pb.AccessRequest) -> pb.AccessResponse:
+        async with self._lock:  # one request and its answer at a time keeps them paired
+            if self._call is None:
+                k = self._kernel
+                self._call = k._memory.Access(metadata=k._metadata)
+            self._tag += 1
+            request.tag = self._tag
+            try:
+                await self._call.write(request)
+                resp = await self._call.read()
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+            if resp is grpc.aio.EOF:
+                raise from_rpc_error(await _ended(self._call))
+            assert isinstance(resp, pb.AccessResponse)
+            return resp
+
+    async def load(self, addr: int, length: int) -> bytes:
+        """A user load of ``length`` bytes (at most 1 MiB) at ``addr``."""
+        resp = await self._roundtrip(
+            pb.AccessRequest(
+                pid=self.pid,
+                kind=pb.ACCESS_KIND_LOAD,
+                addr=_ulong(addr, "addr"),
+                length=_ulong(length, "length"),
+            )
+        )
+        if resp.errno:
+            raise _access_error(resp)
+        return resp.data
+
+    async def store(self, addr: int, data: bytes | bytearray | memoryview) -> int:
+        """A user store of ``data`` (at most 1 MiB) at ``addr``; returns its length."""
+        resp = await self._roundtrip(
+            pb.AccessRequest(
+                pid=self.pid, kind=pb.ACCESS_KIND_STORE, addr=_ulong(addr, "addr"), data=bytes(data)
+            )
+        )
+        if resp.errno:
+            raise _access_error(resp)
+        return resp.bytes_done
+
+    async def close(self) -> None:
+        """End the stream (idempotent)."""
+        call, self._call = self._call, None
+        if call is not None:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await call.done_writing()
+            call.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def _ended(call: Any) -> grpc.RpcError:
+    """The status of a stream the daemon ended, as the RpcError a unary call would raise."""
+    code = await call.code()
+    details = await call.details()
+    trailing = await call.trailing_metadata()
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
+
+
+def _access_error(resp: pb.AccessResponse) -> OSError:
+    """An Access result's errno as the OSError ``read``/``write`` would raise for it."""
+    message = errno.errorcode.get(resp.errno, str(resp.errno))
+    if resp.signal:
+        fault = UserFaultError(
+            resp.errno, f"{_signal.Signals(resp.signal).name} at {resp.fault_address:#x}"
+        )
+        fault.signal = _signal.Signals(resp.signal).name
+        fault.address = resp.fault_address
+        return fault
+    return OSError(resp.errno, message)
 
 
 class KernelMemoryMixin:
@@ -264,6 +362,10 @@ class MemoryMixin:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return resp.bytes_written
+
+    def access_stream(self) -> AccessStream:
+        """An Access stream for this process's loads and stores (opened on first use)."""
+        return AccessStream(self.kernel, self.pid)
 
     # ---- introspection --------------------------------------------------------------------
 

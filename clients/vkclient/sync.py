@@ -173,6 +173,20 @@ class Kernel:
         """A handle on an existing process."""
         return Process(self, self._k.process(pid))
 
+    def userfaultfd(
+        self, process: Process | int, flags: int = 0, *, features: int | None = 0
+    ) -> Any:
+        """userfaultfd(2) + UFFDIO_API: a :class:`vkclient.uffd.Userfaultfd` whose methods
+        block (``u.register(...)``, ``u.resolve([...])``, ``u.serve(source)`` until release;
+        the page source is then called on the SDK's loop thread)."""
+        target = process.pid if isinstance(process, Process) else process
+        uffd = self._portal.call(lambda: self._k.userfaultfd(target, flags, features=features))
+        return _Proxy(self._portal, uffd)
+
+    def attach_userfaultfd(self, handle: int) -> Any:
+        """A uffd handle granted to this session, with blocking methods."""
+        return _Proxy(self._portal, self._k.attach_userfaultfd(handle))
+
     def close(self) -> None:
         """End the session and stop the background loop."""
         try:

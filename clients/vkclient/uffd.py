@@ -16,20 +16,46 @@
 ``(result, errno)`` per operation (result: bytes done, or -errno; errno EAGAIN = partial).
 Closing the last holder (``close()`` or the holder's session ending) is userfaultfd_release:
 blocked faults then complete as ordinary faults.
+
+The fast path is a :class:`ResolveStream` (``uffd.resolver()``: one long-lived stream, one
+message per batch of operations) and, on top of it, :class:`UffdMonitor`, the loop a postcopy
+agent or snapshot loader builds on: it reads messages, coalesces adjacent missing pages into
+one COPY, sends every batch's operations as one stream message, retries what an event made
+fail, and calls back on REMOVE / UNMAP / REMAP / FORK::
+
+    async def pages(start: int, length: int) -> bytes:   # or an int: a src address in
+        return image[start - base : start - base + length]  # the monitor's own process
+
+    mon = uffd.monitor(pages, on_remove=forget)
+    await mon.run()                                        # until the uffd is released
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+import asyncio
+import contextlib
+import errno
+import inspect
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 
-from vkclient.errors import from_rpc_error
-from vkernel.kernel.userfaultfd import (
+import grpc
+
+from vkclient.constants import (
+    PAGE_SIZE,
     UFFD_API,
+    UFFD_EVENT_FORK,
     UFFD_EVENT_PAGEFAULT,
+    UFFD_EVENT_REMAP,
+    UFFD_EVENT_REMOVE,
+    UFFD_EVENT_UNMAP,
     UFFD_FEATURE_EXACT_ADDRESS,
     UFFD_FEATURE_SIGBUS,
     UFFD_FEATURE_THREAD_ID,
+    UFFD_PAGEFAULT_FLAG_MINOR,
     UFFD_PAGEFAULT_FLAG_WP,
     UFFD_PAGEFAULT_FLAG_WRITE,
     UFFD_USER_MODE_ONLY,
@@ -40,6 +66,7 @@ from vkernel.kernel.userfaultfd import (
     UFFDIO_WRITEPROTECT_MODE_WP,
     UFFDIO_ZEROPAGE_MODE_DONTWAKE,
 )
+from vkclient.errors import from_rpc_error
 from vkernel.v1 import userfaultfd_service_pb2 as pb
 from vkernel.v1 import userfaultfd_service_pb2_grpc as pb_grpc
 
@@ -54,17 +81,26 @@ __all__ = [
     "UFFDIO_WRITEPROTECT_MODE_WP",
     "UFFDIO_ZEROPAGE_MODE_DONTWAKE",
     "UFFD_API",
+    "UFFD_EVENT_FORK",
     "UFFD_EVENT_PAGEFAULT",
+    "UFFD_EVENT_REMAP",
+    "UFFD_EVENT_REMOVE",
+    "UFFD_EVENT_UNMAP",
     "UFFD_FEATURE_EXACT_ADDRESS",
     "UFFD_FEATURE_SIGBUS",
     "UFFD_FEATURE_THREAD_ID",
+    "UFFD_PAGEFAULT_FLAG_MINOR",
     "UFFD_PAGEFAULT_FLAG_WP",
     "UFFD_PAGEFAULT_FLAG_WRITE",
     "UFFD_USER_MODE_ONLY",
+    "PageSource",
+    "ResolveStream",
     "UffdMessage",
+    "UffdMonitor",
     "Userfaultfd",
     "continue_",
     "copy",
+    "copy_from",
     "move",
     "poison",
     "wake",
@@ -78,6 +114,14 @@ UffdMessage = pb.UffdMessage
 def copy(dst: int, data: bytes, mode: int = 0) -> pb.UffdResolveOp:
     """A UFFDIO_COPY operation (``data``: whole pages)."""
     return pb.UffdResolveOp(copy=pb.UffdCopyOp(dst=dst, data=data, mode=mode))
+
+
+def copy_from(dst: int, src_pid: int, src: int, length: int, mode: int = 0) -> pb.UffdResolveOp:
+    """A UFFDIO_COPY whose source is ``src`` in process ``src_pid`` (the monitor's own, owned
+    by the resolving session): Linux's ``src``, no page bytes on the wire."""
+    return pb.UffdResolveOp(
+        copy=pb.UffdCopyOp(dst=dst, src_pid=src_pid, src=src, len=length, mode=mode)
+    )
 
 
 def zeropage(start: int, length: int, mode: int = 0) -> pb.UffdResolveOp:
@@ -217,6 +261,18 @@ class Userfaultfd:
         )
         return [(int(x.result), int(x.errno)) for x in r.results]
 
+    def resolver(self) -> ResolveStream:
+        """A :class:`ResolveStream` on this handle (the stream opens on first use)."""
+        return ResolveStream(self)
+
+    def monitor(self, source: PageSource | None = None, **kwargs: Any) -> UffdMonitor:
+        """A :class:`UffdMonitor` serving this handle's faults from ``source``."""
+        return UffdMonitor(self, source, **kwargs)
+
+    async def serve(self, source: PageSource | None = None, **kwargs: Any) -> None:
+        """Serve faults from ``source`` until the uffd is released (``monitor(...).run()``)."""
+        await UffdMonitor(self, source, **kwargs).run()
+
     async def messages(self, max_messages: int = 64) -> AsyncIterator[list[pb.UffdMessage]]:
         """Every read(2)'s batch of messages until the uffd is released."""
         import grpc
@@ -232,3 +288,342 @@ class Userfaultfd:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+
+
+class ResolveStream:
+    """``UffdResolveStream``: batches of operations on one long-lived stream.
+
+    :meth:`submit` sends one batch and returns a future of its results without waiting (a
+    monitor goes back to reading messages while the daemon works); :meth:`resolve` waits.
+    Answers come in request order, so one reader task pairs them with the futures FIFO.
+    """
+
+    def __init__(self, uffd: Userfaultfd) -> None:
+        self.uffd = uffd
+        self._call: Any = None
+        self._pending: deque[tuple[int, asyncio.Future[list[tuple[int, int]]]]] = deque()
+        self._reader: asyncio.Task[None] | None = None
+        self._tag = 0
+        self._error: BaseException | None = None
+
+    def _open(self) -> Any:
+        if self._call is None:
+            k = self.uffd.kernel
+            self._call = self.uffd._stub.UffdResolveStream(metadata=k._metadata)
+            self._reader = asyncio.get_running_loop().create_task(self._read_answers())
+        return self._call
+
+    async def _read_answers(self) -> None:
+        call = self._call
+        try:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    from vkclient._memory import _ended
+
+                    raise from_rpc_error(await _ended(call))
+                tag, fut = self._pending.popleft()
+                if tag != resp.tag:  # the proto promises order; a mismatch is a daemon bug
+                    raise RuntimeError(f"UffdResolveStream answered tag {resp.tag}, not {tag}")
+                if not fut.done():
+                    fut.set_result([(int(x.result), int(x.errno)) for x in resp.results])
+        except grpc.RpcError as e:
+            self._fail(from_rpc_error(e))
+        except asyncio.CancelledError:
+            self._fail(ConnectionError("the resolve stream was closed"))
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to every waiter, not swallowed
+            self._fail(e)
+
+    def _fail(self, err: BaseException) -> None:
+        self._error = err
+        while self._pending:
+            _, fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+
+    async def submit(
+        self, ops: Sequence[pb.UffdResolveOp]
+    ) -> asyncio.Future[list[tuple[int, int]]]:
+        """Send one batch; the future gets ``(result, errno)`` per operation."""
+        if self._error is not None:
+            raise self._error
+        call = self._open()
+        self._tag += 1
+        fut: asyncio.Future[list[tuple[int, int]]] = asyncio.get_running_loop().create_future()
+        self._pending.append((self._tag, fut))
+        try:
+            await call.write(
+                pb.UffdResolveStreamRequest(handle=self.uffd.handle, ops=list(ops), tag=self._tag)
+            )
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            # The daemon ended the stream: the reader reports why to every pending future.
+            pass
+        return fut
+
+    async def resolve(self, ops: Sequence[pb.UffdResolveOp]) -> list[tuple[int, int]]:
+        """Send one batch and wait for its ``(result, errno)`` per operation."""
+        return await (await self.submit(ops))
+
+    async def close(self) -> None:
+        """End the stream once every submitted batch is answered (idempotent)."""
+        call, self._call = self._call, None
+        if call is None:
+            return
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await call.done_writing()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*(f for _, f in list(self._pending)), return_exceptions=True)
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        call.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+PageSource = Callable[[int, int], "bytes | bytearray | memoryview | int | Awaitable[Any] | None"]
+"""What a :class:`UffdMonitor` asks for a run of missing pages ``(start, length)``: their bytes
+(inline COPY), an ``int`` (the run's address in the monitor's own process ``src_pid``: COPY
+from there), or ``None`` (ZEROPAGE). May be a coroutine function."""
+
+EventCallback = Callable[..., Any]
+
+
+@dataclass
+class _Fault:
+    page: int
+    flags: int
+
+
+class UffdMonitor:
+    """The monitor loop: read messages, resolve faults in batches, dispatch events.
+
+    For each read(2) batch it takes the page of every PAGEFAULT message, drops duplicates,
+    cuts the MISSING ones into runs of adjacent pages (at most ``max_run_pages`` each) and
+    asks ``source`` for each run; WP faults are resolved by write-unprotecting their page
+    (``UFFDIO_WRITEPROTECT`` mode 0), MINOR faults by ``UFFDIO_CONTINUE``. All of a batch's
+    operations go out as one :class:`ResolveStream` message. ``on_fault(messages)`` instead
+    of ``source`` takes over planning: it returns the operations itself.
+
+    Results are checked as they come back, without holding up the reading: EEXIST (another
+    COPY won the race) is answered with a WAKE, as the kernel selftests do; with a ``source``,
+    EAGAIN (an event's ``mmap_changing``, or a partial COPY) and ENOENT from a pending
+    UNMAP/REMAP are retried once the next messages (the event) have been read. Other errors
+    (and those, with ``on_fault``) go to ``on_error(op, result, errno)`` (default: raise,
+    ending :meth:`run`).
+
+    Events, after the batch's faults: ``on_remove(start, end)``, ``on_unmap(start, end)``,
+    ``on_remap(from, to, length)``, ``on_fork(child_uffd)`` (a :class:`Userfaultfd` this
+    session now holds). Callbacks may be sync or async.
+    """
+
+    def __init__(
+        self,
+        uffd: Userfaultfd,
+        source: PageSource | None = None,
+        *,
+        src_pid: int = 0,
+        on_fault: Callable[[list[pb.UffdMessage]], Any] | None = None,
+        on_remove: EventCallback | None = None,
+        on_unmap: EventCallback | None = None,
+        on_remap: EventCallback | None = None,
+        on_fork: EventCallback | None = None,
+        on_error: Callable[[pb.UffdResolveOp, int, int], Any] | None = None,
+        max_messages: int = 256,
+        max_run_pages: int = 256,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        if source is None and on_fault is None:
+            raise TypeError("a monitor needs a page source or an on_fault planner")
+        self.uffd = uffd
+        self.source = source
+        self.src_pid = src_pid
+        self.on_fault = on_fault
+        self.on_remove = on_remove
+        self.on_unmap = on_unmap
+        self.on_remap = on_remap
+        self.on_fork = on_fork
+        self.on_error = on_error
+        self.max_messages = max_messages
+        self.max_run_pages = max_run_pages
+        self.page_size = page_size
+        self.stream = uffd.resolver()
+        self.faults = 0
+        """PAGEFAULT messages read so far."""
+        self.ops = 0
+        """Resolution operations sent so far."""
+        self.events = 0
+        """Non-cooperative event messages read so far."""
+        self._retry: list[_Fault] = []
+        self._checks: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+
+    async def run(self) -> None:
+        """Serve until the uffd is released (the message stream ends), then close the stream.
+
+        Raises what ``on_error`` or a callback raised, or the error that ended a stream.
+        """
+        try:
+            async for msgs in self.uffd.messages(self.max_messages):
+                await self.handle(msgs)
+                if self._failure is not None:
+                    raise self._failure
+            if self._checks:
+                await asyncio.gather(*self._checks, return_exceptions=True)
+            if self._failure is not None:
+                raise self._failure
+        finally:
+            for t in list(self._checks):
+                t.cancel()
+            await self.stream.close()
+
+    async def handle(self, msgs: Sequence[pb.UffdMessage]) -> None:
+        """Serve one read(2) batch: its faults (and earlier retries) as one stream message,
+        then its events in order. Public so that a caller with its own read loop reuses it."""
+        faults = [m for m in msgs if m.event == UFFD_EVENT_PAGEFAULT]
+        self.faults += len(faults)
+        if self.on_fault is not None:
+            ops = list(await _maybe_await(self.on_fault(faults))) if faults else []
+            plan: list[list[_Fault]] = [[] for _ in ops]
+        else:
+            pending = [_Fault(m.address - m.address % self.page_size, m.flags) for m in faults]
+            pending += self._retry
+            self._retry = []
+            ops, plan = await self._plan(pending)
+        if ops:
+            self.ops += len(ops)
+            fut = await self.stream.submit(ops)
+            check = asyncio.get_running_loop().create_task(self._check(ops, plan, fut))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+        for m in msgs:
+            if m.event != UFFD_EVENT_PAGEFAULT:
+                self.events += 1
+                await self._event(m)
+
+    async def _plan(
+        self, pending: list[_Fault]
+    ) -> tuple[list[pb.UffdResolveOp], list[list[_Fault]]]:
+        """Operations for the faults: one per run of adjacent pages of the same kind."""
+        by_page: dict[int, int] = {}
+        for f in pending:
+            by_page[f.page] = by_page.get(f.page, 0) | f.flags
+        ops: list[pb.UffdResolveOp] = []
+        plan: list[list[_Fault]] = []
+        run: list[_Fault] = []
+
+        async def flush() -> None:
+            if run:
+                ops.append(await self._op(run))
+                plan.append(list(run))
+                run.clear()
+
+        for page in sorted(by_page):
+            f = _Fault(page, by_page[page])
+            if run and (
+                page != run[-1].page + self.page_size
+                or _kind(f.flags) != _kind(run[-1].flags)
+                or len(run) >= self.max_run_pages
+            ):
+                await flush()
+            run.append(f)
+        await flush()
+        return ops, plan
+
+    async def _op(self, run: list[_Fault]) -> pb.UffdResolveOp:
+        start = run[0].page
+        length = len(run) * self.page_size
+        kind = _kind(run[0].flags)
+        if kind == "wp":
+            return writeprotect(start, length, 0)
+        if kind == "minor":
+            return continue_(start, length)
+        assert self.source is not None
+        got = await _maybe_await(self.source(start, length))
+        if got is None:
+            return zeropage(start, length)
+        if isinstance(got, int):
+            if not self.src_pid:
+                raise TypeError("the page source gave an address but the monitor has no src_pid")
+            return copy_from(start, self.src_pid, got, length)
+        data = bytes(got)
+        if len(data) != length:
+            raise ValueError(f"the page source gave {len(data)} bytes for {length}")
+        return copy(start, data)
+
+    async def _check(
+        self,
+        ops: list[pb.UffdResolveOp],
+        plan: list[list[_Fault]],
+        fut: asyncio.Future[list[tuple[int, int]]],
+    ) -> None:
+        try:
+            results = await fut
+            wakes: list[pb.UffdResolveOp] = []
+            for op, faults, (result, err) in zip(ops, plan, results, strict=True):
+                if not err:
+                    continue
+                if err == errno.EEXIST and (rng := _op_range(op)) is not None:
+                    # Someone else filled the page; make sure this fault's thread wakes.
+                    wakes.append(wake(*rng))
+                elif err in (errno.EAGAIN, errno.ENOENT) and faults:
+                    done = max(result, 0) // self.page_size
+                    self._retry.extend(faults[done:])
+                elif self.on_error is not None:
+                    await _maybe_await(self.on_error(op, result, err))
+                else:
+                    raise OSError(err, f"{op.WhichOneof('op')} failed: {errno.errorcode[err]}")
+            if wakes:
+                await self.stream.submit(wakes)
+        except BaseException as e:
+            if not isinstance(e, asyncio.CancelledError):
+                self._failure = e
+            raise
+
+    async def _event(self, m: pb.UffdMessage) -> None:
+        if m.event == UFFD_EVENT_REMOVE and self.on_remove is not None:
+            await _maybe_await(self.on_remove(m.start, m.end))
+        elif m.event == UFFD_EVENT_UNMAP and self.on_unmap is not None:
+            await _maybe_await(self.on_unmap(m.start, m.end))
+        elif m.event == UFFD_EVENT_REMAP and self.on_remap is not None:
+            await _maybe_await(self.on_remap(m.start, m.end, m.len))
+        elif m.event == UFFD_EVENT_FORK and self.on_fork is not None:
+            await _maybe_await(self.on_fork(Userfaultfd.attach(self.uffd.kernel, m.ufd)))
+        if m.event in (UFFD_EVENT_UNMAP, UFFD_EVENT_REMOVE):
+            # Faults waiting for a retry in a range that is gone have been woken by the
+            # kernel (they re-fault as ordinary faults): drop them instead of filling.
+            self._retry = [f for f in self._retry if not m.start <= f.page < m.end]
+
+
+def _op_range(op: pb.UffdResolveOp) -> tuple[int, int] | None:
+    """The destination range a fill operation covers (what a WAKE after EEXIST names)."""
+    kind = op.WhichOneof("op")
+    if kind == "copy":
+        return op.copy.dst, len(op.copy.data) or op.copy.len
+    if kind in ("zeropage", "continue"):
+        r = getattr(op, kind)
+        return r.start, r.len
+    return None
+
+
+def _kind(flags: int) -> str:
+    if flags & UFFD_PAGEFAULT_FLAG_WP:
+        return "wp"
+    if flags & UFFD_PAGEFAULT_FLAG_MINOR:
+        return "minor"
+    return "missing"
+
+
+async def _maybe_await(value: Any) -> Any:
+    """A callback's result, awaited when it is a coroutine (callbacks may be sync or async)."""
+    if inspect.isawaitable(value):
+        return await value
+    return value

@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 
 from vkernel.api.process import owned_task
-from vkernel.api.rpc import note_pid, require_session
+from vkernel.api.rpc import RpcFailure, note_pid, require_session
 from vkernel.kernel import mm_api
-from vkernel.kernel.errors import einval
+from vkernel.kernel.errors import KernelError, UserFault, einval
 from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.proc import MAX_PAGEMAP_PAGES
 from vkernel.kernel.task import Task
@@ -26,6 +26,8 @@ from vkernel.sessions import SessionTable
 from vkernel.v1 import memory_service_pb2 as pb
 from vkernel.v1 import memory_service_pb2_grpc as pb_grpc
 
+MAX_ACCESS_BYTES = 1 << 20
+"""Bytes one load or store on the Access stream may move (one ReadMemory chunk)."""
 U64_LIMIT = 1 << 64
 """One past the largest unsigned long: a range must not wrap around the address space."""
 _PID_MAX = 2**31 - 1
@@ -151,6 +153,25 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             raise einval("an empty write stream names no process", field="pid")
         return pb.WriteMemoryResponse(bytes_written=written)
 
+    async def Access(
+        self, request_iterator: AsyncIterator[pb.AccessRequest], context: Context
+    ) -> AsyncIterator[pb.AccessResponse]:
+        # A plain linear generator (no task group, no cancel scope), relayed by the
+        # interceptor with context.write. Accesses run one at a time, in order, as one thread
+        # of the process runs its loads and stores: a fault that sleeps holds up the stream.
+        session = require_session(context, self._sessions)
+        task: Task | None = None
+        async for request in request_iterator:
+            if session.closed:  # the client's session ended under its stream
+                raise RpcFailure(
+                    grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
+                )
+            if task is None or task.pid != request.pid:
+                # Ownership never changes, so the lookup is paid once per process, not per
+                # access; a process that exits meanwhile answers ESRCH from its access.
+                task = owned_task(self._kernel, session, request.pid)
+            yield await _access(task, request)
+
     # ---- introspection --------------------------------------------------------------------
 
     async def GetMaps(self, request: pb.GetMapsRequest, context: Context) -> pb.GetMapsResponse:
@@ -194,6 +215,53 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         require_session(context, self._sessions)
         problems = [str(p) for p in mm_api.audit(self._kernel)]
         return pb.AuditResponse(clean=not problems, problems=problems)
+
+
+async def _access(task: Task, request: pb.AccessRequest) -> pb.AccessResponse:
+    """One load or store of an Access stream; a fault is its result, not the stream's end."""
+    addr = request.addr
+    if request.kind == pb.ACCESS_KIND_LOAD:
+        length = request.length
+        if length > MAX_ACCESS_BYTES:
+            raise einval(f"a load of more than {MAX_ACCESS_BYTES} bytes", "length")
+        check_range(addr, length)
+        parts: list[bytes] = []
+        try:
+            async for chunk in mm_api.read_user(task, addr, length):
+                parts.append(_as_bytes(chunk))
+        except KernelError as e:
+            data = b"".join(parts)
+            return _access_error(request.tag, e, data, len(data))
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        return pb.AccessResponse(tag=request.tag, data=data, bytes_done=len(data))
+    if request.kind == pb.ACCESS_KIND_STORE:
+        data = request.data
+        if len(data) > MAX_ACCESS_BYTES:
+            raise einval(f"a store of more than {MAX_ACCESS_BYTES} bytes", "data")
+        check_range(addr, len(data), "data")
+        try:
+            await mm_api.write_user(task, addr, data)
+        except UserFault as e:
+            # write_user stores everything before the faulting byte, so that is the count.
+            done = min(max(e.address - addr, 0), len(data))
+            return _access_error(request.tag, e, b"", done)
+        except KernelError as e:
+            return _access_error(request.tag, e, b"", 0)
+        return pb.AccessResponse(tag=request.tag, bytes_done=len(data))
+    raise einval("an access is neither a load nor a store", "kind")
+
+
+def _access_error(tag: int, e: KernelError, data: bytes, done: int) -> pb.AccessResponse:
+    if isinstance(e, UserFault):
+        return pb.AccessResponse(
+            tag=tag,
+            errno=e.errno,
+            data=data,
+            bytes_done=done,
+            signal=e.signo,
+            fault_address=e.address,
+        )
+    return pb.AccessResponse(tag=tag, errno=e.errno, data=data, bytes_done=done)
 
 
 def _as_bytes(chunk: bytes | memoryview) -> bytes:

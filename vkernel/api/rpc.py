@@ -35,9 +35,14 @@ OPEN_METHODS = frozenset(
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     }
 )
-# Calls that live as long as their client does; shutdown does not wait for them.
+# Calls that live as long as their client does; shutdown does not wait for them (an idle
+# Access stream would otherwise hold the whole grace; server.stop() ends it).
 LONG_LIVED_METHODS = frozenset(
-    {"/vkernel.v1.SessionService/Keepalive", "/grpc.health.v1.Health/Watch"}
+    {
+        "/vkernel.v1.SessionService/Keepalive",
+        "/grpc.health.v1.Health/Watch",
+        "/vkernel.v1.MemoryService/Access",
+    }
 )
 
 

@@ -11,24 +11,29 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
 from vkernel.api.process import owned_task
 from vkernel.api.rpc import RpcFailure, require_session
+from vkernel.kernel import mm_api
 from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.errors import KernelError, einval
 from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.task import Task
+from vkernel.kernel.uapi import PAGE_MASK
 from vkernel.sessions import Session, SessionTable
 from vkernel.v1 import userfaultfd_service_pb2 as pb
 from vkernel.v1 import userfaultfd_service_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_RESOLVE_OPS = 65536
-"""Operations per UffdResolve call."""
+"""Operations per UffdResolve call (and per UffdResolveStream message)."""
+MAX_SRC_COPY = 64 << 20
+"""Bytes one COPY from the monitor's address space may name: the daemon holds them in memory
+between the source loads and the fill."""
 
 
 class UffdHandle:
@@ -96,13 +101,13 @@ class UffdTable:
             t.add_done_callback(self._releases.discard)
 
 
-def _msg(m: uf.UffdMsg) -> pb.UffdMessage:
+def _msg(m: uf.UffdMsg, ufd: int = 0) -> pb.UffdMessage:
     return pb.UffdMessage(
         event=m.event,
         flags=m.flags,
         address=m.address,
         ptid=m.ptid,
-        ufd=m.ufd,
+        ufd=ufd or m.ufd,
         start=m.start,
         end=m.to if m.event == uf.UFFD_EVENT_REMAP else m.end,
         len=m.length,
@@ -173,23 +178,60 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
             msgs = await h.ctx.read(n * uf.UFFD_MSG_SIZE, nonblock=False)
             if not msgs:
                 return  # released
-            yield pb.ReadUffdMessagesResponse(messages=[_msg(m) for m in msgs])
+            yield pb.ReadUffdMessagesResponse(messages=[self._install(session, m) for m in msgs])
+
+    def _install(self, session: Session, m: uf.UffdMsg) -> pb.UffdMessage:
+        """A message as the reader sees it. UFFD_EVENT_FORK carries the child's new uffd: as
+        resolve_userfault_fork() installs it as a new fd of the reader, the reading session
+        becomes its holder (the ctx arrives with that reference) and ``ufd`` is its handle."""
+        if m.event == uf.UFFD_EVENT_FORK and m.fork_ctx is not None and m.fork_task is not None:
+            return _msg(m, self._table.add(session, m.fork_ctx, m.fork_task).id)
+        return _msg(m)
 
     async def UffdResolve(
         self, request: pb.UffdResolveRequest, context: Context
     ) -> pb.UffdResolveResponse:
         session = require_session(context, self._sessions)
         h = self._table.held(session, request.handle)
-        if len(request.ops) > MAX_RESOLVE_OPS:
+        return pb.UffdResolveResponse(results=await self._resolve(session, h, request.ops))
+
+    async def UffdResolveStream(
+        self, request_iterator: AsyncIterator[pb.UffdResolveStreamRequest], context: Context
+    ) -> AsyncIterator[pb.UffdResolveStreamResponse]:
+        # A plain linear generator (no task group, no cancel scope), relayed by the
+        # interceptor with context.write, whose await is the backpressure.
+        session = require_session(context, self._sessions)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
+        async for request in request_iterator:
+            if session.closed:  # the monitor's session ended under its stream
+                raise RpcFailure(
+                    grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
+                )
+            h = self._table.held(session, request.handle)
+            results = await self._resolve(session, h, request.ops)
+            # The faults this request resolved were woken into the ready queue; one trip
+            # through the loop lets them finish (and start their own answers) before this
+            # answer is serialised and sent: the monitor does not wait for it, the faulting
+            # accesses do.
+            await asyncio.sleep(0)
+            yield pb.UffdResolveStreamResponse(tag=request.tag, results=results)
+
+    async def _resolve(
+        self, session: Session, h: UffdHandle, ops: Sequence[pb.UffdResolveOp]
+    ) -> list[pb.UffdResolveResult]:
+        """Run the ioctls in order: one ``(result, errno)`` each (result = bytes done or
+        -errno; errno EAGAIN = partial, the result then being the bytes done)."""
+        if len(ops) > MAX_RESOLVE_OPS:
             raise einval(f"more than {MAX_RESOLVE_OPS} operations", "ops")
         results: list[pb.UffdResolveResult] = []
-        for op in request.ops:
+        for op in ops:
             try:
                 kind = op.WhichOneof("op")
                 if kind == "copy":
-                    done = await uf.uffdio_copy(
-                        h.ctx, None, op.copy.dst, op.copy.data, op.copy.mode
-                    )
+                    done = await self._copy(session, h, op.copy)
                 elif kind == "zeropage":
                     z = op.zeropage
                     done = await uf.uffdio_zeropage(h.ctx, None, z.start, z.len, z.mode)
@@ -216,7 +258,43 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
                 results.append(pb.UffdResolveResult(result=e.done, errno=errno.EAGAIN))
             except KernelError as e:
                 results.append(pb.UffdResolveResult(result=-e.errno, errno=e.errno))
-        return pb.UffdResolveResponse(results=results)
+        return results
+
+    async def _copy(self, session: Session, h: UffdHandle, c: pb.UffdCopyOp) -> int:
+        """UFFDIO_COPY from inline bytes or, as Linux's ``src``, from the monitor's process."""
+        if not c.src_pid:
+            if c.src or c.len:
+                raise einval("src and len need src_pid (the process src lies in)", "src_pid")
+            return await uf.uffdio_copy(h.ctx, None, c.dst, c.data, c.mode)
+        if c.data:
+            raise einval("a COPY names both inline data and a src", "data")
+        if c.dst & ~PAGE_MASK:
+            raise einval("dst not page aligned", "dst")
+        if not c.len or c.len & ~PAGE_MASK:
+            raise einval("len must be a non-zero multiple of the page size", "len")
+        if c.len > MAX_SRC_COPY:
+            raise einval(f"len above {MAX_SRC_COPY} bytes in one COPY", "len")
+        if c.src + c.len > 1 << 64:
+            raise einval("src + len wraps around the address space", "src")
+        src_task = owned_task(self._kernel, session, c.src_pid)
+        # copy_from_user() of the source as the monitor's own loads: pages it has not touched
+        # fault in, an unmapped one stops the copy there (EFAULT; EAGAIN + the bytes before
+        # it when some whole pages were readable, as mfill_atomic's partial result).
+        parts: list[memoryview] = []
+        fault: KernelError | None = None
+        try:
+            async for chunk in mm_api.read_user(src_task, c.src, c.len):
+                parts.append(chunk)
+        except KernelError as e:
+            fault = e
+        data: bytes | memoryview = parts[0] if len(parts) == 1 else b"".join(parts)
+        whole = len(data) & PAGE_MASK
+        if fault is not None and not whole:
+            raise KernelError(errno.EFAULT, f"src {c.src:#x} is not readable", field="src")
+        done = await uf.uffdio_copy(h.ctx, None, c.dst, memoryview(data)[:whole], c.mode)
+        if whole < c.len:
+            raise uf.PartialFill(done, errno.EFAULT)
+        return done
 
     async def GrantUffd(
         self, request: pb.GrantUffdRequest, context: Context

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvkernel/v1/memory_service.proto\x12\nvkernel.v1\")\n\nNamedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03\"q\n\x0bMmapRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x0c\n\x04prot\x18\x04 \x01(\r\x12\r\n\x05\x66lags\x18\x05 \x01(\r\x12\n\n\x02\x66\x64\x18\x06 \x01(\x05\x12\x0e\n\x06offset\x18\x07 \x01(\x03\"\x1c\n\x0cMmapResponse\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\":\n\rMunmapRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\x10\n\x0eMunmapResponse\"J\n\x0fMprotectRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x0c\n\x04prot\x18\x04 \x01(\r\"\x12\n\x10MprotectResponse\"w\n\rMremapRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x10\n\x08old_addr\x18\x02 \x01(\x04\x12\x12\n\nold_length\x18\x03 \x01(\x04\x12\x12\n\nnew_length\x18\x04 \x01(\x04\x12\r\n\x05\x66lags\x18\x05 \x01(\r\x12\x10\n\x08new_addr\x18\x06 \x01(\x04\"\x1e\n\x0eMremapResponse\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\"K\n\x0eMadviseRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x0e\n\x06\x61\x64vice\x18\x04 \x01(\x05\"\x11\n\x0fMadviseResponse\"H\n\x0cMsyncRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\r\n\x05\x66lags\x18\x04 \x01(\x05\"\x0f\n\rMsyncResponse\">\n\x11ReadMemoryRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"0\n\x12ReadMemoryResponse\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"=\n\x12WriteMemoryRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\",\n\x13WriteMemoryResponse\x12\x15\n\rbytes_written\x18\x01 \x01(\x04\"\x1d\n\x0eGetMapsRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"\x1f\n\x0fGetMapsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1e\n\x0fGetSmapsRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\" \n\x10GetSmapsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\">\n\x11GetPagemapRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06npages\x18\x03 \x01(\x04\"3\n\x12GetPagemapResponse\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x0c\"\x1e\n\x0f\x44umpPageRequest\x12\x0b\n\x03pfn\x18\x01 \x01(\x04\"\x88\x02\n\x10\x44umpPageResponse\x12\x0b\n\x03pfn\x18\x01 \x01(\x04\x12\x10\n\x08refcount\x18\x02 \x01(\x03\x12\x10\n\x08mapcount\x18\x03 \x01(\x03\x12\x10\n\x08pincount\x18\x04 \x01(\x03\x12\r\n\x05\x66lags\x18\x05 \x01(\x04\x12\x12\n\nflag_names\x18\x06 \x03(\t\x12\x15\n\rcompound_head\x18\x07 \x01(\x04\x12\x16\n\x0e\x63ompound_order\x18\x08 \x01(\r\x12\x0f\n\x07mapping\x18\t \x01(\t\x12\r\n\x05index\x18\n \x01(\x04\x12\x17\n\x0f\x65ntire_mapcount\x18\x0b \x01(\x03\x12\x0c\n\x04zone\x18\x0c \x01(\t\x12\x18\n\x10maybe_dma_pinned\x18\r \x01(\x08\"&\n\x17GetMmapLockStatsRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"A\n\x18GetMmapLockStatsResponse\x12%\n\x05stats\x18\x01 \x03(\x0b\x32\x16.vkernel.v1.NamedValue\"&\n\x17GetProcessStatusRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"B\n\x18GetProcessStatusResponse\x12&\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x16.vkernel.v1.NamedValue\"\x0e\n\x0c\x41uditRequest\"0\n\rAuditResponse\x12\r\n\x05\x63lean\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t2\xd1\x08\n\rMemoryService\x12\x39\n\x04Mmap\x12\x17.vkernel.v1.MmapRequest\x1a\x18.vkernel.v1.MmapResponse\x12?\n\x06Munmap\x12\x19.vkernel.v1.MunmapRequest\x1a\x1a.vkernel.v1.MunmapResponse\x12\x45\n\x08Mprotect\x12\x1b.vkernel.v1.MprotectRequest\x1a\x1c.vkernel.v1.MprotectResponse\x12?\n\x06Mremap\x12\x19.vkernel.v1.MremapRequest\x1a\x1a.vkernel.v1.MremapResponse\x12\x42\n\x07Madvise\x12\x1a.vkernel.v1.MadviseRequest\x1a\x1b.vkernel.v1.MadviseResponse\x12<\n\x05Msync\x12\x18.vkernel.v1.MsyncRequest\x1a\x19.vkernel.v1.MsyncResponse\x12M\n\nReadMemory\x12\x1d.vkernel.v1.ReadMemoryRequest\x1a\x1e.vkernel.v1.ReadMemoryResponse0\x01\x12P\n\x0bWriteMemory\x12\x1e.vkernel.v1.WriteMemoryRequest\x1a\x1f.vkernel.v1.WriteMemoryResponse(\x01\x12\x42\n\x07GetMaps\x12\x1a.vkernel.v1.GetMapsRequest\x1a\x1b.vkernel.v1.GetMapsResponse\x12\x45\n\x08GetSmaps\x12\x1b.vkernel.v1.GetSmapsRequest\x1a\x1c.vkernel.v1.GetSmapsResponse\x12K\n\nGetPagemap\x12\x1d.vkernel.v1.GetPagemapRequest\x1a\x1e.vkernel.v1.GetPagemapResponse\x12\x45\n\x08\x44umpPage\x12\x1b.vkernel.v1.DumpPageRequest\x1a\x1c.vkernel.v1.DumpPageResponse\x12]\n\x10GetMmapLockStats\x12#.vkernel.v1.GetMmapLockStatsRequest\x1a$.vkernel.v1.GetMmapLockStatsResponse\x12]\n\x10GetProcessStatus\x12#.vkernel.v1.GetProcessStatusRequest\x1a$.vkernel.v1.GetProcessStatusResponse\x12<\n\x05\x41udit\x12\x18.vkernel.v1.AuditRequest\x1a\x19.vkernel.v1.AuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvkernel/v1/memory_service.proto\x12\nvkernel.v1\")\n\nNamedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03\"q\n\x0bMmapRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x0c\n\x04prot\x18\x04 \x01(\r\x12\r\n\x05\x66lags\x18\x05 \x01(\r\x12\n\n\x02\x66\x64\x18\x06 \x01(\x05\x12\x0e\n\x06offset\x18\x07 \x01(\x03\"\x1c\n\x0cMmapResponse\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\":\n\rMunmapRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\x10\n\x0eMunmapResponse\"J\n\x0fMprotectRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x0c\n\x04prot\x18\x04 \x01(\r\"\x12\n\x10MprotectResponse\"w\n\rMremapRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x10\n\x08old_addr\x18\x02 \x01(\x04\x12\x12\n\nold_length\x18\x03 \x01(\x04\x12\x12\n\nnew_length\x18\x04 \x01(\x04\x12\r\n\x05\x66lags\x18\x05 \x01(\r\x12\x10\n\x08new_addr\x18\x06 \x01(\x04\"\x1e\n\x0eMremapResponse\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\"K\n\x0eMadviseRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x0e\n\x06\x61\x64vice\x18\x04 \x01(\x05\"\x11\n\x0fMadviseResponse\"H\n\x0cMsyncRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\r\n\x05\x66lags\x18\x04 \x01(\x05\"\x0f\n\rMsyncResponse\">\n\x11ReadMemoryRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"0\n\x12ReadMemoryResponse\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"=\n\x12WriteMemoryRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\",\n\x13WriteMemoryResponse\x12\x15\n\rbytes_written\x18\x01 \x01(\x04\"{\n\rAccessRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.vkernel.v1.AccessKind\x12\x0c\n\x04\x61\x64\x64r\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0b\n\x03tag\x18\x06 \x01(\x04\"u\n\x0e\x41\x63\x63\x65ssResponse\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\r\n\x05\x65rrno\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\nbytes_done\x18\x04 \x01(\x04\x12\x0e\n\x06signal\x18\x05 \x01(\x05\x12\x15\n\rfault_address\x18\x06 \x01(\x04\"\x1d\n\x0eGetMapsRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"\x1f\n\x0fGetMapsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1e\n\x0fGetSmapsRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\" \n\x10GetSmapsResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\">\n\x11GetPagemapRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\x04\x12\x0e\n\x06npages\x18\x03 \x01(\x04\"3\n\x12GetPagemapResponse\x12\x0c\n\x04\x61\x64\x64r\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x0c\"\x1e\n\x0f\x44umpPageRequest\x12\x0b\n\x03pfn\x18\x01 \x01(\x04\"\x88\x02\n\x10\x44umpPageResponse\x12\x0b\n\x03pfn\x18\x01 \x01(\x04\x12\x10\n\x08refcount\x18\x02 \x01(\x03\x12\x10\n\x08mapcount\x18\x03 \x01(\x03\x12\x10\n\x08pincount\x18\x04 \x01(\x03\x12\r\n\x05\x66lags\x18\x05 \x01(\x04\x12\x12\n\nflag_names\x18\x06 \x03(\t\x12\x15\n\rcompound_head\x18\x07 \x01(\x04\x12\x16\n\x0e\x63ompound_order\x18\x08 \x01(\r\x12\x0f\n\x07mapping\x18\t \x01(\t\x12\r\n\x05index\x18\n \x01(\x04\x12\x17\n\x0f\x65ntire_mapcount\x18\x0b \x01(\x03\x12\x0c\n\x04zone\x18\x0c \x01(\t\x12\x18\n\x10maybe_dma_pinned\x18\r \x01(\x08\"&\n\x17GetMmapLockStatsRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"A\n\x18GetMmapLockStatsResponse\x12%\n\x05stats\x18\x01 \x03(\x0b\x32\x16.vkernel.v1.NamedValue\"&\n\x17GetProcessStatusRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"B\n\x18GetProcessStatusResponse\x12&\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x16.vkernel.v1.NamedValue\"\x0e\n\x0c\x41uditRequest\"0\n\rAuditResponse\x12\r\n\x05\x63lean\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t*V\n\nAccessKind\x12\x1b\n\x17\x41\x43\x43\x45SS_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41\x43\x43\x45SS_KIND_LOAD\x10\x01\x12\x15\n\x11\x41\x43\x43\x45SS_KIND_STORE\x10\x02\x32\x96\t\n\rMemoryService\x12\x39\n\x04Mmap\x12\x17.vkernel.v1.MmapRequest\x1a\x18.vkernel.v1.MmapResponse\x12?\n\x06Munmap\x12\x19.vkernel.v1.MunmapRequest\x1a\x1a.vkernel.v1.MunmapResponse\x12\x45\n\x08Mprotect\x12\x1b.vkernel.v1.MprotectRequest\x1a\x1c.vkernel.v1.MprotectResponse\x12?\n\x06Mremap\x12\x19.vkernel.v1.MremapRequest\x1a\x1a.vkernel.v1.MremapResponse\x12\x42\n\x07Madvise\x12\x1a.vkernel.v1.MadviseRequest\x1a\x1b.vkernel.v1.MadviseResponse\x12<\n\x05Msync\x12\x18.vkernel.v1.MsyncRequest\x1a\x19.vkernel.v1.MsyncResponse\x12M\n\nReadMemory\x12\x1d.vkernel.v1.ReadMemoryRequest\x1a\x1e.vkernel.v1.ReadMemoryResponse0\x01\x12P\n\x0bWriteMemory\x12\x1e.vkernel.v1.WriteMemoryRequest\x1a\x1f.vkernel.v1.WriteMemoryResponse(\x01\x12\x43\n\x06\x41\x63\x63\x65ss\x12\x19.vkernel.v1.AccessRequest\x1a\x1a.vkernel.v1.AccessResponse(\x01\x30\x01\x12\x42\n\x07GetMaps\x12\x1a.vkernel.v1.GetMapsRequest\x1a\x1b.vkernel.v1.GetMapsResponse\x12\x45\n\x08GetSmaps\x12\x1b.vkernel.v1.GetSmapsRequest\x1a\x1c.vkernel.v1.GetSmapsResponse\x12K\n\nGetPagemap\x12\x1d.vkernel.v1.GetPagemapRequest\x1a\x1e.vkernel.v1.GetPagemapResponse\x12\x45\n\x08\x44umpPage\x12\x1b.vkernel.v1.DumpPageRequest\x1a\x1c.vkernel.v1.DumpPageResponse\x12]\n\x10GetMmapLockStats\x12#.vkernel.v1.GetMmapLockStatsRequest\x1a$.vkernel.v1.GetMmapLockStatsResponse\x12]\n\x10GetProcessStatus\x12#.vkernel.v1.GetProcessStatusRequest\x1a$.vkernel.v1.GetProcessStatusResponse\x12<\n\x05\x41udit\x12\x18.vkernel.v1.AuditRequest\x1a\x19.vkernel.v1.AuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vkernel.v1.memory_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ACCESSKIND']._serialized_start=2043
+  _globals['_ACCESSKIND']._serialized_end=2129
   _globals['_NAMEDVALUE']._serialized_start=47
   _globals['_NAMEDVALUE']._serialized_end=88
   _globals['_MMAPREQUEST']._serialized_start=90
@@ -65,34 +67,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WRITEMEMORYREQUEST']._serialized_end=924
   _globals['_WRITEMEMORYRESPONSE']._serialized_start=926
   _globals['_WRITEMEMORYRESPONSE']._serialized_end=970
-  _globals['_GETMAPSREQUEST']._serialized_start=972
-  _globals['_GETMAPSREQUEST']._serialized_end=1001
-  _globals['_GETMAPSRESPONSE']._serialized_start=1003
-  _globals['_GETMAPSRESPONSE']._serialized_end=1034
-  _globals['_GETSMAPSREQUEST']._serialized_start=1036
-  _globals['_GETSMAPSREQUEST']._serialized_end=1066
-  _globals['_GETSMAPSRESPONSE']._serialized_start=1068
-  _globals['_GETSMAPSRESPONSE']._serialized_end=1100
-  _globals['_GETPAGEMAPREQUEST']._serialized_start=1102
-  _globals['_GETPAGEMAPREQUEST']._serialized_end=1164
-  _globals['_GETPAGEMAPRESPONSE']._serialized_start=1166
-  _globals['_GETPAGEMAPRESPONSE']._serialized_end=1217
-  _globals['_DUMPPAGEREQUEST']._serialized_start=1219
-  _globals['_DUMPPAGEREQUEST']._serialized_end=1249
-  _globals['_DUMPPAGERESPONSE']._serialized_start=1252
-  _globals['_DUMPPAGERESPONSE']._serialized_end=1516
-  _globals['_GETMMAPLOCKSTATSREQUEST']._serialized_start=1518
-  _globals['_GETMMAPLOCKSTATSREQUEST']._serialized_end=1556
-  _globals['_GETMMAPLOCKSTATSRESPONSE']._serialized_start=1558
-  _globals['_GETMMAPLOCKSTATSRESPONSE']._serialized_end=1623
-  _globals['_GETPROCESSSTATUSREQUEST']._serialized_start=1625
-  _globals['_GETPROCESSSTATUSREQUEST']._serialized_end=1663
-  _globals['_GETPROCESSSTATUSRESPONSE']._serialized_start=1665
-  _globals['_GETPROCESSSTATUSRESPONSE']._serialized_end=1731
-  _globals['_AUDITREQUEST']._serialized_start=1733
-  _globals['_AUDITREQUEST']._serialized_end=1747
-  _globals['_AUDITRESPONSE']._serialized_start=1749
-  _globals['_AUDITRESPONSE']._serialized_end=1797
-  _globals['_MEMORYSERVICE']._serialized_start=1800
-  _globals['_MEMORYSERVICE']._serialized_end=2905
+  _globals['_ACCESSREQUEST']._serialized_start=972
+  _globals['_ACCESSREQUEST']._serialized_end=1095
+  _globals['_ACCESSRESPONSE']._serialized_start=1097
+  _globals['_ACCESSRESPONSE']._serialized_end=1214
+  _globals['_GETMAPSREQUEST']._serialized_start=1216
+  _globals['_GETMAPSREQUEST']._serialized_end=1245
+  _globals['_GETMAPSRESPONSE']._serialized_start=1247
+  _globals['_GETMAPSRESPONSE']._serialized_end=1278
+  _globals['_GETSMAPSREQUEST']._serialized_start=1280
+  _globals['_GETSMAPSREQUEST']._serialized_end=1310
+  _globals['_GETSMAPSRESPONSE']._serialized_start=1312
+  _globals['_GETSMAPSRESPONSE']._serialized_end=1344
+  _globals['_GETPAGEMAPREQUEST']._serialized_start=1346
+  _globals['_GETPAGEMAPREQUEST']._serialized_end=1408
+  _globals['_GETPAGEMAPRESPONSE']._serialized_start=1410
+  _globals['_GETPAGEMAPRESPONSE']._serialized_end=1461
+  _globals['_DUMPPAGEREQUEST']._serialized_start=1463
+  _globals['_DUMPPAGEREQUEST']._serialized_end=1493
+  _globals['_DUMPPAGERESPONSE']._serialized_start=1496
+  _globals['_DUMPPAGERESPONSE']._serialized_end=1760
+  _globals['_GETMMAPLOCKSTATSREQUEST']._serialized_start=1762
+  _globals['_GETMMAPLOCKSTATSREQUEST']._serialized_end=1800
+  _globals['_GETMMAPLOCKSTATSRESPONSE']._serialized_start=1802
+  _globals['_GETMMAPLOCKSTATSRESPONSE']._serialized_end=1867
+  _globals['_GETPROCESSSTATUSREQUEST']._serialized_start=1869
+  _globals['_GETPROCESSSTATUSREQUEST']._serialized_end=1907
+  _globals['_GETPROCESSSTATUSRESPONSE']._serialized_start=1909
+  _globals['_GETPROCESSSTATUSRESPONSE']._serialized_end=1975
+  _globals['_AUDITREQUEST']._serialized_start=1977
+  _globals['_AUDITREQUEST']._serialized_end=1991
+  _globals['_AUDITRESPONSE']._serialized_start=1993
+  _globals['_AUDITRESPONSE']._serialized_end=2041
+  _globals['_MEMORYSERVICE']._serialized_start=2132
+  _globals['_MEMORYSERVICE']._serialized_end=3306
 # @@protoc_insertion_point(module_scope)

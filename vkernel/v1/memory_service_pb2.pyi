@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AccessKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AccessKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccessKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACCESS_KIND_UNSPECIFIED: _AccessKind.ValueType  # 0
+    """Not set; invalid."""
+    ACCESS_KIND_LOAD: _AccessKind.ValueType  # 1
+    """A load of length bytes."""
+    ACCESS_KIND_STORE: _AccessKind.ValueType  # 2
+    """A store of data."""
+
+class AccessKind(_AccessKind, metaclass=_AccessKindEnumTypeWrapper):
+    """AccessKind says whether an access loads or stores."""
+
+ACCESS_KIND_UNSPECIFIED: AccessKind.ValueType  # 0
+"""Not set; invalid."""
+ACCESS_KIND_LOAD: AccessKind.ValueType  # 1
+"""A load of length bytes."""
+ACCESS_KIND_STORE: AccessKind.ValueType  # 2
+"""A store of data."""
+Global___AccessKind: _TypeAlias = AccessKind  # noqa: Y015
 
 @_typing.final
 class NamedValue(_message.Message):
@@ -487,6 +512,92 @@ class WriteMemoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WriteMemoryResponse: _TypeAlias = WriteMemoryResponse  # noqa: Y015
+
+@_typing.final
+class AccessRequest(_message.Message):
+    """AccessRequest is one user access on the Access stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    """The process (owned by the caller) that accesses its memory."""
+    kind: Global___AccessKind.ValueType
+    """Load or store."""
+    addr: _builtins.int
+    """The first address."""
+    length: _builtins.int
+    """Load: the number of bytes (at most 1 MiB). Ignored for a store."""
+    data: _builtins.bytes
+    """Store: the bytes (at most 1 MiB). Ignored for a load."""
+    tag: _builtins.int
+    """Echoed in the response, for the client to match answers to requests."""
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        kind: Global___AccessKind.ValueType = ...,
+        addr: _builtins.int = ...,
+        length: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        tag: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "data", b"data", "kind", b"kind", "length", b"length", "pid", b"pid", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessRequest: _TypeAlias = AccessRequest  # noqa: Y015
+
+@_typing.final
+class AccessResponse(_message.Message):
+    """AccessResponse is the outcome of one access."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    ERRNO_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    FAULT_ADDRESS_FIELD_NUMBER: _builtins.int
+    tag: _builtins.int
+    """The request's tag."""
+    errno: _builtins.int
+    """0 when the whole access was done; else its errno (EFAULT for a fault, EINTR when the
+    process was killed while a fault slept, ESRCH when it has no address space).
+    """
+    data: _builtins.bytes
+    """Load: the bytes read (with an error, those before the faulting byte)."""
+    bytes_done: _builtins.int
+    """The number of bytes loaded or stored before the end or the fault."""
+    signal: _builtins.int
+    """With EFAULT: the signal the CPU raised (SIGSEGV 11, SIGBUS 7), else 0."""
+    fault_address: _builtins.int
+    """With EFAULT: the faulting address (si_addr)."""
+    def __init__(
+        self,
+        *,
+        tag: _builtins.int = ...,
+        errno: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        bytes_done: _builtins.int = ...,
+        signal: _builtins.int = ...,
+        fault_address: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "data", b"data", "errno", b"errno", "fault_address", b"fault_address", "signal", b"signal", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessResponse: _TypeAlias = AccessResponse  # noqa: Y015
 
 @_typing.final
 class GetMapsRequest(_message.Message):

@@ -86,6 +86,11 @@ class MemoryServiceStub:
                 request_serializer=vkernel_dot_v1_dot_memory__service__pb2.WriteMemoryRequest.SerializeToString,
                 response_deserializer=vkernel_dot_v1_dot_memory__service__pb2.WriteMemoryResponse.FromString,
                 _registered_method=True)
+        self.Access = channel.stream_stream(
+                '/vkernel.v1.MemoryService/Access',
+                request_serializer=vkernel_dot_v1_dot_memory__service__pb2.AccessRequest.SerializeToString,
+                response_deserializer=vkernel_dot_v1_dot_memory__service__pb2.AccessResponse.FromString,
+                _registered_method=True)
         self.GetMaps = channel.unary_unary(
                 '/vkernel.v1.MemoryService/GetMaps',
                 request_serializer=vkernel_dot_v1_dot_memory__service__pb2.GetMapsRequest.SerializeToString,
@@ -204,6 +209,21 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Access(self, request_iterator, context):
+        """Access is a long-lived bidirectional stream of user loads and stores on the caller's
+        processes, run one at a time in arrival order as one thread of the process would run
+        them (faults included: an access into a userfaultfd range waits until the monitor
+        resolves it). Every request is answered by one response with the same tag. Why a
+        stream: a fault round trip through a userfaultfd monitor is dominated by RPC costs, and
+        one message each way on an open stream is about a third of a unary call. A fault is the
+        access's own result (errno EFAULT with the signal and the address), the stream goes on;
+        a malformed request (kind unset, a load above 1 MiB, a pid not the caller's) ends the
+        stream with its errno's status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetMaps(self, request, context):
         """GetMaps returns /proc/PID/maps. Allowed for any session's process.
         """
@@ -298,6 +318,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.WriteMemory,
                     request_deserializer=vkernel_dot_v1_dot_memory__service__pb2.WriteMemoryRequest.FromString,
                     response_serializer=vkernel_dot_v1_dot_memory__service__pb2.WriteMemoryResponse.SerializeToString,
+            ),
+            'Access': grpc.stream_stream_rpc_method_handler(
+                    servicer.Access,
+                    request_deserializer=vkernel_dot_v1_dot_memory__service__pb2.AccessRequest.FromString,
+                    response_serializer=vkernel_dot_v1_dot_memory__service__pb2.AccessResponse.SerializeToString,
             ),
             'GetMaps': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMaps,
@@ -563,6 +588,33 @@ class MemoryService:
             '/vkernel.v1.MemoryService/WriteMemory',
             vkernel_dot_v1_dot_memory__service__pb2.WriteMemoryRequest.SerializeToString,
             vkernel_dot_v1_dot_memory__service__pb2.WriteMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Access(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vkernel.v1.MemoryService/Access',
+            vkernel_dot_v1_dot_memory__service__pb2.AccessRequest.SerializeToString,
+            vkernel_dot_v1_dot_memory__service__pb2.AccessResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,17 @@ class MemoryServiceStub:
     back from addr. A single message is a complete small write. A fault ends the call with
     FAILED_PRECONDITION (EFAULT) naming the signal and the address.
     """
+    Access: _grpc.StreamStreamMultiCallable[_memory_service_pb2.AccessRequest, _memory_service_pb2.AccessResponse]
+    """Access is a long-lived bidirectional stream of user loads and stores on the caller's
+    processes, run one at a time in arrival order as one thread of the process would run
+    them (faults included: an access into a userfaultfd range waits until the monitor
+    resolves it). Every request is answered by one response with the same tag. Why a
+    stream: a fault round trip through a userfaultfd monitor is dominated by RPC costs, and
+    one message each way on an open stream is about a third of a unary call. A fault is the
+    access's own result (errno EFAULT with the signal and the address), the stream goes on;
+    a malformed request (kind unset, a load above 1 MiB, a pid not the caller's) ends the
+    stream with its errno's status.
+    """
     GetMaps: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.GetMapsRequest, _memory_service_pb2.GetMapsResponse]
     """GetMaps returns /proc/PID/maps. Allowed for any session's process."""
     GetSmaps: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.GetSmapsRequest, _memory_service_pb2.GetSmapsResponse]
@@ -140,6 +151,17 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     carries pid and addr, every message may carry data, and the chunks are written back to
     back from addr. A single message is a complete small write. A fault ends the call with
     FAILED_PRECONDITION (EFAULT) naming the signal and the address.
+    """
+    Access: _aio.StreamStreamMultiCallable[_memory_service_pb2.AccessRequest, _memory_service_pb2.AccessResponse]  # type: ignore[assignment]
+    """Access is a long-lived bidirectional stream of user loads and stores on the caller's
+    processes, run one at a time in arrival order as one thread of the process would run
+    them (faults included: an access into a userfaultfd range waits until the monitor
+    resolves it). Every request is answered by one response with the same tag. Why a
+    stream: a fault round trip through a userfaultfd monitor is dominated by RPC costs, and
+    one message each way on an open stream is about a third of a unary call. A fault is the
+    access's own result (errno EFAULT with the signal and the address), the stream goes on;
+    a malformed request (kind unset, a load above 1 MiB, a pid not the caller's) ends the
+    stream with its errno's status.
     """
     GetMaps: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.GetMapsRequest, _memory_service_pb2.GetMapsResponse]  # type: ignore[assignment]
     """GetMaps returns /proc/PID/maps. Allowed for any session's process."""
@@ -252,6 +274,23 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         carries pid and addr, every message may carry data, and the chunks are written back to
         back from addr. A single message is a complete small write. A fault ends the call with
         FAILED_PRECONDITION (EFAULT) naming the signal and the address.
+        """
+
+    @_abc_1.abstractmethod
+    def Access(
+        self,
+        request_iterator: _MaybeAsyncIterator[_memory_service_pb2.AccessRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memory_service_pb2.AccessResponse], _abc.AsyncIterator[_memory_service_pb2.AccessResponse]]:
+        """Access is a long-lived bidirectional stream of user loads and stores on the caller's
+        processes, run one at a time in arrival order as one thread of the process would run
+        them (faults included: an access into a userfaultfd range waits until the monitor
+        resolves it). Every request is answered by one response with the same tag. Why a
+        stream: a fault round trip through a userfaultfd monitor is dominated by RPC costs, and
+        one message each way on an open stream is about a third of a unary call. A fault is the
+        access's own result (errno EFAULT with the signal and the address), the stream goes on;
+        a malformed request (kind unset, a load above 1 MiB, a pid not the caller's) ends the
+        stream with its errno's status.
         """
 
     @_abc_1.abstractmethod

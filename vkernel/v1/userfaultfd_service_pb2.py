@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$vkernel/v1/userfaultfd_service.proto\x12\nvkernel.v1\"/\n\x11\x43reateUffdRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\r\n\x05\x66lags\x18\x02 \x01(\r\"$\n\x12\x43reateUffdResponse\x12\x0e\n\x06handle\x18\x01 \x01(\x04\"?\n\x0eUffdApiRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x0b\n\x03\x61pi\x18\x02 \x01(\x04\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\x04\"3\n\x0fUffdApiResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x01(\x04\x12\x0e\n\x06ioctls\x18\x02 \x01(\x04\"O\n\x13UffdRegisterRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03len\x18\x03 \x01(\x04\x12\x0c\n\x04mode\x18\x04 \x01(\x04\"&\n\x14UffdRegisterResponse\x12\x0e\n\x06ioctls\x18\x01 \x01(\x04\"C\n\x15UffdUnregisterRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03len\x18\x03 \x01(\x04\"\x18\n\x16UffdUnregisterResponse\"?\n\x17ReadUffdMessagesRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x14\n\x0cmax_messages\x18\x02 \x01(\r\"\x80\x01\n\x0bUffdMessage\x12\r\n\x05\x65vent\x18\x01 \x01(\r\x12\r\n\x05\x66lags\x18\x02 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\x04\x12\x0c\n\x04ptid\x18\x04 \x01(\r\x12\x0b\n\x03ufd\x18\x05 \x01(\x04\x12\r\n\x05start\x18\x06 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x07 \x01(\x04\x12\x0b\n\x03len\x18\x08 \x01(\x04\"E\n\x18ReadUffdMessagesResponse\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.vkernel.v1.UffdMessage\"\xc4\x02\n\rUffdResolveOp\x12&\n\x04\x63opy\x18\x01 \x01(\x0b\x32\x16.vkernel.v1.UffdCopyOpH\x00\x12+\n\x08zeropage\x18\x02 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x12\'\n\x04wake\x18\x03 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x12/\n\x0cwriteprotect\x18\x04 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x12)\n\x06poison\x18\x05 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x12&\n\x04move\x18\x06 \x01(\x0b\x32\x16.vkernel.v1.UffdMoveOpH\x00\x12+\n\x08\x63ontinue\x18\x07 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x42\x04\n\x02op\"A\n\nUffdMoveOp\x12\x0b\n\x03\x64st\x18\x01 \x01(\x04\x12\x0b\n\x03src\x18\x02 \x01(\x04\x12\x0b\n\x03len\x18\x03 \x01(\x04\x12\x0c\n\x04mode\x18\x04 \x01(\x04\"5\n\nUffdCopyOp\x12\x0b\n\x03\x64st\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04mode\x18\x03 \x01(\x04\"7\n\x0bUffdRangeOp\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03len\x18\x02 \x01(\x04\x12\x0c\n\x04mode\x18\x03 \x01(\x04\"L\n\x12UffdResolveRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12&\n\x03ops\x18\x02 \x03(\x0b\x32\x19.vkernel.v1.UffdResolveOp\"2\n\x11UffdResolveResult\x12\x0e\n\x06result\x18\x01 \x01(\x03\x12\r\n\x05\x65rrno\x18\x02 \x01(\r\"E\n\x13UffdResolveResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.vkernel.v1.UffdResolveResult\">\n\x10GrantUffdRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x1a\n\x12grantee_session_id\x18\x02 \x01(\t\"\x13\n\x11GrantUffdResponse\"\"\n\x10\x43loseUffdRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\"\x13\n\x11\x43loseUffdResponse2\x96\x05\n\x12UserfaultfdService\x12K\n\nCreateUffd\x12\x1d.vkernel.v1.CreateUffdRequest\x1a\x1e.vkernel.v1.CreateUffdResponse\x12\x42\n\x07UffdApi\x12\x1a.vkernel.v1.UffdApiRequest\x1a\x1b.vkernel.v1.UffdApiResponse\x12Q\n\x0cUffdRegister\x12\x1f.vkernel.v1.UffdRegisterRequest\x1a .vkernel.v1.UffdRegisterResponse\x12W\n\x0eUffdUnregister\x12!.vkernel.v1.UffdUnregisterRequest\x1a\".vkernel.v1.UffdUnregisterResponse\x12_\n\x10ReadUffdMessages\x12#.vkernel.v1.ReadUffdMessagesRequest\x1a$.vkernel.v1.ReadUffdMessagesResponse0\x01\x12N\n\x0bUffdResolve\x12\x1e.vkernel.v1.UffdResolveRequest\x1a\x1f.vkernel.v1.UffdResolveResponse\x12H\n\tGrantUffd\x12\x1c.vkernel.v1.GrantUffdRequest\x1a\x1d.vkernel.v1.GrantUffdResponse\x12H\n\tCloseUffd\x12\x1c.vkernel.v1.CloseUffdRequest\x1a\x1d.vkernel.v1.CloseUffdResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$vkernel/v1/userfaultfd_service.proto\x12\nvkernel.v1\"/\n\x11\x43reateUffdRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\r\n\x05\x66lags\x18\x02 \x01(\r\"$\n\x12\x43reateUffdResponse\x12\x0e\n\x06handle\x18\x01 \x01(\x04\"?\n\x0eUffdApiRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x0b\n\x03\x61pi\x18\x02 \x01(\x04\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\x04\"3\n\x0fUffdApiResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x01(\x04\x12\x0e\n\x06ioctls\x18\x02 \x01(\x04\"O\n\x13UffdRegisterRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03len\x18\x03 \x01(\x04\x12\x0c\n\x04mode\x18\x04 \x01(\x04\"&\n\x14UffdRegisterResponse\x12\x0e\n\x06ioctls\x18\x01 \x01(\x04\"C\n\x15UffdUnregisterRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03len\x18\x03 \x01(\x04\"\x18\n\x16UffdUnregisterResponse\"?\n\x17ReadUffdMessagesRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x14\n\x0cmax_messages\x18\x02 \x01(\r\"\x80\x01\n\x0bUffdMessage\x12\r\n\x05\x65vent\x18\x01 \x01(\r\x12\r\n\x05\x66lags\x18\x02 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\x04\x12\x0c\n\x04ptid\x18\x04 \x01(\r\x12\x0b\n\x03ufd\x18\x05 \x01(\x04\x12\r\n\x05start\x18\x06 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x07 \x01(\x04\x12\x0b\n\x03len\x18\x08 \x01(\x04\"E\n\x18ReadUffdMessagesResponse\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.vkernel.v1.UffdMessage\"\xc4\x02\n\rUffdResolveOp\x12&\n\x04\x63opy\x18\x01 \x01(\x0b\x32\x16.vkernel.v1.UffdCopyOpH\x00\x12+\n\x08zeropage\x18\x02 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x12\'\n\x04wake\x18\x03 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x12/\n\x0cwriteprotect\x18\x04 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x12)\n\x06poison\x18\x05 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x12&\n\x04move\x18\x06 \x01(\x0b\x32\x16.vkernel.v1.UffdMoveOpH\x00\x12+\n\x08\x63ontinue\x18\x07 \x01(\x0b\x32\x17.vkernel.v1.UffdRangeOpH\x00\x42\x04\n\x02op\"A\n\nUffdMoveOp\x12\x0b\n\x03\x64st\x18\x01 \x01(\x04\x12\x0b\n\x03src\x18\x02 \x01(\x04\x12\x0b\n\x03len\x18\x03 \x01(\x04\x12\x0c\n\x04mode\x18\x04 \x01(\x04\"`\n\nUffdCopyOp\x12\x0b\n\x03\x64st\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04mode\x18\x03 \x01(\x04\x12\x0b\n\x03src\x18\x04 \x01(\x04\x12\x0f\n\x07src_pid\x18\x05 \x01(\x05\x12\x0b\n\x03len\x18\x06 \x01(\x04\"7\n\x0bUffdRangeOp\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03len\x18\x02 \x01(\x04\x12\x0c\n\x04mode\x18\x03 \x01(\x04\"L\n\x12UffdResolveRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12&\n\x03ops\x18\x02 \x03(\x0b\x32\x19.vkernel.v1.UffdResolveOp\"2\n\x11UffdResolveResult\x12\x0e\n\x06result\x18\x01 \x01(\x03\x12\r\n\x05\x65rrno\x18\x02 \x01(\r\"E\n\x13UffdResolveResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.vkernel.v1.UffdResolveResult\"_\n\x18UffdResolveStreamRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12&\n\x03ops\x18\x02 \x03(\x0b\x32\x19.vkernel.v1.UffdResolveOp\x12\x0b\n\x03tag\x18\x03 \x01(\x04\"X\n\x19UffdResolveStreamResponse\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.vkernel.v1.UffdResolveResult\">\n\x10GrantUffdRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x1a\n\x12grantee_session_id\x18\x02 \x01(\t\"\x13\n\x11GrantUffdResponse\"\"\n\x10\x43loseUffdRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\"\x13\n\x11\x43loseUffdResponse2\xfc\x05\n\x12UserfaultfdService\x12K\n\nCreateUffd\x12\x1d.vkernel.v1.CreateUffdRequest\x1a\x1e.vkernel.v1.CreateUffdResponse\x12\x42\n\x07UffdApi\x12\x1a.vkernel.v1.UffdApiRequest\x1a\x1b.vkernel.v1.UffdApiResponse\x12Q\n\x0cUffdRegister\x12\x1f.vkernel.v1.UffdRegisterRequest\x1a .vkernel.v1.UffdRegisterResponse\x12W\n\x0eUffdUnregister\x12!.vkernel.v1.UffdUnregisterRequest\x1a\".vkernel.v1.UffdUnregisterResponse\x12_\n\x10ReadUffdMessages\x12#.vkernel.v1.ReadUffdMessagesRequest\x1a$.vkernel.v1.ReadUffdMessagesResponse0\x01\x12N\n\x0bUffdResolve\x12\x1e.vkernel.v1.UffdResolveRequest\x1a\x1f.vkernel.v1.UffdResolveResponse\x12\x64\n\x11UffdResolveStream\x12$.vkernel.v1.UffdResolveStreamRequest\x1a%.vkernel.v1.UffdResolveStreamResponse(\x01\x30\x01\x12H\n\tGrantUffd\x12\x1c.vkernel.v1.GrantUffdRequest\x1a\x1d.vkernel.v1.GrantUffdResponse\x12H\n\tCloseUffd\x12\x1c.vkernel.v1.CloseUffdRequest\x1a\x1d.vkernel.v1.CloseUffdResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,23 +58,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UFFDMOVEOP']._serialized_start=1067
   _globals['_UFFDMOVEOP']._serialized_end=1132
   _globals['_UFFDCOPYOP']._serialized_start=1134
-  _globals['_UFFDCOPYOP']._serialized_end=1187
-  _globals['_UFFDRANGEOP']._serialized_start=1189
-  _globals['_UFFDRANGEOP']._serialized_end=1244
-  _globals['_UFFDRESOLVEREQUEST']._serialized_start=1246
-  _globals['_UFFDRESOLVEREQUEST']._serialized_end=1322
-  _globals['_UFFDRESOLVERESULT']._serialized_start=1324
-  _globals['_UFFDRESOLVERESULT']._serialized_end=1374
-  _globals['_UFFDRESOLVERESPONSE']._serialized_start=1376
-  _globals['_UFFDRESOLVERESPONSE']._serialized_end=1445
-  _globals['_GRANTUFFDREQUEST']._serialized_start=1447
-  _globals['_GRANTUFFDREQUEST']._serialized_end=1509
-  _globals['_GRANTUFFDRESPONSE']._serialized_start=1511
-  _globals['_GRANTUFFDRESPONSE']._serialized_end=1530
-  _globals['_CLOSEUFFDREQUEST']._serialized_start=1532
-  _globals['_CLOSEUFFDREQUEST']._serialized_end=1566
-  _globals['_CLOSEUFFDRESPONSE']._serialized_start=1568
-  _globals['_CLOSEUFFDRESPONSE']._serialized_end=1587
-  _globals['_USERFAULTFDSERVICE']._serialized_start=1590
-  _globals['_USERFAULTFDSERVICE']._serialized_end=2252
+  _globals['_UFFDCOPYOP']._serialized_end=1230
+  _globals['_UFFDRANGEOP']._serialized_start=1232
+  _globals['_UFFDRANGEOP']._serialized_end=1287
+  _globals['_UFFDRESOLVEREQUEST']._serialized_start=1289
+  _globals['_UFFDRESOLVEREQUEST']._serialized_end=1365
+  _globals['_UFFDRESOLVERESULT']._serialized_start=1367
+  _globals['_UFFDRESOLVERESULT']._serialized_end=1417
+  _globals['_UFFDRESOLVERESPONSE']._serialized_start=1419
+  _globals['_UFFDRESOLVERESPONSE']._serialized_end=1488
+  _globals['_UFFDRESOLVESTREAMREQUEST']._serialized_start=1490
+  _globals['_UFFDRESOLVESTREAMREQUEST']._serialized_end=1585
+  _globals['_UFFDRESOLVESTREAMRESPONSE']._serialized_start=1587
+  _globals['_UFFDRESOLVESTREAMRESPONSE']._serialized_end=1675
+  _globals['_GRANTUFFDREQUEST']._serialized_start=1677
+  _globals['_GRANTUFFDREQUEST']._serialized_end=1739
+  _globals['_GRANTUFFDRESPONSE']._serialized_start=1741
+  _globals['_GRANTUFFDRESPONSE']._serialized_end=1760
+  _globals['_CLOSEUFFDREQUEST']._serialized_start=1762
+  _globals['_CLOSEUFFDREQUEST']._serialized_end=1796
+  _globals['_CLOSEUFFDRESPONSE']._serialized_start=1798
+  _globals['_CLOSEUFFDRESPONSE']._serialized_end=1817
+  _globals['_USERFAULTFDSERVICE']._serialized_start=1820
+  _globals['_USERFAULTFDSERVICE']._serialized_end=2584
 # @@protoc_insertion_point(module_scope)

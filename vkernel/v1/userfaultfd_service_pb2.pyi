@@ -418,29 +418,50 @@ Global___UffdMoveOp: _TypeAlias = UffdMoveOp  # noqa: Y015
 
 @_typing.final
 class UffdCopyOp(_message.Message):
-    """UffdCopyOp is struct uffdio_copy with the source bytes inline."""
+    """UffdCopyOp is struct uffdio_copy. The source is either the bytes inline (data) or, as
+    Linux's src, an address in a process of the calling session (src_pid, src, len): the
+    daemon reads it as that process's own loads, so a monitor that keeps its pages in its
+    own address space sends no page bytes at all. Both or neither → EINVAL.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DST_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    SRC_FIELD_NUMBER: _builtins.int
+    SRC_PID_FIELD_NUMBER: _builtins.int
+    LEN_FIELD_NUMBER: _builtins.int
     dst: _builtins.int
     """Page-aligned destination."""
     data: _builtins.bytes
-    """The bytes to install: a whole number of pages."""
+    """The bytes to install inline: a whole number of pages."""
     mode: _builtins.int
     """UFFDIO_COPY_MODE_* (DONTWAKE 1, WP 2)."""
+    src: _builtins.int
+    """The source address in src_pid's address space (any alignment, as Linux's src); used
+    when src_pid is set. An unreadable source page → EFAULT (EAGAIN with the bytes done
+    when some pages were copied before it).
+    """
+    src_pid: _builtins.int
+    """The monitor's process (owned by the calling session) that src lies in; 0: data is the
+    source. Another session's process → EPERM, no such process → ESRCH.
+    """
+    len: _builtins.int
+    """With src_pid: the length to copy, a non-zero multiple of the page size."""
     def __init__(
         self,
         *,
         dst: _builtins.int = ...,
         data: _builtins.bytes = ...,
         mode: _builtins.int = ...,
+        src: _builtins.int = ...,
+        src_pid: _builtins.int = ...,
+        len: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dst", b"dst", "mode", b"mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dst", b"dst", "len", b"len", "mode", b"mode", "src", b"src", "src_pid", b"src_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -557,6 +578,66 @@ class UffdResolveResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UffdResolveResponse: _TypeAlias = UffdResolveResponse  # noqa: Y015
+
+@_typing.final
+class UffdResolveStreamRequest(_message.Message):
+    """UffdResolveStreamRequest is one message on the UffdResolveStream stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    handle: _builtins.int
+    """The uffd handle (each message names its own, so one stream can serve several uffds)."""
+    tag: _builtins.int
+    """Echoed in the response, for the client to match answers to requests."""
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___UffdResolveOp]:
+        """Operations, run in order; a failing one does not stop the rest."""
+
+    def __init__(
+        self,
+        *,
+        handle: _builtins.int = ...,
+        ops: _abc.Iterable[Global___UffdResolveOp] | None = ...,
+        tag: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "ops", b"ops", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UffdResolveStreamRequest: _TypeAlias = UffdResolveStreamRequest  # noqa: Y015
+
+@_typing.final
+class UffdResolveStreamResponse(_message.Message):
+    """UffdResolveStreamResponse answers one UffdResolveStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    tag: _builtins.int
+    """The request's tag."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___UffdResolveResult]:
+        """Results, in request order (as UffdResolveResponse.results)."""
+
+    def __init__(
+        self,
+        *,
+        tag: _builtins.int = ...,
+        results: _abc.Iterable[Global___UffdResolveResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UffdResolveStreamResponse: _TypeAlias = UffdResolveStreamResponse  # noqa: Y015
 
 @_typing.final
 class GrantUffdRequest(_message.Message):

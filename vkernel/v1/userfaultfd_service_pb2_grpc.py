@@ -68,6 +68,11 @@ class UserfaultfdServiceStub:
                 request_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveRequest.SerializeToString,
                 response_deserializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveResponse.FromString,
                 _registered_method=True)
+        self.UffdResolveStream = channel.stream_stream(
+                '/vkernel.v1.UserfaultfdService/UffdResolveStream',
+                request_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveStreamRequest.SerializeToString,
+                response_deserializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveStreamResponse.FromString,
+                _registered_method=True)
         self.GrantUffd = channel.unary_unary(
                 '/vkernel.v1.UserfaultfdService/GrantUffd',
                 request_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.GrantUffdRequest.SerializeToString,
@@ -131,6 +136,20 @@ class UserfaultfdServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UffdResolveStream(self, request_iterator, context):
+        """UffdResolveStream is UffdResolve on one long-lived bidirectional stream: every request
+        (one handle, many operations) is run in arrival order and answered by one response
+        with the same tag and one result per operation, in the same order. Why a stream: a
+        unary call costs about 700 µs of CPU on the project machine, a message on an open
+        stream a fraction of that, and a monitor resolves faults back to back. A malformed
+        request (a handle the session does not hold: EBADF; more operations than one call
+        takes: EINVAL) ends the stream with its errno's status; a failing operation (an
+        operation naming no ioctl included, as in UffdResolve) only fails its result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GrantUffd(self, request, context):
         """GrantUffd makes another session a holder (passing the fd to the monitor).
         """
@@ -177,6 +196,11 @@ def add_UserfaultfdServiceServicer_to_server(servicer, server):
                     servicer.UffdResolve,
                     request_deserializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveRequest.FromString,
                     response_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveResponse.SerializeToString,
+            ),
+            'UffdResolveStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.UffdResolveStream,
+                    request_deserializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveStreamRequest.FromString,
+                    response_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveStreamResponse.SerializeToString,
             ),
             'GrantUffd': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantUffd,
@@ -355,6 +379,33 @@ class UserfaultfdService:
             '/vkernel.v1.UserfaultfdService/UffdResolve',
             vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveRequest.SerializeToString,
             vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UffdResolveStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vkernel.v1.UserfaultfdService/UffdResolveStream',
+            vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveStreamRequest.SerializeToString,
+            vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

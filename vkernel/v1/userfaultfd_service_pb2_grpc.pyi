@@ -53,6 +53,16 @@ class UserfaultfdServiceStub:
     """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE /
     CONTINUE operations in order.
     """
+    UffdResolveStream: _grpc.StreamStreamMultiCallable[_userfaultfd_service_pb2.UffdResolveStreamRequest, _userfaultfd_service_pb2.UffdResolveStreamResponse]
+    """UffdResolveStream is UffdResolve on one long-lived bidirectional stream: every request
+    (one handle, many operations) is run in arrival order and answered by one response
+    with the same tag and one result per operation, in the same order. Why a stream: a
+    unary call costs about 700 µs of CPU on the project machine, a message on an open
+    stream a fraction of that, and a monitor resolves faults back to back. A malformed
+    request (a handle the session does not hold: EBADF; more operations than one call
+    takes: EINVAL) ends the stream with its errno's status; a failing operation (an
+    operation naming no ioctl included, as in UffdResolve) only fails its result.
+    """
     GrantUffd: _grpc.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.GrantUffdRequest, _userfaultfd_service_pb2.GrantUffdResponse]
     """GrantUffd makes another session a holder (passing the fd to the monitor)."""
     CloseUffd: _grpc.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.CloseUffdRequest, _userfaultfd_service_pb2.CloseUffdResponse]
@@ -82,6 +92,16 @@ class UserfaultfdServiceAsyncStub(UserfaultfdServiceStub):
     UffdResolve: _aio.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.UffdResolveRequest, _userfaultfd_service_pb2.UffdResolveResponse]  # type: ignore[assignment]
     """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE /
     CONTINUE operations in order.
+    """
+    UffdResolveStream: _aio.StreamStreamMultiCallable[_userfaultfd_service_pb2.UffdResolveStreamRequest, _userfaultfd_service_pb2.UffdResolveStreamResponse]  # type: ignore[assignment]
+    """UffdResolveStream is UffdResolve on one long-lived bidirectional stream: every request
+    (one handle, many operations) is run in arrival order and answered by one response
+    with the same tag and one result per operation, in the same order. Why a stream: a
+    unary call costs about 700 µs of CPU on the project machine, a message on an open
+    stream a fraction of that, and a monitor resolves faults back to back. A malformed
+    request (a handle the session does not hold: EBADF; more operations than one call
+    takes: EINVAL) ends the stream with its errno's status; a failing operation (an
+    operation naming no ioctl included, as in UffdResolve) only fails its result.
     """
     GrantUffd: _aio.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.GrantUffdRequest, _userfaultfd_service_pb2.GrantUffdResponse]  # type: ignore[assignment]
     """GrantUffd makes another session a holder (passing the fd to the monitor)."""
@@ -145,6 +165,22 @@ class UserfaultfdServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_userfaultfd_service_pb2.UffdResolveResponse, _abc.Awaitable[_userfaultfd_service_pb2.UffdResolveResponse]]:
         """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE /
         CONTINUE operations in order.
+        """
+
+    @_abc_1.abstractmethod
+    def UffdResolveStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_userfaultfd_service_pb2.UffdResolveStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_userfaultfd_service_pb2.UffdResolveStreamResponse], _abc.AsyncIterator[_userfaultfd_service_pb2.UffdResolveStreamResponse]]:
+        """UffdResolveStream is UffdResolve on one long-lived bidirectional stream: every request
+        (one handle, many operations) is run in arrival order and answered by one response
+        with the same tag and one result per operation, in the same order. Why a stream: a
+        unary call costs about 700 µs of CPU on the project machine, a message on an open
+        stream a fraction of that, and a monitor resolves faults back to back. A malformed
+        request (a handle the session does not hold: EBADF; more operations than one call
+        takes: EINVAL) ends the stream with its errno's status; a failing operation (an
+        operation naming no ioctl included, as in UffdResolve) only fails its result.
         """
 
     @_abc_1.abstractmethod
