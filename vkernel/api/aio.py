@@ -146,5 +146,5 @@ class AioServicer(pb_grpc.AioServiceServicer):
             )
             for e in evs
         )
-        out.inflight = len(ctx.inflight)
+        out.inflight = ctx.nr_inflight
         return out

@@ -1,12 +1,14 @@
 """Asynchronous I/O contexts (fs/aio.c ``struct kioctx``, in the spirit of io_uring / libaio).
 
 A context belongs to one process and has a queue depth (``io_setup(nr_events)``).
-:meth:`KioCtx.submit` (``io_submit``) starts each iocb as its own asyncio task -- an O_DIRECT
-read or write goes through :func:`vkernel.kernel.dio.iomap_dio_rw`, so its pages are pinned
-for the I/O's life -- and :meth:`KioCtx.getevents` (``io_getevents``) reaps completions,
-each carrying ``res`` (bytes, or -errno) and the caller's ``user_data``. Errors found at
-submission (bad fd, bad opcode, EINVAL alignment …) complete the iocb with -errno, as
-io_uring does; a full ring refuses what does not fit (EAGAIN when nothing fits).
+:meth:`KioCtx.submit` (``io_submit``) starts one asyncio task per call, however many iocbs it
+carries: the O_DIRECT reads and writes among them run as one batch through
+:func:`vkernel.kernel.dio_batch.iomap_dio_submit` (pins merged across iocbs, bios merged in a
+plug, inline completion on a RAM disk, batched unpin), the others (fsync, noop, buffered
+files) each as they would alone. :meth:`KioCtx.getevents` (``io_getevents``) reaps
+completions, each carrying ``res`` (bytes, or -errno) and the caller's ``user_data``. Errors
+found at submission (bad fd, bad opcode, EINVAL alignment …) complete the iocb with -errno,
+as io_uring does; a full ring refuses what does not fit (EAGAIN when nothing fits).
 
 :meth:`KioCtx.destroy` (``io_destroy`` / the process exiting) waits for the I/Os in flight --
 a direct I/O's frames stay pinned until its bios completed, never freed under DMA -- and
@@ -19,10 +21,11 @@ import asyncio
 import errno
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vkernel.kernel import dio
+from vkernel.kernel import dio, dio_batch
 from vkernel.kernel.errors import KernelError, einval
 
 if TYPE_CHECKING:
@@ -38,6 +41,8 @@ IOCB_CMD_PWRITEV = 8
 
 AIO_MAX_NR = 65536
 """fs.aio-max-nr: the largest ring."""
+_RW_OPS = frozenset((IOCB_CMD_PREAD, IOCB_CMD_PREADV, IOCB_CMD_PWRITE, IOCB_CMD_PWRITEV))
+_WRITE_OPS = frozenset((IOCB_CMD_PWRITE, IOCB_CMD_PWRITEV))
 
 
 @dataclass
@@ -75,6 +80,9 @@ class KioCtx:
         self.gup = gup
         self.foll = foll
         self.inflight: set[asyncio.Task[None]] = set()
+        """One task per io_submit() with I/O still in flight."""
+        self.nr_inflight = 0
+        """Iocbs submitted and not yet completed (each holds a ring slot)."""
         self.done: deque[IoEvent] = deque()
         self.dead = False
         self.submitted = 0
@@ -83,26 +91,103 @@ class KioCtx:
 
     def free_slots(self) -> int:
         """Slots left in the ring (in flight and unreaped completions use one each)."""
-        return self.nr_events - len(self.inflight) - len(self.done)
+        return self.nr_events - self.nr_inflight - len(self.done)
 
     def submit(self, iocbs: list[Iocb]) -> int:
-        """io_submit(): start as many iocbs as fit; EAGAIN if none does, EINVAL once destroyed."""
+        """io_submit(): start as many iocbs as fit, in one task; EAGAIN if none fits, EINVAL
+        once destroyed."""
         if self.dead:
             raise einval("context destroyed", field="ctx")
         n = min(len(iocbs), self.free_slots())
         if iocbs and n <= 0:
             raise KernelError(errno.EAGAIN, "AIO ring full")
+        if n <= 0:
+            return 0
         now = time.perf_counter_ns()
-        for cb in iocbs[:n]:
-            t = asyncio.ensure_future(self._run(cb, now))
-            self.inflight.add(t)
-            t.add_done_callback(self.inflight.discard)
+        self.nr_inflight += n
+        t = asyncio.ensure_future(self._run_batch(iocbs[:n], now))
+        self.inflight.add(t)
+        t.add_done_callback(self.inflight.discard)
         self.submitted += n
         return n
 
-    async def _run(self, cb: Iocb, submit_ns: int) -> None:
-        """aio_read / aio_write / aio_fsync, then aio_complete()."""
+    def _post(self, cb: Iocb, res: int, submit_ns: int, issue_ns: int, now: int = 0) -> None:
+        """aio_complete(): the event goes to the ring, the slot moves to it at once."""
+        self.nr_inflight -= 1
+        now = now or time.perf_counter_ns()
+        self.done.append(IoEvent(cb.user_data, res, submit_ns, issue_ns, now))
+        self.completed += 1
+        self._wake.set()
+
+    async def _run_batch(self, cbs: list[Iocb], submit_ns: int) -> None:
+        """io_submit_one() for each iocb: direct reads/writes batched, the rest one by one."""
         issue = time.perf_counter_ns()
+        posted = [False] * len(cbs)
+
+        def post(i: int, res: int, now: int = 0) -> None:
+            if not posted[i]:
+                posted[i] = True
+                self._post(cbs[i], res, submit_ns, issue, now)
+
+        reqs: list[dio_batch.DioReq] = []
+        others: list[asyncio.Task[None]] = []
+        try:
+            reqs = self._prep(cbs, post, issue, others)
+            if reqs:
+                g, f = dio._modes(self.task, self.gup, self.foll)
+
+                def complete(group: list[dio_batch.DioReq]) -> None:
+                    now = time.perf_counter_ns()  # they completed together
+                    for r in group:
+                        post(r.idx, r.res, now)
+
+                await dio_batch.iomap_dio_submit(self.task, reqs, g, f, complete)
+        except KernelError as e:
+            for r in reqs:
+                post(r.idx, -e.errno)
+        except asyncio.CancelledError:
+            for r in reqs:
+                post(r.idx, -errno.ECANCELED)
+        except Exception:  # noqa: BLE001 -- the process died under the request (no fd table)
+            for r in reqs:
+                post(r.idx, -errno.EIO)
+        finally:
+            if others:
+                await asyncio.gather(*others, return_exceptions=True)
+            for i in range(len(cbs)):
+                post(i, -errno.ECANCELED)  # nothing should be left; never leak a slot
+
+    def _prep(
+        self,
+        cbs: list[Iocb],
+        post: Callable[[int, int, int], None],
+        issue: int,
+        others: list[asyncio.Task[None]],
+    ) -> list[dio_batch.DioReq]:
+        """The synchronous part of io_submit_one(): direct I/O requests for the batch; errors
+        and immediate results posted; other opcodes started on their own."""
+        reqs: list[dio_batch.DioReq] = []
+        t = self.task
+        for i, cb in enumerate(cbs):
+            op = cb.opcode
+            if op in _RW_OPS:
+                write = op in _WRITE_OPS
+                try:
+                    got = dio_batch.dio_prep(t, cb.fd, cb.iov, cb.offset, write, i)
+                except KernelError as e:
+                    post(i, -e.errno, 0)
+                    continue
+                if isinstance(got, dio_batch.DioReq):
+                    reqs.append(got)
+                    continue
+                if got >= 0:
+                    post(i, got, 0)
+                    continue
+            others.append(asyncio.ensure_future(self._one(i, cb, post)))
+        return reqs
+
+    async def _one(self, i: int, cb: Iocb, post: Callable[[int, int, int], None]) -> None:
+        """An iocb outside the direct batch (fsync, noop, a buffered file)."""
         try:
             res = await self._do(cb)
         except KernelError as e:
@@ -111,12 +196,7 @@ class KioCtx:
             res = -errno.ECANCELED
         except Exception:  # noqa: BLE001 -- the process died under the request (no fd table)
             res = -errno.EIO
-        me = asyncio.current_task()
-        if me is not None:
-            self.inflight.discard(me)  # the slot moves to the completion now, not a tick later
-        self.done.append(IoEvent(cb.user_data, res, submit_ns, issue, time.perf_counter_ns()))
-        self.completed += 1
-        self._wake.set()
+        post(i, res, 0)
 
     async def _do(self, cb: Iocb) -> int:
         """The request's operation."""
@@ -141,8 +221,8 @@ class KioCtx:
         if min_nr < 0 or max_nr < min_nr:
             raise einval("bad min_nr/max_nr", field="min_nr")
         deadline = None if timeout is None else time.monotonic() + timeout
-        while len(self.done) < min_nr and (self.inflight or not self.done):
-            if not self.inflight:
+        while len(self.done) < min_nr and (self.nr_inflight or not self.done):
+            if not self.nr_inflight:
                 break
             self._wake.clear()
             left = None if deadline is None else deadline - time.monotonic()

@@ -1,0 +1,546 @@
+"""Batched O_DIRECT for io_submit(): many iocbs, one pass (fs/aio.c ``io_submit_one`` × N under
+a block plug, each an ``iomap_dio_rw``; A.14).
+
+:func:`dio_prep` is the synchronous front of ``iomap_dio_rw`` for one iocb (fd, FMODE, offset,
+O_DIRECT alignment EINVAL, EOF clamp). :func:`iomap_dio_submit` then runs a whole submission:
+
+- coherence (``kiocb_write_and_wait`` / ``kiocb_invalidate_pages``) only for files that have
+  cached pages or dirty ones -- a file read only with O_DIRECT skips it with two dict checks;
+- extraction (``iov_iter_extract_user_pages``): the buffers of all iocbs, sorted by address,
+  are merged into runs of adjacent pages and each run pinned with one ``pin_user_pages_fast``
+  (``get_user_pages_fast`` for FOLL_GET, the ``*_unlocked`` slow GUP under mmap_lock with the
+  seed-000 switch) -- reads and writes apart, since only reads pin with FOLL_WRITE. A run that
+  comes up short keeps what it pinned for the segments it covered; the segments it did not
+  reach are pinned by their own calls, so each iocb sees exactly the prefix a call of its own
+  would have pinned (a short prefix is transferred and counted, nothing pinned is EFAULT);
+- bios (``bio_iov_iter_get_pages`` + ``blk_mq`` plug merging): the page-aligned iocbs' file
+  pages are mapped to device blocks in one gather, sorted, and cut into bios of contiguous
+  blocks -- bios of different iocbs merge when their blocks touch (``blk_attempt_plug_merge``);
+- a zero-latency RAM device completes the plug inline (``brd_submit_bio``): one fancy-indexed
+  copy between its storage and the frames for all good bios; other devices get one task per
+  bio and every iocb completes as soon as its last bio did;
+- completion (``iomap_dio_complete`` / ``__bio_release_pages``): the pins of every iocb
+  completing together are dropped in one ``unpin_user_pages_dirty_lock`` (dirtying for reads)
+  or one ``put_page`` batch (FOLL_GET); a failed bio fails its iocbs with EIO; iocbs whose
+  buffers or offset are only sector-aligned go through :func:`vkernel.kernel.dio._bounce`.
+
+Every bio is waited for even when the submitter is cancelled: a frame is never released under
+DMA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vkernel.kernel import dio
+from vkernel.kernel.blockdev import REQ_OP_READ, REQ_OP_WRITE, BlockDevice
+from vkernel.kernel.errors import KernelError, einval
+from vkernel.kernel.fs import KIND_DISK, O_DIRECT
+from vkernel.kernel.gup import _put_pages, unpin_user_pages_dirty_lock
+from vkernel.kernel.uapi import FOLL_GET, PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from vkernel.kernel.fs import Inode
+    from vkernel.kernel.kernel import Kernel
+    from vkernel.kernel.physmem import PhysMem
+    from vkernel.kernel.task import Task
+
+_PMASK = PAGE_SIZE - 1
+MAX_MERGED_PAGES = 1024
+"""Pages per merged request (max_sectors_kb = 4 MiB)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Seg:
+    """One iovec's page span: pinned into ``pages[slot : slot + got]`` of the batch."""
+
+    start: int  # page-aligned user address
+    n: int  # pages spanned
+    off: int  # offset in the first page
+    ln: int  # bytes
+    wm: bool  # FOLL_WRITE (the device writes memory: a read)
+    slot: int = 0
+    got: int = 0  # pages pinned, or -errno
+
+
+@dataclass(slots=True, eq=False)
+class DioReq:
+    """One iocb's direct I/O inside a submission (struct iomap_dio)."""
+
+    idx: int
+    ino: Inode
+    pos: int
+    write: bool
+    count: int
+    size: int
+    segs: list[_Seg] = field(default_factory=list)
+    cov: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, off, bytes) moved
+    res: int = 0
+    left: int = 0  # bios (or bounce tasks) still in flight
+    failed: bool = False
+    done: bool = False
+
+
+def dio_prep(task: Task, fd: int, iov: dio.IoVec, pos: int, write: bool, idx: int) -> DioReq | int:
+    """The synchronous front of iomap_dio_rw() for one iocb: a request, or its final result
+    (0 for an empty or past-EOF read). Raises KernelError (EBADF, EINVAL …); returns -1 when
+    the fd is not O_DIRECT on a disk file (the caller takes the buffered path)."""
+    file = dio._file(task, fd, write)
+    if pos < 0:
+        raise einval("negative offset", field="offset")
+    total = dio._check_iov(iov)
+    ino = file.inode
+    if not (file.f_flags & O_DIRECT and ino.kind == KIND_DISK):
+        return -1
+    lbs = dio.logical_block_size(ino)
+    dio._check_alignment(pos, iov, lbs)
+    if total == 0:
+        return 0
+    size = ino.size
+    if not write:
+        if pos >= size:
+            return 0
+        clamp = -(-(size - pos) // lbs) * lbs
+        if total > clamp:
+            total = clamp
+            iov = dio._clip(iov, total)
+    req = DioReq(idx, ino, pos, write, total, size)
+    wm = not write
+    segs = req.segs
+    for base, ln in iov:
+        if ln:
+            off = base & _PMASK
+            segs.append(_Seg(base - off, (off + ln + _PMASK) >> PAGE_SHIFT, off, ln, wm))
+    return req
+
+
+async def _coherence(reqs: list[DioReq]) -> None:
+    """kiocb_write_and_wait() (+ invalidate for writes), only where the file has cached or
+    dirty pages: a file used only with O_DIRECT costs two dict checks."""
+    for r in reqs:
+        m = r.ino.mapping
+        assert m is not None
+        if m.pages or m.dirty_time:
+            first = r.pos >> PAGE_SHIFT
+            last = (r.pos + r.count + _PMASK) >> PAGE_SHIFT
+            try:
+                await dio._coherence_before(r.ino, r.write, first, last)
+            except KernelError as e:  # a writeback error fails this iocb (before any pin)
+                r.res, r.done = -e.errno, True
+
+
+def _layout(segs: list[_Seg]) -> tuple[int, list[tuple[int, int, int, bool, list[_Seg]]]]:
+    """Slots in address order per FOLL_WRITE class; runs (start, pages, slot, wm, segs) of
+    adjacent spans, each pinned with one call."""
+    runs: list[tuple[int, int, int, bool, list[_Seg]]] = []
+    slot = 0
+    for wm in (True, False):
+        group = sorted((s for s in segs if s.wm is wm), key=lambda s: s.start)
+        cur: list[_Seg] = []
+        rstart = rslot = end = 0
+        for s in group:
+            if cur and s.start != end:
+                runs.append((rstart, (end - rstart) >> PAGE_SHIFT, rslot, wm, cur))
+                cur = []
+            if not cur:
+                rstart, rslot = s.start, slot
+            s.slot = slot
+            slot += s.n
+            end = s.start + (s.n << PAGE_SHIFT)
+            cur.append(s)
+        if cur:
+            runs.append((rstart, (end - rstart) >> PAGE_SHIFT, rslot, wm, cur))
+    return slot, runs
+
+
+async def _pin_all(
+    kernel: Kernel, task: Task, reqs: list[DioReq], gup: str, foll: str
+) -> np.ndarray:
+    """iov_iter_extract_user_pages() for the whole submission; ``_Seg.got`` set for each."""
+    total, runs = _layout([s for r in reqs if not r.done for s in r.segs])
+    pages = np.full(max(total, 1), -1, dtype=np.int64)
+    try:
+        for start, n, slot, wm, segs in runs:
+            if task.mm is None:
+                raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
+            ret = await dio._grab_pages(task, start, n, wm, gup, foll, pages[slot : slot + n])
+            got = max(ret, 0)
+            for s in segs:
+                rel = s.slot - slot
+                if rel + s.n <= got:
+                    s.got = s.n
+                elif rel < got:
+                    s.got = got - rel  # the short prefix a call of its own would pin
+                else:  # not reached: its own call (a bad page before it says nothing of it)
+                    s.got = await dio._grab_pages(
+                        task, s.start, s.n, wm, gup, foll, pages[s.slot : s.slot + s.n]
+                    )
+    except BaseException:
+        for r in reqs:
+            _release(kernel, [r], pages, foll)
+        raise
+    return pages
+
+
+def _settle(r: DioReq) -> None:
+    """Which pinned bytes the iocb moves: up to its first short segment (EFAULT if none)."""
+    for s in r.segs:
+        if s.got < 0:
+            if not r.cov:
+                r.res, r.done = s.got, True
+            break
+        covered = min(s.ln, s.got * PAGE_SIZE - s.off) if s.got else 0
+        if covered > 0:
+            r.cov.append((s.slot, s.off, covered))
+        if s.got < s.n:
+            break
+    if not r.done and not r.cov:
+        r.res, r.done = -errno.EFAULT, True
+
+
+def _release(kernel: Kernel, reqs: list[DioReq], pages: np.ndarray, foll: str) -> None:
+    """__bio_release_pages() of iocbs completing together: one unpin (or put) per dirtiness."""
+    dirty: list[np.ndarray] = []
+    clean: list[np.ndarray] = []
+    for r in reqs:
+        moved = not r.write and r.res > 0
+        for s in r.segs:
+            if s.got > 0:
+                (dirty if moved else clean).append(pages[s.slot : s.slot + s.got])
+                s.got = 0  # released: a second release is a no-op
+    for parts, mark in ((dirty, True), (clean, False)):
+        if not parts:
+            continue
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if foll == "pin":
+            unpin_user_pages_dirty_lock(kernel, arr, len(arr), mark)
+        else:
+            _put_pages(kernel, arr, len(arr), FOLL_GET, mark)
+
+
+def _plan_write(r: DioReq) -> None:
+    """Block allocation for a write (write_begin): a full device makes it short or ENOSPC."""
+    first = r.pos >> PAGE_SHIFT
+    nblk = ((r.pos + r.count + _PMASK) >> PAGE_SHIFT) - first
+    have = r.ino.prepare_blocks(first, nblk)
+    if have < nblk:
+        count = min(r.count, have * PAGE_SIZE - (r.pos & _PMASK)) if have else 0
+        count -= count % dio.logical_block_size(r.ino)
+        if count <= 0:
+            r.res, r.done = -errno.ENOSPC, True
+            return
+        r.count = count
+
+
+def _clip_cov(r: DioReq) -> None:
+    """Moved bytes = what was pinned, cut to the (possibly shortened) count."""
+    left = r.count
+    out: list[tuple[int, int, int]] = []
+    for slot, off, ln in r.cov:
+        if left <= 0:
+            break
+        out.append((slot, off, min(ln, left)))
+        left -= ln
+    r.cov = out
+    r.count = sum(c[2] for c in out)
+
+
+@dataclass(slots=True, eq=False)
+class _Plug:
+    """struct blk_plug for one (device, op, file): the aligned iocbs' file pages and the
+    batch slots of their frames, page by page (Python ints: one gather each at the flush)."""
+
+    bdev: BlockDevice
+    op: int
+    ino: Inode
+    fidx: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)  # request index per page
+
+
+async def iomap_dio_submit(
+    task: Task,
+    reqs: list[DioReq],
+    gup: str,
+    foll: str,
+    complete: Callable[[list[DioReq]], None],
+) -> None:
+    """Run prepared requests; ``complete`` gets each group of requests as it finishes (res set)."""
+    kernel = dio._kernel(task)
+    await _coherence(reqs)
+    pages = await _pin_all(kernel, task, reqs, gup, foll)
+    live: list[DioReq] = []
+    for r in reqs:
+        if not r.done:
+            _settle(r)
+        if not r.done:
+            r.count = min(r.count, sum(c[2] for c in r.cov))
+            if r.write:
+                _plan_write(r)
+            if not r.done:
+                _clip_cov(r)
+                live.append(r)
+    early = [r for r in reqs if r.done]
+    if early:
+        _finish(kernel, early, pages, foll)
+        complete(early)
+    plugs: dict[tuple[int, int], _Plug] = {}
+    bounce: list[DioReq] = []
+    mem = kernel.mem
+    for i, r in enumerate(live):
+        aligned = not (r.pos | r.count) & _PMASK and all(
+            off == 0 and not ln & _PMASK for _, off, ln in r.cov
+        )
+        if not aligned:
+            bounce.append(r)
+            continue
+        ino = r.ino
+        bdev = ino.bdev
+        assert bdev is not None
+        first = r.pos >> PAGE_SHIFT
+        npg = r.count >> PAGE_SHIFT
+        op = REQ_OP_WRITE if r.write else REQ_OP_READ
+        key = (id(ino), op)
+        plug = plugs.get(key)
+        if plug is None:
+            plug = plugs[key] = _Plug(bdev, op, ino)
+        if npg == 1:
+            plug.fidx.append(first)
+            plug.slots.append(r.cov[0][0])
+            plug.owners.append(i)
+            continue
+        plug.fidx.extend(range(first, first + npg))
+        for s0, _, n in r.cov:
+            plug.slots.extend(range(s0, s0 + (n >> PAGE_SHIFT)))
+        plug.owners.extend([i] * npg)
+    tasks: _BioTasks = {}
+    for plug in plugs.values():
+        _flush_plug(mem, plug, pages, live, tasks)
+    for r in bounce:
+        r.left += 1
+        t = asyncio.ensure_future(_bounce_one(kernel, r, pages))
+        tasks[t] = ([r], None)
+    await _complete_ready(kernel, [r for r in live if r.left == 0], pages, foll, complete)
+    await _wait_bios(kernel, tasks, pages, foll, complete)
+
+
+def _flush_plug(
+    mem: PhysMem,
+    plug: _Plug,
+    pages: np.ndarray,
+    live: list[DioReq],
+    tasks: _BioTasks,
+) -> None:
+    """blk_finish_plug(): holes read as zeroes, the rest sorted by block and cut into bios
+    (merged across iocbs where blocks touch); inline on brd, else one task per bio."""
+    fidx = np.asarray(plug.fidx, dtype=np.int64)
+    bmap = plug.ino.blocks  # bmap() of every page at once; past the map: holes
+    if len(bmap) and int(fidx.max()) < len(bmap):
+        blocks = bmap[fidx]
+    else:
+        inside = fidx < len(bmap)
+        blocks = np.full(len(fidx), -1, dtype=np.int64)
+        blocks[inside] = bmap[fidx[inside]]
+    pfns = pages[np.asarray(plug.slots, dtype=np.int64)]
+    owners = np.asarray(plug.owners, dtype=np.int64)
+    holes = blocks < 0
+    if holes.any():
+        if plug.op == REQ_OP_READ:
+            mem.frames[pfns[holes]] = 0  # a hole reads as zeroes
+        keep = ~holes
+        blocks, pfns, owners = blocks[keep], pfns[keep], owners[keep]
+    if not len(blocks):
+        return
+    if len(blocks) > 1:
+        order = np.argsort(blocks, kind="stable")
+        if (np.diff(order) != 1).any():
+            blocks, pfns, owners = blocks[order], pfns[order], owners[order]
+    starts = _cut(blocks)
+    bdev = plug.bdev
+    ends = np.append(starts[1:], len(blocks))
+    if bdev.completes_inline():
+        failed = _inline(bdev, plug.op, blocks, mem, pfns, starts)
+        for i in np.flatnonzero(failed).tolist():
+            s, e = int(starts[i]), int(ends[i])
+            who = np.unique(owners[s:e])
+            if len(who) == 1:
+                live[int(who[0])].failed = True
+                continue
+            for o in who.tolist():  # a failed merged request: each iocb's bios on their own
+                m = owners[s:e] == o
+                b = blocks[s:e][m]
+                if _inline(bdev, plug.op, b, mem, pfns[s:e][m], _cut(b)).any():
+                    live[o].failed = True
+        return
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        rs = [live[o] for o in np.unique(owners[s:e]).tolist()]
+        _submit(mem, bdev, plug.op, blocks[s:e], pfns[s:e], owners[s:e], rs, tasks)
+
+
+def _cut(blocks: np.ndarray) -> np.ndarray:
+    """Bio starts over sorted blocks: a new bio where blocks stop being contiguous, and every
+    MAX_MERGED_PAGES."""
+    if len(blocks) <= 1:
+        return np.zeros(len(blocks), dtype=np.int64)
+    cut = np.flatnonzero(np.diff(blocks) != 1) + 1
+    starts = np.concatenate(([0], cut)).astype(np.int64)
+    sizes = np.diff(np.append(starts, len(blocks)))
+    if (sizes > MAX_MERGED_PAGES).any():
+        starts = np.concatenate(
+            [np.arange(s, s + z, MAX_MERGED_PAGES) for s, z in zip(starts, sizes, strict=True)]
+        )
+    return starts
+
+
+def _inline(
+    bdev: BlockDevice,
+    op: int,
+    blocks: np.ndarray,
+    mem: PhysMem,
+    pfns: np.ndarray,
+    starts: np.ndarray,
+) -> np.ndarray:
+    """brd: the plug's bios done in place; the failed-bio mask (all, if the device went away)."""
+    try:
+        return bdev.submit_bios_inline(op, blocks, mem, pfns, starts)
+    except KernelError:
+        return np.ones(len(starts), dtype=np.bool_)
+
+
+_BioTasks = dict[asyncio.Future[None], tuple[list["DioReq"], tuple[np.ndarray, ...] | None]]
+
+
+def _submit(
+    mem: PhysMem,
+    bdev: BlockDevice,
+    op: int,
+    blocks: np.ndarray,
+    pfns: np.ndarray,
+    owners: np.ndarray,
+    own: list[DioReq],
+    tasks: _BioTasks,
+) -> asyncio.Future[None]:
+    """submit_bio() of one (possibly merged) bio in its own task; a merged one keeps what is
+    needed to resubmit its iocbs' parts on their own should it fail (``own`` is in the order
+    of ``np.unique(owners)``)."""
+    for r in own:
+        r.left += 1
+    t = asyncio.ensure_future(bdev.submit_bio(op, int(blocks[0]), mem, pfns, None))
+    tasks[t] = (own, (blocks, pfns, owners) if len(own) > 1 else None)
+    return t
+
+
+async def _bounce_one(kernel: Kernel, r: DioReq, pages: np.ndarray) -> None:
+    """A sector-aligned iocb through whole-block bounce buffers (dio._bounce)."""
+    first = r.pos >> PAGE_SHIFT
+    nblk = ((r.pos + r.count + _PMASK) >> PAGE_SHIFT) - first
+    blocks = r.ino.bmap_range(first, nblk)
+    err = await dio._bounce(kernel, r.ino, pages, r.cov, r.pos, r.count, blocks, r.write)
+    if err is not None:
+        raise err
+
+
+async def _wait_bios(
+    kernel: Kernel,
+    tasks: _BioTasks,
+    pages: np.ndarray,
+    foll: str,
+    complete: Callable[[list[DioReq]], None],
+) -> None:
+    """Wait for the bios; an iocb completes when its last bio did. A failed merged bio is
+    resubmitted as each iocb's own bios (the block layer fails bios, not neighbours). A
+    cancelled submitter keeps waiting (no frame is released under DMA) and is told once
+    everything completed."""
+    cancelled = False
+    pending = set(tasks)
+    mem = kernel.mem
+    while pending:
+        try:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            cancelled = True
+            continue
+        ready: list[DioReq] = []
+        for t in done:
+            err = None if t.cancelled() else t.exception()
+            own, merged = tasks.pop(t)
+            if err is not None and merged is not None:
+                blocks, pfns, owners = merged
+                bdev = own[0].ino.bdev
+                assert bdev is not None
+                op = REQ_OP_WRITE if own[0].write else REQ_OP_READ
+                for idx, r in zip(np.unique(owners).tolist(), own, strict=True):
+                    m = owners == idx
+                    b, p = blocks[m], pfns[m]
+                    starts = _cut(b)
+                    ends = np.append(starts[1:], len(b))
+                    for s0, e0 in zip(starts.tolist(), ends.tolist(), strict=True):
+                        pending.add(_submit(mem, bdev, op, b[s0:e0], p[s0:e0], m[:0], [r], tasks))
+                    r.left -= 1
+                continue
+            for r in own:
+                if err is not None:
+                    r.failed = True
+                    if isinstance(err, KernelError) and err.errno != errno.EIO:
+                        r.res = -err.errno
+                r.left -= 1
+                if r.left == 0:
+                    ready.append(r)
+        if ready:
+            await _complete_ready(kernel, ready, pages, foll, complete)
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _complete_ready(
+    kernel: Kernel,
+    ready: list[DioReq],
+    pages: np.ndarray,
+    foll: str,
+    complete: Callable[[list[DioReq]], None],
+) -> None:
+    """iomap_dio_complete() of iocbs whose bios are all done: results, one batched unpin, then
+    the write's post-I/O invalidation and i_size/mtime update."""
+    if not ready:
+        return
+    for r in ready:
+        if r.failed:
+            r.res = r.res if r.res < 0 else -errno.EIO
+        elif r.write:
+            r.res = r.count
+        else:
+            r.res = min(r.count, r.size - r.pos)
+    _finish(kernel, ready, pages, foll)
+    st = dio._stats(kernel)
+    for r in ready:
+        if r.res < 0:
+            continue
+        if not r.write:
+            st.reads += 1
+            continue
+        st.writes += 1
+        ino = r.ino
+        m = ino.mapping
+        if m is not None and m.pages:  # kiocb_invalidate_post_direct_write()
+            first = r.pos >> PAGE_SHIFT
+            await dio._invalidate(ino, first, (r.pos + r.count + _PMASK) >> PAGE_SHIFT)
+        if r.pos + r.res > ino.size:
+            ino.size = r.pos + r.res
+            if ino.sb is not None:
+                ino.sb.mark_dirty()
+        ino.mtime = time.time()
+    complete(ready)
+
+
+def _finish(kernel: Kernel, reqs: list[DioReq], pages: np.ndarray, foll: str) -> None:
+    """Mark done and release the pins of a group."""
+    for r in reqs:
+        r.done = True
+    _release(kernel, reqs, pages, foll)
