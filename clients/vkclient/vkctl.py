@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
+import signal
+import subprocess
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -241,6 +247,40 @@ async def cmd_uffd_unit_tests(args: argparse.Namespace, out: Console) -> int:
     return 1 if failed else 0
 
 
+async def cmd_uffd_stress(args: argparse.Namespace, out: Console) -> int:
+    """uffd-stress.c's bounce test over gRPC, one run per TYPE MiB BOUNCES triple; each run
+    must also leave the page accounting audit clean."""
+    from vkclient import uffd_stress
+
+    try:
+        runs = uffd_stress.parse_runs(args.runs)
+    except ValueError as e:
+        print(f"vkctl: uffd-stress: {e}", file=sys.stderr)
+        return 1
+
+    def emit(line: str) -> None:
+        print(line, flush=True)  # progress per bounce, as the C test fflush()es
+
+    status = 0
+    async with await _session(args) as k:
+        for kind, mib, bounces in runs:
+            rc = await uffd_stress.run(
+                k,
+                kind,
+                mib,
+                bounces,
+                emit,
+                nr_cpus=args.cpus,
+                locker_ops=args.locker_ops,
+                seed=args.seed,
+            )
+            problems = await k.audit()
+            for p in problems:
+                emit(f"ERROR: audit: {p}")
+            status |= rc or bool(problems)
+    return 1 if status else 0
+
+
 async def cmd_audit(args: argparse.Namespace, out: Console) -> int:
     """Recompute every frame's counts; exit 1 and list the problems when not clean."""
     async with await _session(args) as k:
@@ -350,6 +390,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "audit": (cmd_audit, "check every frame's counts (exit 1 when not clean)"),
     "gup-test": (cmd_gup_test, "port of the kernel's gup_test selftest (-a -b -c -L -u -U …)"),
     "uffd-unit-tests": (cmd_uffd_unit_tests, "subset of the kernel's uffd-unit-tests selftest"),
+    "uffd-stress": (cmd_uffd_stress, "the kernel's uffd-stress bounce test (TYPE MiB BOUNCES)"),
 }
 
 
@@ -359,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--addr", help="unix:///path or tcp://host:port (env VKERNEL_ADDR)")
     parser.add_argument("--token-file", help="bearer token for tcp:// (env VKERNEL_TOKEN_FILE)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--spawn-daemon",
+        action="store_true",
+        help="run the command against a private daemon started (and stopped) for it",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -376,7 +422,65 @@ def build_parser() -> argparse.ArgumentParser:
             from vkclient.gup_test import add_arguments
 
             add_arguments(p)
+        if name == "uffd-stress":
+            from vkclient.uffd_stress import LOCKER_OPS
+
+            p.add_argument(
+                "runs",
+                nargs="+",
+                metavar="TYPE MiB BOUNCES",
+                help="anon|shmem|shmem-private, area size, bounces; repeat for more runs",
+            )
+            p.add_argument("--cpus", type=int, help="lockers/readers/copiers (default: nproc)")
+            p.add_argument(
+                "--locker-ops",
+                type=int,
+                default=LOCKER_OPS,
+                help=f"operations per locker per bounce at least (default {LOCKER_OPS})",
+            )
+            p.add_argument("--seed", type=int, help="seed of the random page picks")
     return parser
+
+
+SPAWN_MEMORY = "512M"
+"""Physical memory of a ``--spawn-daemon`` daemon (uffd-stress shmem 20 MiB needs ~100 MiB)."""
+
+
+@contextlib.contextmanager
+def private_daemon() -> Iterator[str]:
+    """A daemon on a UNIX socket in a temporary folder; SIGTERM on exit (it must exit 0)."""
+    with tempfile.TemporaryDirectory(prefix="vkctl-") as tmp:
+        sock = Path(tmp) / "vkernel.sock"
+        log_path = Path(tmp) / "daemon.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "vkernel",
+                    "serve",
+                    "--listen",
+                    f"unix://{sock}",
+                    "--memory",
+                    SPAWN_MEMORY,
+                    "--log-format",
+                    "json",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                deadline = time.monotonic() + 30
+                while not sock.exists():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"daemon did not start: {log_path.read_text()[-2000:]}")
+                    time.sleep(0.05)
+                yield f"unix://{sock}"
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                rc = proc.wait(timeout=30)
+        if rc != 0:
+            raise RuntimeError(f"daemon exited {rc}: {log_path.read_text()[-2000:]}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,12 +490,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, _ = COMMANDS[args.command]
     try:
         resolve_token(None, args.token_file)  # fail early on an unreadable token file
+        if args.spawn_daemon:
+            with private_daemon() as addr:
+                args.addr = addr
+                return asyncio.run(command(args, out))
         return asyncio.run(command(args, out))
     except OSError as e:
         print(f"vkctl: {args.command}: {e.strerror or e}", file=sys.stderr)
         return 1
     except VkernelError as e:
         print(f"vkctl: {args.command}: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # the private daemon failed to start or to stop cleanly
+        print(f"vkctl: --spawn-daemon: {e}", file=sys.stderr)
         return 1
 
 
