@@ -3,14 +3,16 @@
 Each job (``numjobs`` clones) is a vkernel process: its I/O buffers are an anonymous mapping
 in that process (``iodepth * bs`` bytes, touched before the run as fio touches its buffers),
 so every I/O pins and unpins real pages in the daemon. ``ioengine=libaio`` / ``io_uring``
-use an AIO ring of depth ``iodepth`` (:class:`vkclient._aio.AioRing`); ``psync``, ``sync``
-and ``pvsync`` one synchronous preadv/pwritev per I/O. Without ``filename`` the file is
+use an AIO ring of depth ``iodepth`` (:class:`vkclient._aio.AioRing`): every Ring message
+submits all the I/Os queued in free slots and reaps every completion ready, so the gRPC cost
+is shared by a batch (``iodepth_batch_*`` tune the batch sizes). ``psync``, ``sync`` and
+``pvsync`` do one synchronous preadv/pwritev per I/O. Without ``filename`` the file is
 ``<directory>/<job>.<n>.0`` on the daemon's default block device, laid out (written) first
 when the job reads.
 
-Output: fio's normal text report, or fio 3.x's JSON (``jobs[].read/write`` with
-``io_bytes``, ``bw``, ``iops``, ``runtime``, ``slat_ns``/``clat_ns``/``lat_ns`` …).
-slat is the daemon's submit→issue time, clat issue→completion (daemon clock).
+Output: fio's normal text report, or fio 3.x's JSON / JSON+ (see :mod:`vkclient.vkfio_stats`
+and docs/vkfio.md). slat is the daemon's submit→issue time, clat issue→completion (daemon
+clock); CPU figures are the vkfio process's own rusage over the job.
 """
 
 from __future__ import annotations
@@ -21,21 +23,51 @@ import hashlib
 import json
 import os
 import re
+import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
 import vkclient
 from vkclient._aio import OP_READ, OP_WRITE, AioRing, preadv, pwritev, set_dio_defaults
 from vkclient.constants import O_CREAT, O_DIRECT, O_RDWR
+from vkclient.vkfio_stats import (
+    FIO_VERSION,
+    PERCENTILES,
+    DirStats,
+    JobResult,
+    Rusage,
+    Sampler,
+    header_text,
+    num2str,
+    report_json,
+    report_text,
+)
 
-FIO_VERSION = "fio-3.36"
-PERCENTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 99.5, 99.9, 99.95, 99.99)
-"""fio's default percentile_list (options.c)."""
+__all__ = [
+    "FIO_VERSION",
+    "PERCENTILES",
+    "DirStats",
+    "Job",
+    "JobError",
+    "JobResult",
+    "Rusage",
+    "check_block",
+    "crc32c",
+    "main",
+    "parse_jobfile",
+    "parse_size",
+    "parse_time",
+    "report_json",
+    "report_text",
+    "run_jobs",
+    "verify_block",
+]
+
 ENGINES = {"libaio": "aio", "io_uring": "aio", "psync": "sync", "sync": "sync", "pvsync": "sync"}
 RW_MODES = {
     "read": (False, True, False),
@@ -52,11 +84,17 @@ OPTIONS = {
     "filename", "directory", "numjobs", "iodepth", "runtime", "time_based", "offset",
     "verify", "group_reporting", "randseed", "rwmixread", "rwmixwrite", "name",
     "thread", "randrepeat", "norandommap", "description", "do_verify",
+    "percentile_list", "clat_percentiles", "lat_percentiles", "slat_percentiles",
+    "iodepth_batch", "iodepth_batch_submit", "iodepth_batch_complete",
+    "iodepth_batch_complete_min", "iodepth_batch_complete_max",
+    "ramp_time", "startdelay", "thinktime", "thinktime_blocks", "bwavgtime", "iopsavgtime",
 }  # fmt: skip
 VERIFY = ("crc32c", "md5", "0", "")
 EILSEQ = 84
 HDR = 32
 """Bytes of the verify header at the start of each block (magic, len, offset, checksum)."""
+MAX_PERCENTILES = 20
+"""FIO_IO_U_LIST_MAX_LEN."""
 
 
 class JobError(ValueError):
@@ -72,17 +110,45 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * int(mult)
 
 
-def parse_time(text: str) -> float:
-    """fio times: seconds by default; us, ms, s, m, h suffixes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*", text)
-    if not m:
+_TIME_UNITS = {
+    "ns": 1e-9, "nsec": 1e-9, "us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3,
+    "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0,
+}  # fmt: skip
+
+
+def parse_time(text: str, default: str = "s") -> float:
+    """fio times in seconds: ``default`` unit when none is given (s for runtime, ramp_time,
+    startdelay; us for thinktime); ns, us, ms, s, m, h, d suffixes (and their long forms)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text, re.IGNORECASE)
+    unit = m.group(2).lower() if m else ""
+    if not m or (unit and unit not in _TIME_UNITS):
         raise JobError(f"bad time {text!r}")
-    unit = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
-    return float(m.group(1)) * unit
+    return float(m.group(1)) * _TIME_UNITS[unit or default]
+
+
+def parse_percentile_list(text: str) -> tuple[float, ...]:
+    """fio's percentile_list: colon-separated percentages in (0, 100], at most 20."""
+    try:
+        vals = tuple(float(x) for x in text.split(":") if x.strip())
+    except ValueError:
+        raise JobError(f"bad percentile_list {text!r}") from None
+    if not vals or len(vals) > MAX_PERCENTILES or any(not 0 < v <= 100 for v in vals):
+        raise JobError(f"bad percentile_list {text!r}: 1 to {MAX_PERCENTILES} values in (0, 100]")
+    return vals
 
 
 def _bool(text: str) -> bool:
     return text.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _int(key: str, text: str, minimum: int = 0) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise JobError(f"option '{key}': bad integer {text!r}") from None
+    if v < minimum:
+        raise JobError(f"option '{key}': must be at least {minimum}")
+    return v
 
 
 @dataclass
@@ -107,6 +173,20 @@ class Job:
     group_reporting: bool = False
     randseed: int = 0x89
     rwmixread: int = 50
+    percentile_list: tuple[float, ...] = PERCENTILES
+    clat_percentiles: bool = True
+    lat_percentiles: bool = False
+    slat_percentiles: bool = False
+    iodepth_batch_submit: int = 1
+    iodepth_batch_complete_min: int = 1
+    iodepth_batch_complete_max: int = 0
+    """0: reap every completion that is ready (up to the ring's depth)."""
+    ramp_time: float = 0.0
+    startdelay: float = 0.0
+    thinktime: float = 0.0
+    thinktime_blocks: int = 1
+    bwavgtime: int = 500
+    iopsavgtime: int = 500
 
     def apply(self, key: str, value: str | None) -> None:
         """Set one option (fio's name, fio's syntax)."""
@@ -136,9 +216,9 @@ class Job:
         elif key == "directory":
             self.directory = v
         elif key == "numjobs":
-            self.numjobs = int(v)
+            self.numjobs = _int(key, v, 1)
         elif key == "iodepth":
-            self.iodepth = int(v)
+            self.iodepth = _int(key, v, 1)
         elif key == "runtime":
             self.runtime = parse_time(v)
         elif key == "time_based":
@@ -153,13 +233,49 @@ class Job:
         elif key == "group_reporting":
             self.group_reporting = _bool(v)
         elif key == "randseed":
-            self.randseed = int(v)
+            self.randseed = _int(key, v)
         elif key == "rwmixread":
-            self.rwmixread = int(v)
+            self.rwmixread = _int(key, v)
         elif key == "rwmixwrite":
-            self.rwmixread = 100 - int(v)
-        if self.bs <= 0 or self.numjobs <= 0 or self.iodepth <= 0:
+            self.rwmixread = 100 - _int(key, v)
+        else:
+            self._apply_stats_and_batching(key, v)
+        if self.bs <= 0:
             raise JobError(f"option '{key}': value must be positive")
+
+    def _apply_stats_and_batching(self, key: str, v: str) -> None:
+        """The reporting, batching and timing options."""
+        if key == "percentile_list":
+            self.percentile_list = parse_percentile_list(v)
+        elif key in ("clat_percentiles", "lat_percentiles", "slat_percentiles"):
+            setattr(self, key, _bool(v))
+        elif key in ("iodepth_batch", "iodepth_batch_submit"):
+            self.iodepth_batch_submit = _int(key, v)
+        elif key in ("iodepth_batch_complete", "iodepth_batch_complete_min"):
+            self.iodepth_batch_complete_min = _int(key, v)
+        elif key == "iodepth_batch_complete_max":
+            self.iodepth_batch_complete_max = _int(key, v)
+        elif key in ("ramp_time", "startdelay"):
+            setattr(self, key, parse_time(v))
+        elif key == "thinktime":
+            self.thinktime = parse_time(v, "us")
+        elif key == "thinktime_blocks":
+            self.thinktime_blocks = _int(key, v, 1)
+        elif key in ("bwavgtime", "iopsavgtime"):
+            setattr(self, key, _int(key, v, 1))
+
+    def check(self) -> None:
+        """fio's fixup_options checks that involve more than one option."""
+        if not self.size:
+            raise JobError(f"job '{self.name}': need a size")
+        if self.bs > self.size:
+            raise JobError(f"job '{self.name}': bs larger than size")
+        cmax = self.iodepth_batch_complete_max
+        if cmax and cmax < self.iodepth_batch_complete_min:
+            raise JobError(
+                f"job '{self.name}': iodepth_batch_complete_max ({cmax}) < "
+                f"iodepth_batch_complete_min ({self.iodepth_batch_complete_min})"
+            )
 
     @property
     def depth(self) -> int:
@@ -192,7 +308,6 @@ def parse_jobfile(text: str) -> tuple[dict[str, str], list[Job]]:
     if not jobs:
         raise JobError("no jobs defined")
     out = []
-    gopts: dict[str, str] = {}
     probe = Job("global")
     for k, v in glob:
         probe.apply(k, v)
@@ -201,10 +316,7 @@ def parse_jobfile(text: str) -> tuple[dict[str, str], list[Job]]:
         job = Job(name)
         for k, v in [*glob, *opts]:
             job.apply(k, v)
-        if not job.size:
-            raise JobError(f"job '{name}': need a size")
-        if job.bs > job.size:
-            raise JobError(f"job '{name}': bs larger than size")
+        job.check()
         out.append(job)
     return gopts, out
 
@@ -260,310 +372,24 @@ def check_block(kind: str, data: bytes, offset: int) -> str | None:
     return None
 
 
-# ---- statistics ---------------------------------------------------------------------------
-
-
-@dataclass
-class DirStats:
-    """One direction's counters and latency samples (ns)."""
-
-    ios: int = 0
-    bytes: int = 0
-    short: int = 0
-    slat: list[int] = field(default_factory=list)
-    clat: list[int] = field(default_factory=list)
-
-    def merge(self, other: DirStats) -> None:
-        self.ios += other.ios
-        self.bytes += other.bytes
-        self.short += other.short
-        self.slat += other.slat
-        self.clat += other.clat
-
-
-@dataclass
-class JobResult:
-    """One job clone's outcome."""
-
-    job: Job
-    jobnum: int
-    pid: int = 0
-    read: DirStats = field(default_factory=DirStats)
-    write: DirStats = field(default_factory=DirStats)
-    runtime_ms: int = 0
-    error: int = 0
-    errmsg: str = ""
-    verify_errors: list[str] = field(default_factory=list)
-    start: float = 0.0
-
-
-def lat_json(samples: list[int], percentiles: bool) -> dict[str, Any]:
-    """fio's add_ddir_lat_json: min/max/mean/stddev/N (+ percentile for clat)."""
-    if not samples:
-        return {"min": 0, "max": 0, "mean": 0.0, "stddev": 0.0, "N": 0}
-    a = np.asarray(samples, dtype=np.float64)
-    out: dict[str, Any] = {
-        "min": int(a.min()),
-        "max": int(a.max()),
-        "mean": float(a.mean()),
-        "stddev": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-        "N": len(a),
-    }
-    if percentiles:
-        vals = np.percentile(a, PERCENTILES, method="higher")
-        out["percentile"] = {f"{p:f}": int(v) for p, v in zip(PERCENTILES, vals, strict=True)}
-    return out
-
-
-def ddir_json(d: DirStats, runtime_ms: int) -> dict[str, Any]:
-    """fio's add_ddir_status_json."""
-    rt = runtime_ms if d.ios else 0
-    bw_bytes = int(d.bytes * 1000 / rt) if rt else 0
-    iops = d.ios * 1000.0 / rt if rt else 0.0
-    lat = [s + c for s, c in zip(d.slat, d.clat, strict=True)]
-    return {
-        "io_bytes": d.bytes,
-        "io_kbytes": d.bytes >> 10,
-        "bw_bytes": bw_bytes,
-        "bw": bw_bytes >> 10,
-        "iops": iops,
-        "runtime": rt,
-        "total_ios": d.ios,
-        "short_ios": d.short,
-        "drop_ios": 0,
-        "slat_ns": lat_json(d.slat, False),
-        "clat_ns": lat_json(d.clat, True),
-        "lat_ns": lat_json(lat, False),
-        "bw_min": bw_bytes >> 10 if d.ios else 0,
-        "bw_max": bw_bytes >> 10 if d.ios else 0,
-        "bw_agg": 100.0 if d.ios else 0.0,
-        "bw_mean": float(bw_bytes >> 10) if d.ios else 0.0,
-        "bw_dev": 0.0,
-        "bw_samples": 1 if d.ios else 0,
-        "iops_min": int(iops),
-        "iops_max": int(iops),
-        "iops_mean": iops,
-        "iops_stddev": 0.0,
-        "iops_samples": 1 if d.ios else 0,
-    }
-
-
-def _bins(
-    samples: list[int], edges: Sequence[int], scale: int, last: str | None
-) -> dict[str, float]:
-    """fio's latency_ns/us/ms buckets: % of I/Os with latency ≤ edge (in the unit)."""
-    n = max(1, len(samples))
-    a = np.asarray(samples, dtype=np.int64)
-    out: dict[str, float] = {}
-    lo = 0
-    for e in edges:
-        hi = e * scale
-        out[str(e)] = float(np.count_nonzero((a > lo) & (a <= hi)) * 100.0 / n) if len(a) else 0.0
-        lo = hi
-    if last is not None:
-        out[last] = float(np.count_nonzero(a > lo) * 100.0 / n) if len(a) else 0.0
-    return out
-
-
-_EDGES = (2, 4, 10, 20, 50, 100, 250, 500, 750, 1000)
-
-
-def job_json(r: JobResult, name: str, elapsed: int) -> dict[str, Any]:
-    """fio's show_thread_status_json for one job (or a reporting group)."""
-    lat = r.read.clat + r.write.clat
-    depth = r.job.depth
-    lvl = dict.fromkeys(("1", "2", "4", "8", "16", "32", ">=64"), 0.0)
-    key = next(
-        (
-            k
-            for k, v in (("1", 1), ("2", 2), ("4", 4), ("8", 8), ("16", 16), ("32", 32))
-            if depth <= v
-        ),
-        ">=64",
-    )
-    lvl[key] = 100.0
-    sub = dict.fromkeys(("0", "4", "8", "16", "32", "64", ">=64"), 0.0)
-    sub[
-        "4"
-        if depth <= 4
-        else "8"
-        if depth <= 8
-        else "16"
-        if depth <= 16
-        else "32"
-        if depth <= 32
-        else "64"
-        if depth <= 64
-        else ">=64"
-    ] = 100.0
-    return {
-        "jobname": name,
-        "groupid": 0,
-        "job_start": int(r.start * 1000),
-        "error": r.error,
-        "eta": 0,
-        "elapsed": elapsed,
-        "job options": dict(r.job.options),
-        "read": ddir_json(r.read, r.runtime_ms),
-        "write": ddir_json(r.write, r.runtime_ms),
-        "trim": ddir_json(DirStats(), 0),
-        "sync": {"total_ios": 0, "lat_ns": lat_json([], False)},
-        "job_runtime": r.runtime_ms,
-        "usr_cpu": 0.0,
-        "sys_cpu": 0.0,
-        "ctx": 0,
-        "majf": 0,
-        "minf": 0,
-        "iodepth_level": lvl,
-        "iodepth_submit": sub,
-        "iodepth_complete": dict(sub),
-        "latency_ns": _bins(lat, _EDGES, 1, None),
-        "latency_us": _bins([x for x in lat if x > 1000], _EDGES, 1000, None),
-        "latency_ms": _bins(
-            [x for x in lat if x > 1_000_000], (*_EDGES, 2000), 1_000_000, ">=2000"
-        ),
-        "latency_depth": depth,
-        "latency_target": 0,
-        "latency_percentile": 100.0,
-        "latency_window": 0,
-    }
-
-
-def _merge(results: list[JobResult]) -> JobResult:
-    """group_reporting: one result for the clones."""
-    m = JobResult(results[0].job, 0, results[0].pid)
-    m.start = min(r.start for r in results)
-    for r in results:
-        m.read.merge(r.read)
-        m.write.merge(r.write)
-        m.runtime_ms = max(m.runtime_ms, r.runtime_ms)
-        m.error = m.error or r.error
-        m.verify_errors += r.verify_errors
-    return m
-
-
-def report_json(
-    gopts: dict[str, str], results: list[JobResult], disks: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The whole --output-format=json document."""
-    now = time.time()
-    jobs: list[dict[str, Any]] = []
-    by_job: dict[int, list[JobResult]] = {}
-    for r in results:
-        by_job.setdefault(id(r.job), []).append(r)
-    elapsed = max(1, round(max((r.runtime_ms for r in results), default=0) / 1000))
-    for rs in by_job.values():
-        if rs[0].job.group_reporting:
-            jobs.append(job_json(_merge(rs), rs[0].job.name, elapsed))
-        else:
-            jobs += [job_json(r, r.job.name, elapsed) for r in rs]
-    return {
-        "fio version": FIO_VERSION,
-        "timestamp": int(now),
-        "timestamp_ms": int(now * 1000),
-        "time": time.ctime(now),
-        "global options": dict(gopts),
-        "jobs": jobs,
-        "disk_util": disks,
-    }
-
-
-def _h(n: float, unit: str = "B") -> str:
-    """fio's IEC rendering: 741MiB, 4096B."""
-    for suffix in ("", "Ki", "Mi", "Gi", "Ti"):
-        if n < 1024 or suffix == "Ti":
-            return (
-                f"{n:.0f}{suffix}{unit}" if n >= 100 or suffix == "" else f"{n:.1f}{suffix}{unit}"
-            )
-        n /= 1024
-    return f"{n}{unit}"
-
-
-def _lat_line(label: str, ns: list[int]) -> str:
-    if not ns:
-        return ""
-    a = np.asarray(ns, dtype=np.float64)
-    unit, div = (
-        ("nsec", 1.0)
-        if a.mean() < 10_000
-        else ("usec", 1e3)
-        if a.mean() < 10_000_000
-        else ("msec", 1e6)
-    )
-    sd = a.std(ddof=1) if len(a) > 1 else 0.0
-    return (
-        f"    {label} ({unit}): min={a.min() / div:.0f}, max={a.max() / div:.0f}, "
-        f"avg={a.mean() / div:.2f}, stdev={sd / div:.2f}\n"
-    )
-
-
-def report_text(results: list[JobResult]) -> str:
-    """fio's normal output."""
-    out = []
-    by_job: dict[int, list[JobResult]] = {}
-    for r in results:
-        by_job.setdefault(id(r.job), []).append(r)
-    for rs in by_job.values():
-        job = rs[0].job
-        out.append(
-            f"{job.name}: (g=0): rw={job.rw}, bs=(R) {job.bs}B-{job.bs}B, (W) {job.bs}B-{job.bs}B, "
-            f"(T) {job.bs}B-{job.bs}B, ioengine={job.engine}, iodepth={job.iodepth}\n"
-        )
-    out.append(
-        f"{FIO_VERSION}\nStarting {len(results)} process{'es' if len(results) > 1 else ''}\n"
-    )
-    groups: list[JobResult] = []
-    for rs in by_job.values():
-        groups += [_merge(rs)] if rs[0].job.group_reporting else rs
-    for r in groups:
-        for msg in r.verify_errors[:10]:
-            out.append(msg + "\n")
-        out.append(
-            f"{r.job.name}: (groupid=0, jobs={r.job.numjobs if r.job.group_reporting else 1}): "
-            f"err={r.error:2d}: pid={r.pid}: {time.ctime()}\n"
-        )
-        for label, d in (("read", r.read), ("write", r.write)):
-            if not d.ios:
-                continue
-            rt = max(1, r.runtime_ms)
-            bw = d.bytes * 1000 / rt
-            iops = d.ios * 1000 / rt
-            iops_s = f"{iops / 1000:.1f}k" if iops >= 1000 else f"{iops:.0f}"
-            out.append(
-                f"  {label}: IOPS={iops_s}, BW={_h(bw)}/s ({bw / 1e6:.1f}MB/s)"
-                f"({_h(d.bytes)}/{rt}msec)\n"
-            )
-            out.append(_lat_line("slat", d.slat))
-            out.append(_lat_line("clat", d.clat))
-            out.append(_lat_line("lat", [s + c for s, c in zip(d.slat, d.clat, strict=True)]))
-            if d.clat:
-                a = np.asarray(d.clat, dtype=np.float64)
-                vals = np.percentile(a, PERCENTILES, method="higher") / 1000
-                cells = [f"{p:5.2f}th=[{v:5.0f}]" for p, v in zip(PERCENTILES, vals, strict=True)]
-                out.append("    clat percentiles (usec):\n")
-                for i in range(0, len(cells), 4):
-                    out.append("     | " + ", ".join(cells[i : i + 4]) + ",\n")
-        out.append(f"  IO depths    : {r.job.depth}=100.0%\n")
-        out.append(
-            f"     issued rwts: total={r.read.ios},{r.write.ios},0,0 "
-            f"short={r.read.short},{r.write.short},0,0 dropped=0,0,0,0\n"
-        )
-    out.append("\nRun status group 0 (all jobs):\n")
-    for label, pick in (("READ", "read"), ("WRITE", "write")):
-        ds = [getattr(r, pick) for r in results]
-        tot = sum(d.bytes for d in ds)
-        if not tot:
-            continue
-        rt = max(1, max(r.runtime_ms for r in results))
-        bw = tot * 1000 / rt
-        out.append(
-            f"  {label}: bw={_h(bw)}/s ({bw / 1e6:.1f}MB/s), io={_h(tot)} ({tot / 1e6:.1f}MB), "
-            f"run={rt}-{rt}msec\n"
-        )
-    return "".join(x for x in out if x)
-
-
 # ---- running a job ----------------------------------------------------------------------------
+
+
+def _rusage_now() -> resource.struct_rusage:
+    """The vkfio process's own usage (every thread: the event loop and gRPC's), as fio's
+    getrusage(RUSAGE_SELF) for a job run as a process."""
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def rusage_delta(a: resource.struct_rusage, b: resource.struct_rusage) -> Rusage:
+    """update_rusage_stat(): CPU ms, context switches and faults between two readings."""
+    return Rusage(
+        usr_ms=(b.ru_utime - a.ru_utime) * 1000.0,
+        sys_ms=(b.ru_stime - a.ru_stime) * 1000.0,
+        ctx=(b.ru_nvcsw + b.ru_nivcsw) - (a.ru_nvcsw + a.ru_nivcsw),
+        majf=b.ru_majflt - a.ru_majflt,
+        minf=b.ru_minflt - a.ru_minflt,
+    )
 
 
 class Runner:
@@ -575,6 +401,11 @@ class Runner:
         self.jobnum = jobnum
         self.res = JobResult(job, jobnum)
         self.progress = progress
+        self.sampler = Sampler(job.bwavgtime, job.iopsavgtime)
+        self.recording = False
+        """False during ramp_time (and before/after the job): I/O then counts for nothing."""
+        self._t0 = 0.0
+        self._ru0 = _rusage_now()
 
     def _path(self) -> str:
         job = self.job
@@ -588,8 +419,43 @@ class Runner:
         base = job.offset + np.arange(n, dtype=np.int64) * job.bs
         return rng.permutation(base) if random else base
 
+    def _begin(self) -> None:
+        """Start of the measured part (after ramp_time): fresh counters, rusage, samples."""
+        self.res.reset()
+        self.res.start = time.time()
+        self._t0 = time.perf_counter()
+        self._ru0 = _rusage_now()
+        self.sampler.start(self._t0)
+        self.recording = True
+
+    def _end(self) -> None:
+        self.recording = False
+        self.res.runtime_ms = max(1, round((time.perf_counter() - self._t0) * 1000))
+        self.res.cpu = rusage_delta(self._ru0, _rusage_now())
+
+    def snapshot(self) -> JobResult | None:
+        """The cumulative figures so far (--status-interval), or None outside the run."""
+        if not self.recording:
+            return None
+        r = self.res
+        snap = JobResult(r.job, r.jobnum, r.pid, r.read, r.write, start=r.start)
+        snap.runtime_ms = max(1, round((time.perf_counter() - self._t0) * 1000))
+        snap.cpu = rusage_delta(self._ru0, _rusage_now())
+        snap.io_u_map, snap.io_u_submit = r.io_u_map, r.io_u_submit
+        snap.io_u_complete = r.io_u_complete
+        snap.total_submit, snap.total_complete = r.total_submit, r.total_complete
+        return snap
+
+    async def _sample(self) -> None:
+        """fio's helper thread: bw/iops samples every bwavgtime/iopsavgtime ms."""
+        while True:
+            wait = self.sampler.tick(time.perf_counter(), (self.res.read, self.res.write))
+            await asyncio.sleep(wait)
+
     async def run(self) -> JobResult:
         job, res = self.job, self.res
+        if job.startdelay:
+            await asyncio.sleep(job.startdelay)
         p = await self.k.spawn(f"vkfio-{job.name}")
         res.pid = p.pid
         try:
@@ -602,14 +468,19 @@ class Runner:
             if reads and not job.verify:
                 await self._layout(p, fd, buf)
             rng = np.random.default_rng(job.randseed + self.jobnum)
-            res.start = time.time()
-            t0 = time.perf_counter()
-            if job.verify and writes:
-                await self._loop(p, fd, buf, rng, verify_write=True)
-                await self._verify(p, fd, buf)
-            else:
-                await self._loop(p, fd, buf, rng)
-            res.runtime_ms = max(1, round((time.perf_counter() - t0) * 1000))
+            if job.ramp_time:
+                await self._loop(p, fd, buf, rng, ramp=job.ramp_time)
+            self._begin()
+            sampling = asyncio.ensure_future(self._sample())
+            try:
+                if job.verify and writes:
+                    await self._loop(p, fd, buf, rng, verify_write=True)
+                    await self._verify(p, fd, buf)
+                else:
+                    await self._loop(p, fd, buf, rng)
+            finally:
+                sampling.cancel()
+                self._end()
         except OSError as e:
             res.error = e.errno or 5
             res.errmsg = str(e)
@@ -638,16 +509,14 @@ class Runner:
             return bool(rng.integers(0, 100) < self.job.rwmixread)
         return reads
 
-    async def _loop(
-        self,
-        p: vkclient.Process,
-        fd: int,
-        buf: int,
-        rng: np.random.Generator,
-        verify_write: bool = False,
-    ) -> None:
+    def _offset_source(
+        self, rng: np.random.Generator, verify_write: bool, ramp: float
+    ) -> Callable[[], int | None]:
+        """Next file offset, or None when the job (or the ramp) is over."""
         job = self.job
-        deadline = time.perf_counter() + job.runtime if job.runtime else None
+        limit = ramp or job.runtime
+        deadline = time.perf_counter() + limit if limit else None
+        cyclic = bool(ramp) or (job.time_based and not verify_write)
         offs = self._offsets(rng)
         it = 0
 
@@ -656,53 +525,129 @@ class Runner:
             if deadline is not None and time.perf_counter() >= deadline:
                 return None
             if it >= len(offs):
-                if not job.time_based or verify_write:
+                if not cyclic:
                     return None
                 offs = self._offsets(rng)
                 it = 0
             it += 1
             return int(offs[it - 1])
 
-        if ENGINES[job.engine] == "sync":
-            while (off := next_off()) is not None:
-                is_read = not verify_write and self._is_read(rng)
-                if verify_write:
-                    await p.write(buf, verify_block(job.verify, off, job.bs, job.randseed))
-                t = time.perf_counter_ns()
-                if is_read:
-                    n = await preadv(p, fd, [(buf, job.bs)], off)
-                else:
-                    n = await pwritev(p, fd, [(buf, job.bs)], off)
-                self._account(is_read, n, 0, time.perf_counter_ns() - t)
-            return
-        slots = list(range(job.depth))
-        kinds: dict[int, bool] = {}
-        async with AioRing(p, job.depth) as ring:
-            done = False
+        return next_off
+
+    async def _loop(
+        self,
+        p: vkclient.Process,
+        fd: int,
+        buf: int,
+        rng: np.random.Generator,
+        verify_write: bool = False,
+        ramp: float = 0.0,
+    ) -> None:
+        next_off = self._offset_source(rng, verify_write, ramp)
+        if ENGINES[self.job.engine] == "sync":
+            await self._sync_loop(p, fd, buf, rng, next_off, verify_write)
+        else:
+            await self._aio_loop(p, fd, buf, rng, next_off, verify_write)
+
+    async def _sync_loop(
+        self,
+        p: vkclient.Process,
+        fd: int,
+        buf: int,
+        rng: np.random.Generator,
+        next_off: Callable[[], int | None],
+        verify_write: bool,
+    ) -> None:
+        job = self.job
+        issued = 0
+        while (off := next_off()) is not None:
+            is_read = not verify_write and self._is_read(rng)
+            if verify_write:
+                await p.write(buf, verify_block(job.verify, off, job.bs, job.randseed))
+            await self._sync_io(p, fd, buf, off, is_read)
+            issued += 1
+            if job.thinktime and issued % job.thinktime_blocks == 0:
+                await asyncio.sleep(job.thinktime)
+
+    async def _sync_io(
+        self, p: vkclient.Process, fd: int, buf: int, off: int, is_read: bool
+    ) -> None:
+        """One preadv/pwritev: a submit of 1 at depth 1 and a reap of 1, as fio's sync engines."""
+        t = time.perf_counter_ns()
+        if is_read:
+            n = await preadv(p, fd, [(buf, self.job.bs)], off)
+        else:
+            n = await pwritev(p, fd, [(buf, self.job.bs)], off)
+        if self.recording:
+            self.res.mark_submit(1, 1)
+            self.res.mark_complete(1)
+        self._account(is_read, n, 0, time.perf_counter_ns() - t)
+
+    async def _aio_loop(
+        self,
+        p: vkclient.Process,
+        fd: int,
+        buf: int,
+        rng: np.random.Generator,
+        next_off: Callable[[], int | None],
+        verify_write: bool,
+    ) -> None:
+        """Keep the ring full; one Ring message per batch.
+
+        Every message carries all the I/Os queued in free slots (fio commits what is queued)
+        and waits for ``max(iodepth_batch_complete_min, iodepth_batch_submit)`` completions,
+        so that the next message has that many slots to refill, then reaps every completion
+        ready up to ``iodepth_batch_complete_max`` (default: the ring's depth): a round trip
+        per message is what costs, so a message never leaves ready completions behind."""
+        job, res = self.job, self.res
+        depth = job.depth
+        free = list(range(depth))
+        kinds = [False] * depth
+        batch = min(max(1, job.iodepth_batch_submit), depth)
+        cmin = min(job.iodepth_batch_complete_min, depth)
+        cmax = min(job.iodepth_batch_complete_max or depth, depth)
+        done = False
+        issued = 0
+        async with AioRing(p, depth) as ring:
             while True:
-                while slots and not done:
+                think = False
+                while free and not done and not think:
                     off = next_off()
                     if off is None:
                         done = True
                         break
-                    slot = slots.pop()
+                    slot = free.pop()
                     addr = buf + slot * job.bs
                     is_read = not verify_write and self._is_read(rng)
                     if verify_write:
                         await p.write(addr, verify_block(job.verify, off, job.bs, job.randseed))
                     kinds[slot] = is_read
                     ring.prep(OP_READ if is_read else OP_WRITE, fd, [(addr, job.bs)], off, slot)
-                if not ring.queued and len(slots) == job.depth:
+                    issued += 1
+                    think = bool(job.thinktime) and issued % job.thinktime_blocks == 0
+                inflight = depth - len(free)
+                if not inflight:
                     break
-                comps = await ring.submit_and_wait(1, timeout=30.0)
+                queued = ring.queued
+                want = min(inflight, cmax, max(1, cmin, 1 if done else batch))
+                comps = await ring.submit_and_wait(want, cmax, timeout=30.0)
+                if self.recording:
+                    if queued - ring.queued:
+                        res.mark_submit(inflight, queued - ring.queued)
+                    res.mark_complete(len(comps))
                 for c in comps:
                     slot = int(c.user_data)
-                    slots.append(slot)
+                    free.append(slot)
                     if c.res < 0:
                         raise OSError(-c.res, os.strerror(-c.res))
                     self._account(kinds[slot], c.res, c.submit_ns, c.complete_ns)
+                if think:
+                    await asyncio.sleep(job.thinktime)
 
     def _account(self, is_read: bool, n: int, slat: int, clat: int) -> None:
+        self.progress.add(is_read, n)
+        if not self.recording:
+            return
         d = self.res.read if is_read else self.res.write
         d.ios += 1
         d.bytes += n
@@ -710,15 +655,12 @@ class Runner:
             d.short += 1
         d.slat.append(slat)
         d.clat.append(clat)
-        self.progress.add(is_read, n)
 
     async def _verify(self, p: vkclient.Process, fd: int, buf: int) -> None:
         """fio's verify phase: read every written block back and check its header."""
         job = self.job
         for off in range(job.offset, job.offset + job.size, job.bs):
-            t = time.perf_counter_ns()
-            n = await preadv(p, fd, [(buf, job.bs)], off)
-            self._account(True, n, 0, time.perf_counter_ns() - t)
+            await self._sync_io(p, fd, buf, off, True)
             data = await p.read(buf, job.bs)
             bad = check_block(job.verify, data, off)
             if bad is not None:
@@ -732,31 +674,51 @@ class Runner:
 
 
 class Progress:
-    """fio's status line: Jobs: N (f=N): [R(1)][x%][r=…][eta …]."""
+    """fio's status line: Jobs: N (f=N): [R(N)][x%][r=…,w=…][r=…,w=… IOPS][eta …]."""
 
-    def __init__(self, total: int, stream: Any, enabled: bool) -> None:
+    def __init__(self, total: int, stream: TextIO, enabled: bool, mode: str = "R") -> None:
         self.total = max(1, total)
         self.done = 0
         self.rbytes = 0
         self.wbytes = 0
+        self.rios = 0
+        self.wios = 0
         self.stream = stream
         self.enabled = enabled
+        self.mode = mode
         self.t0 = time.perf_counter()
+        self._last = (self.t0, 0, 0, 0, 0)
 
     def add(self, is_read: bool, n: int) -> None:
         self.done += n
         if is_read:
             self.rbytes += n
+            self.rios += 1
         else:
             self.wbytes += n
+            self.wios += 1
 
     def line(self, jobs: int) -> str:
-        el = max(1e-6, time.perf_counter() - self.t0)
+        """The current rates (since the previous line) and the completion estimate."""
+        now = time.perf_counter()
+        t, rb, wb, ri, wi = self._last
+        dt = max(1e-6, now - t)
+        self._last = (now, self.rbytes, self.wbytes, self.rios, self.wios)
+        el = max(1e-6, now - self.t0)
         pct = min(100.0, 100.0 * self.done / self.total)
         eta = el * (100 - pct) / pct if pct > 0 else 0
+
+        def bw(n: float) -> str:
+            return num2str(int(n / dt), 4, 1, True, "B/s")
+
+        def io(n: float) -> str:
+            return num2str(int(n / dt))
+
         return (
-            f"Jobs: {jobs} (f={jobs}): [{pct:.1f}% done] [r={_h(self.rbytes / el)}/s]"
-            f"[w={_h(self.wbytes / el)}/s] [eta {int(eta) // 60:02d}m:{int(eta) % 60:02d}s]"
+            f"Jobs: {jobs} (f={jobs}): [{self.mode}({jobs})][{pct:.1f}%]"
+            f"[r={bw(self.rbytes - rb)},w={bw(self.wbytes - wb)}]"
+            f"[r={io(self.rios - ri)},w={io(self.wios - wi)} IOPS]"
+            f"[eta {int(eta) // 60:02d}m:{int(eta) % 60:02d}s]"
         )
 
     async def ticker(self, jobs: int) -> None:
@@ -766,23 +728,46 @@ class Progress:
             self.stream.flush()
 
 
+StatusHook = Callable[[list[JobResult]], None]
+
+
+async def _status_loop(runners: list[Runner], interval: float, hook: StatusHook) -> None:
+    """--status-interval: the cumulative report of the jobs running, every ``interval`` s."""
+    while True:
+        await asyncio.sleep(interval)
+        snaps = [s for r in runners if (s := r.snapshot()) is not None]
+        if snaps:
+            hook(snaps)
+
+
 async def run_jobs(
-    jobs: list[Job], addr: str | None, gup: str = "", foll: str = "", progress: bool = False
+    jobs: list[Job],
+    addr: str | None,
+    gup: str = "",
+    foll: str = "",
+    progress: bool = False,
+    status_interval: float = 0.0,
+    on_status: StatusHook | None = None,
 ) -> tuple[list[JobResult], list[dict[str, Any]]]:
     """Run every job (clones concurrently); results and disk_util entries."""
     async with vkclient.connect(addr, client_name="vkfio") as k:
         if gup or foll:
             await set_dio_defaults(k, gup, foll)
         total = sum(j.size * j.numjobs for j in jobs)
-        prog = Progress(total, sys.stderr, progress)
-        tick = asyncio.ensure_future(prog.ticker(sum(j.numjobs for j in jobs)))
+        modes = {"".join(m[1] * "R" + m[2] * "W") for m in (RW_MODES[j.rw] for j in jobs)}
+        mode = "M" if len(modes) > 1 else modes.pop()
+        prog = Progress(total, sys.stderr, progress, "m" if mode == "RW" else mode)
+        runners = [Runner(k, j, n, prog) for j in jobs for n in range(j.numjobs)]
+        bg = [asyncio.ensure_future(prog.ticker(len(runners)))]
+        if status_interval > 0 and on_status is not None:
+            bg.append(asyncio.ensure_future(_status_loop(runners, status_interval, on_status)))
         try:
-            runners = [Runner(k, j, n, prog) for j in jobs for n in range(j.numjobs)]
             before = {d.name: d for d in await k.devices()}
             results = list(await asyncio.gather(*(r.run() for r in runners)))
             after = await k.devices()
         finally:
-            tick.cancel()
+            for t in bg:
+                t.cancel()
             if progress:
                 sys.stderr.write("\n")
         disks = []
@@ -808,12 +793,49 @@ async def run_jobs(
         return results, disks
 
 
+OUTPUT_FORMATS = ("normal", "json", "json+")
+
+
+def render(
+    formats: Sequence[str],
+    gopts: dict[str, str],
+    results: list[JobResult],
+    disks: list[dict[str, Any]],
+) -> str:
+    """The report in each requested format; JSON first, as fio orders its output buffers."""
+    out = []
+    if "json" in formats or "json+" in formats:
+        doc = report_json(gopts, results, disks, json_plus="json+" in formats)
+        out.append(json.dumps(doc, indent=2) + "\n")
+    if "normal" in formats:
+        out.append(report_text(results, disks, header=False))
+    return "".join(out)
+
+
+def _formats(text: str) -> list[str]:
+    fmts = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in fmts if f not in OUTPUT_FORMATS]
+    if bad or not fmts:
+        raise argparse.ArgumentTypeError(
+            f"unsupported output format {','.join(bad) or text!r} "
+            f"(vkfio has {', '.join(OUTPUT_FORMATS)})"
+        )
+    return fmts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The vkfio console script."""
     ap = argparse.ArgumentParser(prog="vkfio", description="Run fio job files on vkernel.")
     ap.add_argument("jobfiles", nargs="+")
-    ap.add_argument("--output-format", default="normal", choices=("normal", "json"))
+    ap.add_argument(
+        "--output-format", type=_formats, default=["normal"], help="normal, json, json+ (a,b)"
+    )
     ap.add_argument("--output", default="")
+    ap.add_argument(
+        "--status-interval",
+        default="0",
+        help="print the cumulative report every so often (fio time: 10, 500ms, 1m)",
+    )
     ap.add_argument("--addr", default=None, help="daemon address (env VKERNEL_ADDR)")
     ap.add_argument("--gup", default="", choices=("", "fast", "slow"))
     ap.add_argument("--foll", default="", choices=("", "pin", "get"))
@@ -822,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gopts: dict[str, str] = {}
     jobs: list[Job] = []
     try:
+        interval = parse_time(a.status_interval)
         for path in a.jobfiles:
             with open(path) as f:
                 g, js = parse_jobfile(f.read())
@@ -830,17 +853,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (JobError, OSError) as e:
         print(f"fio: {e}", file=sys.stderr)
         return 1
-    show = a.eta == "always" or (a.eta == "auto" and sys.stderr.isatty())
-    results, disks = asyncio.run(run_jobs(jobs, a.addr, a.gup, a.foll, show))
-    if a.output_format == "json":
-        text = json.dumps(report_json(gopts, results, disks), indent=2) + "\n"
-    else:
-        text = report_text(results)
-    if a.output:
-        with open(a.output, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    out: TextIO = open(a.output, "w") if a.output else sys.stdout  # noqa: SIM115
+    try:
+        if "normal" in a.output_format:
+            out.write(header_text(jobs))
+
+        def status(snaps: list[JobResult]) -> None:
+            out.write(render(a.output_format, gopts, snaps, []))
+            out.flush()
+
+        show = a.eta == "always" or (a.eta == "auto" and sys.stderr.isatty())
+        results, disks = asyncio.run(run_jobs(jobs, a.addr, a.gup, a.foll, show, interval, status))
+        out.write(render(a.output_format, gopts, results, disks))
+    finally:
+        if out is not sys.stdout:
+            out.close()
     for r in results:
         if r.errmsg:
             print(f"fio: pid={r.pid}, err={r.error}/: {r.errmsg}", file=sys.stderr)
