@@ -23,6 +23,7 @@ from vkernel.kernel.uapi import (
     PAGE_SHIFT,
     PAGE_SIZE,
     PMD_SHIFT,
+    PTE_MARKER_MASK,
     PTRS_PER_TABLE,
     PG_anon,
     PG_buddy,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 MAX_REPORTS = 64
 _PSE = np.uint64(_PAGE_PSE)
+_NOT_MARKER = np.uint64(~PTE_MARKER_MASK & 0xFFFFFFFFFFFFFFFF)
 
 
 def _live_mms(kernel: Kernel) -> list[MmStruct]:
@@ -94,6 +96,13 @@ def audit(kernel: Kernel) -> list[str]:
                     for addr in addrs[~inside][:MAX_REPORTS].tolist():
                         problems.append(f"mm {id(mm):#x}: mapping at {addr:#x} outside any VMA")
             if level == 1:
+                # A non-present PTE must be a PTE marker (poison and/or uffd-wp bits only).
+                mk = ents[(ents != 0) & ((ents & U64_PRESENT) == 0)]
+                odd = mk[(mk & _NOT_MARKER) != 0]
+                if len(odd):
+                    problems.append(
+                        f"mm {id(mm):#x}: non-present PTE {int(odd[0]):#x} is not a PTE marker"
+                    )
                 pv = ents[(ents & U64_PRESENT) != 0]
                 pfns = ((pv & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
                 bad = pfns >= n

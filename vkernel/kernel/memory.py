@@ -78,6 +78,7 @@ from vkernel.kernel.uapi import (
     PMD_MASK,
     PMD_SIZE,
     PTE_MARKER_POISONED,
+    PTE_MARKER_UFFD_WP,
     PTRS_PER_TABLE,
     VM_FAULT_COMPLETED,
     VM_FAULT_DONE_COW,
@@ -843,19 +844,51 @@ def do_wp_pages(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> tuple[
 # ---- the fault entry -------------------------------------------------------------------------
 
 
+def do_pte_missing(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
+    """do_pte_missing(): an anonymous page, or the VMA's ->fault (shmem, file, dax)."""
+    if vma.is_anonymous():
+        return do_anonymous_page(vma, addr, pslot, flags, vmf)
+    if vma.shmem is not None and (vma.vm_flags & VM_SHARED or not flags & FAULT_FLAG_WRITE):
+        return do_shmem_fault(vma, addr, pslot, flags, vmf)
+    return do_fault(vma, addr, pslot, flags, vmf)
+
+
+def handle_pte_marker(
+    vma: VMA, addr: int, pslot: int, pte: int, flags: int, vmf: VmFault | None
+) -> int:
+    """handle_pte_marker(): poison first (VM_FAULT_HWPOISON); a uffd-wp marker is a missing
+    page that was write-protected (pte_marker_handle_uffd_wp)."""
+    if pte & PTE_MARKER_POISONED:
+        return VM_FAULT_HWPOISON
+    if pte & ~PTE_MARKER_UFFD_WP or not pte:
+        return VM_FAULT_SIGBUS  # an unknown marker
+    mem = vma.mm.mem
+    if not vma.vm_flags & VM_UFFD_WP:
+        # pte_marker_clear(): a leftover marker of an unregistered range is just dropped; the
+        # CPU's retried access faults on the none PTE (run here at once).
+        mem.u64[pslot] = 0
+        return handle_pte_fault(vma, addr, pslot, flags, vmf)
+    ret = do_pte_missing(vma, addr, pslot, flags, vmf)
+    new = mem.u64.item(pslot)
+    if ret or not new & _PAGE_PRESENT:
+        return ret  # a MISSING/MINOR userfault (the marker stays for COPY/CONTINUE) or an error
+    # do_anonymous_page()/set_pte_range(): vmf_orig_pte_uffd_wp() → pte_mkuffd_wp(), which
+    # also write-protects. A write then faults again on the protected page: the monitor's WP
+    # fault (or WP_ASYNC dropping the bit), as the CPU's retried store would.
+    mem.u64[pslot] = (new | _PAGE_UFFD_WP) & ~_PAGE_RW
+    if flags & FAULT_FLAG_WRITE:
+        return handle_pte_fault(vma, addr, pslot, flags, vmf)
+    return 0
+
+
 def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
     """handle_pte_fault()."""
     mem = vma.mm.mem
     pte = mem.u64.item(pslot)
     if not pte:
-        if vma.is_anonymous():
-            return do_anonymous_page(vma, addr, pslot, flags, vmf)
-        if vma.shmem is not None and (vma.vm_flags & VM_SHARED or not flags & FAULT_FLAG_WRITE):
-            return do_shmem_fault(vma, addr, pslot, flags, vmf)
-        return do_fault(vma, addr, pslot, flags, vmf)
+        return do_pte_missing(vma, addr, pslot, flags, vmf)
     if not pte & (_PAGE_PRESENT | _PAGE_PROTNONE):
-        # handle_pte_marker(): a UFFDIO_POISON marker is a hardware-poisoned page.
-        return VM_FAULT_HWPOISON if pte == PTE_MARKER_POISONED else VM_FAULT_SIGBUS
+        return handle_pte_marker(vma, addr, pslot, pte, flags, vmf)
     if not pte & _PAGE_PRESENT and vma.is_accessible():
         # do_numa_page(): restore the VMA's protection. A PROT_NONE VMA's entries are not NUMA
         # hints: a FOLL_FORCE write or unshare goes on to do_wp_page below.
@@ -1102,8 +1135,30 @@ def unmap_vmas(mm: MmStruct, vmas: list[VMA]) -> None:
 
 
 def zap_page_range_single(vma: VMA, start: int, end: int) -> None:
-    """zap_page_range_single(): MADV_DONTNEED's zap of part of one VMA."""
-    unmap_page_range(vma.mm, max(start, vma.vm_start), min(end, vma.vm_end))
+    """zap_page_range_single(): MADV_DONTNEED's zap of part of one VMA. Without
+    ZAP_FLAG_DROP_MARKER a uffd-wp registered shmem/file VMA keeps its protection: a uffd-wp
+    PTE (or marker) becomes PTE_MARKER_UFFD_WP (zap_install_uffd_wp_if_needed); on anon a zap
+    drops everything (an async-WP range then reads as written)."""
+    start, end = max(start, vma.vm_start), min(end, vma.vm_end)
+    if vma.is_anonymous() or not vma.vm_flags & VM_UFFD_WP:
+        unmap_page_range(vma.mm, start, end)
+        return
+    mm = vma.mm
+    u = mm.mem.u64
+    split_huge_pmds_in(mm, start, end)
+    keep: list[np.ndarray] = []
+    for slot, a, b in walk_pmds(mm, start, end):
+        e = u.item(slot)
+        if not e or e & _PAGE_PSE:
+            continue
+        base = table_of(e) * PTRS_PER_TABLE + ((a >> PAGE_SHIFT) & 511)
+        s = u[base : base + ((b - a) >> PAGE_SHIFT)]
+        wp = (s & np.uint64(_PAGE_UFFD_WP)) != 0
+        wp &= (s & np.uint64(PTE_MARKER_POISONED)) == 0  # poison is zapped (should_zap_cows)
+        keep.append(base + np.flatnonzero(wp))
+    unmap_page_range(mm, start, end)
+    for slots in keep:
+        u[slots] = np.uint64(PTE_MARKER_UFFD_WP)
 
 
 def split_huge_pmds_in(mm: MmStruct, start: int, end: int) -> None:

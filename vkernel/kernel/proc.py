@@ -32,6 +32,7 @@ from vkernel.kernel.uapi import (
     PM_MMAP_EXCLUSIVE,
     PM_PRESENT,
     PM_SOFT_DIRTY,
+    PM_SWAP,
     PM_UFFD_WP,
     PMD_SIZE,
     PTRS_PER_TABLE,
@@ -312,6 +313,14 @@ def pagemap(task: Task, addr: int, npages: int) -> bytes:
             tb = table_of(e) * PTRS_PER_TABLE
             i0 = (a >> PAGE_SHIFT) & 511
             s = u[tb + i0 : tb + i0 + n]
+            mk = np.flatnonzero((s != 0) & ((s & U64_PRESENT) == 0))
+            if len(mk):
+                # pte_to_pagemap_entry() of a swap PTE: PTE markers show as PM_SWAP, a uffd-wp
+                # marker also as PM_UFFD_WP (WP_UNPOPULATED, shmem WP; pagemap bit 57).
+                wpm = (s[mk] & np.uint64(_PAGE_UFFD_WP)) != 0
+                out[o0 + mk] = np.uint64(base_flags | PM_SWAP) | np.where(
+                    wpm, np.uint64(PM_UFFD_WP), np.uint64(0)
+                )
             pi = np.flatnonzero((s & U64_PRESENT) != 0)
             if not len(pi):
                 continue

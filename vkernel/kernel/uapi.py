@@ -349,6 +349,12 @@ _PAGE_NX = 1 << _PAGE_BIT_NX
 PTE_MARKER_POISONED = 1 << 58
 """A non-present PTE holding only this bit is PTE_MARKER_POISONED (UFFDIO_POISON): any access is
 VM_FAULT_HWPOISON (vkernel's stand-in for the swap-entry PTE marker)."""
+PTE_MARKER_UFFD_WP = _PAGE_UFFD_WP
+"""A non-present PTE holding this bit is PTE_MARKER_UFFD_WP: a none PTE that is uffd write-
+protected (WP_UNPOPULATED on anon, always on shmem); faults on it take the missing path and map
+the page write-protected. A marker may hold both bits (copy_pte_marker)."""
+PTE_MARKER_MASK = PTE_MARKER_POISONED | PTE_MARKER_UFFD_WP
+"""Every bit a PTE marker may hold."""
 _PAGE_PFN_MASK = ((1 << 52) - 1) & PAGE_MASK
 """Physical address bits 12..51 (__PHYSICAL_MASK_SHIFT = 52)."""
 _PAGE_TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vkernel.kernel.cred import Capability
@@ -494,7 +495,7 @@ def vma_can_userfault(vma: VMA, mode: int, ctx: UserfaultfdCtx) -> bool:
     if vma.vm_flags & VM_SPECIAL:
         return False
     if _is_shmem(vma):
-        return not mode & UFFDIO_REGISTER_MODE_WP  # shmem WP (markers) is not implemented
+        return True  # MISSING, MINOR and WP (uffd-wp markers keep the protection of holes)
     if mode & UFFDIO_REGISTER_MODE_MINOR:
         return False  # shmem/hugetlb only
     return vma.is_anonymous()
@@ -873,19 +874,57 @@ def wp_async(vma: VMA) -> bool:
     return ctx is not None and bool(ctx.features & UFFD_FEATURE_WP_ASYNC)
 
 
-def uffd_wp_range(vma: VMA, start: int, end: int, enable: bool) -> None:
-    """uffd_wp_range() → change_protection(MM_CP_UFFD_WP[_RESOLVE]) on present PTEs.
+def userfaultfd_wp_unpopulated(vma: VMA) -> bool:
+    """userfaultfd_wp_unpopulated(): the VMA's uffd has WP_UNPOPULATED (or WP_ASYNC)."""
+    ctx = vma.uffd_ctx
+    return ctx is not None and bool(ctx.features & UFFD_FEATURE_WP_UNPOPULATED)
 
-    Protect: read-only plus the uffd-wp bit. Resolve: drop the bit; an exclusive anon page of a
-    writable VMA gets RW back (MM_CP_TRY_CHANGE_WRITABLE), others keep RO and take a normal
-    write fault. Huge PMDs are split first (no uffd-wp PMDs in vkernel). Markers for none
-    PTEs (WP_UNPOPULATED) are not implemented yet.
+
+def userfaultfd_wp_use_markers(vma: VMA) -> bool:
+    """userfaultfd_wp_use_markers(): write-protecting a none PTE installs PTE_MARKER_UFFD_WP —
+    always on shmem (the page cache may hold the page), on anon only with WP_UNPOPULATED."""
+    if not vma.vm_flags & VM_UFFD_WP:
+        return False
+    if not vma.is_anonymous():
+        return True
+    return userfaultfd_wp_unpopulated(vma)
+
+
+def _wp_chunks(mm: MmStruct, start: int, end: int, alloc: bool) -> Iterator[tuple[int, int, int]]:
+    """walk_pmds(), or with ``alloc`` every PMD slot of the range allocated (markers need
+    page tables where there were none: change_pmd_prepare())."""
+    from vkernel.kernel.pgtable import walk_pmds
+    from vkernel.kernel.uapi import PMD_SIZE
+
+    if not alloc:
+        yield from walk_pmds(mm, start, end)
+        return
+    addr = start
+    while addr < end:
+        nxt = min((addr & ~(PMD_SIZE - 1)) + PMD_SIZE, end)
+        slot = pmd_slot(mm, addr, alloc=True)
+        if slot < 0:
+            raise _err(errno.ENOMEM, "out of memory for a page table")
+        yield slot, addr, nxt
+        addr = nxt
+
+
+def uffd_wp_range(vma: VMA, start: int, end: int, enable: bool) -> None:
+    """uffd_wp_range() → change_protection(MM_CP_UFFD_WP[_RESOLVE]).
+
+    Protect: present PTEs become read-only plus the uffd-wp bit; none PTEs get
+    PTE_MARKER_UFFD_WP when userfaultfd_wp_use_markers() (page tables allocated for them,
+    change_pmd_prepare); existing markers stay. Resolve: drop the bit; an exclusive anon page
+    of a writable private VMA, or a dirty page of a writable shared shmem VMA, gets RW back
+    (MM_CP_TRY_CHANGE_WRITABLE, can_change_pte_writable), others keep RO and take a normal
+    write fault; uffd-wp markers are cleared (the next fault is an ordinary one), poison
+    markers are left alone. Huge PMDs are split first (no uffd-wp PMDs in vkernel).
     """
     import numpy as np
 
     from vkernel.kernel.memory import split_all_huge_pmds
-    from vkernel.kernel.pgtable import U64_PFN_MASK, U64_PRESENT, U64_SHIFT, table_of, walk_pmds
-    from vkernel.kernel.uapi import PG_anon_exclusive
+    from vkernel.kernel.pgtable import U64_PFN_MASK, U64_PRESENT, U64_SHIFT, table_of
+    from vkernel.kernel.uapi import PTE_MARKER_UFFD_WP, PG_anon_exclusive
 
     mm = vma.mm
     mem = mm.mem
@@ -893,14 +932,24 @@ def uffd_wp_range(vma: VMA, start: int, end: int, enable: bool) -> None:
     split_all_huge_pmds(mm, start, end)
     wpbit = np.uint64(_PAGE_UFFD_WP)
     rw = np.uint64(_PAGE_RW)
-    for slot, a, b in walk_pmds(mm, start, end):
+    markers = enable and userfaultfd_wp_use_markers(vma)
+    for slot, a, b in _wp_chunks(mm, start, end, markers):
         e = u.item(slot)
         if not e:
-            continue
+            if not markers:
+                continue
+            if pte_alloc(mm, slot) < 0:
+                raise _err(errno.ENOMEM, "out of memory for a page table")
+            e = u.item(slot)
         base = table_of(e) * PTRS_PER_TABLE
         i0 = (a >> PAGE_SHIFT) & (PTRS_PER_TABLE - 1)
         ptes = u[base + i0 : base + i0 + ((b - a) >> PAGE_SHIFT)]
-        pm = np.flatnonzero((ptes & U64_PRESENT) != 0)
+        present = (ptes & U64_PRESENT) != 0
+        if markers:
+            ptes[ptes == 0] = np.uint64(PTE_MARKER_UFFD_WP)
+        elif not enable:
+            ptes[ptes == np.uint64(PTE_MARKER_UFFD_WP)] = 0
+        pm = np.flatnonzero(present)
         if not len(pm):
             continue
         old = ptes[pm]
@@ -913,6 +962,10 @@ def uffd_wp_range(vma: VMA, start: int, end: int, enable: bool) -> None:
             ok = (mem.flags[pfns] & PG_anon_exclusive) != 0
             ok &= (old & np.uint64(_PAGE_SPECIAL)) == 0
             ok &= (old & wpbit) != 0
+            new[ok] |= rw
+        elif vma.vm_flags & VM_WRITE and _is_shmem(vma):
+            ok = (old & wpbit) != 0
+            ok &= (old & np.uint64(_PAGE_DIRTY)) != 0
             new[ok] |= rw
         ptes[pm] = new
 
