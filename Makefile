@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/vkernel/v1/*.proto)
 
-.PHONY: all venv demo test check lint type unit proto proto-check bench image test-containers clean
+.PHONY: all venv demo test check lint type unit proto proto-check bench image test-containers clean uffd-stress
 
 all: test
 
@@ -41,6 +41,10 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	$(PY) scripts/gen_protos.py --check
+
+# run_vmtests.sh's uffd-stress runs, against a private daemon started and stopped for them.
+uffd-stress: $(STAMP)
+	$(PY) -m vkclient.vkctl --spawn-daemon uffd-stress anon 20 16 shmem 20 16
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)

@@ -580,8 +580,13 @@ class StressTest:
         for nr in range(self.nr_pages):
             b = nr * P
             count, placeholder = struct.unpack_from("<QQ", data, b + COUNT_OFF)
-            if count != self.count_verify[nr] or placeholder != 1 or any(data[b : b + MUTEX_SIZE]):
+            if count != self.count_verify[nr]:
                 raise StressError(f"error area_count {count} {self.count_verify[nr]} {nr} ({what})")
+            if placeholder != 1 or any(data[b : b + MUTEX_SIZE]):
+                raise StressError(
+                    f"page_nr {nr} memory corruption: mutex/placeholder bytes "
+                    f"{data[b : b + MUTEX_SIZE].hex()} {placeholder} ({what})"
+                )
 
     async def run_bounces(self) -> None:
         fd = self.fd

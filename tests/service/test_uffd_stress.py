@@ -120,7 +120,7 @@ async def test_corrupt_mutex_is_caught(daemon: Daemon, k: vkclient.Kernel) -> No
     rc, lines = await _run(k, "shmem", 1, 1, locker_ops=4, before_stress=corrupt, seed=5)
     assert rc == 1
     assert "ERROR: " in lines[-2]
-    assert "page_nr 0" in lines[-2] or "area_count" in lines[-2]
+    assert "page_nr 0 memory corruption: mutex" in lines[-2], lines
 
 
 def test_parse_runs() -> None:
