@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import anyio.to_thread
+import pytest
 
 import vkclient
 from tests.service.conftest import Daemon
@@ -78,3 +81,108 @@ async def test_cli_json_output_file(daemon: Daemon, tmp_path: Path) -> None:
     bad = tmp_path / "bad.fio"
     bad.write_text("[x]\nsize=1m\nfrobnicate=2\n")
     assert await anyio.to_thread.run_sync(vkfio.main, [str(bad), "--addr", daemon.addr]) == 1
+
+
+async def test_sampling_cpu_and_batches(daemon: Daemon) -> None:
+    """A 1.2 s time_based run with 200 ms averaging: several bw/iops samples whose range
+    holds the mean; the process's CPU figures; every Ring message carries a batch."""
+    text = (
+        "[s]\ndirect=1\nioengine=libaio\niodepth=16\nrw=randread\nsize=1m\n"
+        "runtime=1200ms\ntime_based\nbwavgtime=200\niopsavgtime=200\n"
+        "iodepth_batch_submit=8\niodepth_batch_complete_min=8\n"
+    )
+    _, jobs = vkfio.parse_jobfile(text)
+    results, _ = await vkfio.run_jobs(jobs, daemon.addr)
+    [r] = results
+    assert r.error == 0
+    job = vkfio.report_json({}, results, [])["jobs"][0]
+    rd = job["read"]
+    assert rd["bw_samples"] >= 3
+    assert rd["iops_samples"] >= 3
+    assert rd["bw_min"] <= rd["bw_mean"] <= rd["bw_max"]
+    assert rd["iops_min"] <= rd["iops_mean"] <= rd["iops_max"]
+    # One sample per 200 ms with I/O in it; bw and iops are sampled together, 4 KiB per I/O.
+    assert rd["iops_samples"] <= job["job_runtime"] // 200 + 1
+    assert rd["bw_mean"] == pytest.approx(4 * rd["iops_mean"], rel=0.01)
+    assert 1100 <= job["job_runtime"] <= 3000
+    assert job["usr_cpu"] + job["sys_cpu"] > 0.0
+    assert job["usr_cpu"] <= 100.0 * (os.cpu_count() or 1)
+    assert job["ctx"] >= 0
+    assert job["minf"] >= 0
+    assert job["majf"] >= 0
+    # Submits of 8 or more (the first fills the ring: 16); no reap below 8 until the drain.
+    assert job["iodepth_submit"]["4"] == 0.0
+    assert job["iodepth_submit"]["8"] + job["iodepth_submit"]["16"] == pytest.approx(100.0)
+    assert job["iodepth_level"]["16"] > 90.0
+    assert r.total_submit < rd["total_ios"] / 4
+
+
+async def test_ramp_time_and_thinktime(daemon: Daemon) -> None:
+    """ramp_time runs I/O that counts for nothing; thinktime stalls every thinktime_blocks."""
+    text = (
+        "[ramp]\ndirect=1\nioengine=libaio\niodepth=4\nrw=randwrite\nsize=256k\n"
+        "ramp_time=300ms\nruntime=400ms\ntime_based\n"
+        "[think]\nioengine=psync\nrw=write\nsize=64k\nthinktime=25ms\nthinktime_blocks=4\n"
+    )
+    _, jobs = vkfio.parse_jobfile(text)
+    t0 = time.perf_counter()
+    ramp, think = (await vkfio.run_jobs(jobs, daemon.addr))[0]
+    assert time.perf_counter() - t0 >= 0.7
+    assert (ramp.error, think.error) == (0, 0)
+    assert 400 <= ramp.runtime_ms < 700  # the ramp is not in the measured run
+    assert ramp.write.ios == len(ramp.write.clat) > 0
+    assert think.write.ios == 16
+    assert think.runtime_ms >= 4 * 25
+
+
+async def test_cli_status_interval_json(daemon: Daemon, tmp_path: Path) -> None:
+    """--status-interval with json: a cumulative document per interval, then the final one
+    (concatenated, as fio prints them)."""
+    job = tmp_path / "j.fio"
+    job.write_text(
+        "[t]\ndirect=1\nioengine=libaio\niodepth=8\nrw=randread\nsize=256k\n"
+        "runtime=1300ms\ntime_based\n"
+    )
+    out = tmp_path / "out.json"
+    argv = [str(job), "--output-format=json", "--output", str(out), "--status-interval=400ms"]
+    argv += ["--addr", daemon.addr]
+    assert await anyio.to_thread.run_sync(vkfio.main, argv) == 0
+    dec = json.JSONDecoder()
+    text = out.read_text()
+    docs = []
+    pos = 0
+    while pos < len(text):
+        doc, end = dec.raw_decode(text, pos)
+        docs.append(doc)
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    assert len(docs) >= 3
+    ios = [d["jobs"][0]["read"]["total_ios"] for d in docs]
+    assert ios == sorted(ios)
+    assert ios[0] > 0
+    assert docs[-1]["disk_util"]
+
+
+async def test_cli_normal_output(daemon: Daemon, tmp_path: Path) -> None:
+    """The normal report has fio's lines, header first."""
+    job = tmp_path / "j.fio"
+    job.write_text("[n]\ndirect=1\nioengine=libaio\niodepth=4\nrw=read\nsize=128k\n")
+    out = tmp_path / "out.txt"
+    argv = [str(job), "--output", str(out), "--addr", daemon.addr]
+    assert await anyio.to_thread.run_sync(vkfio.main, argv) == 0
+    lines = out.read_text().splitlines()
+    assert lines[1:3] == [vkfio.FIO_VERSION, "Starting 1 process"]
+    for prefix in (
+        "  read: IOPS=",
+        "    clat percentiles (",
+        "  cpu          : usr=",
+        "  IO depths    : 1=",
+        "     submit    : 0=",
+        "     complete  : 0=",
+        "     issued rwts: total=32,0,0,0",
+        "     latency   : target=",
+        "   READ: bw=",
+        "  ram0: ios=",
+    ):
+        assert any(ln.startswith(prefix) for ln in lines), prefix
