@@ -1,16 +1,25 @@
 """O_DIRECT and AIO through pinned user pages (issue 7): the seed 004 job and seed 000's switch.
 
-In-process (no gRPC), on a RAM device with no latency, so the figures are the kernel's path:
-an AIO ring of depth 64 doing 4 KiB O_DIRECT reads over the file (the seed 004 job, 1 GiB,
-16 MiB under --quick), every I/O pinning and unpinning its buffer page.
+In-process (no gRPC), on a RAM device with no latency, so the figures are the kernel's path
+(``KioCtx.submit`` → ``dio_batch.iomap_dio_submit``): an AIO ring of depth 64 doing 4 KiB
+O_DIRECT reads over the file (the seed 004 job, 1 GiB, 16 MiB under --quick), every I/O
+pinning and unpinning its buffer page (``nr_foll_pin_*`` count them).
 
-- ``dio.seed004_iops`` against a floor measured in the same run: one Python thread doing
-  4 KiB ``os.preadv`` into a shared memfd mapping from a page-cached host file (goal ≥ 0.5);
-  clat percentiles (issue → completion, ns) ride along;
+Each round reads the file once per configuration, in ``CHUNKS`` pieces, and the
+configurations take turns piece by piece (the order rotates), so a slow phase of the machine
+hits them all alike; the records' ratios are medians of the per-round paired ratios, with
+the per-round range.
+
+- ``dio.seed004_iops``: FOLL_PIN IOPS against a floor measured in the same pieces: one
+  Python thread doing 4 KiB ``os.preadv`` into a shared memfd mapping from a page-cached host
+  file (goal ≥ 0.5); clat percentiles (issue → completion, ns) ride along;
 - ``dio.pin_vs_get_iops``: FOLL_PIN IOPS against FOLL_GET IOPS (goal: within 2%, ≥ 0.98);
-- ``dio.seed000_fast_vs_slow_iops``: the same job while another task of the same process
-  loops mmap/munmap: GUP-fast IOPS against slow GUP under mmap_lock (goal ≥ 1.1), with
-  ``fast_gup_slow`` and the mmap_lock read acquisitions counted over the GUP-fast run.
+- ``dio.seed000_fast_vs_slow_iops``: the same job while a contender task of the same process
+  holds mmap_lock for write across device waits (see :func:`_contender`): GUP-fast IOPS
+  against slow GUP (goal ≥ 1.1), with ``fast_gup_slow`` and the mmap_lock read acquisitions
+  over the GUP-fast pieces (both must be 0: the contender only takes the lock for write, so
+  any read acquisition would be the I/O path's), and the share of the slow-GUP pieces' time
+  the I/O task spent queued on mmap_lock (the seed's ``__down_read`` share).
 """
 
 from __future__ import annotations
@@ -19,56 +28,85 @@ import asyncio
 import mmap
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench._harness import BenchContext, make_record
-from vkernel.kernel import aio
+from vkernel.kernel import aio, pagecache
 from vkernel.kernel.audit import audit
 from vkernel.kernel.blockdev import DeviceSpec
-from vkernel.kernel.fs import O_CREAT, O_DIRECT, O_RDWR
+from vkernel.kernel.fs import O_CREAT, O_DIRECT, O_RDONLY, O_RDWR
 from vkernel.kernel.kernel import Kernel, KernelConfig
 from vkernel.kernel.mmap import sys_mmap, sys_munmap
 from vkernel.kernel.task import Task
 from vkernel.kernel.uaccess import write_user
-from vkernel.kernel.uapi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
+from vkernel.kernel.uapi import (
+    MAP_ANONYMOUS,
+    MAP_POPULATE,
+    MAP_PRIVATE,
+    PROT_READ,
+    PROT_WRITE,
+)
 
 P = 4096
 MiB = 1 << 20
 DEPTH = 64
 FULL = 1 << 30
 QUICK = 16 * MiB
+CHUNKS = 8
+"""Pieces per round and configuration (interleaved)."""
+CONTENDER_DEVICE = "cold0=ram:32M,latency=1ms,qd=4"
+"""Where the contender's file lives: a slow disk (1 ms a request)."""
+CONTENDER_WINDOW = 32 * P
+"""Bytes the contender maps (and populates) per iteration."""
+CONTENDER_THINK = 0.002
+"""Seconds the contender works between two mappings (outside mmap_lock)."""
 
 
-async def _setup(region: int) -> tuple[Kernel, Task, int, int]:
-    """A kernel with a RAM disk, a laid-out file of ``region`` bytes and a touched buffer."""
+async def _setup(region: int) -> tuple[Kernel, Task, int, int, int]:
+    """A kernel with a RAM disk, a laid-out file of ``region`` bytes, a touched buffer, and
+    the contender's file on a slow disk."""
     k = Kernel(KernelConfig(memory_bytes=256 * MiB))
     k.vfs.add_device(DeviceSpec.parse(f"bench0=ram:{region // MiB + 64}M"))
+    k.vfs.add_device(DeviceSpec.parse(CONTENDER_DEVICE))
     t = k.spawn("vkfio", "bench")
     fd, _ = k.vfs.do_sys_open(t, "reader.0.0", O_CREAT | O_RDWR | O_DIRECT, "disk", "bench0")
     buf = await sys_mmap(t, 0, DEPTH * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
     await write_user(t, buf, b"\xa5" * (DEPTH * P))
     ctx = aio.KioCtx(t, DEPTH)
     for off in range(0, region, DEPTH * P):  # layout: direct writes of the buffer
-        ctx.submit([aio.Iocb(aio.IOCB_CMD_PWRITE, fd, [(buf, DEPTH * P)], off)])
+        ctx.submit(
+            [
+                aio.Iocb(aio.IOCB_CMD_PWRITE, fd, [(buf + s * P, P)], off + s * P)
+                for s in range(DEPTH)
+            ]
+        )
+        await ctx.getevents(DEPTH, DEPTH)
+    cfd, _ = k.vfs.do_sys_open(t, "cold.dat", O_CREAT | O_RDWR | O_DIRECT, "disk", "cold0")
+    for off in range(0, 16 * MiB, DEPTH * P):
+        ctx.submit([aio.Iocb(aio.IOCB_CMD_PWRITE, cfd, [(buf, DEPTH * P)], off)])
         await ctx.getevents(1, 1)
     await ctx.destroy()
-    return k, t, fd, buf
+    k.vfs.close(t, cfd)
+    cold, _ = k.vfs.do_sys_open(t, "cold.dat", O_RDONLY, "disk", "cold0")
+    return k, t, fd, buf, cold
 
 
-async def _job(t: Task, fd: int, buf: int, region: int, gup: str, foll: str) -> dict[str, Any]:
-    """The seed job: rw=read, bs=4k, iodepth=64 over ``region``; IOPS and clat samples."""
+async def _job(
+    t: Task, fd: int, buf: int, first: int, n: int, gup: str, foll: str, clat: list[int] | None
+) -> float:
+    """The seed job (rw=read, bs=4k, iodepth=64) over pages [first, first+n): seconds taken."""
     ctx = aio.KioCtx(t, DEPTH, gup=gup, foll=foll)
-    n = region // P
-    nxt = 0
+    nxt = first
+    end = first + n
     free = list(range(DEPTH))
-    clat: list[int] = []
     t0 = time.perf_counter()
-    while nxt < n or len(free) < DEPTH:
+    while nxt < end or len(free) < DEPTH:
         cbs = []
-        while free and nxt < n:
+        while free and nxt < end:
             s = free.pop()
             cbs.append(aio.Iocb(aio.IOCB_CMD_PREAD, fd, [(buf + s * P, P)], nxt * P, s))
             nxt += 1
@@ -78,42 +116,75 @@ async def _job(t: Task, fd: int, buf: int, region: int, gup: str, foll: str) -> 
             if e.res != P:
                 raise RuntimeError(f"I/O failed: {e.res}")
             free.append(e.user_data)
-            clat.append(e.complete_ns - e.issue_ns)
+            if clat is not None:
+                clat.append(e.complete_ns - e.issue_ns)
     dt = time.perf_counter() - t0
     await ctx.destroy()
-    return {"iops": n / dt, "clat": clat}
+    return dt
 
 
-async def _mmap_loop(t: Task, stop: asyncio.Event) -> int:
-    """Seed 000's contender: another task of the process looping mmap/munmap."""
-    loops = 0
+@dataclass
+class _Contention:
+    """What the contender did, and how long it held mmap_lock for write."""
+
+    loops: int = 0
+    write_hold_ns: list[int] = field(default_factory=list)
+
+
+async def _contender(t: Task, cold: int, stop: asyncio.Event, out: _Contention) -> None:
+    """Seed 000's contender: another thread of the process mapping a file and unmapping it.
+
+    Each iteration does ``mmap(MAP_PRIVATE|MAP_POPULATE)`` of a 128 KiB window of a file on a
+    1 ms disk, ``munmap`` of it, ``posix_fadvise(DONTNEED)`` of the file (so the next populate
+    reads the disk again) and 2 ms of work off the lock. The populate is what makes the
+    contention real: in the 2.6.2x kernels of the seed (2008), ``do_mmap_pgoff`` called
+    ``make_pages_present`` for MAP_POPULATE inside ``down_write(&mm->mmap_sem)``, so the
+    mapping thread sleeps on the disk with mmap_sem held for write (vkernel's ``sys_mmap``
+    populates under the write lock the same way; Linux moved ``mm_populate`` out of the lock in
+    3.9). Every slow GUP (``down_read``) queues behind it; GUP-fast never looks at the lock.
+    """
+    win = CONTENDER_WINDOW
+    assert t.mm is not None
+    ino = t.mm.kernel.vfs.fget(t, cold).inode
+    nwin = (16 * MiB) // win
+    lk = t.mm.mmap_lock
+    i = 0
     while not stop.is_set():
-        a = await sys_mmap(t, 0, 16 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
-        await sys_munmap(t, a, 16 * P)
-        loops += 1
-        await asyncio.sleep(0)
-    return loops
+        h0 = lk.stats()["write_hold_ns_total"]
+        a = await sys_mmap(t, 0, win, PROT_READ, MAP_PRIVATE | MAP_POPULATE, cold, (i % nwin) * win)
+        out.write_hold_ns.append(int(lk.stats()["write_hold_ns_total"] - h0))
+        await sys_munmap(t, a, win)
+        if ino.mapping is not None:
+            pagecache.drop_clean_pages(ino.mapping)  # POSIX_FADV_DONTNEED: no mmap_lock
+        i += 1
+        out.loops += 1
+        await asyncio.sleep(CONTENDER_THINK)
 
 
-def _floor(path: str, region: int) -> float:
-    """One thread: 4 KiB os.preadv into a shared memfd mapping from a page-cached file."""
+def _floor_open(path: str) -> tuple[int, mmap.mmap, memoryview, int]:
+    """The floor's buffer (a shared memfd mapping) and its host file."""
     mfd = os.memfd_create("dio-floor")
     os.ftruncate(mfd, DEPTH * P)
     m = mmap.mmap(mfd, DEPTH * P, mmap.MAP_SHARED)
-    mv = memoryview(m)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        n = region // P
-        t0 = time.perf_counter()
-        for i in range(n):
-            s = (i % DEPTH) * P
-            os.preadv(fd, [mv[s : s + P]], i * P)
-        return n / (time.perf_counter() - t0)
-    finally:
-        os.close(fd)
-        mv.release()
-        m.close()
-        os.close(mfd)
+    return mfd, m, memoryview(m), os.open(path, os.O_RDONLY)
+
+
+def _floor(fl: tuple[int, mmap.mmap, memoryview, int], first: int, n: int) -> float:
+    """One thread: 4 KiB os.preadv of pages [first, first+n) into the memfd: seconds taken."""
+    mv, fd = fl[2], fl[3]
+    t0 = time.perf_counter()
+    for i in range(first, first + n):
+        s = (i % DEPTH) * P
+        os.preadv(fd, [mv[s : s + P]], i * P)
+    return time.perf_counter() - t0
+
+
+def _floor_close(fl: tuple[int, mmap.mmap, memoryview, int]) -> None:
+    mfd, m, mv, fd = fl
+    os.close(fd)
+    mv.release()
+    m.close()
+    os.close(mfd)
 
 
 def _write_host(path: Path, region: int) -> None:
@@ -128,75 +199,115 @@ def _pcts(clat: list[int]) -> dict[str, int]:
     return {f"clat_p{p}_ns": int(np.percentile(a, p)) for p in (50, 90, 99, 99.9)}
 
 
+def _rotate(names: list[str], i: int) -> list[str]:
+    """The i-th rotation: every configuration goes first equally often."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
 async def run(ctx: BenchContext) -> list[dict[str, Any]]:
-    """The four figures, interleaved per round."""
+    """The figures, interleaved piece by piece within each round."""
     region = QUICK if ctx.quick else FULL
     rounds = min(ctx.rounds, 3 if ctx.quick else 5)
     host = ctx.scratch / "floor.dat"
     _write_host(host, region)
-    _floor(str(host), min(region, 64 * MiB))  # warm the host page cache
-    k, t, fd, buf = await _setup(region)
-    pin: list[float] = []
-    get: list[float] = []
-    floor: list[float] = []
-    fast: list[float] = []
-    slow: list[float] = []
+    k, t, fd, buf, cold = await _setup(region)
+    fl = _floor_open(str(host))
+    _floor(fl, 0, region // P)  # warm the host page cache
+    npages = region // P
+    piece = npages // CHUNKS
+    iops: dict[str, list[float]] = {m: [] for m in ("pin", "get", "floor", "fast", "slow")}
     clat: list[int] = []
     fast_slow_calls = 0
-    lock_reads = 0
+    fast_lock_reads = 0
+    slow_wait_share: list[float] = []
+    hold_share: list[float] = []
+    contention = _Contention()
+    lk = t.mm.mmap_lock
     for r in range(rounds):
-        res = await _job(t, fd, buf, region, "fast", "pin")
-        pin.append(res["iops"])
-        clat = res["clat"]
-        floor.append(_floor(str(host), region))
-        get.append((await _job(t, fd, buf, region, "fast", "get"))["iops"])
-        order = ("fast", "slow") if r % 2 == 0 else ("slow", "fast")
-        for mode in order:
-            stop = asyncio.Event()
-            loop = asyncio.ensure_future(_mmap_loop(t, stop))
-            vs0 = k.vmstat["fast_gup_slow"]
-            lk = t.mm.mmap_lock
-            l0 = lk._read_acquired
-            iops = (await _job(t, fd, buf, region, mode, "pin"))["iops"]
-            l1 = lk._read_acquired
-            stop.set()
-            await loop
-            if mode == "fast":
-                fast.append(iops)
-                fast_slow_calls += k.vmstat["fast_gup_slow"] - vs0
-                lock_reads += l1 - l0
-            else:
-                slow.append(iops)
+        secs = dict.fromkeys(iops, 0.0)
+        clat = []
+        for c in range(CHUNKS):  # seed 004: FOLL_PIN, FOLL_GET and the floor take turns
+            first = c * piece
+            for m in _rotate(["pin", "get", "floor"], r * CHUNKS + c):
+                if m == "floor":
+                    secs[m] += _floor(fl, first, piece)
+                else:
+                    secs[m] += await _job(
+                        t, fd, buf, first, piece, "fast", m, clat if m == "pin" else None
+                    )
+        stop = asyncio.Event()
+        loop = asyncio.ensure_future(_contender(t, cold, stop, contention))
+        wait_ns = 0
+        w0, t0 = lk.stats()["write_hold_ns_total"], time.perf_counter_ns()
+        for c in range(CHUNKS):  # seed 000: GUP-fast and slow GUP under the same contender
+            first = c * piece
+            for m in _rotate(["fast", "slow"], r * CHUNKS + c):
+                vs0 = k.vmstat["fast_gup_slow"]
+                st0 = lk.stats()
+                secs[m] += await _job(t, fd, buf, first, piece, m, "pin", None)
+                st1 = lk.stats()
+                if m == "fast":
+                    fast_slow_calls += k.vmstat["fast_gup_slow"] - vs0
+                    fast_lock_reads += int(st1["read_acquired"] - st0["read_acquired"])
+                else:
+                    wait_ns += int(st1["read_wait_ns_total"] - st0["read_wait_ns_total"])
+        hold_share.append((lk.stats()["write_hold_ns_total"] - w0) / (time.perf_counter_ns() - t0))
+        stop.set()
+        await loop
+        slow_wait_share.append(wait_ns / 1e9 / secs["slow"])
+        for m, s in secs.items():
+            iops[m].append(piece * CHUNKS / s)
         problems = audit(k)
         if problems:
             raise RuntimeError(f"audit after round {r}: {problems[:5]}")
+    acq, rel = k.vmstat["nr_foll_pin_acquired"], k.vmstat["nr_foll_pin_released"]
+    if acq != rel:
+        raise RuntimeError(f"pins not balanced: {acq} acquired, {rel} released")
+    _floor_close(fl)
     k.do_exit(t)
     await k.vfs.shutdown()
     host.unlink()
+    holds = np.asarray(contention.write_hold_ns or [0], dtype=np.float64)
     extra = {"region_mib": region // MiB, "iodepth": DEPTH, "bs": P, "device": "ram, latency 0"}
     return [
         make_record(
             "dio.seed004_iops",
-            pin,
+            iops["pin"],
             "IOPS",
-            floor=floor,
+            floor=iops["floor"],
             goal=0.5,
             better="higher",
             **extra,
             **_pcts(clat),
         ),
         make_record(
-            "dio.pin_vs_get_iops", pin, "IOPS", floor=get, goal=0.98, better="higher", **extra
+            "dio.pin_vs_get_iops",
+            iops["pin"],
+            "IOPS",
+            floor=iops["get"],
+            goal=0.98,
+            better="higher",
+            **extra,
         ),
         make_record(
             "dio.seed000_fast_vs_slow_iops",
-            fast,
+            iops["fast"],
             "IOPS",
-            floor=slow,
+            floor=iops["slow"],
             goal=1.1,
             better="higher",
             fast_gup_slow=fast_slow_calls,
-            mmap_lock_read_acquisitions_fast=lock_reads,
+            mmap_lock_read_acquisitions_fast=fast_lock_reads,
+            slow_gup_mmap_lock_wait_share=round(float(np.median(slow_wait_share)), 4),
+            slow_gup_mmap_lock_wait_share_min=round(min(slow_wait_share), 4),
+            slow_gup_mmap_lock_wait_share_max=round(max(slow_wait_share), 4),
+            contender=f"mmap MAP_POPULATE {CONTENDER_WINDOW // 1024} KiB of a file on "
+            f"{CONTENDER_DEVICE.split('=', 1)[1]}; munmap; fadvise DONTNEED; "
+            f"{CONTENDER_THINK * 1e3:g} ms think",
+            contender_write_hold_share=round(float(np.median(hold_share)), 4),
+            contender_loops=contention.loops,
+            contender_write_hold_ms_p50=round(float(np.percentile(holds, 50)) / 1e6, 3),
             **extra,
         ),
     ]

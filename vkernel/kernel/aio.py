@@ -29,6 +29,7 @@ from vkernel.kernel import dio, dio_batch
 from vkernel.kernel.errors import KernelError, einval
 
 if TYPE_CHECKING:
+    from vkernel.kernel.fdtable import File
     from vkernel.kernel.task import Task
 
 IOCB_CMD_PREAD = 0
@@ -168,12 +169,13 @@ class KioCtx:
         and immediate results posted; other opcodes started on their own."""
         reqs: list[dio_batch.DioReq] = []
         t = self.task
+        files: dict[int, File] = {}
         for i, cb in enumerate(cbs):
             op = cb.opcode
             if op in _RW_OPS:
                 write = op in _WRITE_OPS
                 try:
-                    got = dio_batch.dio_prep(t, cb.fd, cb.iov, cb.offset, write, i)
+                    got = dio_batch.dio_prep(t, cb.fd, cb.iov, cb.offset, write, i, files)
                 except KernelError as e:
                     post(i, -e.errno, 0)
                     continue

@@ -47,6 +47,7 @@ from vkernel.kernel.gup import _put_pages, unpin_user_pages_dirty_lock
 from vkernel.kernel.uapi import FOLL_GET, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
+    from vkernel.kernel.fdtable import File
     from vkernel.kernel.fs import Inode
     from vkernel.kernel.kernel import Kernel
     from vkernel.kernel.physmem import PhysMem
@@ -88,14 +89,35 @@ class DioReq:
     done: bool = False
 
 
-def dio_prep(task: Task, fd: int, iov: dio.IoVec, pos: int, write: bool, idx: int) -> DioReq | int:
+def dio_prep(
+    task: Task,
+    fd: int,
+    iov: dio.IoVec,
+    pos: int,
+    write: bool,
+    idx: int,
+    files: dict[int, File] | None = None,
+) -> DioReq | int:
     """The synchronous front of iomap_dio_rw() for one iocb: a request, or its final result
     (0 for an empty or past-EOF read). Raises KernelError (EBADF, EINVAL …); returns -1 when
-    the fd is not O_DIRECT on a disk file (the caller takes the buffered path)."""
-    file = dio._file(task, fd, write)
+    the fd is not O_DIRECT on a disk file (the caller takes the buffered path). ``files``
+    caches fdget() over one io_submit (the fd table cannot change under it)."""
+    file = files.get(fd) if files is not None else None
+    if file is None:
+        file = dio._kernel(task).vfs.fget(task, fd)
+        if files is not None:
+            files[fd] = file
+    if not (file.writable if write else file.readable):
+        what = "writing" if write else "reading"
+        raise KernelError(errno.EBADF, f"fd {fd} is not open for {what}", fd=fd)
     if pos < 0:
         raise einval("negative offset", field="offset")
-    total = dio._check_iov(iov)
+    if len(iov) == 1:  # the common iocb: one buffer
+        base, total = iov[0]
+        if total < 0 or base < 0 or total > 0x7FFFF000:
+            dio._check_iov(iov)  # raises with the right message
+    else:
+        total = dio._check_iov(iov)
     ino = file.inode
     if not (file.f_flags & O_DIRECT and ino.kind == KIND_DISK):
         return -1
@@ -189,8 +211,9 @@ async def _pin_all(
     return pages
 
 
-def _settle(r: DioReq) -> None:
-    """Which pinned bytes the iocb moves: up to its first short segment (EFAULT if none)."""
+def _settle(r: DioReq) -> bool:
+    """Which pinned bytes the iocb moves: up to its first short segment (EFAULT if none);
+    False when it is already finished."""
     for s in r.segs:
         if s.got < 0:
             if not r.cov:
@@ -203,6 +226,8 @@ def _settle(r: DioReq) -> None:
             break
     if not r.done and not r.cov:
         r.res, r.done = -errno.EFAULT, True
+    r.count = sum(c[2] for c in r.cov)  # ≤ count: the iov was clipped to it
+    return not r.done
 
 
 def _release(kernel: Kernel, reqs: list[DioReq], pages: np.ndarray, foll: str) -> None:
@@ -225,8 +250,9 @@ def _release(kernel: Kernel, reqs: list[DioReq], pages: np.ndarray, foll: str) -
             _put_pages(kernel, arr, len(arr), FOLL_GET, mark)
 
 
-def _plan_write(r: DioReq) -> None:
-    """Block allocation for a write (write_begin): a full device makes it short or ENOSPC."""
+def _plan_write(r: DioReq) -> bool:
+    """Block allocation for a write (write_begin): a full device makes it short, or ENOSPC
+    (False: finished)."""
     first = r.pos >> PAGE_SHIFT
     nblk = ((r.pos + r.count + _PMASK) >> PAGE_SHIFT) - first
     have = r.ino.prepare_blocks(first, nblk)
@@ -235,8 +261,9 @@ def _plan_write(r: DioReq) -> None:
         count -= count % dio.logical_block_size(r.ino)
         if count <= 0:
             r.res, r.done = -errno.ENOSPC, True
-            return
+            return False
         r.count = count
+    return True
 
 
 def _clip_cov(r: DioReq) -> None:
@@ -278,15 +305,19 @@ async def iomap_dio_submit(
     pages = await _pin_all(kernel, task, reqs, gup, foll)
     live: list[DioReq] = []
     for r in reqs:
-        if not r.done:
-            _settle(r)
-        if not r.done:
-            r.count = min(r.count, sum(c[2] for c in r.cov))
-            if r.write:
-                _plan_write(r)
-            if not r.done:
-                _clip_cov(r)
-                live.append(r)
+        if r.done:
+            continue
+        segs = r.segs
+        if len(segs) == 1 and segs[0].got == segs[0].n:  # the common iocb, wholly pinned
+            sg = segs[0]
+            r.cov = [(sg.slot, sg.off, sg.ln)]
+        elif not _settle(r):
+            continue
+        if r.write:
+            if not _plan_write(r):
+                continue
+            _clip_cov(r)
+        live.append(r)
     early = [r for r in reqs if r.done]
     if early:
         _finish(kernel, early, pages, foll)
