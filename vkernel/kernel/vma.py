@@ -11,6 +11,7 @@ import numpy as np
 from vkernel.kernel.pagecache import AddressSpace
 from vkernel.kernel.pgtable import vm_get_page_prot
 from vkernel.kernel.uapi import (
+    _PAGE_RW,
     PAGE_SHIFT,
     VM_ACCESS_FLAGS,
     VM_HUGEPAGE,
@@ -20,6 +21,7 @@ from vkernel.kernel.uapi import (
     VM_SHARED,
     VM_SOFTDIRTY,
     VM_SPECIAL,
+    VM_UFFD_WP,
 )
 
 if TYPE_CHECKING:
@@ -30,6 +32,17 @@ if TYPE_CHECKING:
     from vkernel.kernel.userfaultfd import UserfaultfdCtx
 
 _shmem_ino = itertools.count(1)
+
+
+def vma_page_prot(vm_flags: int) -> int:
+    """vma_set_page_prot(): vm_get_page_prot(), write-protected where vma_wants_writenotify()
+    asks for write faults — here a shared mapping registered uffd-wp (userfaultfd_set_vm_flags
+    recomputes it whenever VM_UFFD_WP changes), so mprotect never makes a protected PTE
+    writable and unprotected pages take wp_page_shared on their first write."""
+    prot = vm_get_page_prot(vm_flags)
+    if vm_flags & VM_SHARED and vm_flags & VM_UFFD_WP:
+        prot &= ~_PAGE_RW
+    return prot
 
 
 class AnonVma:
@@ -95,12 +108,12 @@ class VMA:
     """Unlinked from its mm (vma_mark_detached): stale references must skip it."""
 
     def __post_init__(self) -> None:
-        self.vm_page_prot = vm_get_page_prot(self.vm_flags)
+        self.vm_page_prot = vma_page_prot(self.vm_flags)
 
     def set_flags(self, flags: int) -> None:
         """vm_flags_reset(): new flags and the matching vm_page_prot."""
         self.vm_flags = flags
-        self.vm_page_prot = vm_get_page_prot(flags)
+        self.vm_page_prot = vma_page_prot(flags)
 
     @property
     def size(self) -> int:

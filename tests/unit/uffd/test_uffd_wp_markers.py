@@ -239,6 +239,7 @@ async def test_shmem_wp_fork(kernel: Kernel, event_fork: bool) -> None:
     await uf.uffdio_writeprotect(ctx, t, a, 2 * P, PROTECT)
     await sys_madvise(t, a, P, MADV_DONTNEED)
     assert pm57(t, a)
+    nctx: uf.UserfaultfdCtx | None = None
     if event_fork:
         f = asyncio.ensure_future(fork(t))
         await settle()
@@ -253,6 +254,7 @@ async def test_shmem_wp_fork(kernel: Kernel, event_fork: bool) -> None:
     assert await read_user_bytes(child, a, 1) == b"\4"
     assert pm57(child, a) == event_fork
     if event_fork:
+        assert nctx is not None
         w = asyncio.ensure_future(write_user(child, a, b"k"))
         await settle()
         (m,) = await nctx.read(32)
@@ -264,7 +266,7 @@ async def test_shmem_wp_fork(kernel: Kernel, event_fork: bool) -> None:
     assert await read_user_bytes(t, a, 1) == b"k"  # shared memory
     assert pm57(t, a)
     _reap(kernel, child)
-    if event_fork:
+    if nctx is not None:
         await nctx.put()
     await ctx.put()
 
@@ -282,6 +284,7 @@ async def test_wp_marker_across_fork(kernel: Kernel, event_fork: bool) -> None:
     ctx = await ready(t, features=feats)
     await uf.uffdio_register(ctx, t, a, 2 * P, WP)
     await uf.uffdio_writeprotect(ctx, t, a + P, P, PROTECT)
+    nctx: uf.UserfaultfdCtx | None = None
     if event_fork:
         f = asyncio.ensure_future(fork(t))
         await settle()
@@ -295,7 +298,7 @@ async def test_wp_marker_across_fork(kernel: Kernel, event_fork: bool) -> None:
     assert pm_swap(child, a + P) == event_fork
     assert pm57(t, a + P)
     _reap(kernel, child)
-    if event_fork:
+    if nctx is not None:
         await nctx.put()
     await ctx.put()
 
@@ -323,4 +326,29 @@ async def test_poison_and_markers_in_the_audit(kernel: Kernel) -> None:
     assert audit(kernel) == []
     assert await read_user_bytes(t, a, 1) == b"\0"  # a valid one is a protected zero page
     assert pm57(t, a)
+    await ctx.put()
+
+
+async def test_shmem_wp_survives_mprotect(kernel: Kernel) -> None:
+    """userfaultfd_set_vm_flags(): a uffd-wp shared VMA wants write notification, so its
+    vm_page_prot is read-only and mprotect(RW) does not make a protected PTE writable."""
+    from vkernel.kernel.mmap import sys_mprotect
+    from vkernel.kernel.uapi import PROT_READ, PROT_WRITE
+
+    t = priv(kernel)
+    a = await mmap_anon(t, P, flags=SHARED_ANON)
+    await write_user(t, a, b"\6")
+    ctx = await ready(t)
+    await uf.uffdio_register(ctx, t, a, P, WP)
+    await uf.uffdio_writeprotect(ctx, t, a, P, PROTECT)
+    await sys_mprotect(t, a, P, PROT_READ)
+    await sys_mprotect(t, a, P, PROT_READ | PROT_WRITE)
+    assert pm57(t, a)
+    w = asyncio.ensure_future(write_user(t, a, b"m"))
+    await settle()
+    (m,) = await ctx.read(32)
+    assert m.flags == WP_WRITE
+    await uf.uffdio_writeprotect(ctx, t, a, P, 0)
+    await w
+    assert await read_user_bytes(t, a, 1) == b"m"
     await ctx.put()
