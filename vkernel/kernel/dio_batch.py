@@ -231,14 +231,21 @@ def _settle(r: DioReq) -> bool:
 
 
 def _release(kernel: Kernel, reqs: list[DioReq], pages: np.ndarray, foll: str) -> None:
-    """__bio_release_pages() of iocbs completing together: one unpin (or put) per dirtiness."""
+    """__bio_release_pages() of iocbs completing together: one unpin (or put) per dirtiness.
+    A read that moved data dirties the pages it moved into; pages pinned past its first short
+    segment are released clean."""
     dirty: list[np.ndarray] = []
     clean: list[np.ndarray] = []
     for r in reqs:
         moved = not r.write and r.res > 0
+        used = {slot: (off + ln + _PMASK) >> PAGE_SHIFT for slot, off, ln in r.cov} if moved else {}
         for s in r.segs:
             if s.got > 0:
-                (dirty if moved else clean).append(pages[s.slot : s.slot + s.got])
+                k = min(s.got, used.get(s.slot, 0))
+                if k:
+                    dirty.append(pages[s.slot : s.slot + k])
+                if k < s.got:
+                    clean.append(pages[s.slot + k : s.slot + s.got])
                 s.got = 0  # released: a second release is a no-op
     for parts, mark in ((dirty, True), (clean, False)):
         if not parts:
@@ -358,8 +365,8 @@ async def iomap_dio_submit(
         r.left += 1
         t = asyncio.ensure_future(_bounce_one(kernel, r, pages))
         tasks[t] = ([r], None)
-    await _complete_ready(kernel, [r for r in live if r.left == 0], pages, foll, complete)
-    await _wait_bios(kernel, tasks, pages, foll, complete)
+    ready = [r for r in live if r.left == 0]  # done inline, or failed before any bio
+    await _wait_bios(kernel, tasks, ready, pages, foll, complete)
 
 
 def _flush_plug(
@@ -481,6 +488,7 @@ async def _bounce_one(kernel: Kernel, r: DioReq, pages: np.ndarray) -> None:
 async def _wait_bios(
     kernel: Kernel,
     tasks: _BioTasks,
+    ready: list[DioReq],
     pages: np.ndarray,
     foll: str,
     complete: Callable[[list[DioReq]], None],
@@ -492,13 +500,20 @@ async def _wait_bios(
     cancelled = False
     pending = set(tasks)
     mem = kernel.mem
-    while pending:
+    while True:
+        if ready:
+            try:
+                await _complete_ready(kernel, ready, pages, foll, complete)
+            except asyncio.CancelledError:  # their pins are gone; the caller posts ECANCELED
+                cancelled = True
+        if not pending:
+            break
         try:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             cancelled = True
             continue
-        ready: list[DioReq] = []
+        ready = []
         for t in done:
             err = None if t.cancelled() else t.exception()
             own, merged = tasks.pop(t)
@@ -524,8 +539,6 @@ async def _wait_bios(
                 r.left -= 1
                 if r.left == 0:
                     ready.append(r)
-        if ready:
-            await _complete_ready(kernel, ready, pages, foll, complete)
     if cancelled:
         raise asyncio.CancelledError
 

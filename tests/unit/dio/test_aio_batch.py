@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from typing import Any
 
@@ -186,3 +187,31 @@ async def test_latency_device_batch(make_fs_kernel: Any, gup: str, foll: str) ->
     assert (took_lock > 0) == (gup == "slow")
     k.vfs.device("ram0").set_bad_ranges([])
     await ctx.destroy()
+
+
+async def test_cancelled_submission_waits_for_its_bios(make_fs_kernel: Any) -> None:
+    """The submission's task is cancelled with bios in flight: it keeps waiting for the device,
+    the iocbs complete with their real results, the pins go only after the bios."""
+    k = make_fs_kernel("ram0=ram:16M,latency=20ms,qd=2")
+    t = k.spawn("t", "s")
+    data = pattern(6 * P, seed=2)
+    fd = await dfile(k, t, data)
+    await k.vfs.fsync(t, fd)
+    a = await buf(t, 6 * P)
+    ctx = aio.KioCtx(t, 8)
+    # pages 0, 2, 4: bios that cannot merge, more of them than the queue depth
+    ctx.submit([aio.Iocb(aio.IOCB_CMD_PREAD, fd, [(a + i * P, P)], i * P, i) for i in (0, 2, 4)])
+    await asyncio.sleep(0.005)
+    dev = k.vfs.device("ram0")
+    assert dev.stats.inflight > 0
+    (batch,) = ctx.inflight
+    batch.cancel()
+    acq, rel = pins(k)
+    assert acq > rel
+    await asyncio.gather(batch, return_exceptions=True)
+    assert dev.stats.inflight == 0
+    assert await _reap(ctx, 3) == {0: P, 2: P, 4: P}
+    assert pins(k)[0] == pins(k)[1]
+    assert await read_user_bytes(t, a, P) == data[:P]
+    await ctx.destroy()
+    assert audit(k) == []
