@@ -38,21 +38,25 @@ Differences from the C test, and why:
   another locker changed the page meanwhile, so racing faults on one page still happen.
 - Fewer locker operations: C lockers spin for as long as the copiers run (millions of
   operations); here a locker also runs while the copiers run, but each operation is three
-  RPCs, so a bounce does on the order of ``locker_ops`` (default 96) operations per locker:
-  a locker stops once the copiers are done *and* it has done that many.
-- Batching: COPY needs the source bytes in the request, so the src area is read through the
-  memory API in slices of ``SLICE_PAGES`` pages (each read once per bounce, shared by copiers
-  and readers; src does not change while the copiers run). A copier sends one UffdResolve per
-  slice with multi-page COPY operations; a partial COPY (a page a fault already filled:
-  -EAGAIN with the bytes done) is redone page by page, and every page that answers -EEXIST is
-  woken with UFFDIO_WAKE, as ``copy_page_retry``/``wake_range`` do.
+  round trips on the locker's own ``MemoryService.Access`` stream (one stream per thread, so
+  accesses stay in program order), so a bounce does on the order of ``locker_ops`` (default
+  LOCKER_OPS) operations per locker: a locker stops once the copiers are done *and* it has
+  done that many.
+- Batching: COPY takes its source from area_src in the process itself (``copy_from``: the
+  daemon reads it as the ioctl's copy_from_user does, no bytes travel through the client).
+  A copier sends one request per BATCH_PAGES pages with multi-page COPY operations of
+  OP_PAGES on its own resolve stream; a partial COPY (a page a fault already filled: -EAGAIN
+  with the bytes done) is redone page by page, and every page that answers -EEXIST is woken
+  with UFFDIO_WAKE, as ``copy_page_retry``/``wake_range`` do. A reader resolves each read's
+  batch of messages in one request on its own resolve stream.
 - SIGALRM every ALARM_INTERVAL_SECS re-arms the deliberate "COPY twice, expect -EEXIST" check
   of ``retry_copy_page``; here a timer task does that (the first copier batch checks at once).
-- uffd-wp is used on anon memory. On shmem the kernel may refuse MODE_WP (then the run says so
-  and uses MISSING only, as uffd-stress does when the feature is absent).
-- ``shmem-private`` maps the shmem file MAP_PRIVATE (COPY then installs anon pages and release
-  is MADV_DONTNEED); ``shmem`` maps it MAP_SHARED with an alias mapping of each area that is
-  registered too, like uffd-common.c.
+- uffd-wp is used when the kernel takes MODE_WP on the memory type (a kernel refusing it on
+  shmem makes the run say so and use MISSING only, as uffd-stress does without the feature).
+- ``shmem-private`` maps the shmem file MAP_PRIVATE (COPY then installs anon pages; release is
+  MADV_DONTNEED plus a hole punched in the file, see ``release_pages``), where uffd-common.c
+  maps shmem shared for both types; ``shmem`` maps it MAP_SHARED with an alias mapping of
+  each area that is registered too, like uffd-common.c.
 - After the last bounce the final src (the last bounce's dst) is verified whatever the mode,
   so every run ends with a full counter check.
 """
@@ -90,6 +94,8 @@ from vkernel.kernel.userfaultfd import (
 
 if TYPE_CHECKING:
     from vkclient._kernel import Kernel, Process
+    from vkclient._memory import AccessStream
+    from vkernel.v1.userfaultfd_service_pb2 import UffdResolveOp
 
 P = PAGE_SIZE
 BOUNCE_RANDOM = 1 << 0
@@ -104,11 +110,11 @@ MUTEX_SIZE = 40
 COUNT_OFF = MUTEX_SIZE
 PLACEHOLDER_OFF = COUNT_OFF + 8
 HEADER = PLACEHOLDER_OFF + 8
-SLICE_PAGES = 64
-"""Pages per src read and per copier UffdResolve (1 MiB: few, large RPCs)."""
+BATCH_PAGES = 64
+"""Pages per copier request: small enough that lockers meet pages no copier reached yet."""
 OP_PAGES = 16
 """Pages per COPY operation inside a copier's request (a partial one is redone per page)."""
-LOCKER_OPS = 96
+LOCKER_OPS = 192
 """Operations each locker does at least per bounce (see the module docstring)."""
 O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
@@ -153,37 +159,6 @@ def mode_text(bounces: int) -> str:
     ]
     words.append("poll" if bounces & BOUNCE_POLL else "read")
     return " ".join(words)
-
-
-class _SrcCache:
-    """The src area's bytes for one bounce, read in slices on first use (copier or reader)."""
-
-    def __init__(self, proc: Process, base: int, nr_pages: int) -> None:
-        self._proc = proc
-        self._base = base
-        self._nr_pages = nr_pages
-        self._slices: dict[int, asyncio.Task[bytes]] = {}
-
-    def _slice(self, idx: int) -> asyncio.Task[bytes]:
-        t = self._slices.get(idx)
-        if t is None:
-            first = idx * SLICE_PAGES
-            n = min(SLICE_PAGES, self._nr_pages - first)
-            t = asyncio.ensure_future(self._proc.read(self._base + first * P, n * P))
-            self._slices[idx] = t
-        return t
-
-    async def pages(self, first: int, n: int) -> bytes:
-        """Pages [first, first+n) of src; must lie in one slice."""
-        idx = first // SLICE_PAGES
-        assert (first + n - 1) // SLICE_PAGES == idx
-        data = await self._slice(idx)
-        off = (first - idx * SLICE_PAGES) * P
-        return data[off : off + n * P]
-
-    def cancel(self) -> None:
-        for t in self._slices.values():
-            t.cancel()
 
 
 @dataclass
@@ -314,14 +289,19 @@ class StressTest:
     # ---- the threads --------------------------------------------------------------------------
 
     async def _lock_and_increment(
-        self, cpu: int, page_nr: int, locks: list[asyncio.Lock], versions: list[int]
+        self,
+        cpu: int,
+        mem: AccessStream,
+        page_nr: int,
+        locks: list[asyncio.Lock],
+        versions: list[int],
     ) -> None:
         addr = self.area_dst + page_nr * P
         seen = versions[page_nr]
-        head = await self.p.read(addr, HEADER)  # pthread_mutex_lock's first load: a read fault
+        head = await mem.load(addr, HEADER)  # pthread_mutex_lock's first load: a read fault
         async with locks[page_nr]:
             if versions[page_nr] != seen:
-                head = await self.p.read(addr, HEADER)  # another locker changed it meanwhile
+                head = await mem.load(addr, HEADER)  # another locker changed it meanwhile
             count, placeholder = struct.unpack_from("<QQ", head, COUNT_OFF)
             if any(head[:MUTEX_SIZE]) or placeholder != 1:
                 raise StressError(
@@ -336,9 +316,9 @@ class StressTest:
             owned = bytearray(PLACEHOLDER_OFF)
             struct.pack_into("<Q", owned, 0, self.p.pid << 8 | cpu + 1)  # the owner's tid
             struct.pack_into("<Q", owned, COUNT_OFF, count)
-            await self.p.write(addr, owned)
+            await mem.store(addr, owned)
             self.count_verify[page_nr] = count
-            await self.p.write(addr, bytes(8))  # pthread_mutex_unlock
+            await mem.store(addr, bytes(8))  # pthread_mutex_unlock
             versions[page_nr] += 1
 
     async def locking_thread(
@@ -351,26 +331,39 @@ class StressTest:
             if not bounces & BOUNCE_RACINGFAULTS:
                 page_nr += cpu * self.nr_pages_per_cpu
         ops = 0
-        while not (self._finished and ops >= self.locker_ops):
-            if bounces & BOUNCE_RANDOM:
-                page_nr = self._rng.getrandbits(64)
-            else:
-                page_nr = (page_nr + 1) % (1 << 64)  # unsigned long arithmetic, as in C
-            page_nr %= nr_pages
-            await self._lock_and_increment(cpu, page_nr, locks, versions)
-            ops += 1
+        mem = self.p.access_stream()  # this thread's loads and stores, in order
+        try:
+            while not (self._finished and ops >= self.locker_ops):
+                if bounces & BOUNCE_RANDOM:
+                    page_nr = self._rng.getrandbits(64)
+                else:
+                    page_nr = (page_nr + 1) % (1 << 64)  # unsigned long arithmetic, as in C
+                page_nr %= nr_pages
+                await self._lock_and_increment(cpu, mem, page_nr, locks, versions)
+                ops += 1
+        finally:
+            await mem.close()
 
-    async def _wake(self, addrs: list[int]) -> None:
+    def _copy_op(self, page_nr: int, npages: int, dst_base: int = 0) -> UffdResolveOp:
+        """UFFDIO_COPY of ``npages`` from area_src to area_dst (or ``dst_base``) at page_nr:
+        the daemon reads src as the process's own memory, like the ioctl's copy_from_user."""
+        off = page_nr * P
+        mode = UFFDIO_COPY_MODE_WP if self.test_uffdio_wp else 0
+        dst = (dst_base or self.area_dst) + off
+        return u.copy_from(dst, self.p.pid, self.area_src + off, npages * P, mode)
+
+    async def _wake(self, rs: u.ResolveStream, addrs: list[int]) -> None:
         """wake_range() for every page whose COPY said -EEXIST."""
         if not addrs:
             return
-        res = await self.fd.resolve([u.wake(a, P) for a in addrs])
+        self.races += len(addrs)
+        res = await rs.resolve([u.wake(a, P) for a in addrs])
         for a, (r, e) in zip(addrs, res, strict=True):
             if e:
                 raise StressError(f"error waking {a}: {r}")
 
     async def handle_faults(
-        self, msgs: list[u.UffdMessage], stats: CpuStats, src: _SrcCache
+        self, rs: u.ResolveStream, msgs: list[u.UffdMessage], stats: CpuStats
     ) -> None:
         """uffd_handle_page_fault() for one read(2)'s batch, resolved in one request."""
         ops = []
@@ -390,10 +383,9 @@ class StressTest:
                 offset = addr - self.area_dst
                 if not 0 <= offset < self.area_bytes:
                     raise StressError(f"unexpected offset {offset}")
-                data = await src.pages(offset // P, 1)
-                ops.append(u.copy(addr, data, self._copy_mode()))
+                ops.append(self._copy_op(offset // P, 1))
                 kinds.append(("copy", addr))
-        res = await self.fd.resolve(ops)
+        res = await rs.resolve(ops)
         eexist: list[int] = []
         for (kind, addr), (r, e) in zip(kinds, res, strict=True):
             if kind == "wp":
@@ -406,54 +398,44 @@ class StressTest:
                 eexist.append(addr)
             else:
                 raise StressError(f"UFFDIO_COPY error: {r}")
-        self.races += len(eexist)
-        await self._wake(eexist)
+        await self._wake(rs, eexist)
 
-    def _copy_mode(self) -> int:
-        return UFFDIO_COPY_MODE_WP if self.test_uffdio_wp else 0
-
-    async def uffd_reader(
-        self, cpu: int, stats: CpuStats, src: _SrcCache, pipe: asyncio.Event | None
-    ) -> None:
-        """uffd_read_thread (``pipe`` None: runs until cancelled) or uffd_poll_thread (ends
-        when its pipe is written)."""
-        stream = self.fd.messages().__aiter__()
-        if pipe is None:
-            async for msgs in stream:
-                await self.handle_faults(msgs, stats, src)
-            return
-        stop = asyncio.ensure_future(pipe.wait())
+    async def uffd_reader(self, cpu: int, stats: CpuStats, pipe: asyncio.Event | None) -> None:
+        """uffd_read_thread (``pipe`` None: blocking reads until cancelled, as pthread_cancel)
+        or uffd_poll_thread (ends when its pipe is written)."""
+        stream = self.fd.messages()
+        stop = asyncio.ensure_future(pipe.wait()) if pipe is not None else None
+        nxt: asyncio.Future[list[u.UffdMessage]] | None = None
         try:
-            while True:
-                nxt = asyncio.ensure_future(stream.__anext__())
-                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    await asyncio.gather(nxt, return_exceptions=True)
+            async with self.fd.resolver() as rs:
+                if stop is None:
+                    async for msgs in stream:
+                        await self.handle_faults(rs, msgs, stats)
                     return
-                try:
-                    msgs = nxt.result()
-                except StopAsyncIteration:
-                    return
-                await self.handle_faults(msgs, stats, src)
+                while True:
+                    nxt = asyncio.ensure_future(anext(stream))
+                    done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    if nxt not in done:  # the pipe was written
+                        return
+                    try:
+                        msgs = nxt.result()
+                    except StopAsyncIteration:
+                        return
+                    await self.handle_faults(rs, msgs, stats)
         finally:
-            stop.cancel()
+            if stop is not None:
+                stop.cancel()
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
             if isinstance(stream, AsyncGenerator):
                 await stream.aclose()  # ends the ReadUffdMessages call
 
-    async def _copy_pages(self, first: int, n: int, src: _SrcCache, retry: bool) -> None:
-        """copy_page_retry() for pages [first, first+n) of one slice, batched: multi-page
-        COPYs in one request; a partial or refused one is redone page by page; -EEXIST pages
-        are woken."""
-        data = await src.pages(first, n)
-        mode = self._copy_mode()
+    async def _copy_pages(self, rs: u.ResolveStream, first: int, n: int) -> None:
+        """copy_page_retry() for pages [first, first+n), batched: multi-page COPYs in one
+        request; a partial or refused one is redone page by page; -EEXIST pages are woken."""
         runs = [(s, min(OP_PAGES, first + n - s)) for s in range(first, first + n, OP_PAGES)]
-        res = await self.fd.resolve(
-            [
-                u.copy(self.area_dst + s * P, data[(s - first) * P : (s - first + m) * P], mode)
-                for s, m in runs
-            ]
-        )
+        res = await rs.resolve([self._copy_op(s, m) for s, m in runs])
         redo: list[int] = []
         copied: list[int] = []
         for (s, m), (r, e) in zip(runs, res, strict=True):
@@ -468,14 +450,7 @@ class StressTest:
                 raise StressError(f"UFFDIO_COPY error: {r}")
         eexist: list[int] = []
         if redo:
-            res = await self.fd.resolve(
-                [
-                    u.copy(
-                        self.area_dst + pg * P, data[(pg - first) * P : (pg - first + 1) * P], mode
-                    )
-                    for pg in redo
-                ]
-            )
+            res = await rs.resolve([self._copy_op(pg, 1) for pg in redo])
             for pg, (r, e) in zip(redo, res, strict=True):
                 if r == _EEXIST:
                     eexist.append(self.area_dst + pg * P)
@@ -483,45 +458,33 @@ class StressTest:
                     raise StressError(f"UFFDIO_COPY error: {r}")
                 else:
                     copied.append(pg)
-        self.races += len(eexist)
-        await self._wake(eexist)
-        if retry and copied and self._copy_eexist_due:
+        await self._wake(rs, eexist)
+        if copied and self._copy_eexist_due:
             self._copy_eexist_due = False
-            await self._retry_copy_page(copied[0], data[(copied[0] - first) * P :][:P])
+            await self._retry_copy_page(rs, copied[0])
 
-    async def _retry_copy_page(self, page_nr: int, data: bytes) -> None:
+    async def _retry_copy_page(self, rs: u.ResolveStream, page_nr: int) -> None:
         """retry_copy_page(): COPY a page just copied again (through the alias for shmem):
         it must fail with -EEXIST."""
-        base = self.area_dst_alias or self.area_dst
-        [(r, _)] = await self.fd.resolve([u.copy(base + page_nr * P, data, self._copy_mode())])
+        [(r, _)] = await rs.resolve([self._copy_op(page_nr, 1, self.area_dst_alias)])
         if r != _EEXIST:
             raise StressError(f"UFFDIO_COPY retry {'unexpected' if r >= 0 else 'error'}: {r}")
 
-    async def _copy_range(self, start: int, end: int, src: _SrcCache) -> None:
-        s = start
-        while s < end:
-            m = min(end, (s // SLICE_PAGES + 1) * SLICE_PAGES) - s
-            await self._copy_pages(s, m, src, retry=True)
-            s += m
-
-    async def background_thread(self, cpu: int, src: _SrcCache) -> None:
+    async def background_thread(self, cpu: int) -> None:
         start_nr = cpu * self.nr_pages_per_cpu
         end_nr = (cpu + 1) * self.nr_pages_per_cpu
         mid_nr = (start_nr + end_nr) // 2
-        await self._copy_range(start_nr, mid_nr, src)
-        if self.test_uffdio_wp:
-            [(r, _)] = await self.fd.resolve(
-                [
-                    u.writeprotect(
-                        self.area_dst + start_nr * P,
-                        self.nr_pages_per_cpu * P,
-                        u.UFFDIO_WRITEPROTECT_MODE_WP,
-                    )
-                ]
-            )
-            if r:
-                raise StressError(f"clear WP failed: address={self.area_dst + start_nr * P:#x}")
-        await self._copy_range(mid_nr, end_nr, src)
+        async with self.fd.resolver() as rs:
+            for s in range(start_nr, mid_nr, BATCH_PAGES):
+                await self._copy_pages(rs, s, min(BATCH_PAGES, mid_nr - s))
+            if self.test_uffdio_wp:
+                start = self.area_dst + start_nr * P
+                wp = u.writeprotect(start, self.nr_pages_per_cpu * P, u.UFFDIO_WRITEPROTECT_MODE_WP)
+                [(r, _)] = await rs.resolve([wp])
+                if r:
+                    raise StressError(f"clear WP failed: address={start:#x}")
+            for s in range(mid_nr, end_nr, BATCH_PAGES):
+                await self._copy_pages(rs, s, min(BATCH_PAGES, end_nr - s))
 
     async def _alarm(self) -> None:
         """SIGALRM every ALARM_INTERVAL_SECS: the next copier batch re-checks -EEXIST."""
@@ -534,7 +497,6 @@ class StressTest:
     async def stress(self, bounces: int, stats: list[CpuStats]) -> None:
         """stress(): lockers, readers and copiers for one bounce."""
         self._finished = False
-        src = _SrcCache(self.p, self.area_src, self.nr_pages)
         locks = [asyncio.Lock() for _ in range(self.nr_pages)]
         versions = [0] * self.nr_pages
         poll = bool(bounces & BOUNCE_POLL)
@@ -550,10 +512,10 @@ class StressTest:
                     )
                     readers.append(
                         tg.create_task(
-                            self.uffd_reader(cpu, stats[cpu], src, pipes[cpu] if poll else None)
+                            self.uffd_reader(cpu, stats[cpu], pipes[cpu] if poll else None)
                         )
                     )
-                    background.append(tg.create_task(self.background_thread(cpu, src)))
+                    background.append(tg.create_task(self.background_thread(cpu)))
                 for t in background:
                     await t
                 # Every page of dst is now present: src can go (uffd_test_ops->release_pages).
@@ -571,8 +533,6 @@ class StressTest:
             # The first real failure is the report (the others are its consequences).
             errors = [e for e in eg.exceptions if not isinstance(e, asyncio.CancelledError)]
             raise errors[0] if errors else eg from None
-        finally:
-            src.cancel()
 
     async def verify(self, area: int, what: str) -> None:
         """Every counter equals count_verify; mutex bytes zero; placeholder 1."""
