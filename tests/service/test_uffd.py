@@ -207,3 +207,137 @@ async def test_uffd_unit_tests_subset(daemon: Daemon, k: vkclient.Kernel) -> Non
     lines: list[str] = []
     assert await uffd_unit_tests.run(k, lines.append) == 0, lines
     assert lines[-1] == f"Userfaults unit tests: pass={len(uffd_unit_tests.TESTS)}, fail=0"
+
+
+# ---- B.51: GUP into a MISSING range ------------------------------------------------------------
+
+
+async def _gup_setup(
+    k: vkclient.Kernel, flags: int = 0
+) -> tuple[vkclient.Process, Userfaultfd, int]:
+    """Two registered pages; a uffd without UFFD_USER_MODE_ONLY needs CAP_SYS_PTRACE."""
+    p = await k.spawn("gup-faulter", capabilities=[vkclient.CAP_SYS_PTRACE])
+    addr = await p.mmap(2 * P)
+    u = await Userfaultfd.create(k, p.pid, flags)
+    await u.api()
+    await u.register(addr, 2 * P)
+    return p, u, addr
+
+
+async def _serve_recording(
+    u: Userfaultfd, addr: int, seen: list[tuple[int, int]], before: anyio.Event | None = None
+) -> None:
+    """A monitor that records (address, flags) and COPYs page i as bytes i+1; with ``before``
+    it waits for that event before serving its first batch."""
+    async for msgs in u.messages():
+        seen.extend((m.address, m.flags) for m in msgs)
+        if before is not None:
+            await before.wait()
+        ops = [copy(m.address, bytes([(m.address - addr) // P + 1]) * P) for m in msgs]
+        assert all(r == (P, 0) for r in await u.resolve(ops))
+
+
+@pytest.mark.parametrize(
+    ("kind", "api"),
+    [("pin", "fast"), ("pin", "unlocked"), ("get", "fast"), ("get", "unlocked")],
+)
+async def test_gup_blocks_on_missing_until_copy(
+    daemon: Daemon, k: vkclient.Kernel, kind: str, api: str
+) -> None:
+    """B.51 (a): GUP-fast (falling back to the slow path) and the *_unlocked entry points may
+    drop mmap_lock, so the fault queues a message and GUP sleeps; after COPY it retries and
+    returns the copied pages."""
+    p, u, addr = await _gup_setup(k)
+    seen: list[tuple[int, int]] = []
+    go = anyio.Event()
+    got: list[vkclient.Pages] = []
+
+    async def take() -> None:
+        ctx = p.pin(addr, 2, api=api) if kind == "pin" else p.get(addr, 2, api=api)
+        got.append(await ctx)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_serve_recording, u, addr, seen, go)
+        tg.start_soon(take)
+        with anyio.fail_after(10):
+            while not seen:
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.05)
+            assert not got, "GUP must wait for the monitor"
+            go.set()
+            while not got:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    pages = got[0]
+    assert pages.count == 2
+    assert await pages.dma_read(0, 2 * P) == b"\x01" * P + b"\x02" * P
+    assert seen == [(addr, 0), (addr + P, 0)]  # read faults, one message per page
+    await pages.release()
+    await u.close()
+    await p.kill()
+    await p.wait()
+
+
+@pytest.mark.parametrize(("kind", "name"), [("get", "get_user_pages"), ("pin", "pin_user_pages")])
+async def test_locked_gup_into_missing_is_efault(
+    daemon: Daemon, k: vkclient.Kernel, kind: str, name: str
+) -> None:
+    """B.51 (b): get/pin_user_pages with mmap_lock held by the caller cannot retry: -EFAULT
+    and no message (the first message the monitor ever sees is a later CPU access's)."""
+    p, u, addr = await _gup_setup(k)
+    with pytest.raises(OSError) as e:
+        await (p.get(addr, 1, api="locked") if kind == "get" else p.pin(addr, 1, api="locked"))
+    assert e.value.errno == 14
+    assert name in str(e.value)
+    seen: list[tuple[int, int]] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_serve_recording, u, addr, seen)
+        with anyio.fail_after(10):
+            assert await p.read(addr + P, 1) == b"\x02"
+        tg.cancel_scope.cancel()
+    assert seen == [(addr + P, 0)]
+    await u.close()
+    await p.kill()
+    await p.wait()
+
+
+@pytest.mark.parametrize("api", ["remote", "unlocked"])
+async def test_gup_nowait_into_missing_returns_zero(
+    daemon: Daemon, k: vkclient.Kernel, api: str
+) -> None:
+    """B.51 (c): FOLL_NOWAIT never sleeps: 0 pages, no message."""
+    p, u, addr = await _gup_setup(k)
+    pages = await p.get(addr, 2, api=api, flags=vkclient.FOLL_NOWAIT)
+    assert pages.count == 0
+    seen: list[tuple[int, int]] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_serve_recording, u, addr, seen)
+        with anyio.fail_after(10):
+            assert await p.read(addr + P, 1) == b"\x02"
+        tg.cancel_scope.cancel()
+    assert seen == [(addr + P, 0)]
+    await u.close()
+    await p.kill()
+    await p.wait()
+
+
+async def test_gup_on_user_mode_only_uffd_is_efault(daemon: Daemon, k: vkclient.Kernel) -> None:
+    """B.51 (d): with UFFD_USER_MODE_ONLY a GUP fault (not FAULT_FLAG_USER) is -EFAULT with no
+    message, while a user access of the same page still delivers one."""
+    p, u, addr = await _gup_setup(k, UFFD_USER_MODE_ONLY)
+    for api in ("fast", "unlocked"):
+        with pytest.raises(OSError) as e:
+            await p.pin(addr, 1, api=api)
+        assert e.value.errno == 14
+    seen: list[tuple[int, int]] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_serve_recording, u, addr, seen)
+        with anyio.fail_after(10):
+            assert await p.read(addr, 1) == b"\x01"
+        tg.cancel_scope.cancel()
+    assert seen == [(addr, 0)]
+    async with p.pin(addr, 1) as pages:  # present now: GUP-fast takes it without a fault
+        assert await pages.dma_read(0, 1) == b"\x01"
+    await u.close()
+    await p.kill()
+    await p.wait()
