@@ -903,16 +903,20 @@ def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault |
     return 0
 
 
-def thp_eligible(vma: VMA, haddr: int) -> bool:
-    """thp_vma_suitable_order() + allowable orders: the aligned 2 MiB lies inside a THP VMA.
-    A MISSING- or WP-registered VMA faults by pages (vkernel: the huge-PMD userfaults of
-    do_huge_pmd_anonymous_page / wp_huge_pmd are replaced by the PTE-level ones)."""
+def thp_suitable(vma: VMA, haddr: int) -> bool:
+    """thp_vma_suitable_order() + allowable orders: the aligned 2 MiB lies inside a THP VMA."""
     return (
-        not vma.vm_flags & (VM_UFFD_MISSING | VM_UFFD_WP)
-        and haddr >= vma.vm_start
+        haddr >= vma.vm_start
         and haddr + PMD_SIZE <= vma.vm_end
         and vma.thp_enabled(vma.mm.kernel.config.thp)
     )
+
+
+def thp_eligible(vma: VMA, haddr: int) -> bool:
+    """thp_suitable() for a VMA that may get a huge PMD by a fault. A MISSING- or WP-registered
+    VMA faults by pages (vkernel: no huge page is installed by a userfault VMA's faults; a
+    MISSING fault on a none PMD still leaves the PMD none, see __handle_mm_fault)."""
+    return not vma.vm_flags & (VM_UFFD_MISSING | VM_UFFD_WP) and thp_suitable(vma, haddr)
 
 
 def __handle_mm_fault(vma: VMA, addr: int, flags: int, vmf: VmFault | None = None) -> int:
@@ -932,6 +936,19 @@ def __handle_mm_fault(vma: VMA, addr: int, flags: int, vmf: VmFault | None = Non
         if not ret & VM_FAULT_FALLBACK:
             return ret
         e = u.item(slot)
+    elif (
+        not e
+        and vma.vm_flags & VM_UFFD_MISSING
+        and vma.is_anonymous()
+        and not vma.vm_flags & VM_SHARED
+        and thp_suitable(vma, addr & PMD_MASK)
+    ):
+        # do_huge_pmd_anonymous_page() → handle_userfault(): a MISSING fault of a THP-suitable
+        # VMA leaves the PMD none (no page table yet), so UFFDIO_MOVE can move a whole PMD in.
+        from vkernel.kernel.userfaultfd import handle_userfault
+
+        vma.anon_vma_prepare()  # vmf_anon_prepare()
+        return handle_userfault(vma, addr, flags, vmf, VM_UFFD_MISSING)
     elif e & _PAGE_PSE:
         if write_like and not e & _PAGE_RW:
             ret = thp.do_huge_pmd_wp_page(vma, slot, bool(flags & FAULT_FLAG_UNSHARE))

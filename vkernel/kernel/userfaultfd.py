@@ -1229,6 +1229,67 @@ def _move_vmas_ok(src: VMA, dst: VMA, ctx: UserfaultfdCtx) -> bool:
     return dst.uffd_ctx is ctx
 
 
+def move_pages_huge_pmd(
+    svma: VMA, dvma: VMA, sslot: int, src: int, dst: int, remaining: int
+) -> int:
+    """The huge-PMD step of move_pages(): move the whole PMD (move_pages_huge_pmd) when src and
+    dst are PMD aligned, ``remaining`` covers it and dst's PMD is none; otherwise split it
+    (return 0: the caller moves its PTEs). A THP that is not AnonExclusive → -EBUSY (not split:
+    its PTEs could not move either), pinned or GUP-referenced → -EBUSY. Returns bytes moved."""
+    import numpy as np
+
+    from vkernel.kernel import thp
+    from vkernel.kernel.uapi import PMD_SIZE, PG_anon_exclusive
+
+    mm = svma.mm
+    mem = mm.mem
+    u = mem.u64
+    e = u.item(sslot)
+    head = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    huge_zero = mem.is_huge_zero(head)
+    if not huge_zero and not mem.flags[head] & PG_anon_exclusive:
+        return -errno.EBUSY
+    dslot = pmd_slot(mm, dst, alloc=True)  # mm_alloc_pmd()
+    if dslot < 0:
+        return -errno.ENOMEM
+    aligned = not (src | dst) & (PMD_SIZE - 1) and remaining >= PMD_SIZE
+    de = u.item(dslot)
+    if aligned and de and not de & _PAGE_PSE:
+        from vkernel.kernel.pgtable import table_of, tlb_remove_table
+
+        t = table_of(de)
+        if not u[t * PTRS_PER_TABLE : (t + 1) * PTRS_PER_TABLE].any():
+            # vkernel's uaccess/GUP fault loops allocate the PTE table before the MISSING
+            # userfault that Linux raises from do_huge_pmd_anonymous_page with the PMD still
+            # none: an empty table stands for that none PMD (freed the lockless-safe way).
+            u[dslot] = 0
+            tlb_remove_table(mm, t)
+            de = 0
+    if not aligned or de:
+        thp.split_huge_pmd(mm, sslot)  # move_splits_huge_pmd() or dst populated
+        return 0
+    if huge_zero:
+        new = e & ~_PAGE_RW
+    else:
+        if mem.folio_pincount(head) or mem.refcount[head] != 1:
+            return -errno.EBUSY  # pinned or referenced (folio_maybe_dma_pinned, GUP)
+        # folio_move_anon_rmap() + the index of the dst VMA; mremap-like: dirty, writable.
+        from vkernel.kernel.uapi import HPAGE_PMD_NR
+
+        anon = dvma.anon_vma_prepare()
+        mem.mapping[head : head + HPAGE_PMD_NR] = anon.id
+        mem.index[head : head + HPAGE_PMD_NR] = dvma.linear_page_index(dst) + np.arange(
+            HPAGE_PMD_NR
+        )
+        new = (head << PAGE_SHIFT) | dvma.vm_page_prot | _PAGE_PSE | _PAGE_ACCESSED
+        new |= _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_RW
+    u[sslot] = 0
+    u[dslot] = new
+    # pgtable_trans_huge_withdraw() + _deposit(): the deposited table follows the PMD.
+    mm.deposited[dslot] = mm.deposited.pop(sslot)
+    return PMD_SIZE
+
+
 async def uffdio_move(
     ctx: UserfaultfdCtx,
     task: Task | None,
@@ -1238,11 +1299,14 @@ async def uffdio_move(
     mode: int = 0,
 ) -> int:
     """UFFDIO_MOVE (B.64): remap exclusive anon pages from src to dst (zero copy; the zero page
-    too); bytes moved. src hole → ENOENT unless ALLOW_SRC_HOLES (then it counts as moved); dst
+    too); bytes moved. A PMD-mapped THP moves whole when both addresses are PMD aligned, the
+    request covers it and dst has no page table there (move_pages_huge_pmd); else it is split
+    and moved by PTEs. src hole → ENOENT unless ALLOW_SRC_HOLES (then it counts as moved); dst
     populated → EEXIST; a page not exclusive (shared after fork, pinned, GUP-referenced) →
     EBUSY; incompatible VMAs → EINVAL. ``task`` given: it must be of ctx's mm (else EINVAL);
-    the gRPC layer passes None and acts as the process itself. Huge PMDs are split first."""
+    the gRPC layer passes None and acts as the process itself. Huge PMDs in dst are split."""
     from vkernel.kernel.memory import split_all_huge_pmds
+    from vkernel.kernel.tlb import tlb_finish_mmu
     from vkernel.kernel.uapi import PG_anon, PG_anon_exclusive
 
     ctx._check_initialized()
@@ -1273,12 +1337,23 @@ async def uffdio_move(
             raise _err(errno.ENOENT, "no single mapping covers src or dst")
         if not _move_vmas_ok(svma, dvma, ctx):
             raise _err(errno.EINVAL, "src and dst cannot move pages")
-        split_all_huge_pmds(mm, src, src + length)
         split_all_huge_pmds(mm, dst, dst + length)
         mem = mm.mem
         u = mem.u64
         while done < length:
             sslot = pmd_slot(mm, src + done, alloc=False)
+            if sslot >= 0 and u.item(sslot) & _PAGE_PSE:
+                r = move_pages_huge_pmd(svma, dvma, sslot, src + done, dst + done, length - done)
+                if r < 0:
+                    err = -r
+                    break
+                if r:
+                    done += r
+                    if task is not None and task.fatal_signal_pending() and done < length:
+                        err = errno.EINTR
+                        break
+                    continue
+                # split: the PTEs of the THP are moved one by one below
             spte = 0
             if sslot >= 0 and u.item(sslot):
                 sslot = _dst_slot(svma, src + done)
@@ -1325,6 +1400,7 @@ async def uffdio_move(
             if task is not None and task.fatal_signal_pending() and done < length:
                 err = errno.EINTR
                 break
+        await tlb_finish_mmu(mm)  # a page table freed by a whole-PMD move waits out walkers
     if done and not mode & UFFDIO_MOVE_MODE_DONTWAKE:
         ctx.wake_range(dst, done)
     if err and not done:
