@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 import vkclient
+import vkclient.sync
 from tests.service.conftest import Daemon
 from vkclient import PAGE_SIZE, UserFaultError
 from vkclient.errors import from_rpc_error
@@ -425,3 +426,75 @@ async def test_monitor_death_with_three_blocked_faults(daemon: Daemon, k: vkclie
     assert await p.read(addr + 3 * P + 8, 4) == b"abcd"
     assert await k.audit() == []
     await _reap(p)
+
+
+# ---- UFFD_EVENT_FORK: the child's uffd becomes a handle of the reading session ---------------
+
+
+async def test_fork_event_hands_the_childs_uffd_to_the_reader(
+    daemon: Daemon, k: vkclient.Kernel
+) -> None:
+    p = await k.spawn("forker", capabilities=[vkclient.CAP_SYS_PTRACE])
+    addr = await p.mmap(2 * P)
+    u = await k.userfaultfd(p, UFFD_USER_MODE_ONLY, features=vkclient.UFFD_FEATURE_EVENT_FORK)
+    await u.register(addr, 2 * P)
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mk:
+        await u.grant(mk.session_id)
+        children: list[Userfaultfd] = []
+        child_faults: list[int] = []
+
+        async with anyio.create_task_group() as tg:
+
+            def on_fork(child_uffd: Userfaultfd) -> None:
+                children.append(child_uffd)
+
+                def child_pages(start: int, length: int) -> bytes:
+                    child_faults.append(start)
+                    return b"c" * length
+
+                tg.start_soon(child_uffd.serve, child_pages)
+
+            parent = mk.attach_userfaultfd(u.handle).monitor(
+                lambda start, length: b"p" * length, on_fork=on_fork
+            )
+            tg.start_soon(parent.run)
+            with anyio.fail_after(15):
+                child = await p.fork()  # returns once the daemon read the FORK event out
+                while not children:  # … which reaches the monitor's callback a moment later
+                    await anyio.sleep(0.01)
+                assert len(children) == 1
+                handle = children[0].handle
+                assert handle not in (0, u.handle)
+                # The child's range is registered on its own uffd, served by the new handle.
+                assert await child.read(addr + P, 2) == b"cc"
+                assert child_faults == [addr + P]
+                assert await p.read(addr + P, 2) == b"pp"  # the parent's uffd is separate
+            # Only the reading session holds the new handle (it is its new fd).
+            with pytest.raises(OSError) as e:
+                await k.attach_userfaultfd(handle).resolve([wake(addr, P)])
+            assert e.value.errno == errno.EBADF
+            await children[0].close()  # release: the child's serve() ends
+            await u.close()
+            tg.cancel_scope.cancel()
+        await child.kill()
+        await child.wait()
+    await _reap(p)
+
+
+async def test_sync_facade_userfaultfd(daemon: Daemon) -> None:
+    def body() -> list[object]:
+        with vkclient.sync.connect(daemon.addr, client_name="sync") as sk:
+            p = sk.spawn("faulter")
+            addr = p.mmap(2 * P)
+            u = sk.userfaultfd(p, UFFD_USER_MODE_ONLY)
+            u.register(addr, 2 * P)
+            out: list[object] = [u.resolve([zeropage(addr, P), copy(addr + P, b"s" * P)])]
+            out.append(p.read(addr + P - 1, 2))
+            same = sk.attach_userfaultfd(u.handle)
+            out.append(same.resolve([wake(addr, P)]))
+            u.close()
+            p.kill()
+            p.wait()
+            return out
+
+    assert await anyio.to_thread.run_sync(body) == [[(P, 0), (P, 0)], b"\0s", [(0, 0)]]
