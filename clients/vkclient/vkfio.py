@@ -412,12 +412,15 @@ class Runner:
         name = job.filename or f"{job.name}.{self.jobnum}.0"
         return f"{job.directory.strip('/')}/{name}".lstrip("/") if job.directory else name
 
-    def _offsets(self, rng: np.random.Generator) -> np.ndarray:
+    def _offsets(self, rng: np.random.Generator) -> list[int]:
+        """One pass over the file: every block once, shuffled for random rw. A list, because
+        the I/O loop takes one offset per I/O and a numpy scalar per element costs more."""
         job = self.job
         n = job.size // job.bs
         random = RW_MODES[job.rw][0]
         base = job.offset + np.arange(n, dtype=np.int64) * job.bs
-        return rng.permutation(base) if random else base
+        offs: list[int] = (rng.permutation(base) if random else base).tolist()
+        return offs
 
     def _begin(self) -> None:
         """Start of the measured part (after ramp_time): fresh counters, rusage, samples."""
@@ -530,7 +533,7 @@ class Runner:
                 offs = self._offsets(rng)
                 it = 0
             it += 1
-            return int(offs[it - 1])
+            return offs[it - 1]
 
         return next_off
 
