@@ -25,6 +25,9 @@ from vkernel.kernel.uapi import (
     PMD_SHIFT,
     PTE_MARKER_MASK,
     PTRS_PER_TABLE,
+    VM_UFFD_MINOR,
+    VM_UFFD_MISSING,
+    VM_UFFD_WP,
     PG_anon,
     PG_buddy,
     PG_head,
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 
 MAX_REPORTS = 64
 _PSE = np.uint64(_PAGE_PSE)
+_VM_UFFD_ANY = VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR
 _NOT_MARKER = np.uint64(~PTE_MARKER_MASK & 0xFFFFFFFFFFFFFFFF)
 
 
@@ -145,6 +149,16 @@ def audit(kernel: Kernel) -> list[str]:
         for vma in mm.vmas:
             if vma.shmem is not None:
                 shmem_objs[id(vma.shmem)] = vma.shmem
+            # vm_userfaultfd_ctx: set iff a VM_UFFD_* flag is, a live uffd of this very mm
+            # (fork gives a child VMA the child's new uffd or none, release clears them all).
+            uctx = vma.uffd_ctx
+            if (uctx is None) != (not vma.vm_flags & _VM_UFFD_ANY):
+                problems.append(f"mm {id(mm):#x}: VMA {vma.vm_start:#x} uffd ctx/flags mismatch")
+            elif uctx is not None and (uctx.mm is not mm or uctx.released):
+                problems.append(
+                    f"mm {id(mm):#x}: VMA {vma.vm_start:#x} registered with a uffd of another "
+                    "mm or a released one"
+                )
 
     vfs = getattr(kernel, "vfs", None)
     if vfs is not None:  # file page caches (shmem, disk) and dax device frames

@@ -268,3 +268,64 @@ async def test_poison_marker_across_fork(kernel: Kernel, event_fork: bool) -> No
     if event_fork:
         await nctx.put()
     await ctx.put()
+
+
+async def test_events_scenario_through_the_childs_uffd(kernel: Kernel) -> None:
+    """B.65 events: FORK|REMAP|REMOVE; the monitor switches to the child's uffd on FORK; the
+    child faults the first half, mremaps the area (REMAP), faults the second half at the new
+    address, MADV_DONTNEEDs it all (REMOVE: the monitor unregisters) and reads zeros. Every
+    page faults exactly once."""
+    from vkernel.kernel.mmap import sys_madvise, sys_mremap
+    from vkernel.kernel.uapi import MADV_DONTNEED, MREMAP_FIXED, MREMAP_MAYMOVE
+
+    n = 8
+    t = priv(kernel)
+    a = await mmap_anon(t, n * P)
+    other = await mmap_anon(t, n * P)
+    feats = uf.UFFD_FEATURE_EVENT_FORK | uf.UFFD_FEATURE_EVENT_REMAP | uf.UFFD_FEATURE_EVENT_REMOVE
+    ctx = await ready(t, features=feats)
+    await uf.uffdio_register(ctx, t, a, n * P, MISSING)
+    seen = {"faults": 0, "fork": 0, "remap": 0, "remove": 0}
+    held: list[uf.UserfaultfdCtx] = []
+
+    async def monitor() -> None:
+        cur = ctx
+        while True:
+            for m in await cur.read(4 * uf.UFFD_MSG_SIZE, nonblock=False):
+                if m.event == uf.UFFD_EVENT_FORK:
+                    assert m.fork_ctx is not None
+                    cur = m.fork_ctx
+                    held.append(cur)
+                    seen["fork"] += 1
+                elif m.event == uf.UFFD_EVENT_PAGEFAULT:
+                    assert not m.flags & uf.UFFD_PAGEFAULT_FLAG_WRITE  # reads come first
+                    await uf.uffdio_zeropage(cur, None, m.address, P)
+                    seen["faults"] += 1
+                elif m.event == uf.UFFD_EVENT_REMAP:
+                    assert (m.start, m.to, m.length) == (a, other, n * P)
+                    seen["remap"] += 1
+                elif m.event == uf.UFFD_EVENT_REMOVE:
+                    await uf.uffdio_unregister(cur, None, m.start, m.end - m.start)
+                    seen["remove"] += 1
+
+    mon = asyncio.ensure_future(monitor())
+    child = await fork(t)
+    assert seen["fork"] == 1
+    for i in range(n // 2):
+        assert await read_user_bytes(child, a + i * P, 1) == b"\0"
+        await write_user(child, a + i * P, b"\1")
+    fl = MREMAP_MAYMOVE | MREMAP_FIXED
+    assert await sys_mremap(child, a, n * P, n * P, fl, other) == other
+    for i in range(n // 2, n):
+        assert await read_user_bytes(child, other + i * P, 1) == b"\0"
+        await write_user(child, other + i * P, b"\1")
+    assert await read_user_bytes(child, other, 1) == b"\1"
+    await sys_madvise(child, other, n * P, MADV_DONTNEED)
+    assert await read_user_bytes(child, other, n * P) == b"\0" * (n * P)
+    assert seen == {"faults": n, "fork": 1, "remap": 1, "remove": 1}
+    mon.cancel()
+    await asyncio.gather(mon, return_exceptions=True)
+    _reap(kernel, child)
+    for c in held:
+        await c.put()
+    await ctx.put()
