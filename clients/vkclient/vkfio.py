@@ -187,6 +187,7 @@ class Job:
     thinktime_blocks: int = 1
     bwavgtime: int = 500
     iopsavgtime: int = 500
+    description: str = ""
 
     def apply(self, key: str, value: str | None) -> None:
         """Set one option (fio's name, fio's syntax)."""
@@ -238,6 +239,10 @@ class Job:
             self.rwmixread = _int(key, v)
         elif key == "rwmixwrite":
             self.rwmixread = 100 - _int(key, v)
+        elif key == "name":
+            self.name = v
+        elif key == "description":
+            self.description = v
         else:
             self._apply_stats_and_batching(key, v)
         if self.bs <= 0:

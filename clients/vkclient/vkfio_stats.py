@@ -498,6 +498,8 @@ def job_json(r: JobResult, name: str, elapsed: int, g: GroupStats, ro: ReportOpt
         "latency_percentile": 100.0,
         "latency_window": 0,
         "latency_window_us": 0,
+        # fio adds "desc" only for a job with a description.
+        **({"desc": r.job.description} if getattr(r.job, "description", "") else {}),
     }
 
 
@@ -659,6 +661,8 @@ def thread_text(r: JobResult, g: GroupStats) -> str:
     out = [msg + "\n" for msg in r.verify_errors[:10]]
     err = f"err={r.error:2d}" + (f" ({r.errmsg})" if r.error and r.errmsg else "")
     out.append(f"{r.job.name}: (groupid=0, jobs={r.members}): {err}: pid={r.pid}: {time.ctime()}\n")
+    if getattr(r.job, "description", ""):
+        out.append(f"  Description  : [{r.job.description}]\n")
     for ddir, (label, d) in enumerate((("read", r.read), ("write", r.write))):
         if d.bytes:
             out.append(_ddir_text(label, d, max(1, r.runtime_ms), g, ddir, r.job))

@@ -436,3 +436,15 @@ def test_group_reporting_merges_clones() -> None:
     assert j["write"]["iops_mean"] == 200.0
     assert (j["usr_cpu"], j["sys_cpu"]) == (10.0, 5.0)
     assert "(groupid=0, jobs=2)" in vkfio.report_text(rs)
+
+
+def test_name_and_description() -> None:
+    """name= renames the job; description= shows as fio's "desc" key and Description line."""
+    _, [job] = vkfio.parse_jobfile("[sec]\nname=renamed\ndescription=the seed\nsize=1m\n")
+    r = vkfio.JobResult(job, 0, runtime_ms=10)
+    r.read.ios, r.read.bytes, r.read.slat, r.read.clat = 1, 4096, [0], [1000]
+    j = vkfio.report_json({}, [r], [])["jobs"][0]
+    assert (j["jobname"], j["desc"]) == ("renamed", "the seed")
+    assert list(j)[-1] == "desc"
+    assert "  Description  : [the seed]\n" in vkfio.report_text([r])
+    assert "desc" not in vkfio.report_json({}, [_seed_result()], [])["jobs"][0]
