@@ -23,6 +23,8 @@ Figures:
   ratio of 0.5; ``x_floor`` is value / floor, the issue's way of saying it.
 - ``fault_rt_unary_p50``: the same round trip the way it was done before the streams: A
   reads with the unary ``ReadMemory`` and B resolves with unary ``UffdResolve`` (no goal).
+- ``fault_rt_sdk_p50``: the fast path through the SDK: ``AccessStream.load`` in A's session
+  and :class:`vkclient.uffd.UffdMonitor` serving B's (no goal: what the helper adds).
 - ``access_rt_p50``: µs for the same 8-byte load of a resident page on the Access stream (no
   fault, no monitor): one stream round trip plus the kernel's load, the part of a fault round
   trip that is not the fault (no goal; it says how far the 2.0× goal can be reached).
@@ -50,6 +52,7 @@ from typing import Any, cast
 import grpc
 import grpc.aio
 
+import vkclient
 from bench._floors import STREAM_REQUEST, FloorClient, floor_server
 from bench._harness import BenchContext, Record, make_record
 from bench._vkernel import Metadata, vkernel_daemon
@@ -305,6 +308,41 @@ def _p(samples: list[float], q: float) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[round(q * 100) - 1]
 
 
+async def _sdk_round(scratch: Path, warm: int, n: int) -> list[float]:
+    """The fast path through the SDK: ``AccessStream.load`` in session A, a
+    :class:`vkclient.uffd.UffdMonitor` in session B. The two SDK sessions live for this round
+    only: each runs a keepalive thread, whose GIL hand-offs would otherwise slow every other
+    figure measured in this process. Returns the µs of the ``n`` timed loads."""
+    addr = f"unix://{scratch / 'vk.sock'}"
+    async with (
+        vkclient.connect(addr, client_name="bench-sdk-a") as ka,
+        vkclient.connect(addr, client_name="bench-sdk-b") as kb,
+    ):
+        proc = await ka.spawn("bench-sdk-faulter")
+        area = await proc.mmap((warm + n) * P)
+        u = await ka.userfaultfd(proc, UFFD_USER_MODE_ONLY)
+        await u.register(area, (warm + n) * P)
+        await u.grant(kb.session_id)
+        page = b"\x5a" * P
+        monitor = kb.attach_userfaultfd(u.handle).monitor(lambda _, length: page * (length // P))
+        serving = asyncio.ensure_future(monitor.run())
+        try:
+            async with proc.access_stream() as access:
+
+                async def load(at: int) -> None:
+                    if len(await access.load(at, LOAD)) != LOAD:
+                        raise RuntimeError(f"SDK load at {at:#x} came back short")
+
+                await _time_loads(load, [area + i * P for i in range(warm)])
+                rts = await _time_loads(load, [area + (warm + i) * P for i in range(n)])
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+        if monitor.faults != warm + n:
+            raise RuntimeError(f"the SDK monitor served {monitor.faults} of {warm + n} faults")
+    return rts
+
+
 # ---- COPY throughput ---------------------------------------------------------------------------
 
 
@@ -412,7 +450,7 @@ async def run(ctx: BenchContext) -> list[Record]:
                 base = warm + r * n_faults
                 fast_addrs = [fast_area + (base + i) * P for i in range(n_faults)]
                 slow_addrs = [slow_area + (base + i) * P for i in range(n_faults)]
-                keys = ["floor", "fast", "unary", "present"]
+                keys = ["floor", "fast", "unary", "present", "sdk"]
                 for key in keys if r % 2 == 0 else keys[::-1]:
                     if key == "floor":
                         pings = await _time_pings(floor, n_faults)
@@ -426,6 +464,10 @@ async def run(ctx: BenchContext) -> list[Record]:
                         rts = await _time_loads(unary_load, slow_addrs)
                         add("unary_p50", _p(rts, 0.5))
                         add("unary_p99", _p(rts, 0.99))
+                    elif key == "sdk":
+                        rts = await _sdk_round(ctx.scratch, warm, n_faults)
+                        add("sdk_p50", _p(rts, 0.5))
+                        add("sdk_p99", _p(rts, 0.99))
                     else:  # the first page, resident since the warm-up: no fault
                         rts = await _time_loads(access_load, [fast_area] * n_faults)
                         add("present_p50", _p(rts, 0.5))
@@ -442,10 +484,9 @@ async def run(ctx: BenchContext) -> list[Record]:
             if m.errors:
                 raise RuntimeError(f"monitor errors: {m.errors[:5]}")
         expected = warm + n_faults * ctx.rounds
-        if fast.faults != expected or slow.faults != expected:
-            raise RuntimeError(
-                f"monitors served {fast.faults} and {slow.faults} faults, expected {expected}"
-            )
+        served = (fast.faults, slow.faults)
+        if served != (expected,) * 2:
+            raise RuntimeError(f"monitors served {served} faults, expected {expected} each")
         audit = await a.memory.Audit(mpb.AuditRequest(), metadata=a.md)
         if not audit.clean:
             raise RuntimeError(f"audit not clean: {list(audit.problems)[:5]}")
@@ -492,6 +533,19 @@ async def run(ctx: BenchContext) -> list[Record]:
             x_floor=x_floor("unary_p50", "floor_p50"),
             unary_p99=statistics.median(s["unary_p99"]),
             path="unary ReadMemory + ReadUffdMessages + unary UffdResolve",
+            n=n_faults,
+            **common,
+        ),
+        make_record(
+            "fault_rt_sdk_p50",
+            s["sdk_p50"],
+            "µs",
+            floor=s["floor_p50"],
+            goal=None,
+            better="lower",
+            x_floor=x_floor("sdk_p50", "floor_p50"),
+            sdk_p99=statistics.median(s["sdk_p99"]),
+            path="vkclient AccessStream.load + UffdMonitor (ResolveStream)",
             n=n_faults,
             **common,
         ),
