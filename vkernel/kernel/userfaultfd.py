@@ -1,4 +1,4 @@
-"""userfaultfd (fs/userfaultfd.c, mm/userfaultfd.c; kernel-semantics.md A.13, B.42-B.55).
+"""userfaultfd (fs/userfaultfd.c, mm/userfaultfd.c; kernel-semantics.md A.13, B.42-B.66).
 
 A :class:`UserfaultfdCtx` is one userfaultfd: created per process (``sys_userfaultfd``), held
 by one or more *holders* (sessions; ``get``/``put``), initialised by the UFFDIO_API handshake,
@@ -18,6 +18,14 @@ them to ``fault_read``: never reported again, still wakeable (B.55).
 
 **Release.** The last ``put`` runs :func:`userfaultfd_release`: every VMA of the ctx loses its
 registration (and merges), every waiter wakes and re-faults as an ordinary fault (B.53).
+
+**Events.** UNMAP (every do_vmi_munmap path with a list), REMOVE (madvise), REMAP (mremap)
+and FORK (``dup_userfaultfd``: the child's new ctx travels in ``UffdMsg.fork_ctx``, whose one
+reference passes to the reader) block the triggering syscall until read; ``mmap_changing``
+makes the resolution ioctls EAGAIN meanwhile.
+
+**WP.** uffd-wp bits on present PTEs and PTE_MARKER_UFFD_WP on none PTEs (shmem always, anon
+with WP_UNPOPULATED); memory.handle_pte_marker turns a marker into a protected page.
 """
 
 from __future__ import annotations
@@ -108,8 +116,8 @@ UFFD_API_FEATURES = (
     | UFFD_FEATURE_WP_ASYNC
     | UFFD_FEATURE_MOVE
 )
-"""What vkernel advertises (no hugetlbfs). Everything the issue lists; see docs/userfaultfd.md
-for which of them already behave (the rest are accepted and enabled but not acted on yet)."""
+"""What vkernel advertises (no hugetlbfs): everything the issue lists, each acted on (see
+docs/userfaultfd.md)."""
 
 _UFFDIO_REGISTER = 0x00
 _UFFDIO_UNREGISTER = 0x01
