@@ -402,6 +402,12 @@ FAULT_AROUND_PAGES = 16
 """fault_around_bytes (64 KiB): cached pages mapped around a read fault of a file."""
 
 
+def uffd_disable_fault_around(vma: VMA) -> bool:
+    """uffd_disable_fault_around(): uffd-wp and MINOR VMAs map exactly the faulting page (a
+    page mapped around it would escape the monitor's protection or MINOR faults)."""
+    return bool(vma.vm_flags & (VM_UFFD_WP | VM_UFFD_MINOR))
+
+
 def do_read_fault_run(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> int:
     """do_read_fault() for a run of none PTEs of a disk-file VMA whose pages are cached (the
     CPU reading through a warm mapping): each fault maps its page and the fault-around window
@@ -410,7 +416,7 @@ def do_read_fault_run(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> 
     how many faults that was (the caller counts them). The rest goes through the per-page
     path (which sleeps, reads, retries)."""
     mapping = vma.mapping
-    if mapping is None or not len(idx):
+    if mapping is None or not len(idx) or uffd_disable_fault_around(vma):
         return 0
     mm = vma.mm
     mem = mm.mem
@@ -446,7 +452,7 @@ def do_fault_around(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> in
     (none PTEs of one leaf table, whose entry 0 maps ``base_addr``) that are uptodate and not
     locked, without faulting; returns how many were mapped. Not counted as faults."""
     mapping = vma.mapping
-    if mapping is None or not len(idx):
+    if mapping is None or not len(idx) or uffd_disable_fault_around(vma):
         return 0
     mm = vma.mm
     mem = mm.mem

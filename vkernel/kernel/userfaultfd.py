@@ -499,14 +499,15 @@ def _validate_range(start: int, length: int) -> int:
 
 
 def vma_can_userfault(vma: VMA, mode: int, ctx: UserfaultfdCtx) -> bool:
-    """vma_can_userfault(): anonymous or shmem memory; MINOR on shmem only."""
+    """vma_can_userfault(): anonymous or shmem memory; MINOR on shmem only; WP alone with
+    WP_ASYNC on any memory (file and dax mappings too: dirty tracking via pagemap bit 57)."""
     if vma.vm_flags & VM_SPECIAL:
         return False
-    if _is_shmem(vma):
-        return True  # MISSING, MINOR and WP (uffd-wp markers keep the protection of holes)
-    if mode & UFFDIO_REGISTER_MODE_MINOR:
+    if mode & UFFDIO_REGISTER_MODE_MINOR and not _is_shmem(vma):
         return False  # shmem/hugetlb only
-    return vma.is_anonymous()
+    if ctx.features & UFFD_FEATURE_WP_ASYNC and mode == UFFDIO_REGISTER_MODE_WP:
+        return True
+    return _is_shmem(vma) or vma.is_anonymous()
 
 
 def _is_shmem(vma: VMA) -> bool:
@@ -923,7 +924,7 @@ def uffd_wp_range(vma: VMA, start: int, end: int, enable: bool) -> None:
     Protect: present PTEs become read-only plus the uffd-wp bit; none PTEs get
     PTE_MARKER_UFFD_WP when userfaultfd_wp_use_markers() (page tables allocated for them,
     change_pmd_prepare); existing markers stay. Resolve: drop the bit; an exclusive anon page
-    of a writable private VMA, or a dirty page of a writable shared shmem VMA, gets RW back
+    of a writable private VMA, or a dirty page of a writable shared VMA, gets RW back
     (MM_CP_TRY_CHANGE_WRITABLE, can_change_pte_writable), others keep RO and take a normal
     write fault; uffd-wp markers are cleared (the next fault is an ordinary one), poison
     markers are left alone. Huge PMDs are split first (no uffd-wp PMDs in vkernel).
@@ -971,7 +972,9 @@ def uffd_wp_range(vma: VMA, start: int, end: int, enable: bool) -> None:
             ok &= (old & np.uint64(_PAGE_SPECIAL)) == 0
             ok &= (old & wpbit) != 0
             new[ok] |= rw
-        elif vma.vm_flags & VM_WRITE and _is_shmem(vma):
+        elif vma.vm_flags & VM_WRITE:
+            # A shared mapping: a dirty PTE was already through writenotify, so it may be
+            # writable again; a clean one keeps its write fault (can_change_pte_writable).
             ok = (old & wpbit) != 0
             ok &= (old & np.uint64(_PAGE_DIRTY)) != 0
             new[ok] |= rw
