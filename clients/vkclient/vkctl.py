@@ -239,11 +239,18 @@ async def cmd_gup_test(args: argparse.Namespace, out: Console) -> int:
 
 
 async def cmd_uffd_unit_tests(args: argparse.Namespace, out: Console) -> int:
-    """A subset of the kernel's uffd-unit-tests selftest, over gRPC."""
+    """The kernel's uffd-unit-tests selftest over gRPC (anon, shmem, shmem-private)."""
     from vkclient import uffd_unit_tests
 
+    if args.list:
+        for test in uffd_unit_tests.TESTS:
+            if args.filter is None or args.filter in test.name:
+                print(test.name)
+        return 0
     async with await _session(args) as k:
-        failed = await uffd_unit_tests.run(k, lambda line: out.print(line, highlight=False))
+        failed = await uffd_unit_tests.run(
+            k, lambda line: print(line, flush=True), name_filter=args.filter
+        )
     return 1 if failed else 0
 
 
@@ -389,7 +396,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "files": (cmd_files, "list files (kind, device, size, page cache)"),
     "audit": (cmd_audit, "check every frame's counts (exit 1 when not clean)"),
     "gup-test": (cmd_gup_test, "port of the kernel's gup_test selftest (-a -b -c -L -u -U …)"),
-    "uffd-unit-tests": (cmd_uffd_unit_tests, "subset of the kernel's uffd-unit-tests selftest"),
+    "uffd-unit-tests": (cmd_uffd_unit_tests, "the kernel's uffd-unit-tests selftest (-f NAME, -l)"),
     "uffd-stress": (cmd_uffd_stress, "the kernel's uffd-stress bounce test (TYPE MiB BOUNCES)"),
 }
 
@@ -422,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
             from vkclient.gup_test import add_arguments
 
             add_arguments(p)
+        if name == "uffd-unit-tests":
+            p.add_argument(
+                "-f", dest="filter", metavar="TESTNAME", help="only tests whose name contains this"
+            )
+            p.add_argument("-l", dest="list", action="store_true", help="list the tests only")
         if name == "uffd-stress":
             from vkclient.uffd_stress import LOCKER_OPS
 
