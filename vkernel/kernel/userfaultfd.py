@@ -805,6 +805,8 @@ async def uffdio_zeropage(
         if vma.vm_flags & VM_SHARED:
             return _shmem_fill(vma, addr, slot, None, False)
         mem = vma.mm.mem
+        if mem.u64.item(slot):
+            return errno.EEXIST  # mfill_atomic_pte_zeropage(): pte_none(), not _mostly
         mem.u64[slot] = (
             (mem.zero_pfn << PAGE_SHIFT) | (vma.vm_page_prot & ~_PAGE_RW) | _PAGE_SPECIAL
         )
@@ -847,7 +849,9 @@ async def uffdio_continue(
         return 0
 
     dontwake = bool(mode & UFFDIO_CONTINUE_MODE_DONTWAKE)
-    return await _mfill(ctx, task, start, length, dontwake, fill, overwrite_wp_marker=False)
+    # mfill_atomic_install_pte() overwrites a uffd-wp marker (pte_none_mostly), e.g. a MINOR
+    # fault on a write-protected hole of a MINOR|WP range.
+    return await _mfill(ctx, task, start, length, dontwake, fill)
 
 
 async def uffdio_poison(

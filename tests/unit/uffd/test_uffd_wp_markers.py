@@ -352,3 +352,39 @@ async def test_shmem_wp_survives_mprotect(kernel: Kernel) -> None:
     await w
     assert await read_user_bytes(t, a, 1) == b"m"
     await ctx.put()
+
+
+async def test_fills_over_markers(kernel: Kernel) -> None:
+    """pte_none_mostly(): COPY and CONTINUE overwrite a uffd-wp marker
+    (mfill_atomic_install_pte), anon ZEROPAGE and POISON want a none PTE (EEXIST)."""
+    from tests.unit.mm.mmhelp import errname
+    from vkernel.kernel.errors import KernelError
+
+    t = priv(kernel)
+    a = await mmap_anon(t, 3 * P)
+    feats = uf.UFFD_FEATURE_WP_UNPOPULATED | uf.UFFD_FEATURE_POISON
+    ctx = await ready(t, features=feats | uf.UFFD_FEATURE_MINOR_SHMEM)
+    await uf.uffdio_register(ctx, t, a, 3 * P, MISSING | WP)
+    await uf.uffdio_writeprotect(ctx, t, a, 3 * P, PROTECT)
+    for call in (uf.uffdio_zeropage, uf.uffdio_poison):
+        with pytest.raises(KernelError) as e:
+            await call(ctx, t, a, P)
+        assert errname(e.value) == "EEXIST"
+    assert await uf.uffdio_copy(ctx, t, a, b"\7" * P) == P
+    assert not pm57(t, a)  # replaced by a page without MODE_WP
+    # shmem MINOR|WP: a read of a protected hole whose page is cached is a MINOR fault, and
+    # CONTINUE maps the page over the marker
+    s = await mmap_anon(t, P, flags=SHARED_ANON)
+    await write_user(t, s, b"\x11")
+    await sys_madvise(t, s, P, MADV_DONTNEED)
+    await uf.uffdio_register(ctx, t, s, P, WP | uf.UFFDIO_REGISTER_MODE_MINOR)
+    await uf.uffdio_writeprotect(ctx, t, s, P, PROTECT)
+    assert pm_swap(t, s)
+    r = asyncio.ensure_future(read_user_bytes(t, s, 1))
+    await settle()
+    (m,) = await ctx.read(32)
+    assert m.flags == uf.UFFD_PAGEFAULT_FLAG_MINOR
+    assert await uf.uffdio_continue(ctx, t, s, P, uf.UFFDIO_CONTINUE_MODE_WP) == P
+    assert await r == b"\x11"
+    assert pm57(t, s)
+    await ctx.put()
