@@ -1018,15 +1018,17 @@ async def uffdio_writeprotect(
 
 
 async def userfaultfd_event_wait_completion(
-    ctx: UserfaultfdCtx, msg: UffdMsg, task: Task | None
+    ctx: UserfaultfdCtx, msg: UffdMsg, task: Task | None, ev: UffdEventWaiter | None = None
 ) -> bool:
     """userfaultfd_event_wait_completion(): queue the event, sleep (killable) until a reader
     takes it; then mmap_changing drops. A released ctx or a killed task abandons it. Returns
-    whether a reader took it (the FORK path releases the new ctx otherwise)."""
+    whether a reader took it (the FORK path releases the new ctx otherwise); ``ev`` lets the
+    caller see that even when the sleep is cancelled."""
     try:
         if ctx.released or (task is not None and task.fatal_signal_pending()):
             return False
-        ev = UffdEventWaiter(msg)
+        if ev is None:
+            ev = UffdEventWaiter(msg)
         ctx.events.append(ev)
         ctx._wake_readers()
 
@@ -1204,12 +1206,14 @@ async def dup_userfaultfd_complete(
     the forking task killed) releases the new ctx: the child's VMAs lose the registration."""
     for i, f in enumerate(fcs):
         msg = UffdMsg(event=UFFD_EVENT_FORK, fork_ctx=f.new, fork_task=child)
+        ev = UffdEventWaiter(msg)
         try:
-            read = await userfaultfd_event_wait_completion(f.orig, msg, task)
+            read = await userfaultfd_event_wait_completion(f.orig, msg, task, ev)
         except BaseException:
             dup_userfaultfd_fail(fcs[i + 1 :])
-            f.new.released = True  # not read: nothing else holds it; the fork fails
-            f.new.holders = 0
+            if not ev.read:  # else the reader owns it (its mm is torn down with the child)
+                f.new.released = True
+                f.new.holders = 0
             raise
         if not read:
             await f.new.put()

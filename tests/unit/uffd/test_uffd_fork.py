@@ -329,3 +329,29 @@ async def test_events_scenario_through_the_childs_uffd(kernel: Kernel) -> None:
     for c in held:
         await c.put()
     await ctx.put()
+
+
+async def test_cancelled_fork_unwinds(kernel: Kernel) -> None:
+    """A fork whose wait for the FORK read is cancelled drops the event, the parent uffd's
+    mmap_changing and the half-made child (its new uffd released)."""
+    t = priv(kernel)
+    a = await mmap_anon(t, P)
+    ctx = await ready(t, features=uf.UFFD_FEATURE_EVENT_FORK)
+    await uf.uffdio_register(ctx, t, a, P, MISSING)
+    npids = len(kernel.tasks)
+    f = asyncio.ensure_future(fork(t))
+    await settle()
+    nctx = ctx.events[0].msg.fork_ctx
+    child = ctx.events[0].msg.fork_task
+    assert nctx is not None
+    assert child is not None
+    f.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await f
+    assert not ctx.events
+    assert not ctx.mmap_changing
+    assert nctx.released
+    assert child.mm is None
+    assert len(kernel.tasks) == npids
+    assert await uf.uffdio_zeropage(ctx, t, a, P) == P  # the parent's uffd works on
+    await ctx.put()
