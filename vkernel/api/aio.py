@@ -2,7 +2,8 @@
 
 Thin: decode, check the process is the session's (``owned_task``), call
 :mod:`vkernel.kernel.dio` / :mod:`vkernel.kernel.aio`, encode. A Ring stream is one
-``KioCtx``; when the stream ends (the client closes it, the session dies, the daemon stops)
+``KioCtx``; the iocbs of one RingRequest are one ``io_submit`` (one kernel batch: merged
+pins and bios, see :mod:`vkernel.kernel.dio_batch`); when the stream ends (the client closes it, the session dies, the daemon stops)
 the context is destroyed, which waits for the device before the pins go.
 """
 
@@ -123,7 +124,7 @@ class AioServicer(pb_grpc.AioServiceServicer):
                 self._teardown(ctx)
 
     async def _step(self, ctx: aio.KioCtx, request: pb.RingRequest) -> pb.RingResponse:
-        """io_submit() then io_getevents()."""
+        """io_submit() of the message's iocbs as one batch, then io_getevents()."""
         cbs = [
             aio.Iocb(_OPS.get(c.opcode, -1), c.fd, _iov(c.iov), c.offset, c.user_data)
             for c in request.submit

@@ -29,7 +29,6 @@ from vkernel.kernel import dio, dio_batch
 from vkernel.kernel.errors import KernelError, einval
 
 if TYPE_CHECKING:
-    from vkernel.kernel.fdtable import File
     from vkernel.kernel.task import Task
 
 IOCB_CMD_PREAD = 0
@@ -46,7 +45,7 @@ _RW_OPS = frozenset((IOCB_CMD_PREAD, IOCB_CMD_PREADV, IOCB_CMD_PWRITE, IOCB_CMD_
 _WRITE_OPS = frozenset((IOCB_CMD_PWRITE, IOCB_CMD_PWRITEV))
 
 
-@dataclass
+@dataclass(slots=True)
 class Iocb:
     """struct iocb: one request (``iov`` holds (address, length) user buffers)."""
 
@@ -57,7 +56,7 @@ class Iocb:
     user_data: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class IoEvent:
     """struct io_event (+ the times fio reports as slat/clat: submit, issue, completion)."""
 
@@ -138,9 +137,19 @@ class KioCtx:
                 g, f = dio._modes(self.task, self.gup, self.foll)
 
                 def complete(group: list[dio_batch.DioReq]) -> None:
-                    now = time.perf_counter_ns()  # they completed together
+                    """aio_complete() of iocbs that completed together (post(), inlined)."""
+                    now = time.perf_counter_ns()
+                    done = self.done
+                    n = 0
                     for r in group:
-                        post(r.idx, r.res, now)
+                        i = r.idx
+                        if not posted[i]:
+                            posted[i] = True
+                            done.append(IoEvent(cbs[i].user_data, r.res, submit_ns, issue, now))
+                            n += 1
+                    self.nr_inflight -= n
+                    self.completed += n
+                    self._wake.set()
 
                 await dio_batch.iomap_dio_submit(self.task, reqs, g, f, complete)
         except KernelError as e:
@@ -169,7 +178,7 @@ class KioCtx:
         and immediate results posted; other opcodes started on their own."""
         reqs: list[dio_batch.DioReq] = []
         t = self.task
-        files: dict[int, File] = {}
+        files: dio_batch.FdCache = {}
         for i, cb in enumerate(cbs):
             op = cb.opcode
             if op in _RW_OPS:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vkernel.kernel import dio
-from vkernel.kernel.blockdev import REQ_OP_READ, REQ_OP_WRITE, BlockDevice
+from vkernel.kernel.blockdev import REQ_OP_READ, REQ_OP_WRITE, SECTOR_SIZE, BlockDevice
 from vkernel.kernel.errors import KernelError, einval
 from vkernel.kernel.fs import KIND_DISK, O_DIRECT
 from vkernel.kernel.gup import _put_pages, unpin_user_pages_dirty_lock
@@ -81,12 +81,26 @@ class DioReq:
     write: bool
     count: int
     size: int
-    segs: list[_Seg] = field(default_factory=list)
-    cov: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, off, bytes) moved
+    segs: list[_Seg]
+    cov: list[tuple[int, int, int]]  # (slot, off, bytes) moved
     res: int = 0
     left: int = 0  # bios (or bounce tasks) still in flight
     failed: bool = False
     done: bool = False
+
+
+FdCache = dict[int, tuple["File", bool, bool, "Inode | None", int]]
+"""fdget() results over one io_submit: file, readable, writable, the inode if it takes
+direct I/O (O_DIRECT on a disk file), its logical block size."""
+
+
+def _fd_entry(task: Task, fd: int) -> tuple[File, bool, bool, Inode | None, int]:
+    """fdget() and what the iocbs on this fd need of it."""
+    file = dio._kernel(task).vfs.fget(task, fd)
+    ino = file.inode
+    direct = bool(file.f_flags & O_DIRECT) and ino.kind == KIND_DISK
+    lbs = dio.logical_block_size(ino) if direct else SECTOR_SIZE
+    return file, file.readable, file.writable, ino if direct else None, lbs
 
 
 def dio_prep(
@@ -96,51 +110,60 @@ def dio_prep(
     pos: int,
     write: bool,
     idx: int,
-    files: dict[int, File] | None = None,
+    files: FdCache | None = None,
 ) -> DioReq | int:
     """The synchronous front of iomap_dio_rw() for one iocb: a request, or its final result
     (0 for an empty or past-EOF read). Raises KernelError (EBADF, EINVAL …); returns -1 when
     the fd is not O_DIRECT on a disk file (the caller takes the buffered path). ``files``
     caches fdget() over one io_submit (the fd table cannot change under it)."""
-    file = files.get(fd) if files is not None else None
-    if file is None:
-        file = dio._kernel(task).vfs.fget(task, fd)
+    ent = files.get(fd) if files is not None else None
+    if ent is None:
+        ent = _fd_entry(task, fd)
         if files is not None:
-            files[fd] = file
-    if not (file.writable if write else file.readable):
+            files[fd] = ent
+    _, readable, writable, ino, lbs = ent
+    if not (writable if write else readable):
         what = "writing" if write else "reading"
         raise KernelError(errno.EBADF, f"fd {fd} is not open for {what}", fd=fd)
     if pos < 0:
         raise einval("negative offset", field="offset")
-    if len(iov) == 1:  # the common iocb: one buffer
+    one = len(iov) == 1
+    if one:  # the common iocb: one buffer; the generic checks only to raise
         base, total = iov[0]
         if total < 0 or base < 0 or total > 0x7FFFF000:
-            dio._check_iov(iov)  # raises with the right message
+            dio._check_iov(iov)
+        if ino is None:
+            return -1
+        if (pos | base | total) & (lbs - 1):
+            dio._check_alignment(pos, iov, lbs)
     else:
         total = dio._check_iov(iov)
-    ino = file.inode
-    if not (file.f_flags & O_DIRECT and ino.kind == KIND_DISK):
-        return -1
-    lbs = dio.logical_block_size(ino)
-    dio._check_alignment(pos, iov, lbs)
+        if ino is None:
+            return -1
+        dio._check_alignment(pos, iov, lbs)
     if total == 0:
         return 0
     size = ino.size
-    if not write:
+    wm = not write
+    if wm:
         if pos >= size:
             return 0
         clamp = -(-(size - pos) // lbs) * lbs
         if total > clamp:
             total = clamp
             iov = dio._clip(iov, total)
-    req = DioReq(idx, ino, pos, write, total, size)
-    wm = not write
-    segs = req.segs
-    for base, ln in iov:
-        if ln:
-            off = base & _PMASK
-            segs.append(_Seg(base - off, (off + ln + _PMASK) >> PAGE_SHIFT, off, ln, wm))
-    return req
+            one = len(iov) == 1
+    if one:
+        base, ln = iov[0]
+        off = base & _PMASK
+        seg = _Seg(base - off, (off + ln + _PMASK) >> PAGE_SHIFT, off, ln, wm)
+        return DioReq(idx, ino, pos, write, total, size, [seg], [])
+    segs = [
+        _Seg(b - (b & _PMASK), ((b & _PMASK) + ln + _PMASK) >> PAGE_SHIFT, b & _PMASK, ln, wm)
+        for b, ln in iov
+        if ln
+    ]
+    return DioReq(idx, ino, pos, write, total, size, segs, [])
 
 
 async def _coherence(reqs: list[DioReq]) -> None:
@@ -234,23 +257,34 @@ def _release(kernel: Kernel, reqs: list[DioReq], pages: np.ndarray, foll: str) -
     """__bio_release_pages() of iocbs completing together: one unpin (or put) per dirtiness.
     A read that moved data dirties the pages it moved into; pages pinned past its first short
     segment are released clean."""
-    dirty: list[np.ndarray] = []
-    clean: list[np.ndarray] = []
+    dirty: list[int] = []  # batch slots
+    clean: list[int] = []
     for r in reqs:
         moved = not r.write and r.res > 0
-        used = {slot: (off + ln + _PMASK) >> PAGE_SHIFT for slot, off, ln in r.cov} if moved else {}
-        for s in r.segs:
-            if s.got > 0:
-                k = min(s.got, used.get(s.slot, 0))
-                if k:
-                    dirty.append(pages[s.slot : s.slot + k])
-                if k < s.got:
-                    clean.append(pages[s.slot + k : s.slot + s.got])
-                s.got = 0  # released: a second release is a no-op
-    for parts, mark in ((dirty, True), (clean, False)):
-        if not parts:
+        segs = r.segs
+        if len(segs) == 1:  # the common iocb: every pinned page moved, or none did
+            sg = segs[0]
+            if sg.got > 0:
+                whole = moved and sg.got == sg.n and r.cov[0][2] == sg.ln
+                if whole or not moved:
+                    out = dirty if moved else clean
+                    if sg.got == 1:
+                        out.append(sg.slot)
+                    else:
+                        out.extend(range(sg.slot, sg.slot + sg.got))
+                    sg.got = 0  # released: a second release is a no-op
+                    continue
+        used = {sl: (off + ln + _PMASK) >> PAGE_SHIFT for sl, off, ln in r.cov} if moved else {}
+        for sg in segs:
+            if sg.got > 0:
+                k = min(sg.got, used.get(sg.slot, 0))
+                dirty.extend(range(sg.slot, sg.slot + k))
+                clean.extend(range(sg.slot + k, sg.slot + sg.got))
+                sg.got = 0
+    for slots, mark in ((dirty, True), (clean, False)):
+        if not slots:
             continue
-        arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        arr = pages[np.asarray(slots, dtype=np.int64)]
         if foll == "pin":
             unpin_user_pages_dirty_lock(kernel, arr, len(arr), mark)
         else:
@@ -330,12 +364,17 @@ async def iomap_dio_submit(
         _finish(kernel, early, pages, foll)
         complete(early)
     plugs: dict[tuple[int, int], _Plug] = {}
+    plug: _Plug | None = None
     bounce: list[DioReq] = []
     mem = kernel.mem
     for i, r in enumerate(live):
-        aligned = not (r.pos | r.count) & _PMASK and all(
-            off == 0 and not ln & _PMASK for _, off, ln in r.cov
-        )
+        cov = r.cov
+        if len(cov) == 1:
+            aligned = not (r.pos | r.count | cov[0][1] | cov[0][2]) & _PMASK
+        else:
+            aligned = not (r.pos | r.count) & _PMASK and all(
+                off == 0 and not ln & _PMASK for _, off, ln in cov
+            )
         if not aligned:
             bounce.append(r)
             continue
@@ -345,10 +384,11 @@ async def iomap_dio_submit(
         first = r.pos >> PAGE_SHIFT
         npg = r.count >> PAGE_SHIFT
         op = REQ_OP_WRITE if r.write else REQ_OP_READ
-        key = (id(ino), op)
-        plug = plugs.get(key)
-        if plug is None:
-            plug = plugs[key] = _Plug(bdev, op, ino)
+        if plug is None or plug.ino is not ino or plug.op != op:
+            key = (id(ino), op)
+            plug = plugs.get(key)
+            if plug is None:
+                plug = plugs[key] = _Plug(bdev, op, ino)
         if npg == 1:
             plug.fidx.append(first)
             plug.slots.append(r.cov[0][0])
@@ -554,21 +594,22 @@ async def _complete_ready(
     the write's post-I/O invalidation and i_size/mtime update."""
     if not ready:
         return
+    nreads = 0
+    writes: list[DioReq] = []
     for r in ready:
+        r.done = True
         if r.failed:
             r.res = r.res if r.res < 0 else -errno.EIO
         elif r.write:
             r.res = r.count
+            writes.append(r)
         else:
             r.res = min(r.count, r.size - r.pos)
-    _finish(kernel, ready, pages, foll)
+            nreads += 1
+    _release(kernel, ready, pages, foll)
     st = dio._stats(kernel)
-    for r in ready:
-        if r.res < 0:
-            continue
-        if not r.write:
-            st.reads += 1
-            continue
+    st.reads += nreads
+    for r in writes:
         st.writes += 1
         ino = r.ino
         m = ino.mapping
