@@ -164,8 +164,9 @@ class KioCtx:
         finally:
             if others:
                 await asyncio.gather(*others, return_exceptions=True)
-            for i in range(len(cbs)):
-                post(i, -errno.ECANCELED)  # nothing should be left; never leak a slot
+            if not all(posted):  # nothing should be left; never leak a slot
+                for i in range(len(cbs)):
+                    post(i, -errno.ECANCELED)
 
     def _prep(
         self,
@@ -179,12 +180,12 @@ class KioCtx:
         reqs: list[dio_batch.DioReq] = []
         t = self.task
         files: dio_batch.FdCache = {}
+        prep = dio_batch.dio_prep
         for i, cb in enumerate(cbs):
             op = cb.opcode
             if op in _RW_OPS:
-                write = op in _WRITE_OPS
                 try:
-                    got = dio_batch.dio_prep(t, cb.fd, cb.iov, cb.offset, write, i, files)
+                    got = prep(t, cb.fd, cb.iov, cb.offset, op in _WRITE_OPS, i, files)
                 except KernelError as e:
                     post(i, -e.errno, 0)
                     continue

@@ -35,6 +35,7 @@ import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -181,13 +182,17 @@ async def _coherence(reqs: list[DioReq]) -> None:
                 r.res, r.done = -e.errno, True
 
 
+_start = attrgetter("start")
+
+
 def _layout(segs: list[_Seg]) -> tuple[int, list[tuple[int, int, int, bool, list[_Seg]]]]:
     """Slots in address order per FOLL_WRITE class; runs (start, pages, slot, wm, segs) of
     adjacent spans, each pinned with one call."""
     runs: list[tuple[int, int, int, bool, list[_Seg]]] = []
     slot = 0
     for wm in (True, False):
-        group = sorted((s for s in segs if s.wm is wm), key=lambda s: s.start)
+        group = [s for s in segs if s.wm is wm]
+        group.sort(key=_start)
         cur: list[_Seg] = []
         rstart = rslot = end = 0
         for s in group:
@@ -216,6 +221,10 @@ async def _pin_all(
             if task.mm is None:
                 raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
             ret = await dio._grab_pages(task, start, n, wm, gup, foll, pages[slot : slot + n])
+            if ret == n:  # the common case: the whole run
+                for s in segs:
+                    s.got = s.n
+                continue
             got = max(ret, 0)
             for s in segs:
                 rel = s.slot - slot
