@@ -37,7 +37,7 @@ import contextlib
 import errno
 import inspect
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -273,7 +273,7 @@ class Userfaultfd:
         """Serve faults from ``source`` until the uffd is released (``monitor(...).run()``)."""
         await UffdMonitor(self, source, **kwargs).run()
 
-    async def messages(self, max_messages: int = 64) -> AsyncIterator[list[pb.UffdMessage]]:
+    async def messages(self, max_messages: int = 64) -> AsyncGenerator[list[pb.UffdMessage], None]:
         """Every read(2)'s batch of messages until the uffd is released."""
         import grpc
 
@@ -414,11 +414,12 @@ class UffdMonitor:
     of ``source`` takes over planning: it returns the operations itself.
 
     Results are checked as they come back, without holding up the reading: EEXIST (another
-    COPY won the race) is answered with a WAKE, as the kernel selftests do; with a ``source``,
-    EAGAIN (an event's ``mmap_changing``, or a partial COPY) and ENOENT from a pending
-    UNMAP/REMAP are retried once the next messages (the event) have been read. Other errors
-    (and those, with ``on_fault``) go to ``on_error(op, result, errno)`` (default: raise,
-    ending :meth:`run`).
+    COPY won the race) and ENOENT (the range was unmapped; its UNMAP/REMAP event follows) are
+    answered with a WAKE, as the kernel selftests do; with a ``source``, EAGAIN (an event's
+    ``mmap_changing``, or a partial COPY) is retried with the next messages or after a short
+    backoff, whichever comes first (after REMOVE the source is asked again: ``on_remove`` can
+    make it answer ``None``, zero pages). Other errors (EAGAIN too, with ``on_fault``) go to
+    ``on_error(op, result, errno)`` (default: raise, ending :meth:`run`).
 
     Events, after the batch's faults: ``on_remove(start, end)``, ``on_unmap(start, end)``,
     ``on_remap(from, to, length)``, ``on_fork(child_uffd)`` (a :class:`Userfaultfd` this
@@ -463,6 +464,7 @@ class UffdMonitor:
         self.events = 0
         """Non-cooperative event messages read so far."""
         self._retry: list[_Fault] = []
+        self._retrier: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
 
@@ -481,8 +483,9 @@ class UffdMonitor:
             if self._failure is not None:
                 raise self._failure
         finally:
-            for t in list(self._checks):
-                t.cancel()
+            for t in [*self._checks, self._retrier]:
+                if t is not None:
+                    t.cancel()
             await self.stream.close()
 
     async def handle(self, msgs: Sequence[pb.UffdMessage]) -> None:
@@ -498,16 +501,41 @@ class UffdMonitor:
             pending += self._retry
             self._retry = []
             ops, plan = await self._plan(pending)
-        if ops:
-            self.ops += len(ops)
-            fut = await self.stream.submit(ops)
-            check = asyncio.get_running_loop().create_task(self._check(ops, plan, fut))
-            self._checks.add(check)
-            check.add_done_callback(self._checks.discard)
+        await self._send(ops, plan)
         for m in msgs:
             if m.event != UFFD_EVENT_PAGEFAULT:
                 self.events += 1
                 await self._event(m)
+
+    async def _send(self, ops: list[pb.UffdResolveOp], plan: list[list[_Fault]]) -> None:
+        """One stream message; its results are checked by a task of their own."""
+        if not ops:
+            return
+        self.ops += len(ops)
+        fut = await self.stream.submit(ops)
+        check = asyncio.get_running_loop().create_task(self._check(ops, plan, fut))
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
+
+    def _retry_later(self, faults: list[_Fault]) -> None:
+        """EAGAIN: the fill met an event's mmap_changing (or did part of its pages). The event
+        is read by the message loop, whose next batch retries too; the retrier makes sure
+        the faults are retried even when no further message comes."""
+        self._retry.extend(faults)
+        if self._retrier is None or self._retrier.done():
+            self._retrier = asyncio.get_running_loop().create_task(self._retry_soon())
+
+    async def _retry_soon(self) -> None:
+        delay = 0.001
+        try:
+            while self._retry:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)  # an unread event can take a while to be read
+                pending, self._retry = self._retry, []
+                ops, plan = await self._plan(pending)
+                await self._send(ops, plan)
+        except Exception as e:  # noqa: BLE001 - reported by run(), as the check tasks do
+            self._failure = e
 
     async def _plan(
         self, pending: list[_Fault]
@@ -574,9 +602,13 @@ class UffdMonitor:
                 if err == errno.EEXIST and (rng := _op_range(op)) is not None:
                     # Someone else filled the page; make sure this fault's thread wakes.
                     wakes.append(wake(*rng))
-                elif err in (errno.EAGAIN, errno.ENOENT) and faults:
-                    done = max(result, 0) // self.page_size
-                    self._retry.extend(faults[done:])
+                elif err == errno.EAGAIN and faults:
+                    self._retry_later(faults[max(result, 0) // self.page_size :])
+                elif err == errno.ENOENT and (rng := _op_range(op)) is not None:
+                    # The range was unmapped (an UNMAP/REMAP event is on its way): nothing to
+                    # fill, but the faulting thread sleeps until woken; awake, it faults
+                    # again on what is mapped there now (SIGSEGV if nothing), as on Linux.
+                    wakes.append(wake(*rng))
                 elif self.on_error is not None:
                     await _maybe_await(self.on_error(op, result, err))
                 else:
@@ -597,10 +629,13 @@ class UffdMonitor:
             await _maybe_await(self.on_remap(m.start, m.end, m.len))
         elif m.event == UFFD_EVENT_FORK and self.on_fork is not None:
             await _maybe_await(self.on_fork(Userfaultfd.attach(self.uffd.kernel, m.ufd)))
-        if m.event in (UFFD_EVENT_UNMAP, UFFD_EVENT_REMOVE):
-            # Faults waiting for a retry in a range that is gone have been woken by the
-            # kernel (they re-fault as ordinary faults): drop them instead of filling.
-            self._retry = [f for f in self._retry if not m.start <= f.page < m.end]
+        if m.event == UFFD_EVENT_UNMAP:
+            # Retries in a range that is gone: no fill, but their threads still sleep (munmap
+            # does not wake them): wake them, as the ENOENT answer would.
+            gone = [f for f in self._retry if m.start <= f.page < m.end]
+            if gone:
+                self._retry = [f for f in self._retry if not m.start <= f.page < m.end]
+                await self.stream.submit([wake(f.page, self.page_size) for f in gone])
 
 
 def _op_range(op: pb.UffdResolveOp) -> tuple[int, int] | None:

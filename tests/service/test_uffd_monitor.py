@@ -6,6 +6,7 @@ Every test ends with the audit clean (the ``daemon`` fixture's teardown)."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 import anyio
 import grpc
@@ -119,6 +120,38 @@ async def test_access_stream_bad_requests_end_the_stream(
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await call.read()
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await _reap(p)
+
+
+async def test_access_deadline_while_its_fault_sleeps(daemon: Daemon, k: vkclient.Kernel) -> None:
+    p, u, addr = await _faulter(k, 2)
+    vma = daemon.kernel.find_task(p.pid).mm.vma_lookup(addr)
+    assert vma is not None
+    ctx = vma.uffd_ctx
+    assert ctx is not None
+    stub = mpb_grpc.MemoryServiceStub(k._channel)
+    for cancel in (False, True):
+        call = stub.Access(metadata=k._metadata, timeout=None if cancel else 0.5)
+        await call.write(
+            mpb.AccessRequest(pid=p.pid, kind=mpb.ACCESS_KIND_LOAD, addr=addr, length=1)
+        )
+        with anyio.fail_after(10):
+            while not ctx.fault_pending:  # the load sleeps in handle_userfault
+                await anyio.sleep(0.01)
+            if cancel:
+                call.cancel()
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call.read()
+                assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # Server cleanup: the cancelled handler's fault left the uffd's queues.
+            while ctx.fault_pending or ctx.fault_read:
+                await anyio.sleep(0.01)
+    # The process and the uffd go on: a resolved fault on a fresh stream.
+    assert await u.resolve([zeropage(addr, P)]) == [(P, 0)]
+    async with p.access_stream() as a:
+        assert await a.load(addr, 2) == b"\0\0"
+    await u.close()
     await _reap(p)
 
 
@@ -498,3 +531,94 @@ async def test_sync_facade_userfaultfd(daemon: Daemon) -> None:
             return out
 
     assert await anyio.to_thread.run_sync(body) == [[(P, 0), (P, 0)], b"\0s", [(0, 0)]]
+
+
+async def _until(cond: Callable[[], object]) -> None:
+    while not cond():
+        await anyio.sleep(0.01)
+
+
+async def test_monitor_retries_what_an_event_made_fail(daemon: Daemon, k: vkclient.Kernel) -> None:
+    p = await k.spawn("faulter")
+    addr = await p.mmap(4 * P)
+    u = await k.userfaultfd(
+        p,
+        UFFD_USER_MODE_ONLY,
+        features=vkclient.UFFD_FEATURE_EVENT_REMOVE | vkclient.UFFD_FEATURE_EVENT_UNMAP,
+    )
+    await u.register(addr, 4 * P)
+    vma = daemon.kernel.find_task(p.pid).mm.vma_lookup(addr)
+    assert vma is not None
+    ctx = vma.uffd_ctx
+    assert ctx is not None
+    asked: list[int] = []
+    removed: list[tuple[int, int]] = []
+    unmapped: list[tuple[int, int]] = []
+
+    def pages(start: int, length: int) -> bytes:
+        asked.append(start)
+        return b"r" * length
+
+    # The monitor is driven by hand (handle()), so an event can be pending, unread, while its
+    # COPY runs: ReadUffdMessages reads ahead eagerly, so over a live stream this window is
+    # too short to hit on purpose.
+    mon = u.monitor(
+        pages,
+        on_remove=lambda s, e: removed.append((s, e)),
+        on_unmap=lambda s, e: unmapped.append((s, e)),
+    )
+    got: dict[str, object] = {}
+
+    async def read(name: str, at: int) -> None:
+        try:
+            got[name] = await p.read(at, 2)
+        except UserFaultError as e:
+            got[name] = e.signal
+
+    async def madvise() -> None:
+        await p.madvise(addr + 2 * P, P, vkclient.MADV_DONTNEED)
+        got["madvise"] = True
+
+    async def munmap() -> None:
+        await p.munmap(addr + 3 * P, P)
+        got["munmap"] = True
+
+    async def read_batch() -> list[vkclient.uffd.UffdMessage]:
+        stream = u.messages()
+        try:
+            return await anext(stream)
+        finally:
+            await stream.aclose()
+
+    fault = vkclient.uffd.UffdMessage(event=UFFD_EVENT_PAGEFAULT, address=addr)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(15):
+            tg.start_soon(read, "read", addr)
+            await _until(lambda: ctx.fault_pending)
+            tg.start_soon(madvise)  # REMOVE: waits until the event is read
+            await _until(lambda: ctx.events)
+            await mon.handle([fault])  # COPY meets mmap_changing: EAGAIN, retried later
+            await _until(lambda: len(asked) >= 2)
+            assert "read" not in got, "the retries keep failing while the event is unread"
+            await mon.handle(await read_batch())  # the fault's message and the REMOVE event
+            await _until(lambda: "read" in got and "madvise" in got)
+            assert got["read"] == b"rr"
+            assert removed == [(addr + 2 * P, addr + 3 * P)]
+            # A fault whose page is unmapped meanwhile: its fill cannot happen; the thread is
+            # woken and faults on nothing: SIGSEGV, as on Linux.
+            tg.start_soon(read, "gone", addr + 3 * P)
+            await _until(lambda: len(ctx.fault_pending) == 1)
+            tg.start_soon(munmap)
+            await _until(lambda: ctx.events)
+            await mon.handle(
+                [vkclient.uffd.UffdMessage(event=UFFD_EVENT_PAGEFAULT, address=addr + 3 * P)]
+            )
+            await mon.handle(await read_batch())  # the fault's message and the UNMAP event
+            await _until(lambda: "gone" in got and "munmap" in got)
+            assert got["gone"] == "SIGSEGV"
+            assert unmapped == [(addr + 3 * P, addr + 4 * P)]
+        tg.cancel_scope.cancel()
+    assert mon.events == 2
+    await mon.stream.close()
+    await u.close()
+    await _reap(p)
