@@ -111,13 +111,15 @@ UFFD_API_FEATURES = (
     | UFFD_FEATURE_THREAD_ID
     | UFFD_FEATURE_MINOR_SHMEM
     | UFFD_FEATURE_EXACT_ADDRESS
+    | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
     | UFFD_FEATURE_WP_UNPOPULATED
     | UFFD_FEATURE_POISON
     | UFFD_FEATURE_WP_ASYNC
     | UFFD_FEATURE_MOVE
 )
-"""What vkernel advertises (no hugetlbfs): everything the issue lists, each acted on (see
-docs/userfaultfd.md)."""
+"""What vkernel advertises (no hugetlbfs memory exists): everything the issue lists, each acted
+on (see docs/userfaultfd.md), and WP_HUGETLBFS_SHMEM, which 6.12 advertises with uffd-wp PTE
+markers (CONFIG_PTE_MARKER_UFFD_WP): WP works on shmem."""
 
 _UFFDIO_REGISTER = 0x00
 _UFFDIO_UNREGISTER = 0x01

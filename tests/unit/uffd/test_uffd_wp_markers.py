@@ -187,7 +187,7 @@ async def test_shmem_wp(kernel: Kernel) -> None:
     t = priv(kernel)
     a = await mmap_anon(t, 3 * P, flags=SHARED_ANON)
     await write_user(t, a, b"\1" * P + b"\2" * P)
-    ctx = await ready(t)
+    ctx = await ready(t, features=uf.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)  # advertised: accepted
     ioctls = await uf.uffdio_register(ctx, t, a, 3 * P, WP)
     assert ioctls & (1 << uf._UFFDIO_WRITEPROTECT)
     await uf.uffdio_writeprotect(ctx, t, a, 3 * P, PROTECT)
