@@ -5,10 +5,12 @@ In-process (no gRPC), on a RAM device with no latency, so the figures are the ke
 O_DIRECT reads over the file (the seed 004 job, 1 GiB, 16 MiB under --quick), every I/O
 pinning and unpinning its buffer page (``nr_foll_pin_*`` count them).
 
-Each round reads the file once per configuration, in ``CHUNKS`` pieces, and the
-configurations take turns piece by piece (the order rotates), so a slow phase of the machine
-hits them all alike; the records' ratios are medians of the per-round paired ratios, with
-the per-round range.
+Each round reads the file once per configuration, in ``CHUNKS`` pieces (8 under --quick),
+and the configurations take turns piece by piece (the order rotates), so a slow phase of the
+machine hits them all alike; the records' ratios are medians of the per-round paired ratios,
+with the per-round range. FOLL_PIN vs FOLL_GET also reports the ratio of the CPU time per
+I/O, FOLL_GET's over FOLL_PIN's (``time.process_time``: other processes on the machine do
+not count), and the ratio of the IOPS pooled over all rounds.
 
 - ``dio.seed004_iops``: FOLL_PIN IOPS against a floor measured in the same pieces: one
   Python thread doing 4 KiB ``os.preadv`` into a shared memfd mapping from a page-cached host
@@ -56,8 +58,8 @@ MiB = 1 << 20
 DEPTH = 64
 FULL = 1 << 30
 QUICK = 16 * MiB
-CHUNKS = 8
-"""Pieces per round and configuration (interleaved)."""
+CHUNKS = 32
+"""Pieces per round and configuration (interleaved); 8 under --quick."""
 CONTENDER_DEVICE = "cold0=ram:32M,latency=1ms,qd=4"
 """Where the contender's file lives: a slow disk (1 ms a request)."""
 CONTENDER_WINDOW = 32 * P
@@ -97,12 +99,14 @@ async def _setup(region: int) -> tuple[Kernel, Task, int, int, int]:
 
 async def _job(
     t: Task, fd: int, buf: int, first: int, n: int, gup: str, foll: str, clat: list[int] | None
-) -> float:
-    """The seed job (rw=read, bs=4k, iodepth=64) over pages [first, first+n): seconds taken."""
+) -> tuple[float, float]:
+    """The seed job (rw=read, bs=4k, iodepth=64) over pages [first, first+n): (wall, CPU)
+    seconds taken."""
     ctx = aio.KioCtx(t, DEPTH, gup=gup, foll=foll)
     nxt = first
     end = first + n
     free = list(range(DEPTH))
+    c0 = time.process_time()
     t0 = time.perf_counter()
     while nxt < end or len(free) < DEPTH:
         cbs = []
@@ -119,8 +123,9 @@ async def _job(
             if clat is not None:
                 clat.append(e.complete_ns - e.issue_ns)
     dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     await ctx.destroy()
-    return dt
+    return dt, cpu
 
 
 @dataclass
@@ -199,6 +204,11 @@ def _pcts(clat: list[int]) -> dict[str, int]:
     return {f"clat_p{p}_ns": int(np.percentile(a, p)) for p in (50, 90, 99, 99.9)}
 
 
+def _pooled(rates: list[float]) -> float:
+    """The rate over all rounds together (each round did the same number of I/Os)."""
+    return len(rates) / sum(1 / x for x in rates)
+
+
 def _rotate(names: list[str], i: int) -> list[str]:
     """The i-th rotation: every configuration goes first equally often."""
     k = i % len(names)
@@ -215,7 +225,8 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
     fl = _floor_open(str(host))
     _floor(fl, 0, region // P)  # warm the host page cache
     npages = region // P
-    piece = npages // CHUNKS
+    chunks = 8 if ctx.quick else CHUNKS
+    piece = npages // chunks
     iops: dict[str, list[float]] = {m: [] for m in ("pin", "get", "floor", "fast", "slow")}
     clat: list[int] = []
     fast_slow_calls = 0
@@ -224,28 +235,36 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
     hold_share: list[float] = []
     contention = _Contention()
     lk = t.mm.mmap_lock
+    cpu_ratio: list[float] = []
+    cpu_us: dict[str, list[float]] = {"pin": [], "get": []}
     for r in range(rounds):
         secs = dict.fromkeys(iops, 0.0)
+        cpu = {"pin": 0.0, "get": 0.0}
         clat = []
-        for c in range(CHUNKS):  # seed 004: FOLL_PIN, FOLL_GET and the floor take turns
+        for c in range(chunks):  # seed 004: FOLL_PIN, FOLL_GET and the floor take turns
             first = c * piece
-            for m in _rotate(["pin", "get", "floor"], r * CHUNKS + c):
+            for m in _rotate(["pin", "get", "floor"], r * chunks + c):
                 if m == "floor":
                     secs[m] += _floor(fl, first, piece)
-                else:
-                    secs[m] += await _job(
-                        t, fd, buf, first, piece, "fast", m, clat if m == "pin" else None
-                    )
+                    continue
+                wall, used = await _job(
+                    t, fd, buf, first, piece, "fast", m, clat if m == "pin" else None
+                )
+                secs[m] += wall
+                cpu[m] += used
+        cpu_ratio.append(cpu["get"] / cpu["pin"])
+        for m, used in cpu.items():
+            cpu_us[m].append(used / (piece * chunks) * 1e6)
         stop = asyncio.Event()
         loop = asyncio.ensure_future(_contender(t, cold, stop, contention))
         wait_ns = 0
         w0, t0 = lk.stats()["write_hold_ns_total"], time.perf_counter_ns()
-        for c in range(CHUNKS):  # seed 000: GUP-fast and slow GUP under the same contender
+        for c in range(chunks):  # seed 000: GUP-fast and slow GUP under the same contender
             first = c * piece
-            for m in _rotate(["fast", "slow"], r * CHUNKS + c):
+            for m in _rotate(["fast", "slow"], r * chunks + c):
                 vs0 = k.vmstat["fast_gup_slow"]
                 st0 = lk.stats()
-                secs[m] += await _job(t, fd, buf, first, piece, m, "pin", None)
+                secs[m] += (await _job(t, fd, buf, first, piece, m, "pin", None))[0]
                 st1 = lk.stats()
                 if m == "fast":
                     fast_slow_calls += k.vmstat["fast_gup_slow"] - vs0
@@ -257,7 +276,7 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
         await loop
         slow_wait_share.append(wait_ns / 1e9 / secs["slow"])
         for m, s in secs.items():
-            iops[m].append(piece * CHUNKS / s)
+            iops[m].append(piece * chunks / s)
         problems = audit(k)
         if problems:
             raise RuntimeError(f"audit after round {r}: {problems[:5]}")
@@ -288,6 +307,12 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
             floor=iops["get"],
             goal=0.98,
             better="higher",
+            cpu_ratio=round(float(np.median(cpu_ratio)), 4),
+            cpu_ratio_min=round(min(cpu_ratio), 4),
+            cpu_ratio_max=round(max(cpu_ratio), 4),
+            cpu_us_per_io_pin=round(float(np.median(cpu_us["pin"])), 2),
+            cpu_us_per_io_get=round(float(np.median(cpu_us["get"])), 2),
+            pooled_ratio=round(_pooled(iops["pin"]) / _pooled(iops["get"]), 4),
             **extra,
         ),
         make_record(
