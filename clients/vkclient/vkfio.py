@@ -55,6 +55,7 @@ __all__ = [
     "Job",
     "JobError",
     "JobResult",
+    "Progress",
     "Rusage",
     "check_block",
     "crc32c",
@@ -684,8 +685,13 @@ class Runner:
 class Progress:
     """fio's status line: Jobs: N (f=N): [R(N)][x%][r=…,w=…][r=…,w=… IOPS][eta …]."""
 
-    def __init__(self, total: int, stream: TextIO, enabled: bool, mode: str = "R") -> None:
+    def __init__(
+        self, total: int, stream: TextIO, enabled: bool, mode: str = "R", seconds: float = 0.0
+    ) -> None:
+        """``total``: bytes the jobs will move; ``seconds``: how long they run when every job
+        is time_based (then the completion estimate is by time, as fio's ETA)."""
         self.total = max(1, total)
+        self.seconds = seconds
         self.done = 0
         self.rbytes = 0
         self.wbytes = 0
@@ -713,7 +719,8 @@ class Progress:
         dt = max(1e-6, now - t)
         self._last = (now, self.rbytes, self.wbytes, self.rios, self.wios)
         el = max(1e-6, now - self.t0)
-        pct = min(100.0, 100.0 * self.done / self.total)
+        frac = el / self.seconds if self.seconds else self.done / self.total
+        pct = min(100.0, 100.0 * frac)
         eta = el * (100 - pct) / pct if pct > 0 else 0
 
         def bw(n: float) -> str:
@@ -764,7 +771,9 @@ async def run_jobs(
         total = sum(j.size * j.numjobs for j in jobs)
         modes = {"".join(m[1] * "R" + m[2] * "W") for m in (RW_MODES[j.rw] for j in jobs)}
         mode = "M" if len(modes) > 1 else modes.pop()
-        prog = Progress(total, sys.stderr, progress, "m" if mode == "RW" else mode)
+        timed = all(j.time_based and j.runtime for j in jobs)
+        seconds = max(j.startdelay + j.ramp_time + j.runtime for j in jobs) if timed else 0.0
+        prog = Progress(total, sys.stderr, progress, "m" if mode == "RW" else mode, seconds)
         runners = [Runner(k, j, n, prog) for j in jobs for n in range(j.numjobs)]
         bg = [asyncio.ensure_future(prog.ticker(len(runners)))]
         if status_interval > 0 and on_status is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -448,3 +449,17 @@ def test_name_and_description() -> None:
     assert list(j)[-1] == "desc"
     assert "  Description  : [the seed]\n" in vkfio.report_text([r])
     assert "desc" not in vkfio.report_json({}, [_seed_result()], [])["jobs"][0]
+
+
+def test_progress_line() -> None:
+    """fio's status line: rates since the last line, % done by bytes or (time_based) time."""
+    p = vkfio.Progress(1 << 20, io.StringIO(), True, "R")
+    for _ in range(64):
+        p.add(True, 4096)
+    line = p.line(2)
+    assert line.startswith("Jobs: 2 (f=2): [R(2)][25.0%][r=")
+    assert line.endswith(",w=0 IOPS][eta 00m:00s]")
+    assert ",w=0B/s][r=" in line
+    timed = vkfio.Progress(1, io.StringIO(), True, "W", seconds=3600.0)
+    timed.add(False, 1 << 30)  # bytes do not matter for a time_based run
+    assert "[W(1)][0.0%]" in timed.line(1)
