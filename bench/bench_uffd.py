@@ -21,6 +21,12 @@ Figures:
   reported beside it, but on this machine it is mostly scheduling noise). The harness's ratio is
   floor / value (higher is better), so the issue's goal "p50 ≤ 2.0× the floor" is a minimum
   ratio of 0.5; ``x_floor`` is value / floor, the issue's way of saying it.
+- ``fault_rt_vs_relay_p50``: the same p50 against a second floor: a bare grpc.aio server
+  (``python -m bench.bench_uffd --relay-floor``) relaying the same four one-way messages — A's
+  request to B's message stream, B's answer, A's answer — with raw bytes and no kernel. The
+  ping-pong is two one-way messages and a fault is four, so this floor, not the ping-pong, is
+  what a zero-cost daemon would reach (``relay_x_pingpong``: how far that is from the issue's
+  yardstick). No goal.
 - ``fault_rt_unary_p50``: the same round trip the way it was done before the streams: A
   reads with the unary ``ReadMemory`` and B resolves with unary ``UffdResolve`` (no goal).
 - ``fault_rt_sdk_p50``: the fast path through the SDK: ``AccessStream.load`` in A's session
@@ -40,9 +46,12 @@ Figures:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import signal
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -54,7 +63,7 @@ import grpc.aio
 
 import vkclient
 from bench._floors import STREAM_REQUEST, FloorClient, floor_server
-from bench._harness import BenchContext, Record, make_record
+from bench._harness import BenchContext, Record, ServerProcess, make_record, probe_channel
 from bench._vkernel import Metadata, vkernel_daemon
 from vkernel.kernel.uapi import (
     MADV_DONTNEED,
@@ -386,6 +395,141 @@ async def _time_floor_bulk(floor: FloorClient, npages: int) -> float:
     return dt
 
 
+# ---- the relay floor -------------------------------------------------------------------------
+
+
+RELAY_SERVICE = "vkbench.UffdRelay"
+RELAY_REPLY = b"\x08\x01"
+
+
+class _Relay:
+    """The least a fault round trip's server can do: hand A's request to B's message stream,
+    wait for B's answer, answer A. Raw bytes, no interceptor, no kernel: the four one-way
+    messages of a fault and nothing else, as the ping-pong is two and nothing else."""
+
+    def __init__(self) -> None:
+        self.to_b: asyncio.Queue[bytes] = asyncio.Queue()
+        self.waiting: dict[bytes, asyncio.Future[None]] = {}
+
+    async def access(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        async for r in requests:
+            fut = asyncio.get_running_loop().create_future()
+            self.waiting[r] = fut
+            self.to_b.put_nowait(r)
+            await fut
+            yield RELAY_REPLY
+
+    async def messages(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        while True:
+            yield await self.to_b.get()
+
+    async def resolve(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        async for r in requests:
+            fut = self.waiting.pop(r, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            await asyncio.sleep(0)  # as the daemon: the woken access answers first
+            yield RELAY_REPLY
+
+
+async def _relay_serve(listen: str) -> None:
+    """Serve the relay floor until SIGTERM (``python -m bench.bench_uffd --relay-floor``)."""
+    relay = _Relay()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                RELAY_SERVICE,
+                {
+                    "Access": grpc.stream_stream_rpc_method_handler(relay.access),
+                    "Messages": grpc.unary_stream_rpc_method_handler(relay.messages),
+                    "Resolve": grpc.stream_stream_rpc_method_handler(relay.resolve),
+                },
+            ),
+        )
+    )
+    server.add_insecure_port(listen)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+    await server.stop(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def relay_floor(scratch: Path) -> AsyncIterator[Load]:
+    """Start the relay floor process, run its monitor (session B's part) on a second channel,
+    and yield A's load: one fault-shaped round trip through the bare relay."""
+    sock = scratch / "relay.sock"
+    server = ServerProcess(
+        [sys.executable, "-m", "bench.bench_uffd", "--relay-floor", f"unix:{sock}"],
+        scratch,
+        "relay-floor",
+    )
+    try:
+        async with probe_channel(f"unix:{sock}") as probe:
+
+            async def ready() -> bool:
+                await asyncio.wait_for(probe.channel_ready(), 1.0)
+                return True
+
+            await server.wait_until(ready, 20.0, "answering")
+        async with (
+            grpc.aio.insecure_channel(f"unix:{sock}") as cha,
+            grpc.aio.insecure_channel(f"unix:{sock}") as chb,
+        ):
+            msgs: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = chb.unary_stream(
+                f"/{RELAY_SERVICE}/Messages"
+            )
+            answers: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = chb.stream_stream(
+                f"/{RELAY_SERVICE}/Resolve"
+            )
+            reads = msgs(b"")
+            resolve = answers()
+
+            async def monitor() -> None:
+                async for m in reads:
+                    await resolve.write(m)
+
+            async def drain() -> None:
+                async for _ in resolve:
+                    pass
+
+            tasks = [asyncio.ensure_future(monitor()), asyncio.ensure_future(drain())]
+            access: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = cha.stream_stream(
+                f"/{RELAY_SERVICE}/Access"
+            )
+            call = access()
+            seq = 0
+
+            async def load(_: int) -> None:
+                nonlocal seq
+                seq += 1
+                await call.write(seq.to_bytes(8, "little"))
+                await call.read()
+
+            try:
+                yield load
+            finally:
+                call.cancel()
+                reads.cancel()
+                resolve.cancel()
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await server.stop()
+
+
 # ---- run -----------------------------------------------------------------------------------------
 
 
@@ -405,6 +549,7 @@ async def run(ctx: BenchContext) -> list[Record]:
 
     async with contextlib.AsyncExitStack() as stack:
         floor = await stack.enter_async_context(floor_server(ctx.scratch))
+        relay_load = await stack.enter_async_context(relay_floor(ctx.scratch))
         vk = await stack.enter_async_context(vkernel_daemon(ctx.scratch))
         a = _session(vk.channel, vk.metadata, vk.session_id)
         b = await stack.enter_async_context(second_session(ctx.scratch))
@@ -445,12 +590,13 @@ async def run(ctx: BenchContext) -> list[Record]:
             await _time_loads(access_load, [fast_area + i * P for i in range(warm)])
             await _time_loads(unary_load, [slow_area + i * P for i in range(warm)])
             await _time_pings(floor, warm)
+            await _time_loads(relay_load, [0] * warm)
             await _time_floor_bulk(floor, RUN_PAGES * 4)
             for r in range(ctx.rounds):
                 base = warm + r * n_faults
                 fast_addrs = [fast_area + (base + i) * P for i in range(n_faults)]
                 slow_addrs = [slow_area + (base + i) * P for i in range(n_faults)]
-                keys = ["floor", "fast", "unary", "present", "sdk"]
+                keys = ["floor", "fast", "unary", "present", "sdk", "relay"]
                 for key in keys if r % 2 == 0 else keys[::-1]:
                     if key == "floor":
                         pings = await _time_pings(floor, n_faults)
@@ -464,6 +610,9 @@ async def run(ctx: BenchContext) -> list[Record]:
                         rts = await _time_loads(unary_load, slow_addrs)
                         add("unary_p50", _p(rts, 0.5))
                         add("unary_p99", _p(rts, 0.99))
+                    elif key == "relay":
+                        rts = await _time_loads(relay_load, [0] * n_faults)
+                        add("relay_p50", _p(rts, 0.5))
                     elif key == "sdk":
                         rts = await _sdk_round(ctx.scratch, warm, n_faults)
                         add("sdk_p50", _p(rts, 0.5))
@@ -508,6 +657,20 @@ async def run(ctx: BenchContext) -> list[Record]:
             path="MemoryService.Access + ReadUffdMessages + UffdResolveStream",
             n=n_faults,
             note="ratio = floor/value; the issue's goal p50 <= 2.0x floor is ratio >= 0.5",
+            **common,
+        ),
+        make_record(
+            "fault_rt_vs_relay_p50",
+            s["fast_p50"],
+            "µs",
+            floor=s["relay_p50"],
+            goal=None,
+            better="lower",
+            x_floor=x_floor("fast_p50", "relay_p50"),
+            relay_x_pingpong=x_floor("relay_p50", "floor_p50"),
+            floor_basis="a bare grpc.aio relay of the same four messages (no kernel, raw bytes)",
+            note="what the daemon (kernel, protobuf, server stack) adds to a fault's transport",
+            n=n_faults,
             **common,
         ),
         make_record(
@@ -613,3 +776,15 @@ async def run(ctx: BenchContext) -> list[Record]:
             **common,
         ),
     ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.bench_uffd --relay-floor unix:PATH``: serve the relay floor."""
+    p = argparse.ArgumentParser(prog="python -m bench.bench_uffd")
+    p.add_argument("--relay-floor", required=True, metavar="LISTEN", help="gRPC address")
+    args = p.parse_args(argv)
+    asyncio.run(_relay_serve(args.relay_floor))
+
+
+if __name__ == "__main__":
+    main()
