@@ -35,7 +35,8 @@ device frame otherwise) and maps it itself (VM_FAULT_DONE_COW): one fault, one c
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -876,15 +877,17 @@ def handle_pte_marker(
         return handle_pte_fault(vma, addr, pslot, flags, vmf)
     ret = do_pte_missing(vma, addr, pslot, flags, vmf)
     new = mem.u64.item(pslot)
-    if ret or not new & _PAGE_PRESENT:
-        return ret  # a MISSING/MINOR userfault (the marker stays for COPY/CONTINUE) or an error
+    if ret & (VM_FAULT_ERROR | VM_FAULT_RETRY | VM_FAULT_COMPLETED) or not new & _PAGE_PRESENT:
+        # A MISSING/MINOR userfault (the marker stays for COPY/CONTINUE), a sleep (the retry
+        # finds the marker again) or an error.
+        return ret
     # do_anonymous_page()/set_pte_range(): vmf_orig_pte_uffd_wp() → pte_mkuffd_wp(), which
     # also write-protects. A write then faults again on the protected page: the monitor's WP
     # fault (or WP_ASYNC dropping the bit), as the CPU's retried store would.
     mem.u64[pslot] = (new | _PAGE_UFFD_WP) & ~_PAGE_RW
     if flags & FAULT_FLAG_WRITE:
-        return handle_pte_fault(vma, addr, pslot, flags, vmf)
-    return 0
+        return handle_pte_fault(vma, addr, pslot, flags, vmf) | (ret & VM_FAULT_MAJOR)
+    return ret
 
 
 def handle_pte_fault(vma: VMA, addr: int, pslot: int, flags: int, vmf: VmFault | None) -> int:
@@ -1166,6 +1169,15 @@ def zap_page_range_single(vma: VMA, start: int, end: int) -> None:
     if vma.is_anonymous() or not vma.vm_flags & VM_UFFD_WP:
         unmap_page_range(vma.mm, start, end)
         return
+    with zap_install_uffd_wp_if_needed(vma, start, end):
+        unmap_page_range(vma.mm, start, end)
+
+
+@contextmanager
+def zap_install_uffd_wp_if_needed(vma: VMA, start: int, end: int) -> Iterator[None]:
+    """zap_install_uffd_wp_if_needed() around a zap of [start, end) in a uffd-wp registered
+    shmem/file VMA without ZAP_FLAG_DROP_MARKER: every uffd-wp PTE or marker the zap cleared
+    becomes PTE_MARKER_UFFD_WP (the protection outlives the mapping; poison is zapped)."""
     mm = vma.mm
     u = mm.mem.u64
     split_huge_pmds_in(mm, start, end)
@@ -1179,8 +1191,10 @@ def zap_page_range_single(vma: VMA, start: int, end: int) -> None:
         wp = (s & np.uint64(_PAGE_UFFD_WP)) != 0
         wp &= (s & np.uint64(PTE_MARKER_POISONED)) == 0  # poison is zapped (should_zap_cows)
         keep.append(base + np.flatnonzero(wp))
-    unmap_page_range(mm, start, end)
+    yield
     for slots in keep:
+        # Only where the zap emptied the PTE (a private mapping's COW copies stay mapped).
+        slots = slots[u[slots] == 0]
         u[slots] = np.uint64(PTE_MARKER_UFFD_WP)
 
 
@@ -1251,25 +1265,36 @@ def unmap_mapping_range(vmas: Iterable[VMA], first: int, last: int, even_cows: b
         hi = min(vma.vm_end, vma.vm_start + ((last - vma.vm_pgoff) << PAGE_SHIFT))
         if lo >= hi:
             continue
-        if even_cows or vma.vm_flags & VM_SHARED:
-            unmap_page_range(vma.mm, lo, hi)
+        if vma.vm_flags & VM_UFFD_WP:
+            # unmap_mapping_pages() zaps without ZAP_FLAG_DROP_MARKER: uffd-wp survives a
+            # truncate or hole punch as markers.
+            with zap_install_uffd_wp_if_needed(vma, lo, hi):
+                _unmap_mapping_vma(vma, lo, hi, even_cows)
             continue
-        # Keep anonymous COW copies in private mappings: zap only PTEs of file pages.
-        mm = vma.mm
-        mem = mm.mem
-        u = mem.u64
-        for slot, a, b in walk_pmds(mm, lo, hi):
-            e = u.item(slot)
-            if not e or e & _PAGE_PSE:
-                continue
-            base = table_of(e) * PTRS_PER_TABLE
-            i0 = (a >> PAGE_SHIFT) & 511
-            ptes = u[base + i0 : base + i0 + ((b - a) >> PAGE_SHIFT)]
-            pfns = ((ptes & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
-            keep = ((ptes & U64_PRESENT) == 0) | (pfns == mem.zero_pfn)
-            keep |= (mem.flags[pfns] & PG_anon) != 0
-            for j in np.flatnonzero(~keep).tolist():
-                zap_pte_range(mm, table_of(e), i0 + j, i0 + j + 1)
+        _unmap_mapping_vma(vma, lo, hi, even_cows)
+
+
+def _unmap_mapping_vma(vma: VMA, lo: int, hi: int, even_cows: bool) -> None:
+    """unmap_mapping_range_vma(): zap the file pages of [lo, hi) of one VMA."""
+    if even_cows or vma.vm_flags & VM_SHARED:
+        unmap_page_range(vma.mm, lo, hi)
+        return
+    # Keep anonymous COW copies in private mappings: zap only PTEs of file pages.
+    mm = vma.mm
+    mem = mm.mem
+    u = mem.u64
+    for slot, a, b in walk_pmds(mm, lo, hi):
+        e = u.item(slot)
+        if not e or e & _PAGE_PSE:
+            continue
+        base = table_of(e) * PTRS_PER_TABLE
+        i0 = (a >> PAGE_SHIFT) & 511
+        ptes = u[base + i0 : base + i0 + ((b - a) >> PAGE_SHIFT)]
+        pfns = ((ptes & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
+        keep = ((ptes & U64_PRESENT) == 0) | (pfns == mem.zero_pfn)
+        keep |= (mem.flags[pfns] & PG_anon) != 0
+        for j in np.flatnonzero(~keep).tolist():
+            zap_pte_range(mm, table_of(e), i0 + j, i0 + j + 1)
 
 
 # ---- mprotect -----------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ import pytest
 from tests.unit.fs.conftest import MakeFsKernel, make_fs_kernel
 from tests.unit.fs.fshelp import make_file, pattern
 from tests.unit.mm.mmhelp import RW, P, errname
-from tests.unit.uffd.uffdhelp import pm, pm57, priv, ready
+from tests.unit.uffd.uffdhelp import pm, pm57, pm_swap, priv, ready
 from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.errors import KernelError
+from vkernel.kernel.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from vkernel.kernel.mmap import sys_mmap
 from vkernel.kernel.uaccess import read_user_bytes, write_user
 from vkernel.kernel.uapi import MAP_SHARED, PM_PRESENT
@@ -57,5 +58,13 @@ async def test_wp_async_dirty_tracking_of_a_shared_file(make_fs_kernel: MakeFsKe
     assert all(pm57(t, a + i * P) for i in range(n))
     await write_user(t, a + 3 * P, b"z")
     assert [pm57(t, a + i * P) for i in range(n)] == [True, True, True, False]
+    # a hole punch zaps without ZAP_FLAG_DROP_MARKER: the protection stays as a marker
+    await k.vfs.fallocate(t, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, P)
+    assert pm57(t, a)
+    assert pm_swap(t, a)
+    assert await read_user_bytes(t, a, 2) == b"\0\0"  # the hole, mapped still protected
+    assert pm57(t, a)
+    await write_user(t, a, b"h")
+    assert not pm57(t, a)
     await ctx.put()
     assert not any(pm57(t, a + i * P) for i in range(n))
