@@ -117,18 +117,23 @@ async def test_sampling_cpu_and_batches(daemon: Daemon) -> None:
     assert r.total_submit < rd["total_ios"] / 4
 
 
-async def test_ramp_time_and_thinktime(daemon: Daemon) -> None:
-    """ramp_time runs I/O that counts for nothing; thinktime stalls every thinktime_blocks."""
+async def test_ramp_time_thinktime_startdelay(daemon: Daemon) -> None:
+    """ramp_time runs I/O that counts for nothing; thinktime stalls every thinktime_blocks;
+    startdelay holds a job back."""
     text = (
         "[ramp]\ndirect=1\nioengine=libaio\niodepth=4\nrw=randwrite\nsize=256k\n"
         "ramp_time=300ms\nruntime=400ms\ntime_based\n"
         "[think]\nioengine=psync\nrw=write\nsize=64k\nthinktime=25ms\nthinktime_blocks=4\n"
+        "[late]\nioengine=psync\nrw=write\nsize=16k\nstartdelay=300ms\n"
     )
     _, jobs = vkfio.parse_jobfile(text)
     t0 = time.perf_counter()
-    ramp, think = (await vkfio.run_jobs(jobs, daemon.addr))[0]
+    wall0 = time.time()
+    ramp, think, late = (await vkfio.run_jobs(jobs, daemon.addr))[0]
     assert time.perf_counter() - t0 >= 0.7
-    assert (ramp.error, think.error) == (0, 0)
+    assert (ramp.error, think.error, late.error) == (0, 0, 0)
+    assert late.start - wall0 >= 0.3  # startdelay: the job began 300 ms late
+    assert late.write.ios == 4
     assert 400 <= ramp.runtime_ms < 700  # the ramp is not in the measured run
     assert ramp.write.ios == len(ramp.write.clat) > 0
     assert think.write.ios == 16
