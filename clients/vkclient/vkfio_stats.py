@@ -260,6 +260,7 @@ class JobResult:
     """One job clone's outcome (or a reporting group's, merged)."""
 
     job: Any
+    """The vkfio.Job (Any: vkfio imports this module, not the other way round)."""
     jobnum: int
     pid: int = 0
     read: DirStats = field(default_factory=DirStats)
@@ -399,7 +400,9 @@ def lat_json(samples: Sequence[int], pct: bool, ro: ReportOptions) -> dict[str, 
     return out
 
 
-def ddir_json(d: DirStats, runtime_ms: int, g: GroupStats, ddir: int, ro: ReportOptions) -> Any:
+def ddir_json(
+    d: DirStats, runtime_ms: int, g: GroupStats, ddir: int, ro: ReportOptions
+) -> dict[str, Any]:
     """add_ddir_status_json()."""
     rt = runtime_ms if d.ios else 0
     bw_bytes = d.bytes * 1000 // rt if rt else 0
@@ -460,7 +463,9 @@ def lat_buckets(clat: Sequence[int]) -> tuple[list[float], list[float], list[flo
     return ns, us, ms
 
 
-def job_json(r: JobResult, name: str, elapsed: int, g: GroupStats, ro: ReportOptions) -> Any:
+def job_json(
+    r: JobResult, name: str, elapsed: int, g: GroupStats, ro: ReportOptions
+) -> dict[str, Any]:
     """show_thread_status_json() for one job (or a reporting group)."""
     clat = r.read.clat + r.write.clat
     total = r.read.ios + r.write.ios
@@ -499,7 +504,7 @@ def job_json(r: JobResult, name: str, elapsed: int, g: GroupStats, ro: ReportOpt
         "latency_window": 0,
         "latency_window_us": 0,
         # fio adds "desc" only for a job with a description.
-        **({"desc": r.job.description} if getattr(r.job, "description", "") else {}),
+        **({"desc": r.job.description} if r.job.description else {}),
     }
 
 
@@ -661,7 +666,7 @@ def thread_text(r: JobResult, g: GroupStats) -> str:
     out = [msg + "\n" for msg in r.verify_errors[:10]]
     err = f"err={r.error:2d}" + (f" ({r.errmsg})" if r.error and r.errmsg else "")
     out.append(f"{r.job.name}: (groupid=0, jobs={r.members}): {err}: pid={r.pid}: {time.ctime()}\n")
-    if getattr(r.job, "description", ""):
+    if r.job.description:
         out.append(f"  Description  : [{r.job.description}]\n")
     for ddir, (label, d) in enumerate((("read", r.read), ("write", r.write))):
         if d.bytes:
