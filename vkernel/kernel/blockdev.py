@@ -319,7 +319,8 @@ class BlockDevice:
         """A plugged batch of bios (blk_finish_plug → brd_submit_bio each), done synchronously.
 
         Bio ``i`` covers the contiguous device blocks ``blocks[starts[i]:starts[i+1]]`` (the
-        last one runs to the end) and the frames ``pfns`` of the same slots. Every bio is
+        last one runs to the end; ``blocks`` ascending, as a plug sorts them) and the frames
+        ``pfns`` of the same slots. Every bio is
         checked (end of device, bad sectors: EIO fails it whole and moves nothing) and
         accounted; the data of all the good ones moves in one vectorised copy. Returns a
         per-bio "failed" mask. Only valid while :meth:`completes_inline` is true."""
@@ -431,7 +432,7 @@ class RamDevice(BlockDevice):
         failed = np.zeros(nb, dtype=np.bool_)
         if not nb:
             return failed
-        lo, hi = int(blocks.min()), int(blocks.max())
+        lo, hi = int(blocks[0]), int(blocks[-1])  # ascending
         self._check(lo, 0)  # a closed device fails the whole batch (EIO)
         if lo < 0 or hi >= self.nblocks:  # bio_check_eod(), per bio
             ends = np.append(starts[1:], len(blocks))
@@ -455,14 +456,19 @@ class RamDevice(BlockDevice):
             good_blocks = blocks[~per_slot]
             good_pfns = pfns[~per_slot]
         nbytes = len(good_blocks) << BLOCK_SHIFT
+        run = nb == 1 and not nfail  # one contiguous bio: its rows are a slice, no gather
         if op == REQ_OP_READ:
             st.reads += nb - nfail
             st.read_bytes += nbytes
-            mem.frames[good_pfns] = self._rows_at(good_blocks)
+            rows = self._rows(lo, len(blocks)) if run else self._rows_at(good_blocks)
+            mem.frames[good_pfns] = rows
         else:
             st.writes += nb - nfail
             st.write_bytes += nbytes
-            self._put_rows_at(good_blocks, mem.frames[good_pfns])
+            if run:
+                self._put_rows(lo, mem.frames[good_pfns])
+            else:
+                self._put_rows_at(good_blocks, mem.frames[good_pfns])
         return failed
 
     def _rows_at(self, blocks: IntArray) -> U8Array:

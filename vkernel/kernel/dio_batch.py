@@ -429,27 +429,31 @@ def _flush_plug(
     (merged across iocbs where blocks touch); inline on brd, else one task per bio."""
     fidx = np.asarray(plug.fidx, dtype=np.int64)
     bmap = plug.ino.blocks  # bmap() of every page at once; past the map: holes
+    n = len(fidx)
     if len(bmap) and int(fidx.max()) < len(bmap):
         blocks = bmap[fidx]
     else:
         inside = fidx < len(bmap)
-        blocks = np.full(len(fidx), -1, dtype=np.int64)
+        blocks = np.full(n, -1, dtype=np.int64)
         blocks[inside] = bmap[fidx[inside]]
     pfns = pages[np.asarray(plug.slots, dtype=np.int64)]
     owners = np.asarray(plug.owners, dtype=np.int64)
-    holes = blocks < 0
-    if holes.any():
-        if plug.op == REQ_OP_READ:
-            mem.frames[pfns[holes]] = 0  # a hole reads as zeroes
-        keep = ~holes
-        blocks, pfns, owners = blocks[keep], pfns[keep], owners[keep]
-    if not len(blocks):
-        return
-    if len(blocks) > 1:
-        order = np.argsort(blocks, kind="stable")
-        if (np.diff(order) != 1).any():
+    step = np.diff(blocks)
+    if n > 1 and (step == 1).all() and blocks[0] >= 0:
+        starts = _cut_run(n)  # the sequential case: already one sorted run, no holes
+    else:
+        holes = blocks < 0
+        if holes.any():
+            if plug.op == REQ_OP_READ:
+                mem.frames[pfns[holes]] = 0  # a hole reads as zeroes
+            keep = ~holes
+            blocks, pfns, owners = blocks[keep], pfns[keep], owners[keep]
+        if not len(blocks):
+            return
+        if len(blocks) > 1 and (np.diff(blocks) < 0).any():
+            order = np.argsort(blocks, kind="stable")
             blocks, pfns, owners = blocks[order], pfns[order], owners[order]
-    starts = _cut(blocks)
+        starts = _cut(blocks)
     bdev = plug.bdev
     ends = np.append(starts[1:], len(blocks))
     if bdev.completes_inline():
@@ -469,6 +473,11 @@ def _flush_plug(
     for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
         rs = [live[o] for o in np.unique(owners[s:e]).tolist()]
         _submit(mem, bdev, plug.op, blocks[s:e], pfns[s:e], owners[s:e], rs, tasks)
+
+
+def _cut_run(n: int) -> np.ndarray:
+    """Bio starts of one contiguous run of ``n`` blocks (every MAX_MERGED_PAGES)."""
+    return np.arange(0, n, MAX_MERGED_PAGES, dtype=np.int64)
 
 
 def _cut(blocks: np.ndarray) -> np.ndarray:
