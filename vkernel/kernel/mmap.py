@@ -654,6 +654,8 @@ def move_vma(
         userfaultfd.mremap_userfaultfd_note(mm, uctx, old_addr, new_addr, old_len)
     mm.insert_vma(new_vma)
     move_page_tables(mm, old_addr, new_addr, old_len)
+    if uctx is None and vma.vm_flags & VM_UFFD_WP:
+        userfaultfd.uffd_wp_clear_moved(mm, new_addr, new_addr + old_len)
     if dontunmap:
         if vma.vm_start == old_addr and vma.vm_end == old_addr + old_len:
             vma.anon_vma = None  # unlink_anon_vmas(): the emptied VMA starts afresh

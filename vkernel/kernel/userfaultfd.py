@@ -987,6 +987,30 @@ def uffd_wp_range(vma: VMA, start: int, end: int, enable: bool) -> None:
         ptes[pm] = new
 
 
+def uffd_wp_clear_moved(mm: MmStruct, start: int, end: int) -> None:
+    """move_ptes() for a VMA that lost its uffd-wp registration on mremap (no EVENT_REMAP,
+    vma_has_uffd_without_event_remap): the moved PTEs drop the uffd-wp bit (staying read-only:
+    the next write is an ordinary write fault) and uffd-wp markers go (Linux "mm: clear uffd-wp
+    PTE/PMD state on mremap()", in the 6.12 stable series)."""
+    import numpy as np
+
+    from vkernel.kernel.pgtable import table_of, walk_pmds
+
+    u = mm.mem.u64
+    wpbit = np.uint64(_PAGE_UFFD_WP)
+    for slot, a, b in walk_pmds(mm, start, end):
+        e = u.item(slot)
+        if not e or e & _PAGE_PSE:
+            continue
+        base = table_of(e) * PTRS_PER_TABLE + ((a >> PAGE_SHIFT) & (PTRS_PER_TABLE - 1))
+        ptes = u[base : base + ((b - a) >> PAGE_SHIFT)]
+        wp = (ptes & wpbit) != 0
+        if wp.any():
+            # A present PTE stays read-only; a bare uffd-wp marker becomes none; a poison
+            # marker keeps its poison bit.
+            ptes[wp] &= ~wpbit
+
+
 async def uffdio_writeprotect(
     ctx: UserfaultfdCtx, task: Task | None, start: int, length: int, mode: int
 ) -> None:

@@ -158,11 +158,12 @@ async def test_gup_write_on_a_marker_blocks_then_completes(kernel: Kernel) -> No
     await ctx.put()
 
 
-async def test_leftover_marker_of_an_unregistered_range_is_cleared(kernel: Kernel) -> None:
-    """pte_marker_clear(): mremap without EVENT_REMAP unregisters the moved VMA but the
-    markers move with the page tables; a fault there just drops the marker."""
+async def test_mremap_without_event_remap_clears_uffd_wp(kernel: Kernel) -> None:
+    """mremap without EVENT_REMAP unregisters the moved VMA, and the moved PTEs lose uffd-wp:
+    bits cleared (still read-only), markers gone."""
     t = priv(kernel)
     a = await mmap_anon(t, 2 * P)
+    await write_user(t, a, b"\1")
     ctx = await ready(t, features=uf.UFFD_FEATURE_WP_UNPOPULATED)
     await uf.uffdio_register(ctx, t, a, 2 * P, WP)
     await uf.uffdio_writeprotect(ctx, t, a, 2 * P, PROTECT)
@@ -171,13 +172,31 @@ async def test_leftover_marker_of_an_unregistered_range_is_cleared(kernel: Kerne
     v = mm_of(t).vma_lookup(new)
     assert v is not None
     assert v.uffd_ctx is None
-    assert pm57(t, new)  # the leftover marker
-    await write_user(t, new, b"q")  # no monitor involved
     assert not pm57(t, new)
-    assert await read_user_bytes(t, new + P, 1) == b"\0"
     assert not pm57(t, new + P)
+    assert not pm_swap(t, new + P)  # the marker went with the protection
+    await write_user(t, new, b"q")  # an ordinary write fault, no monitor
+    assert await read_user_bytes(t, new, 1) == b"q"
     assert not ctx.fault_pending
     await ctx.put()
+
+
+async def test_leftover_marker_of_an_unregistered_range_is_cleared(kernel: Kernel) -> None:
+    """pte_marker_clear(): a uffd-wp marker in a VMA that is not uffd-wp registered (what
+    kernels before the mremap fix could leave) is dropped by the fault, which then runs as an
+    ordinary one."""
+    from vkernel.kernel.pgtable import pmd_slot, pte_alloc
+
+    t = priv(kernel)
+    a = await mmap_anon(t, P)
+    mm = mm_of(t)
+    slot = pmd_slot(mm, a, alloc=True)
+    table = pte_alloc(mm, slot)
+    mm.mem.u64[table * 512 + ((a >> 12) & 511)] = PTE_MARKER_UFFD_WP
+    assert pm57(t, a)
+    await write_user(t, a, b"q")
+    assert not pm57(t, a)
+    assert await read_user_bytes(t, a, 1) == b"q"
 
 
 async def test_shmem_wp(kernel: Kernel) -> None:
