@@ -342,17 +342,17 @@ class _Plug:
     owners: list[int] = field(default_factory=list)  # request index per page
 
 
-async def iomap_dio_submit(
-    task: Task,
+def _issue(
+    kernel: Kernel,
     reqs: list[DioReq],
-    gup: str,
+    pages: np.ndarray,
     foll: str,
     complete: Callable[[list[DioReq]], None],
-) -> None:
-    """Run prepared requests; ``complete`` gets each group of requests as it finishes (res set)."""
-    kernel = dio._kernel(task)
-    await _coherence(reqs)
-    pages = await _pin_all(kernel, task, reqs, gup, foll)
+    tasks: _BioTasks,
+) -> list[DioReq]:
+    """After the pins: settle each iocb's bytes, complete the failed ones, plug the aligned
+    ones and flush the plugs (inline on brd, else bio tasks into ``tasks``), start the
+    bounced ones; the iocbs still live."""
     live: list[DioReq] = []
     for r in reqs:
         if r.done:
@@ -407,13 +407,35 @@ async def iomap_dio_submit(
         for s0, _, n in r.cov:
             plug.slots.extend(range(s0, s0 + (n >> PAGE_SHIFT)))
         plug.owners.extend([i] * npg)
-    tasks: _BioTasks = {}
     for plug in plugs.values():
         _flush_plug(mem, plug, pages, live, tasks)
     for r in bounce:
         r.left += 1
         t = asyncio.ensure_future(_bounce_one(kernel, r, pages))
         tasks[t] = ([r], None)
+    return live
+
+
+async def iomap_dio_submit(
+    task: Task,
+    reqs: list[DioReq],
+    gup: str,
+    foll: str,
+    complete: Callable[[list[DioReq]], None],
+) -> None:
+    """Run prepared requests; ``complete`` gets each group of requests as it finishes (res set)."""
+    kernel = dio._kernel(task)
+    await _coherence(reqs)
+    pages = await _pin_all(kernel, task, reqs, gup, foll)
+    tasks: _BioTasks = {}
+    try:
+        live = _issue(kernel, reqs, pages, foll, complete, tasks)
+    except BaseException:
+        # Not expected (a bug, a device gone mid-plug): still never unpin under DMA.
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        _finish(kernel, [r for r in reqs if not r.done], pages, foll)
+        raise
     ready = [r for r in live if r.left == 0]  # done inline, or failed before any bio
     await _wait_bios(kernel, tasks, ready, pages, foll, complete)
 
