@@ -39,6 +39,7 @@ Differences from the C program, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import signal
 import struct
@@ -343,6 +344,8 @@ class Monitor:
     wp_faults: int = 0
     minor_faults: int = 0
     pagefaults: int = 0
+    removed: list[tuple[int, int]] = field(default_factory=list)
+    """Ranges a REMOVE event made the monitor unregister."""
     _pipe: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -360,6 +363,12 @@ class Monitor:
         try:
             while not await self._poll(stop):
                 pass
+        except BaseException:
+            # err() ends the C program, uffd and all: release the uffd so the blocked
+            # accesses of the case finish as ordinary faults and the case reports this error.
+            with contextlib.suppress(OSError, VkernelError):
+                await self.ctx.fd.close()
+            raise
         finally:
             stop.cancel()
 
@@ -397,10 +406,15 @@ class Monitor:
     async def _dispatch(self, m: u.UffdMessage) -> None:
         ctx = self.ctx
         if m.event == UFFD_EVENT_PAGEFAULT:
+            if any(start <= m.address < end for start, end in self.removed):
+                # The stream reads ahead of this loop: a fault read before the REMOVE's
+                # UNREGISTER was woken by it and retried unregistered; nothing to serve.
+                return
             self.pagefaults += 1
             await (self.handle_fault or uffd_handle_page_fault)(self, m)
         elif m.event == UFFD_EVENT_REMOVE:
             await ctx.fd.unregister(m.start, m.end - m.start)
+            self.removed.append((m.start, m.end))
         elif m.event == UFFD_EVENT_REMAP:
             ctx.area_dst = m.end  # REMAP's "to" travels in end
         else:
