@@ -87,16 +87,6 @@ def pte_present(pte: int) -> bool:
     return bool(pte & (_PAGE_PRESENT | _PAGE_PROTNONE))
 
 
-def is_pte_marker(pte: int) -> bool:
-    """is_swap_pte() && is_pte_marker(): a non-none, non-present entry (vkernel has no swap)."""
-    return bool(pte) and not pte & (_PAGE_PRESENT | _PAGE_PROTNONE)
-
-
-def pte_marker_uffd_wp(pte: int) -> bool:
-    """pte_marker_entry_uffd_wp(): a uffd-wp PTE marker."""
-    return is_pte_marker(pte) and bool(pte & _PAGE_UFFD_WP)
-
-
 def pte_none_mostly(pte: int) -> bool:
     """pte_none_mostly(): none, or a uffd-wp marker (userfaultfd treats it as a missing page)."""
     return not pte or pte == _PAGE_UFFD_WP

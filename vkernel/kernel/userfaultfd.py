@@ -40,7 +40,7 @@ from vkernel.kernel.cred import Capability
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.memory import ANON_FLAGS, FaultWait, VmFault
 from vkernel.kernel.mm import MM_ANONPAGES, MmStruct
-from vkernel.kernel.pgtable import pmd_slot, pte_alloc
+from vkernel.kernel.pgtable import pmd_slot, pte_alloc, pte_none_mostly
 from vkernel.kernel.task import Task
 from vkernel.kernel.uapi import (
     _PAGE_ACCESSED,
@@ -713,7 +713,7 @@ async def _mfill(
                 err = -slot
                 break
             pte = mem.u64.item(slot)
-            if pte and (pte != _PAGE_UFFD_WP or not overwrite_wp_marker):
+            if not (pte_none_mostly(pte) if overwrite_wp_marker else not pte):
                 err = errno.EEXIST
                 break
             r = fill(vma, dst + done, slot, done)
