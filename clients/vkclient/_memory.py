@@ -79,14 +79,26 @@ class AccessStream:
                 self._call = k._memory.Access(metadata=k._metadata)
             self._tag += 1
             request.tag = self._tag
+            call = self._call
             try:
-                await self._call.write(request)
-                resp = await self._call.read()
+                await call.write(request)
+                resp = await call.read()
             except grpc.RpcError as e:
+                self._call = None  # the stream is over; the next access opens another
                 raise from_rpc_error(e) from None
+            except BaseException:
+                # Cancelled between the request and its answer: that answer would pair with
+                # the next request, so this stream is dropped (the access itself, once sent,
+                # runs to completion in the daemon, as a thread's store does).
+                self._call = None
+                call.cancel()
+                raise
             if resp is grpc.aio.EOF:
-                raise from_rpc_error(await _ended(self._call))
+                self._call = None
+                raise from_rpc_error(await _ended(call))
             assert isinstance(resp, pb.AccessResponse)
+            if resp.tag != request.tag:  # the proto promises order; a mismatch is a bug
+                raise RuntimeError(f"Access answered tag {resp.tag} to request {request.tag}")
             return resp
 
     async def load(self, addr: int, length: int) -> bytes:

@@ -359,6 +359,12 @@ class ResolveStream:
         except (grpc.RpcError, asyncio.InvalidStateError):
             # The daemon ended the stream: the reader reports why to every pending future.
             pass
+        except BaseException:
+            # Cancelled mid-write: whether the batch went out is unknown, so answers can no
+            # longer be paired with futures. The stream is given up; its batches fail.
+            self._fail(ConnectionError("a submit was cancelled; the resolve stream is closed"))
+            call.cancel()
+            raise
         return fut
 
     async def resolve(self, ops: Sequence[pb.UffdResolveOp]) -> list[tuple[int, int]]:

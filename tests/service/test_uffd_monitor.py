@@ -622,3 +622,25 @@ async def test_monitor_retries_what_an_event_made_fail(daemon: Daemon, k: vkclie
     await mon.stream.close()
     await u.close()
     await _reap(p)
+
+
+async def test_access_stream_survives_a_cancelled_access(
+    daemon: Daemon, k: vkclient.Kernel
+) -> None:
+    p, u, addr = await _faulter(k, 2)
+    vma = daemon.kernel.find_task(p.pid).mm.vma_lookup(addr)
+    assert vma is not None
+    ctx = vma.uffd_ctx
+    assert ctx is not None
+    async with p.access_stream() as a:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.load, addr, 1)
+                await _until(lambda: ctx.fault_pending)
+                tg.cancel_scope.cancel()  # the load's answer will never be read
+            await _until(lambda: not ctx.fault_pending)
+            assert await u.resolve([copy(addr + P, b"n" * P)]) == [(P, 0)]
+            # The next access pairs with its own answer (a fresh stream), not the stale one.
+            assert await a.load(addr + P, 2) == b"nn"
+    await u.close()
+    await _reap(p)
