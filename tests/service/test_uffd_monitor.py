@@ -6,7 +6,11 @@ Every test ends with the audit clean (the ``daemon`` fixture's teardown)."""
 from __future__ import annotations
 
 import errno
+import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import grpc
@@ -644,3 +648,37 @@ async def test_access_stream_survives_a_cancelled_access(
             assert await a.load(addr + P, 2) == b"nn"
     await u.close()
     await _reap(p)
+
+
+def test_quick_uffd_bench_end_to_end(tmp_path: Path) -> None:
+    """``python -m bench -k uffd --quick``: the daemon, both floors, both monitors and the SDK
+    path as processes; the bench itself raises when a monitor missed a fault or the audit
+    is not clean."""
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "-k",
+            "bench_uffd",
+            "--quick",
+            "--rounds",
+            "1",
+            "--results-dir",
+            str(results),
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((results / "uffd.json").read_text())
+    recs = {r["name"]: r for r in doc["records"]}
+    assert {"fault_rt_p50", "fault_rt_vs_relay_p50", "copy_src_pages_s"} <= set(recs)
+    assert recs["fault_rt_p50"]["goal"] == 0.5
+    for r in recs.values():
+        assert r["value"] > 0
+        assert r["ratio"] > 0
