@@ -35,13 +35,16 @@ from vkernel.kernel.uapi import (
     VM_WRITE,
     PG_anon,
     PG_anon_exclusive,
+    PG_head,
     PG_lru,
     PG_swapbacked,
+    PG_tail,
     PG_uptodate,
 )
 
 if TYPE_CHECKING:
     from vkernel.kernel.mm import MmStruct
+    from vkernel.kernel.physmem import PhysMem
     from vkernel.kernel.vma import VMA
 
 MM_ANONPAGES = 1
@@ -158,6 +161,32 @@ def split_huge_pmd(mm: MmStruct, slot: int) -> None:
     if mem.flags[head] & PG_anon_exclusive:
         mem.flags[sl] |= np.uint32(PG_anon_exclusive)
     mm.kernel.vmstat.count("thp_split_pmd")
+
+
+def split_folio(mem: PhysMem, head: int) -> int:
+    """split_folio() → __split_huge_page() of an anon THP mapped only by PTEs (after
+    split_huge_pmd): 512 order-0 pages, each keeping its own PTE mappings (its refcount becomes
+    its mapcount) and its AnonExclusive bit; subpages nobody maps are freed. A folio still
+    PMD-mapped, pinned or holding references beyond its mappings (GUP) cannot be split
+    (can_split_folio()): -EBUSY. Returns 0 on success."""
+    b = head >> HPAGE_PMD_ORDER
+    if not mem.order[head] or not mem.flags[head] & PG_anon or mem.is_huge_zero(head):
+        return -errno.EINVAL
+    if mem.entire_mapcount[b] or mem.large_pincount[b]:
+        return -errno.EBUSY
+    sl = slice(head, head + HPAGE_PMD_NR)
+    mc = mem.mapcount[sl].astype(np.int64)
+    if int(mem.refcount[head]) != int(mc.sum()):
+        return -errno.EBUSY
+    mem.flags[sl] &= ~np.uint32(PG_head | PG_tail)
+    mem.flags[sl] |= np.uint32(PG_anon | PG_uptodate | PG_swapbacked | PG_lru)
+    mem.order[sl] = 0
+    mem.refcount[sl] = mc.astype(mem.refcount.dtype)
+    unmapped = head + np.flatnonzero(mc == 0)
+    if len(unmapped):
+        mem.free_pages(unmapped.astype(np.int64))
+    mem.vmstat.count("thp_split_page")
+    return 0
 
 
 def do_huge_pmd_wp_page(vma: VMA, slot: int, unshare: bool) -> int:

@@ -1284,6 +1284,7 @@ def move_pages_huge_pmd(
     import numpy as np
 
     from vkernel.kernel import thp
+    from vkernel.kernel.memory import thp_suitable
     from vkernel.kernel.uapi import PMD_SIZE, PG_anon_exclusive
 
     mm = svma.mm
@@ -1299,14 +1300,15 @@ def move_pages_huge_pmd(
         return -errno.ENOMEM
     aligned = not (src | dst) & (PMD_SIZE - 1) and remaining >= PMD_SIZE
     de = u.item(dslot)
-    if aligned and de and not de & _PAGE_PSE:
+    if aligned and de and not de & _PAGE_PSE and thp_suitable(dvma, dst):
         from vkernel.kernel.pgtable import table_of, tlb_remove_table
 
         t = table_of(de)
         if not u[t * PTRS_PER_TABLE : (t + 1) * PTRS_PER_TABLE].any():
             # vkernel's uaccess/GUP fault loops allocate the PTE table before the MISSING
             # userfault that Linux raises from do_huge_pmd_anonymous_page with the PMD still
-            # none: an empty table stands for that none PMD (freed the lockless-safe way).
+            # none (a THP-suitable dst; a NOHUGEPAGE one really has its table, and the PMD is
+            # split): an empty table stands for that none PMD (freed the lockless-safe way).
             u[dslot] = 0
             tlb_remove_table(mm, t)
             de = 0
@@ -1345,11 +1347,12 @@ async def uffdio_move(
 ) -> int:
     """UFFDIO_MOVE (B.64): remap exclusive anon pages from src to dst (zero copy; the zero page
     too); bytes moved. A PMD-mapped THP moves whole when both addresses are PMD aligned, the
-    request covers it and dst has no page table there (move_pages_huge_pmd); else it is split
-    and moved by PTEs. src hole → ENOENT unless ALLOW_SRC_HOLES (then it counts as moved); dst
+    request covers it and dst has no page table there (move_pages_huge_pmd); else the PMD and
+    then the folio are split and its pages moved by PTEs. src hole → ENOENT unless ALLOW_SRC_HOLES (then it counts as moved); dst
     populated → EEXIST; a page not exclusive (shared after fork, pinned, GUP-referenced) →
     EBUSY; incompatible VMAs → EINVAL. ``task`` given: it must be of ctx's mm (else EINVAL);
-    the gRPC layer passes None and acts as the process itself. Huge PMDs in dst are split."""
+    the gRPC layer passes None and acts as the process itself. Huge PMDs in dst are split.
+    (B.64: AnonExclusive pages only; a large folio that cannot be split → EBUSY.)"""
     from vkernel.kernel.memory import split_all_huge_pmds
     from vkernel.kernel.tlb import tlb_finish_mmu
     from vkernel.kernel.uapi import PG_anon, PG_anon_exclusive
@@ -1426,6 +1429,13 @@ async def uffdio_move(
                 done += PAGE_SIZE
                 continue
             fl = int(mem.flags[pfn])
+            if fl & PG_anon and fl & PG_anon_exclusive and mem.order[mem.compound_head(pfn)]:
+                # move_pages_pte(): a large folio is split first (split_folio), then the page
+                # is moved as a small one; a THP that cannot be split (pinned, referenced)
+                # stays EBUSY.
+                from vkernel.kernel.thp import split_folio
+
+                split_folio(mem, mem.compound_head(pfn))
             if (
                 not fl & PG_anon
                 or not fl & PG_anon_exclusive
