@@ -10,7 +10,9 @@ and the configurations take turns piece by piece (the order rotates), so a slow 
 machine hits them all alike; the records' ratios are medians of the per-round paired ratios,
 with the per-round range. FOLL_PIN vs FOLL_GET also reports the ratio of the CPU time per
 I/O, FOLL_GET's over FOLL_PIN's (``time.process_time``: other processes on the machine do
-not count), and the ratio of the IOPS pooled over all rounds.
+not count) -- per round, and as the median (and quartiles) over all pieces of the
+piece-by-piece ratio, the estimate least moved by a noisy neighbour -- and the ratio of the
+IOPS pooled over all rounds.
 
 - ``dio.seed004_iops``: FOLL_PIN IOPS against a floor measured in the same pieces: one
   Python thread doing 4 KiB ``os.preadv`` into a shared memfd mapping from a page-cached host
@@ -236,6 +238,7 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
     contention = _Contention()
     lk = t.mm.mmap_lock
     cpu_ratio: list[float] = []
+    piece_cpu_ratio: list[float] = []  # the same piece, FOLL_GET's CPU over FOLL_PIN's
     cpu_us: dict[str, list[float]] = {"pin": [], "get": []}
     for r in range(rounds):
         secs = dict.fromkeys(iops, 0.0)
@@ -243,6 +246,7 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
         clat = []
         for c in range(chunks):  # seed 004: FOLL_PIN, FOLL_GET and the floor take turns
             first = c * piece
+            here = {}
             for m in _rotate(["pin", "get", "floor"], r * chunks + c):
                 if m == "floor":
                     secs[m] += _floor(fl, first, piece)
@@ -252,6 +256,8 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
                 )
                 secs[m] += wall
                 cpu[m] += used
+                here[m] = used
+            piece_cpu_ratio.append(here["get"] / here["pin"])
         cpu_ratio.append(cpu["get"] / cpu["pin"])
         for m, used in cpu.items():
             cpu_us[m].append(used / (piece * chunks) * 1e6)
@@ -313,6 +319,10 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
             cpu_us_per_io_pin=round(float(np.median(cpu_us["pin"])), 2),
             cpu_us_per_io_get=round(float(np.median(cpu_us["get"])), 2),
             pooled_ratio=round(_pooled(iops["pin"]) / _pooled(iops["get"]), 4),
+            piece_cpu_ratio_median=round(float(np.median(piece_cpu_ratio)), 4),
+            piece_cpu_ratio_p25=round(float(np.percentile(piece_cpu_ratio, 25)), 4),
+            piece_cpu_ratio_p75=round(float(np.percentile(piece_cpu_ratio, 75)), 4),
+            pieces=len(piece_cpu_ratio),
             **extra,
         ),
         make_record(
