@@ -97,6 +97,7 @@ __all__ = [
     "ResolveStream",
     "UffdMessage",
     "UffdMonitor",
+    "UffdReader",
     "Userfaultfd",
     "continue_",
     "copy",
@@ -261,6 +262,11 @@ class Userfaultfd:
         )
         return [(int(x.result), int(x.errno)) for x in r.results]
 
+    def reader(self) -> UffdReader:
+        """A :class:`UffdReader` on this handle: read(2) on demand (the stream opens on first
+        use)."""
+        return UffdReader(self)
+
     def resolver(self) -> ResolveStream:
         """A :class:`ResolveStream` on this handle (the stream opens on first use)."""
         return ResolveStream(self)
@@ -288,6 +294,83 @@ class Userfaultfd:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+
+
+class UffdReader:
+    """``UffdRead``: read(2) on demand, one stream message each way per read.
+
+    Nothing leaves the uffd before :meth:`read` asks, so a fault or event is taken exactly
+    when the monitor reads it (:meth:`Userfaultfd.messages` reads ahead while its caller is
+    busy: an event's syscall then goes on before the monitor has seen it).
+    """
+
+    def __init__(self, uffd: Userfaultfd) -> None:
+        self.uffd = uffd
+        self._call: Any = None
+        self._tag = 0
+        self._lock = asyncio.Lock()
+        self.released = False
+        """The uffd was released: :meth:`read` returns None from now on."""
+
+    async def read(
+        self, max_messages: int = 64, *, nonblock: bool = False
+    ) -> list[pb.UffdMessage] | None:
+        """One read(2): the pending messages (waiting for the first, unless ``nonblock``:
+        then BlockingIOError, EAGAIN), or None once the uffd is released."""
+        if self.released:
+            return None
+        async with self._lock:  # one read and its answer at a time keeps them paired
+            if self._call is None:
+                k = self.uffd.kernel
+                self._call = self.uffd._stub.UffdRead(metadata=k._metadata)
+            call = self._call
+            self._tag += 1
+            request = pb.UffdReadRequest(
+                handle=self.uffd.handle, max_messages=max_messages, nonblock=nonblock, tag=self._tag
+            )
+            try:
+                await call.write(request)
+                resp = await call.read()
+            except grpc.RpcError as e:
+                self._call = None
+                raise from_rpc_error(e) from None
+            except BaseException:
+                # Cancelled while the read waited: its answer (messages taken out of the uffd)
+                # could pair with the next read, so the stream is dropped; the daemon cancels
+                # the waiting read, which then took nothing.
+                self._call = None
+                call.cancel()
+                raise
+            if resp is grpc.aio.EOF:
+                self._call = None
+                from vkclient._memory import _ended
+
+                raise from_rpc_error(await _ended(call))
+            if resp.tag != request.tag:  # the proto promises order; a mismatch is a bug
+                raise RuntimeError(f"UffdRead answered tag {resp.tag} to read {request.tag}")
+            if resp.released:
+                self.released = True
+                self._call = None
+                return None
+            if resp.errno:
+                raise OSError(resp.errno, errno.errorcode.get(resp.errno, str(resp.errno)))
+            return list(resp.messages)
+
+    async def close(self) -> None:
+        """End the stream (idempotent)."""
+        call, self._call = self._call, None
+        if call is not None:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await call.done_writing()
+            call.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
 
 
 class ResolveStream:
@@ -427,6 +510,10 @@ class UffdMonitor:
     make it answer ``None``, zero pages). Other errors (EAGAIN too, with ``on_fault``) go to
     ``on_error(op, result, errno)`` (default: raise, ending :meth:`run`).
 
+    Messages are read on demand (:class:`UffdReader`): the next read(2) goes out once a batch
+    is handled, so an event's syscall goes on only when the monitor takes it, as on Linux;
+    ``read_ahead=True`` uses the :meth:`Userfaultfd.messages` stream instead.
+
     Events, after the batch's faults: ``on_remove(start, end)``, ``on_unmap(start, end)``,
     ``on_remap(from, to, length)``, ``on_fork(child_uffd)`` (a :class:`Userfaultfd` this
     session now holds). Callbacks may be sync or async.
@@ -447,6 +534,7 @@ class UffdMonitor:
         max_messages: int = 256,
         max_run_pages: int = 256,
         page_size: int = PAGE_SIZE,
+        read_ahead: bool = False,
     ) -> None:
         if source is None and on_fault is None:
             raise TypeError("a monitor needs a page source or an on_fault planner")
@@ -462,6 +550,7 @@ class UffdMonitor:
         self.max_messages = max_messages
         self.max_run_pages = max_run_pages
         self.page_size = page_size
+        self.read_ahead = read_ahead
         self.stream = uffd.resolver()
         self.faults = 0
         """PAGEFAULT messages read so far."""
@@ -479,11 +568,18 @@ class UffdMonitor:
 
         Raises what ``on_error`` or a callback raised, or the error that ended a stream.
         """
+        reader = self.uffd.reader()
         try:
-            async for msgs in self.uffd.messages(self.max_messages):
-                await self.handle(msgs)
-                if self._failure is not None:
-                    raise self._failure
+            if self.read_ahead:
+                async for msgs in self.uffd.messages(self.max_messages):
+                    await self.handle(msgs)
+                    if self._failure is not None:
+                        raise self._failure
+            else:
+                while (batch := await reader.read(self.max_messages)) is not None:
+                    await self.handle(batch)
+                    if self._failure is not None:
+                        raise self._failure
             if self._checks:
                 await asyncio.gather(*self._checks, return_exceptions=True)
             if self._failure is not None:
@@ -492,6 +588,7 @@ class UffdMonitor:
             for t in [*self._checks, self._retrier]:
                 if t is not None:
                     t.cancel()
+            await reader.close()
             await self.stream.close()
 
     async def handle(self, msgs: Sequence[pb.UffdMessage]) -> None:

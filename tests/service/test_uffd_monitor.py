@@ -682,3 +682,73 @@ def test_quick_uffd_bench_end_to_end(tmp_path: Path) -> None:
     for r in recs.values():
         assert r["value"] > 0
         assert r["ratio"] > 0
+
+
+async def test_uffd_read_on_demand(daemon: Daemon, k: vkclient.Kernel) -> None:
+    p = await k.spawn("faulter")
+    addr = await p.mmap(4 * P)
+    u = await k.userfaultfd(p, UFFD_USER_MODE_ONLY, features=None)
+    async with u.reader() as r:
+        with pytest.raises(OSError) as e:  # before UFFDIO_API: the read's own EINVAL
+            await r.read()
+        assert e.value.errno == errno.EINVAL
+        await u.api(vkclient.UFFD_FEATURE_EVENT_REMOVE)
+        await u.register(addr, 4 * P)
+        with pytest.raises(BlockingIOError):  # nonblock, nothing pending: EAGAIN
+            await r.read(nonblock=True)
+        done: list[str] = []
+
+        async def madvise() -> None:
+            await p.madvise(addr + P, P, vkclient.MADV_DONTNEED)
+            done.append("madvise")
+
+        async def load() -> None:
+            done.append(bytes(await p.read(addr, 1)).hex())
+
+        async with anyio.create_task_group() as tg:
+            with anyio.fail_after(10):
+                tg.start_soon(madvise)
+                await anyio.sleep(0.2)
+                # Nothing reads ahead: the REMOVE is still pending, its madvise still waits.
+                assert done == []
+                msgs = await r.read()
+                assert msgs is not None
+                assert [(m.event, m.start, m.end) for m in msgs] == [
+                    (vkclient.UFFD_EVENT_REMOVE, addr + P, addr + 2 * P)
+                ]
+                await _until(lambda: done == ["madvise"])
+                tg.start_soon(load)
+                msgs = await r.read(max_messages=1)
+                assert msgs is not None
+                assert [(m.event, m.address) for m in msgs] == [(UFFD_EVENT_PAGEFAULT, addr)]
+                assert await u.resolve([zeropage(addr, P)]) == [(P, 0)]
+                await _until(lambda: len(done) == 2)
+        assert done == ["madvise", "00"]
+        # Malformed reads end the stream with their errno's status.
+        bad = u.reader()
+        with pytest.raises(OSError) as e:
+            await bad.read(max_messages=5000)
+        assert e.value.errno == errno.EINVAL
+        await bad.close()
+        async with vkclient.connect(daemon.addr, client_name="other") as ok:
+            other = ok.attach_userfaultfd(u.handle).reader()
+            with pytest.raises(OSError) as e:
+                await other.read()
+            assert e.value.errno == errno.EBADF
+            await other.close()
+        # Release: the waiting read answers "released" and the stream ends.
+        async with anyio.create_task_group() as tg:
+            got: list[object] = []
+
+            async def wait_read() -> None:
+                got.append(await r.read())
+
+            tg.start_soon(wait_read)
+            await anyio.sleep(0.1)
+            await u.close()
+            with anyio.fail_after(10):
+                await _until(lambda: got)
+        assert got == [None]
+        assert r.released
+        assert await r.read() is None
+    await _reap(p)

@@ -180,6 +180,37 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
                 return  # released
             yield pb.ReadUffdMessagesResponse(messages=[self._install(session, m) for m in msgs])
 
+    async def UffdRead(
+        self, request_iterator: AsyncIterator[pb.UffdReadRequest], context: Context
+    ) -> AsyncIterator[pb.UffdReadResponse]:
+        # A plain linear generator, relayed by the interceptor with context.write. Unlike
+        # ReadUffdMessages it takes nothing from the uffd until a request asks for it.
+        session = require_session(context, self._sessions)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
+        async for request in request_iterator:
+            if session.closed:
+                raise RpcFailure(
+                    grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
+                )
+            h = self._table.held(session, request.handle)
+            n = request.max_messages or 64
+            if n > 4096:
+                raise einval("max_messages above 4096", "max_messages")
+            try:
+                msgs = await h.ctx.read(n * uf.UFFD_MSG_SIZE, nonblock=request.nonblock)
+            except KernelError as e:
+                yield pb.UffdReadResponse(tag=request.tag, errno=e.errno)
+                continue
+            if not msgs:
+                yield pb.UffdReadResponse(tag=request.tag, released=True)
+                return
+            yield pb.UffdReadResponse(
+                tag=request.tag, messages=[self._install(session, m) for m in msgs]
+            )
+
     def _install(self, session: Session, m: uf.UffdMsg) -> pb.UffdMessage:
         """A message as the reader sees it. UFFD_EVENT_FORK carries the child's new uffd: as
         resolve_userfault_fork() installs it as a new fd of the reader, the reading session

@@ -252,6 +252,80 @@ class ReadUffdMessagesRequest(_message.Message):
 Global___ReadUffdMessagesRequest: _TypeAlias = ReadUffdMessagesRequest  # noqa: Y015
 
 @_typing.final
+class UffdReadRequest(_message.Message):
+    """UffdReadRequest is one read(2) on the UffdRead stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGES_FIELD_NUMBER: _builtins.int
+    NONBLOCK_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    handle: _builtins.int
+    """The uffd handle."""
+    max_messages: _builtins.int
+    """Most messages to read (the read(2) buffer size / 32; 0: 64; at most 4096)."""
+    nonblock: _builtins.bool
+    """Do not wait: EAGAIN when nothing is pending (O_NONBLOCK for this read). Without it the
+    read waits, whatever the uffd's O_NONBLOCK: the stream is the poll.
+    """
+    tag: _builtins.int
+    """Echoed in the response."""
+    def __init__(
+        self,
+        *,
+        handle: _builtins.int = ...,
+        max_messages: _builtins.int = ...,
+        nonblock: _builtins.bool = ...,
+        tag: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "max_messages", b"max_messages", "nonblock", b"nonblock", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UffdReadRequest: _TypeAlias = UffdReadRequest  # noqa: Y015
+
+@_typing.final
+class UffdReadResponse(_message.Message):
+    """UffdReadResponse is one read(2)'s result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    ERRNO_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    tag: _builtins.int
+    """The request's tag."""
+    errno: _builtins.int
+    """0, or the read's errno (EAGAIN: nonblock and nothing pending; EINVAL: no UFFDIO_API yet)."""
+    released: _builtins.bool
+    """The uffd was released: nothing more will come; the stream ends after this response."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___UffdMessage]:
+        """The messages read, faults before events, FIFO (FORK installs the child's uffd as a handle
+        of this session, as ReadUffdMessages does).
+        """
+
+    def __init__(
+        self,
+        *,
+        tag: _builtins.int = ...,
+        messages: _abc.Iterable[Global___UffdMessage] | None = ...,
+        errno: _builtins.int = ...,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errno", b"errno", "messages", b"messages", "released", b"released", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UffdReadResponse: _TypeAlias = UffdReadResponse  # noqa: Y015
+
+@_typing.final
 class UffdMessage(_message.Message):
     """UffdMessage is struct uffd_msg."""
 

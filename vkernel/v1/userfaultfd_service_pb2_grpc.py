@@ -63,6 +63,11 @@ class UserfaultfdServiceStub:
                 request_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.ReadUffdMessagesRequest.SerializeToString,
                 response_deserializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.ReadUffdMessagesResponse.FromString,
                 _registered_method=True)
+        self.UffdRead = channel.stream_stream(
+                '/vkernel.v1.UserfaultfdService/UffdRead',
+                request_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdReadRequest.SerializeToString,
+                response_deserializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdReadResponse.FromString,
+                _registered_method=True)
         self.UffdResolve = channel.unary_unary(
                 '/vkernel.v1.UserfaultfdService/UffdResolve',
                 request_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdResolveRequest.SerializeToString,
@@ -123,6 +128,20 @@ class UserfaultfdServiceServicer:
     def ReadUffdMessages(self, request, context):
         """ReadUffdMessages is read(2) in a loop: every batch of pending messages as one response,
         faults before events, FIFO. The stream ends when the uffd is released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UffdRead(self, request_iterator, context):
+        """UffdRead is read(2) on demand: each request is one read, answered by one response (same
+        tag) once a message is pending, at once with EAGAIN when nonblock is set and none is.
+        Nothing is read before the client asks, so faults and events leave the uffd exactly when
+        the monitor reads them (a non-cooperative event's syscall goes on then), as with read(2);
+        ReadUffdMessages instead reads ahead while its client is busy. A read of a released uffd
+        is answered with released set and ends the stream. A handle the session does not hold
+        (EBADF) or max_messages above 4096 (EINVAL) end the stream with the errno's status; a
+        read's own error (EINVAL before UFFDIO_API, EAGAIN) is its errno.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +210,11 @@ def add_UserfaultfdServiceServicer_to_server(servicer, server):
                     servicer.ReadUffdMessages,
                     request_deserializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.ReadUffdMessagesRequest.FromString,
                     response_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.ReadUffdMessagesResponse.SerializeToString,
+            ),
+            'UffdRead': grpc.stream_stream_rpc_method_handler(
+                    servicer.UffdRead,
+                    request_deserializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdReadRequest.FromString,
+                    response_serializer=vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdReadResponse.SerializeToString,
             ),
             'UffdResolve': grpc.unary_unary_rpc_method_handler(
                     servicer.UffdResolve,
@@ -352,6 +376,33 @@ class UserfaultfdService:
             '/vkernel.v1.UserfaultfdService/ReadUffdMessages',
             vkernel_dot_v1_dot_userfaultfd__service__pb2.ReadUffdMessagesRequest.SerializeToString,
             vkernel_dot_v1_dot_userfaultfd__service__pb2.ReadUffdMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UffdRead(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vkernel.v1.UserfaultfdService/UffdRead',
+            vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdReadRequest.SerializeToString,
+            vkernel_dot_v1_dot_userfaultfd__service__pb2.UffdReadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,16 @@ class UserfaultfdServiceStub:
     """ReadUffdMessages is read(2) in a loop: every batch of pending messages as one response,
     faults before events, FIFO. The stream ends when the uffd is released.
     """
+    UffdRead: _grpc.StreamStreamMultiCallable[_userfaultfd_service_pb2.UffdReadRequest, _userfaultfd_service_pb2.UffdReadResponse]
+    """UffdRead is read(2) on demand: each request is one read, answered by one response (same
+    tag) once a message is pending, at once with EAGAIN when nonblock is set and none is.
+    Nothing is read before the client asks, so faults and events leave the uffd exactly when
+    the monitor reads them (a non-cooperative event's syscall goes on then), as with read(2);
+    ReadUffdMessages instead reads ahead while its client is busy. A read of a released uffd
+    is answered with released set and ends the stream. A handle the session does not hold
+    (EBADF) or max_messages above 4096 (EINVAL) end the stream with the errno's status; a
+    read's own error (EINVAL before UFFDIO_API, EAGAIN) is its errno.
+    """
     UffdResolve: _grpc.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.UffdResolveRequest, _userfaultfd_service_pb2.UffdResolveResponse]
     """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE /
     CONTINUE operations in order.
@@ -88,6 +98,16 @@ class UserfaultfdServiceAsyncStub(UserfaultfdServiceStub):
     ReadUffdMessages: _aio.UnaryStreamMultiCallable[_userfaultfd_service_pb2.ReadUffdMessagesRequest, _userfaultfd_service_pb2.ReadUffdMessagesResponse]  # type: ignore[assignment]
     """ReadUffdMessages is read(2) in a loop: every batch of pending messages as one response,
     faults before events, FIFO. The stream ends when the uffd is released.
+    """
+    UffdRead: _aio.StreamStreamMultiCallable[_userfaultfd_service_pb2.UffdReadRequest, _userfaultfd_service_pb2.UffdReadResponse]  # type: ignore[assignment]
+    """UffdRead is read(2) on demand: each request is one read, answered by one response (same
+    tag) once a message is pending, at once with EAGAIN when nonblock is set and none is.
+    Nothing is read before the client asks, so faults and events leave the uffd exactly when
+    the monitor reads them (a non-cooperative event's syscall goes on then), as with read(2);
+    ReadUffdMessages instead reads ahead while its client is busy. A read of a released uffd
+    is answered with released set and ends the stream. A handle the session does not hold
+    (EBADF) or max_messages above 4096 (EINVAL) end the stream with the errno's status; a
+    read's own error (EINVAL before UFFDIO_API, EAGAIN) is its errno.
     """
     UffdResolve: _aio.UnaryUnaryMultiCallable[_userfaultfd_service_pb2.UffdResolveRequest, _userfaultfd_service_pb2.UffdResolveResponse]  # type: ignore[assignment]
     """UffdResolve runs many UFFDIO_COPY / ZEROPAGE / WAKE / WRITEPROTECT / POISON / MOVE /
@@ -155,6 +175,22 @@ class UserfaultfdServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_userfaultfd_service_pb2.ReadUffdMessagesResponse], _abc.AsyncIterator[_userfaultfd_service_pb2.ReadUffdMessagesResponse]]:
         """ReadUffdMessages is read(2) in a loop: every batch of pending messages as one response,
         faults before events, FIFO. The stream ends when the uffd is released.
+        """
+
+    @_abc_1.abstractmethod
+    def UffdRead(
+        self,
+        request_iterator: _MaybeAsyncIterator[_userfaultfd_service_pb2.UffdReadRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_userfaultfd_service_pb2.UffdReadResponse], _abc.AsyncIterator[_userfaultfd_service_pb2.UffdReadResponse]]:
+        """UffdRead is read(2) on demand: each request is one read, answered by one response (same
+        tag) once a message is pending, at once with EAGAIN when nonblock is set and none is.
+        Nothing is read before the client asks, so faults and events leave the uffd exactly when
+        the monitor reads them (a non-cooperative event's syscall goes on then), as with read(2);
+        ReadUffdMessages instead reads ahead while its client is busy. A read of a released uffd
+        is answered with released set and ends the stream. A handle the session does not hold
+        (EBADF) or max_messages above 4096 (EINVAL) end the stream with the errno's status; a
+        read's own error (EINVAL before UFFDIO_API, EAGAIN) is its errno.
         """
 
     @_abc_1.abstractmethod
