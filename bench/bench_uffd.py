@@ -29,6 +29,10 @@ Figures:
   yardstick). No goal.
 - ``fault_rt_unary_p50``: the same round trip the way it was done before the streams: A
   reads with the unary ``ReadMemory`` and B resolves with unary ``UffdResolve`` (no goal).
+- ``fault_rt_ondemand_p50``: the fast path with B reading on demand (``UffdRead``: one read(2)
+  request per batch, sent after the batch's COPY, as a monitor thread loops read → resolve)
+  instead of the read-ahead ``ReadUffdMessages`` stream (no goal: the price of read(2)'s exact
+  semantics).
 - ``fault_rt_sdk_p50``: the fast path through the SDK: ``AccessStream.load`` in A's session
   and :class:`vkclient.uffd.UffdMonitor` serving B's (no goal: what the helper adds).
 - ``access_rt_p50``: µs for the same 8-byte load of a resident page on the Access stream (no
@@ -53,7 +57,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -197,14 +201,41 @@ class Monitor:
     handle: int
     streamed: bool
     """True: answers on a UffdResolveStream; False: one unary UffdResolve per batch."""
+    on_demand: bool = False
+    """True: reads with UffdRead (one read(2) per request, after each batch is answered);
+    False: the ReadUffdMessages stream, which reads ahead."""
     page: bytes = b"\x5a" * P
     faults: int = 0
     errors: list[str] = field(default_factory=list)
 
+    async def _batches(self) -> AsyncGenerator[Any, None]:
+        """The message batches, read ahead by the daemon or on demand."""
+        if not self.on_demand:
+            reads = self.b.uffd.ReadUffdMessages(
+                upb.ReadUffdMessagesRequest(handle=self.handle, max_messages=64),
+                metadata=self.b.md,
+            )
+            try:
+                async for resp in reads:
+                    yield resp
+            finally:
+                reads.cancel()
+            return
+        call = self.b.uffd.UffdRead(metadata=self.b.md)
+        tag = 0
+        try:
+            while True:
+                tag += 1
+                await call.write(upb.UffdReadRequest(handle=self.handle, max_messages=64, tag=tag))
+                answer = cast(upb.UffdReadResponse, await call.read())
+                if answer.released:
+                    return
+                yield answer
+        finally:
+            call.cancel()
+
     async def run(self) -> None:
-        reads = self.b.uffd.ReadUffdMessages(
-            upb.ReadUffdMessagesRequest(handle=self.handle, max_messages=64), metadata=self.b.md
-        )
+        reads = self._batches()
         stream = self.b.uffd.UffdResolveStream(metadata=self.b.md) if self.streamed else None
         drain = asyncio.ensure_future(self._drain(stream)) if stream is not None else None
         tag = 0
@@ -230,7 +261,7 @@ class Monitor:
                     )
                     self._check(r.results)
         finally:
-            reads.cancel()
+            await reads.aclose()
             if stream is not None:
                 stream.cancel()
             if drain is not None:
@@ -557,9 +588,12 @@ async def run(ctx: BenchContext) -> list[Record]:
         per_path = warm + n_faults * ctx.rounds
         fast_area = await a.mmap(pid, per_path)
         slow_area = await a.mmap(pid, per_path)
+        od_area = await a.mmap(pid, per_path)
         copy_area = await a.mmap(pid, n_copy)
         fast = Monitor(b, await a.userfaultfd(pid, fast_area, per_path, b.session_id), True)
         slow = Monitor(b, await a.userfaultfd(pid, slow_area, per_path, b.session_id), False)
+        od_handle = await a.userfaultfd(pid, od_area, per_path, b.session_id)
+        ondemand = Monitor(b, od_handle, True, on_demand=True)
         copy_handle = await a.userfaultfd(pid, copy_area, n_copy, b.session_id)
         # B's own process holds the COPY source pages (written once, outside the timing).
         bpid = await b.spawn("bench-monitor-image")
@@ -582,12 +616,13 @@ async def run(ctx: BenchContext) -> list[Record]:
             )
             for i in range(0, n_copy, RUN_PAGES)
         ]
-        monitors = [asyncio.ensure_future(m.run()) for m in (fast, slow)]
+        monitors = [asyncio.ensure_future(m.run()) for m in (fast, slow, ondemand)]
         access_load, close_access = _access_load(a, pid)
         stack.callback(close_access)
         try:
             unary_load = _unary_load(a, pid)
             await _time_loads(access_load, [fast_area + i * P for i in range(warm)])
+            await _time_loads(access_load, [od_area + i * P for i in range(warm)])
             await _time_loads(unary_load, [slow_area + i * P for i in range(warm)])
             await _time_pings(floor, warm)
             await _time_loads(relay_load, [0] * warm)
@@ -596,7 +631,8 @@ async def run(ctx: BenchContext) -> list[Record]:
                 base = warm + r * n_faults
                 fast_addrs = [fast_area + (base + i) * P for i in range(n_faults)]
                 slow_addrs = [slow_area + (base + i) * P for i in range(n_faults)]
-                keys = ["floor", "fast", "unary", "present", "sdk", "relay"]
+                od_addrs = [od_area + (base + i) * P for i in range(n_faults)]
+                keys = ["floor", "fast", "unary", "present", "sdk", "relay", "ondemand"]
                 for key in keys if r % 2 == 0 else keys[::-1]:
                     if key == "floor":
                         pings = await _time_pings(floor, n_faults)
@@ -610,6 +646,9 @@ async def run(ctx: BenchContext) -> list[Record]:
                         rts = await _time_loads(unary_load, slow_addrs)
                         add("unary_p50", _p(rts, 0.5))
                         add("unary_p99", _p(rts, 0.99))
+                    elif key == "ondemand":
+                        rts = await _time_loads(access_load, od_addrs)
+                        add("ondemand_p50", _p(rts, 0.5))
                     elif key == "relay":
                         rts = await _time_loads(relay_load, [0] * n_faults)
                         add("relay_p50", _p(rts, 0.5))
@@ -629,12 +668,12 @@ async def run(ctx: BenchContext) -> list[Record]:
             for t in monitors:
                 t.cancel()
             await asyncio.gather(*monitors, return_exceptions=True)
-        for m in (fast, slow):
+        for m in (fast, slow, ondemand):
             if m.errors:
                 raise RuntimeError(f"monitor errors: {m.errors[:5]}")
         expected = warm + n_faults * ctx.rounds
-        served = (fast.faults, slow.faults)
-        if served != (expected,) * 2:
+        served = (fast.faults, slow.faults, ondemand.faults)
+        if served != (expected,) * 3:
             raise RuntimeError(f"monitors served {served} faults, expected {expected} each")
         audit = await a.memory.Audit(mpb.AuditRequest(), metadata=a.md)
         if not audit.clean:
@@ -696,6 +735,18 @@ async def run(ctx: BenchContext) -> list[Record]:
             x_floor=x_floor("unary_p50", "floor_p50"),
             unary_p99=statistics.median(s["unary_p99"]),
             path="unary ReadMemory + ReadUffdMessages + unary UffdResolve",
+            n=n_faults,
+            **common,
+        ),
+        make_record(
+            "fault_rt_ondemand_p50",
+            s["ondemand_p50"],
+            "µs",
+            floor=s["floor_p50"],
+            goal=None,
+            better="lower",
+            x_floor=x_floor("ondemand_p50", "floor_p50"),
+            path="MemoryService.Access + UffdRead (read on demand) + UffdResolveStream",
             n=n_faults,
             **common,
         ),
