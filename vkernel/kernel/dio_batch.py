@@ -13,16 +13,19 @@ O_DIRECT alignment EINVAL, EOF clamp). :func:`iomap_dio_submit` then runs a whol
   comes up short keeps what it pinned for the segments it covered; the segments it did not
   reach are pinned by their own calls, so each iocb sees exactly the prefix a call of its own
   would have pinned (a short prefix is transferred and counted, nothing pinned is EFAULT);
-- bios (``bio_iov_iter_get_pages`` + ``blk_mq`` plug merging): the page-aligned iocbs' file
-  pages are mapped to device blocks in one gather, sorted, and cut into bios of contiguous
-  blocks -- bios of different iocbs merge when their blocks touch (``blk_attempt_plug_merge``);
+- bios (``bio_iov_iter_get_pages`` + ``blk_mq`` plug merging): per file and direction, the
+  page-aligned iocbs' file pages are mapped to device blocks in one gather, sorted, and cut
+  into bios of contiguous blocks -- bios of different iocbs merge when their blocks touch
+  (``blk_attempt_plug_merge``);
 - a zero-latency RAM device completes the plug inline (``brd_submit_bio``): one fancy-indexed
   copy between its storage and the frames for all good bios; other devices get one task per
   bio and every iocb completes as soon as its last bio did;
 - completion (``iomap_dio_complete`` / ``__bio_release_pages``): the pins of every iocb
   completing together are dropped in one ``unpin_user_pages_dirty_lock`` (dirtying for reads)
-  or one ``put_page`` batch (FOLL_GET); a failed bio fails its iocbs with EIO; iocbs whose
-  buffers or offset are only sector-aligned go through :func:`vkernel.kernel.dio._bounce`.
+  or one ``put_page`` batch (FOLL_GET); a failed bio fails its iocbs with EIO, a failed
+  merged bio is resubmitted as each iocb's own bios first (only the iocbs on the bad sectors
+  fail); iocbs whose buffers or offset are only sector-aligned go through
+  :func:`vkernel.kernel.dio._bounce`.
 
 Every bio is waited for even when the submitter is cancelled: a frame is never released under
 DMA.
