@@ -64,7 +64,7 @@ MAX_MERGED_PAGES = 1024
 
 @dataclass(slots=True, eq=False)
 class _Seg:
-    """One iovec's page span: pinned into ``pages[slot : slot + got]`` of the batch."""
+    """One iovec's page span (a bio_vec run): pinned into ``pages[slot : slot + got]``."""
 
     start: int  # page-aligned user address
     n: int  # pages spanned
@@ -189,8 +189,9 @@ _start = attrgetter("start")
 
 
 def _layout(segs: list[_Seg]) -> tuple[int, list[tuple[int, int, int, bool, list[_Seg]]]]:
-    """Slots in address order per FOLL_WRITE class; runs (start, pages, slot, wm, segs) of
-    adjacent spans, each pinned with one call."""
+    """The extraction plan (iov_iter_extract_user_pages() over all iocbs): slots in address
+    order per FOLL_WRITE class; runs (start, pages, slot, wm, segs) of adjacent spans, each
+    pinned with one call."""
     runs: list[tuple[int, int, int, bool, list[_Seg]]] = []
     slot = 0
     for wm in (True, False):
@@ -247,8 +248,8 @@ async def _pin_all(
 
 
 def _settle(r: DioReq) -> bool:
-    """Which pinned bytes the iocb moves: up to its first short segment (EFAULT if none);
-    False when it is already finished."""
+    """bio_iov_iter_get_pages()'s accounting: the iocb moves what was pinned up to its first
+    short segment (EFAULT if none); False when it is already finished."""
     for s in r.segs:
         if s.got < 0:
             if not r.cov:
@@ -320,7 +321,7 @@ def _plan_write(r: DioReq) -> bool:
 
 
 def _clip_cov(r: DioReq) -> None:
-    """Moved bytes = what was pinned, cut to the (possibly shortened) count."""
+    """iov_iter_truncate(): the moved bytes cut to the (possibly shortened) count."""
     left = r.count
     out: list[tuple[int, int, int]] = []
     for slot, off, ln in r.cov:
@@ -353,9 +354,9 @@ def _issue(
     complete: Callable[[list[DioReq]], None],
     tasks: _BioTasks,
 ) -> list[DioReq]:
-    """After the pins: settle each iocb's bytes, complete the failed ones, plug the aligned
-    ones and flush the plugs (inline on brd, else bio tasks into ``tasks``), start the
-    bounced ones; the iocbs still live."""
+    """iomap_dio_bio_iter() for each iocb, under one plug: settle each iocb's bytes, complete
+    the failed ones, plug the aligned ones and flush the plugs (inline on brd, else bio tasks
+    into ``tasks``), start the bounced ones; the iocbs still live."""
     live: list[DioReq] = []
     for r in reqs:
         if r.done:
@@ -426,7 +427,8 @@ async def iomap_dio_submit(
     foll: str,
     complete: Callable[[list[DioReq]], None],
 ) -> None:
-    """Run prepared requests; ``complete`` gets each group of requests as it finishes (res set)."""
+    """iomap_dio_rw() for every prepared iocb of an io_submit(); ``complete`` gets each group
+    of requests as it finishes (``res`` set)."""
     kernel = dio._kernel(task)
     await _coherence(reqs)
     pages = await _pin_all(kernel, task, reqs, gup, foll)
@@ -501,13 +503,14 @@ def _flush_plug(
 
 
 def _cut_run(n: int) -> np.ndarray:
-    """Bio starts of one contiguous run of ``n`` blocks (every MAX_MERGED_PAGES)."""
+    """Request starts of one contiguous run of ``n`` blocks, split at max_sectors
+    (bio_split_rw)."""
     return np.arange(0, n, MAX_MERGED_PAGES, dtype=np.int64)
 
 
 def _cut(blocks: np.ndarray) -> np.ndarray:
-    """Bio starts over sorted blocks: a new bio where blocks stop being contiguous, and every
-    MAX_MERGED_PAGES."""
+    """Request starts over sorted blocks (plug merging + bio_split_rw): a new one where blocks
+    stop being contiguous, and every MAX_MERGED_PAGES."""
     if len(blocks) <= 1:
         return np.zeros(len(blocks), dtype=np.int64)
     cut = np.flatnonzero(np.diff(blocks) != 1) + 1
@@ -576,10 +579,10 @@ async def _wait_bios(
     foll: str,
     complete: Callable[[list[DioReq]], None],
 ) -> None:
-    """Wait for the bios; an iocb completes when its last bio did. A failed merged bio is
-    resubmitted as each iocb's own bios (the block layer fails bios, not neighbours). A
-    cancelled submitter keeps waiting (no frame is released under DMA) and is told once
-    everything completed."""
+    """iomap_dio_bio_end_io() for each bio: an iocb completes when its last bio did. A failed
+    merged bio is resubmitted as each iocb's own bios (the block layer fails bios, not
+    neighbours). A cancelled submitter keeps waiting (no frame is released under DMA) and is
+    told once everything completed."""
     cancelled = False
     pending = set(tasks)
     mem = kernel.mem
@@ -668,7 +671,7 @@ async def _complete_ready(
 
 
 def _finish(kernel: Kernel, reqs: list[DioReq], pages: np.ndarray, foll: str) -> None:
-    """Mark done and release the pins of a group."""
+    """iomap_dio_complete() of iocbs that failed before any bio: mark done, release pins."""
     for r in reqs:
         r.done = True
     _release(kernel, reqs, pages, foll)
