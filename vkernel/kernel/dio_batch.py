@@ -675,3 +675,343 @@ def _finish(kernel: Kernel, reqs: list[DioReq], pages: np.ndarray, foll: str) ->
     for r in reqs:
         r.done = True
     _release(kernel, reqs, pages, foll)
+
+
+# ---- the struct-of-arrays path (io_uring's SQ/CQ arrays) --------------------------------------
+
+
+def _intra(counts: np.ndarray, total: int) -> np.ndarray:
+    """For runs of ``counts`` items laid end to end: each item's index inside its run."""
+    starts = np.cumsum(counts) - counts
+    out: np.ndarray = np.arange(total, dtype=np.int64) - np.repeat(starts, counts)
+    return out
+
+
+async def _pin_array(
+    task: Task,
+    addr: np.ndarray,
+    npg: np.ndarray,
+    one: bool,
+    wm: bool,
+    gup: str,
+    foll: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """iov_iter_extract_user_pages() for one-buffer iocbs given as arrays: buffers sorted by
+    address and merged into runs of adjacent pages, one GUP call per run; a short run keeps
+    its prefix and the buffers it did not reach get their own call (as :func:`_pin_all`).
+    ``one``: every buffer is one page. Returns (pages, slot, got) with slot/got per iocb in
+    the caller's order."""
+    m = len(addr)
+    order = np.argsort(addr, kind="stable")
+    sa = addr[order]
+    if one:
+        sn = npg
+        sslot = np.arange(m, dtype=np.int64)
+        total = m
+        ends = sa + PAGE_SIZE
+    else:
+        sn = npg[order]
+        sslot = np.cumsum(sn) - sn
+        total = int(sslot[-1] + sn[-1])
+        ends = sa + (sn << PAGE_SHIFT)
+    brk = np.flatnonzero(sa[1:] != ends[:-1]) + 1
+    pages = np.full(total, -1, dtype=np.int64)
+    if not len(brk):  # the common case: the buffers tile one range, one call
+        if task.mm is None:
+            raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
+        ret = await dio._grab_pages(task, int(sa[0]), total, wm, gup, foll, pages)
+        if ret == total:
+            slots = np.empty(m, dtype=np.int64)
+            slots[order] = sslot
+            return pages, slots, npg.copy()
+        rstarts, rends = [0], [m]
+        first: int | None = ret
+    else:
+        rstarts = [0, *brk.tolist()]
+        rends = [*brk.tolist(), m]
+        first = None
+    sgot = sn.copy()
+    pinned: list[tuple[int, int]] = []  # (slot, pages) held, released on an exception
+    try:
+        for rs, re in zip(rstarts, rends, strict=True):
+            slot = int(sslot[rs])
+            n = int(sslot[re - 1] + sn[re - 1]) - slot
+            if first is not None:  # the single run's call, made above
+                ret, first = first, None
+            else:
+                if task.mm is None:
+                    raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
+                view = pages[slot : slot + n]
+                ret = await dio._grab_pages(task, int(sa[rs]), n, wm, gup, foll, view)
+            if ret == n:  # the whole run
+                pinned.append((slot, n))
+                continue
+            got = max(ret, 0)
+            pinned.append((slot, got))
+            for j in range(rs, re):
+                rel = int(sslot[j]) - slot
+                k = int(sn[j])
+                if rel + k <= got:
+                    continue
+                if rel < got:
+                    sgot[j] = got - rel  # the short prefix a call of its own would pin
+                    continue
+                s0 = int(sslot[j])  # not reached: its own call
+                r = await dio._grab_pages(task, int(sa[j]), k, wm, gup, foll, pages[s0 : s0 + k])
+                sgot[j] = r
+                if r > 0:
+                    pinned.append((s0, r))
+    except BaseException:
+        held = [pages[s : s + c] for s, c in pinned if c > 0]
+        if held:
+            arr = np.concatenate(held)
+            dio._release_pages(dio._kernel(task), arr, len(arr), foll, False)
+        raise
+    slots = np.empty(m, dtype=np.int64)
+    slots[order] = sslot
+    gotv = np.empty(m, dtype=np.int64)
+    gotv[order] = sgot
+    return pages, slots, gotv
+
+
+async def _bios_async(
+    mem: PhysMem,
+    bdev: BlockDevice,
+    op: int,
+    blocks: np.ndarray,
+    pfns: np.ndarray,
+    owners: np.ndarray,
+    starts: np.ndarray,
+) -> tuple[np.ndarray, bool]:
+    """submit_bio() of each cut bio in its own task when the device queues (not inline); a
+    failed merged bio is resubmitted per iocb. Waits for all even if cancelled (no frame is
+    released under DMA). Returns (owners whose bios failed, whether a cancel arrived)."""
+    ends = np.append(starts[1:], len(blocks))
+    tasks: dict[asyncio.Future[None], np.ndarray] = {}
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        bio: asyncio.Future[None] = asyncio.ensure_future(
+            bdev.submit_bio(op, int(blocks[s]), mem, pfns[s:e], None)
+        )
+        tasks[bio] = np.arange(s, e)
+    failed: list[int] = []
+    cancelled = False
+    pending: set[asyncio.Future[None]] = set(tasks)
+    while pending:
+        try:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            cancelled = True
+            continue
+        for t in done:
+            rows = tasks.pop(t)
+            if t.cancelled() or t.exception() is None:
+                continue
+            who = np.unique(owners[rows])
+            if len(who) == 1:
+                failed.append(int(who[0]))
+                continue
+            for o in who.tolist():  # a failed merged request: each iocb's bios on their own
+                sub = rows[owners[rows] == o]
+                b = blocks[sub]
+                cut = _cut(b)
+                cend = np.append(cut[1:], len(b))
+                for s0, e0 in zip(cut.tolist(), cend.tolist(), strict=True):
+                    r = sub[s0:e0]
+                    t2: asyncio.Future[None] = asyncio.ensure_future(
+                        bdev.submit_bio(op, int(blocks[r[0]]), mem, pfns[r], None)
+                    )
+                    tasks[t2] = r
+                    pending.add(t2)
+    return np.asarray(failed, dtype=np.int64), cancelled
+
+
+async def iomap_dio_submit_array(
+    task: Task,
+    ino: Inode,
+    write: bool,
+    addr: np.ndarray,
+    length: np.ndarray,
+    pos: np.ndarray,
+    gup: str,
+    foll: str,
+) -> tuple[np.ndarray, bool]:
+    """iomap_dio_rw() for a batch of one-buffer, page-aligned iocbs on one file and direction,
+    as arrays (the io_uring SQ array path): one GUP call per run of adjacent buffer pages, the
+    file pages mapped and cut into merged bios in one gather, the copy inline on brd (bio
+    tasks otherwise), one unpin per dirtiness. Every read starts below EOF, every write's
+    blocks are allocated and the file has no cached pages (the caller checked). Returns (res
+    per iocb, whether the submitter was cancelled while bios were in flight: the results are
+    real, the caller re-raises after posting them)."""
+    kernel = dio._kernel(task)
+    mem = kernel.mem
+    bdev = ino.bdev
+    assert bdev is not None
+    m = len(addr)
+    npg = length >> PAGE_SHIFT
+    one = int(npg.max()) == 1  # page-aligned and non-empty: every npg ≥ 1
+    pages, slot, got = await _pin_array(task, addr, npg, one, not write, gup, foll)
+    whole = bool((got == npg).all())
+    if whole:  # every buffer wholly pinned: each iocb moves its length
+        res = length.copy()
+        mv = npg
+        nmove = len(pages)
+    else:  # bio_iov_iter_get_pages(): the pinned prefix; EFAULT (or GUP's errno) if none
+        res = np.where(got >= npg, length, np.maximum(got, 0) << PAGE_SHIFT)
+        res = np.where(got < 0, got, np.where(got == 0, -errno.EFAULT, res))
+        mv = np.where(got > 0, np.minimum(got, npg), 0)
+        nmove = int(mv.sum())
+    cancelled = False
+    try:
+        if nmove:
+            if one and whole:  # one page each, all pinned: no repeat
+                fidx = pos >> PAGE_SHIFT
+                slots = slot
+                owners = np.arange(m, dtype=np.int64)
+            else:
+                intra = _intra(mv, nmove)
+                fidx = np.repeat(pos >> PAGE_SHIFT, mv) + intra
+                slots = np.repeat(slot, mv) + intra
+                owners = np.repeat(np.arange(m, dtype=np.int64), mv)
+            cancelled = await _dio_bios(mem, bdev, ino, write, fidx, pages[slots], owners, res)
+    finally:
+        _release_array(kernel, pages, slot, npg, got, res, whole, one, write, foll)
+    ok = res > 0
+    st = dio._stats(kernel)
+    nok = int(np.count_nonzero(ok))
+    if write:
+        st.writes += nok
+        if nok:
+            m_ = ino.mapping
+            if m_ is not None and m_.pages:  # kiocb_invalidate_post_direct_write()
+                for p0, n0 in zip(pos[ok].tolist(), res[ok].tolist(), strict=True):
+                    await dio._invalidate(ino, p0 >> PAGE_SHIFT, (p0 + n0 + _PMASK) >> PAGE_SHIFT)
+            end = int((pos + res)[ok].max())
+            if end > ino.size:
+                ino.size = end
+                if ino.sb is not None:
+                    ino.sb.mark_dirty()
+            ino.mtime = time.time()
+    else:
+        st.reads += nok
+        size = ino.size
+        if nok and int((pos + res).max()) > size:  # a read never returns bytes past i_size
+            res = np.where(ok, np.minimum(res, size - pos), res)
+    return res, cancelled
+
+
+async def _dio_bios(
+    mem: PhysMem,
+    bdev: BlockDevice,
+    ino: Inode,
+    write: bool,
+    fidx: np.ndarray,
+    pfns: np.ndarray,
+    owners: np.ndarray,
+    res: np.ndarray,
+) -> bool:
+    """The bios of the batch (one per run of contiguous blocks, merged across iocbs): holes
+    read as zeroes, inline on brd, bio tasks otherwise; the iocbs of failed bios get EIO in
+    ``res``. Whether a cancel arrived while waiting for bio tasks."""
+    bmap = ino.blocks
+    if len(bmap) and int(fidx.max()) < len(bmap):
+        blocks = bmap[fidx]
+    else:
+        inside = fidx < len(bmap)
+        blocks = np.full(len(fidx), -1, dtype=np.int64)
+        blocks[inside] = bmap[fidx[inside]]
+    if int(blocks.min()) < 0:  # a read of a hole reads zeroes (writes were allocated)
+        holes = blocks < 0
+        mem.frames[pfns[holes]] = 0
+        keep = ~holes
+        blocks, pfns, owners = blocks[keep], pfns[keep], owners[keep]
+        if not len(blocks):
+            return False
+    n = len(blocks)
+    step = np.diff(blocks)
+    if n > 1 and (step == 1).all():
+        starts = _cut_run(n)  # already one sorted run
+    else:
+        if n > 1 and (step < 0).any():
+            srt = np.argsort(blocks, kind="stable")
+            blocks, pfns, owners = blocks[srt], pfns[srt], owners[srt]
+        starts = _cut(blocks)
+    op = REQ_OP_WRITE if write else REQ_OP_READ
+    if bdev.completes_inline():
+        bad = _inline(bdev, op, blocks, mem, pfns, starts)
+        if bad.any():
+            res[_inline_failed(bdev, op, blocks, mem, pfns, owners, starts, bad)] = -errno.EIO
+        return False
+    failed, cancelled = await _bios_async(mem, bdev, op, blocks, pfns, owners, starts)
+    res[failed] = -errno.EIO
+    return cancelled
+
+
+def _release_array(
+    kernel: Kernel,
+    pages: np.ndarray,
+    slot: np.ndarray,
+    npg: np.ndarray,
+    got: np.ndarray,
+    res: np.ndarray,
+    whole: bool,
+    one: bool,
+    write: bool,
+    foll: str,
+) -> None:
+    """__bio_release_pages() of the batch: one unpin (or put) per dirtiness; reads that moved
+    data dirty the pages they moved into (all they pinned: the prefix is whole pages)."""
+    total = len(pages)
+    if whole and (write or bool((res > 0).all())):  # the common case: one call, no masks
+        dio._release_pages(kernel, pages, total, foll, not write)
+        return
+    m = len(slot)
+    slot_owner = np.empty(total, dtype=np.int64)
+    slot_owner[_slot_positions(slot, npg, total) if not one else slot] = np.repeat(
+        np.arange(m, dtype=np.int64), npg
+    )
+    rel = np.arange(total, dtype=np.int64) - slot[slot_owner]
+    held = rel < np.maximum(got, 0)[slot_owner]
+    if write:
+        dirty_slot = np.zeros(total, dtype=np.bool_)
+    else:
+        dirty_slot = held & (res > 0)[slot_owner]
+    for mask, mark in ((dirty_slot, True), (held & ~dirty_slot, False)):
+        if mask.any():
+            arr = pages[mask]
+            dio._release_pages(kernel, arr, len(arr), foll, mark)
+
+
+def _slot_positions(slot: np.ndarray, npg: np.ndarray, total: int) -> np.ndarray:
+    """Batch slots of every iocb's pages, iocb by iocb (slot[i] … slot[i]+npg[i]-1)."""
+    if total == len(slot):
+        return slot
+    out: np.ndarray = np.repeat(slot, npg) + _intra(npg, total)
+    return out
+
+
+def _inline_failed(
+    bdev: BlockDevice,
+    op: int,
+    blocks: np.ndarray,
+    mem: PhysMem,
+    pfns: np.ndarray,
+    owners: np.ndarray,
+    starts: np.ndarray,
+    bad: np.ndarray,
+) -> np.ndarray:
+    """The iocbs a failed inline plug fails: a failed merged bio is redone as each iocb's
+    own bios, so only the iocbs on the bad sectors get EIO."""
+    ends = np.append(starts[1:], len(blocks))
+    out: list[int] = []
+    for i in np.flatnonzero(bad).tolist():
+        s, e = int(starts[i]), int(ends[i])
+        who = np.unique(owners[s:e])
+        if len(who) == 1:
+            out.append(int(who[0]))
+            continue
+        for o in who.tolist():
+            msk = owners[s:e] == o
+            b = blocks[s:e][msk]
+            if _inline(bdev, op, b, mem, pfns[s:e][msk], _cut(b)).any():
+                out.append(o)
+    return np.asarray(out, dtype=np.int64)
