@@ -1,9 +1,14 @@
 """O_DIRECT and AIO through pinned user pages (issue 7): the seed 004 job and seed 000's switch.
 
-In-process (no gRPC), on a RAM device with no latency, so the figures are the kernel's path
-(``KioCtx.submit`` → ``dio_batch.iomap_dio_submit``): an AIO ring of depth 64 doing 4 KiB
-O_DIRECT reads over the file (the seed 004 job, 1 GiB, 16 MiB under --quick), every I/O
-pinning and unpinning its buffer page (``nr_foll_pin_*`` count them).
+In-process (no gRPC), on a RAM device with no latency, so the figures are the kernel's path:
+an AIO ring of depth 64 doing 4 KiB O_DIRECT reads over the file (the seed 004 job, 1 GiB,
+16 MiB under --quick), every I/O pinning and unpinning its buffer page (``nr_foll_pin_*``
+count them). The seed 004 and FOLL_PIN/FOLL_GET jobs use the struct-of-arrays path
+(``KioCtx.io_submit_sqes`` → ``dio_batch.iomap_dio_submit_array``, reaped with
+``getevents_array``) the way fio's libaio engine drives a ring; the same job through the
+per-iocb path (``KioCtx.submit`` with ``Iocb`` objects → ``dio_batch.iomap_dio_submit``) takes
+its turn too (``iocb_path_*``: the figure before the array path). Seed 000 stays on the
+per-iocb path (both GUP modes run in a task of their own there, so only the GUP differs).
 
 Each round reads the file once per configuration, in ``CHUNKS`` pieces (8 under --quick),
 and the configurations take turns piece by piece (the order rotates), so a slow phase of the
@@ -99,11 +104,49 @@ async def _setup(region: int) -> tuple[Kernel, Task, int, int, int]:
     return k, t, fd, buf, cold
 
 
+async def _job_sqes(
+    t: Task, fd: int, buf: int, first: int, n: int, gup: str, foll: str, clat: list[int] | None
+) -> tuple[float, float]:
+    """The seed job (rw=read, bs=4k, iodepth=64) over pages [first, first+n) through the
+    struct-of-arrays path, as fio's libaio engine runs it: reap what completed
+    (``getevents_array``), refill the free slots with the next offsets as arrays
+    (``io_submit_sqes``). (wall, CPU) seconds taken."""
+    ctx = aio.KioCtx(t, DEPTH, gup=gup, foll=foll)
+    nxt = first
+    end = first + n
+    free = np.arange(DEPTH, dtype=np.int64)  # buffer slots not in flight
+    ops = np.full(DEPTH, aio.IOCB_CMD_PREAD, dtype=np.int64)
+    fds = np.full(DEPTH, fd, dtype=np.int64)
+    lens = np.full(DEPTH, P, dtype=np.int64)
+    steps = np.arange(DEPTH, dtype=np.int64) * P
+    inflight = 0
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    while nxt < end or inflight:
+        k = min(len(free), end - nxt)
+        if k:
+            s, free = free[:k], free[k:]
+            ctx.io_submit_sqes(ops[:k], fds[:k], buf + s * P, lens[:k], nxt * P + steps[:k], s)
+            nxt += k
+            inflight += k
+        ev = await ctx.getevents_array(1, DEPTH)
+        if (ev.res != P).any():
+            raise RuntimeError(f"I/O failed: {ev.res[ev.res != P][:4].tolist()}")
+        free = np.concatenate((free, ev.user_data.astype(np.int64)))
+        inflight -= len(ev.res)
+        if clat is not None:
+            clat.extend((ev.complete_ns - ev.issue_ns).tolist())
+    dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    await ctx.destroy()
+    return dt, cpu
+
+
 async def _job(
     t: Task, fd: int, buf: int, first: int, n: int, gup: str, foll: str, clat: list[int] | None
 ) -> tuple[float, float]:
-    """The seed job (rw=read, bs=4k, iodepth=64) over pages [first, first+n): (wall, CPU)
-    seconds taken."""
+    """The seed job (rw=read, bs=4k, iodepth=64) over pages [first, first+n) through the
+    per-iocb path (an ``Iocb`` and an ``IoEvent`` per I/O): (wall, CPU) seconds taken."""
     ctx = aio.KioCtx(t, DEPTH, gup=gup, foll=foll)
     nxt = first
     end = first + n
@@ -229,7 +272,7 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
     npages = region // P
     chunks = 8 if ctx.quick else CHUNKS
     piece = npages // chunks
-    iops: dict[str, list[float]] = {m: [] for m in ("pin", "get", "floor", "fast", "slow")}
+    iops: dict[str, list[float]] = {m: [] for m in ("pin", "get", "iocb", "floor", "fast", "slow")}
     clat: list[int] = []
     fast_slow_calls = 0
     fast_lock_reads = 0
@@ -242,17 +285,22 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
     cpu_us: dict[str, list[float]] = {"pin": [], "get": []}
     for r in range(rounds):
         secs = dict.fromkeys(iops, 0.0)
-        cpu = {"pin": 0.0, "get": 0.0}
+        cpu = {"pin": 0.0, "get": 0.0, "iocb": 0.0}
         clat = []
-        for c in range(chunks):  # seed 004: FOLL_PIN, FOLL_GET and the floor take turns
+        for c in range(chunks):  # seed 004: FOLL_PIN, FOLL_GET, the per-iocb path, the floor
             first = c * piece
             here = {}
-            for m in _rotate(["pin", "get", "floor"], r * chunks + c):
+            for m in _rotate(["pin", "get", "iocb", "floor"], r * chunks + c):
                 if m == "floor":
                     secs[m] += _floor(fl, first, piece)
                     continue
+                if m == "iocb":  # the same job through Iocb objects (the path before arrays)
+                    wall, used = await _job(t, fd, buf, first, piece, "fast", "pin", [])
+                    secs[m] += wall
+                    cpu[m] += used
+                    continue
                 # both collect clat (the same work per I/O); pin's are the ones reported
-                wall, used = await _job(
+                wall, used = await _job_sqes(
                     t, fd, buf, first, piece, "fast", m, clat if m == "pin" else []
                 )
                 secs[m] += wall
@@ -261,7 +309,7 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
             piece_cpu_ratio.append(here["get"] / here["pin"])
         cpu_ratio.append(cpu["get"] / cpu["pin"])
         for m, used in cpu.items():
-            cpu_us[m].append(used / (piece * chunks) * 1e6)
+            cpu_us.setdefault(m, []).append(used / (piece * chunks) * 1e6)
         stop = asyncio.Event()
         loop = asyncio.ensure_future(_contender(t, cold, stop, contention))
         wait_ns = 0
@@ -304,6 +352,13 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
             floor=iops["floor"],
             goal=0.5,
             better="higher",
+            engine="io_submit_sqes / getevents_array",
+            cpu_us_per_io=round(float(np.median(cpu_us["pin"])), 2),
+            iocb_path_iops=round(float(np.median(iops["iocb"]))),
+            iocb_path_ratio=round(
+                float(np.median(np.asarray(iops["iocb"]) / np.asarray(iops["floor"]))), 4
+            ),
+            iocb_path_cpu_us_per_io=round(float(np.median(cpu_us["iocb"])), 2),
             **extra,
             **_pcts(clat),
         ),
