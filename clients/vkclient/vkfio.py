@@ -3,7 +3,8 @@
 Each job (``numjobs`` clones) is a vkernel process: its I/O buffers are an anonymous mapping
 in that process (``iodepth * bs`` bytes, touched before the run as fio touches its buffers),
 so every I/O pins and unpins real pages in the daemon. ``ioengine=libaio`` / ``io_uring``
-use an AIO ring of depth ``iodepth`` (:class:`vkclient._aio.AioRing`): every Ring message
+use an AIO ring of depth ``iodepth`` (:class:`vkclient._aio.AioRing`, its iocbs and
+completions as packed arrays: ``prep_batch`` / ``submit_and_wait_arrays``): every Ring message
 submits all the I/Os queued in free slots and reaps every completion ready, so the gRPC cost
 is shared by a batch (``iodepth_batch_*`` tune the batch sizes). ``psync``, ``sync`` and
 ``pvsync`` do one synchronous preadv/pwritev per I/O. Without ``filename`` the file is
@@ -611,47 +612,84 @@ class Runner:
         job, res = self.job, self.res
         depth = job.depth
         free = list(range(depth))
-        kinds = [False] * depth
+        kinds = np.zeros(depth, dtype=np.bool_)
         batch = min(max(1, job.iodepth_batch_submit), depth)
         cmin = min(job.iodepth_batch_complete_min, depth)
         cmax = min(job.iodepth_batch_complete_max or depth, depth)
         done = False
         issued = 0
+        bs = job.bs
         async with AioRing(p, depth) as ring:
             while True:
                 think = False
+                offs: list[int] = []
+                slots: list[int] = []
                 while free and not done and not think:
                     off = next_off()
                     if off is None:
                         done = True
                         break
                     slot = free.pop()
-                    addr = buf + slot * job.bs
                     is_read = not verify_write and self._is_read(rng)
                     if verify_write:
-                        await p.write(addr, verify_block(job.verify, off, job.bs, job.randseed))
+                        block = verify_block(job.verify, off, bs, job.randseed)
+                        await p.write(buf + slot * bs, block)
                     kinds[slot] = is_read
-                    ring.prep(OP_READ if is_read else OP_WRITE, fd, [(addr, job.bs)], off, slot)
+                    offs.append(off)
+                    slots.append(slot)
                     issued += 1
                     think = bool(job.thinktime) and issued % job.thinktime_blocks == 0
+                if slots:  # the new iocbs as arrays: one packed IocbBatch
+                    sl = np.asarray(slots, dtype=np.int64)
+                    ops = np.where(kinds[sl], OP_READ, OP_WRITE)
+                    ring.prep_batch(ops, fd, buf + sl * bs, bs, offs, sl)
                 inflight = depth - len(free)
                 if not inflight:
                     break
                 queued = ring.queued
                 want = min(inflight, cmax, max(1, cmin, 1 if done else batch))
-                comps = await ring.submit_and_wait(want, cmax, timeout=30.0)
+                cq = await ring.submit_and_wait_arrays(want, cmax, timeout=30.0)
                 if self.recording:
                     if queued - ring.queued:
                         res.mark_submit(inflight, queued - ring.queued)
-                    res.mark_complete(len(comps))
-                for c in comps:
-                    slot = int(c.user_data)
-                    free.append(slot)
-                    if c.res < 0:
-                        raise OSError(-c.res, os.strerror(-c.res))
-                    self._account(kinds[slot], c.res, c.submit_ns, c.complete_ns)
+                    res.mark_complete(len(cq.res))
+                got = cq.user_data.astype(np.int64)
+                free.extend(got.tolist())
+                bad = cq.res < 0
+                if bad.any():
+                    err = -int(cq.res[bad][0])
+                    raise OSError(err, os.strerror(err))
+                self._account_arrays(kinds[got], cq.res, cq.submit_ns, cq.complete_ns)
                 if think:
                     await asyncio.sleep(job.thinktime)
+
+    def _account_arrays(
+        self, is_read: np.ndarray, n: np.ndarray, slat: np.ndarray, clat: np.ndarray
+    ) -> None:
+        """_account() for completions reaped as arrays: per direction, one update."""
+        for rd in (True, False):
+            sel = is_read if rd else ~is_read
+            k = int(np.count_nonzero(sel))
+            if not k:
+                continue
+            nb = n[sel] if k < len(n) else n
+            total = int(nb.sum())
+            pr = self.progress
+            pr.done += total
+            if rd:
+                pr.rbytes += total
+                pr.rios += k
+            else:
+                pr.wbytes += total
+                pr.wios += k
+            if not self.recording:
+                continue
+            d = self.res.read if rd else self.res.write
+            d.ios += k
+            d.bytes += total
+            d.short += int(np.count_nonzero(nb < self.job.bs))
+            d.slat.extend((slat[sel] if k < len(n) else slat).tolist())
+            d.clat.extend((clat[sel] if k < len(n) else clat).tolist())
 
     def _account(self, is_read: bool, n: int, slat: int, clat: int) -> None:
         self.progress.add(is_read, n)

@@ -6,13 +6,14 @@ import errno
 from pathlib import Path
 
 import anyio
+import numpy as np
 import pytest
 import structlog
 
 import vkclient
 from tests.service.conftest import Daemon
 from vkclient import O_CREAT, O_DIRECT, O_RDWR
-from vkclient._aio import AioRing, preadv, pwritev, set_dio_defaults
+from vkclient._aio import OP_READ, AioRing, preadv, pwritev, set_dio_defaults
 from vkernel.kernel.blockdev import DeviceSpec
 
 P = 4096
@@ -74,11 +75,57 @@ async def test_ring_many_ios_per_message(k: vkclient.Kernel) -> None:
     assert vm["nr_foll_pin_acquired"] == vm["nr_foll_pin_released"]
 
 
+async def test_ring_batch_arrays(k: vkclient.Kernel) -> None:
+    """Iocbs and completions as packed arrays (IocbBatch / CompletionBatch): 32 reads on a
+    depth-16 ring go 16 at a time, each entry gets its own result (EINVAL misaligned, EBADF,
+    EINVAL for an unknown opcode), a per-iocb Iocb and an IocbBatch share one message, the
+    data lands, the pins balance and the audit is clean."""
+    p = await k.spawn("ringb")
+    fd = await p.open("f", O_CREAT | O_RDWR | O_DIRECT)
+    a = await p.mmap(32 * P)
+    data = _pattern(32 * P, seed=5)
+    await p.write(a, data)
+    assert await pwritev(p, fd, [(a, 32 * P)], 0) == 32 * P
+    b = await p.mmap(32 * P)
+    vm0 = await k.vmstat()
+    got: dict[int, int] = {}
+    n = np.arange(32, dtype=np.int64)
+    async with AioRing(p, 16) as ring:
+        ring.prep_batch(OP_READ, fd, b + n * P, P, n * P, 1000 + n)
+        assert ring.queued == 32
+        while ring.queued or ring.inflight:
+            cq = await ring.submit_and_wait_arrays(1, timeout=5.0)
+            assert len(cq.user_data) == len(cq.res) == len(cq.complete_ns)
+            got.update(zip(cq.user_data.tolist(), cq.res.tolist(), strict=True))
+        ring.prep_read(fd, b, P, 0, user_data=1)  # a per-iocb Iocb, then arrays
+        ring.prep_batch(
+            [OP_READ, OP_READ, OP_READ, 0],
+            [fd, fd, 999, fd],
+            [b + P, b + 2 * P + 1, b, b],
+            P,
+            [P, 0, 0, 0],
+            [2, 3, 4, 5],
+        )
+        mixed: dict[int, int] = {}
+        while len(mixed) < 5:
+            cq = await ring.submit_and_wait_arrays(5, timeout=5.0)
+            mixed.update(zip(cq.user_data.tolist(), cq.res.tolist(), strict=True))
+    assert got == {1000 + i: P for i in range(32)}
+    assert mixed == {1: P, 2: P, 3: -errno.EINVAL, 4: -errno.EBADF, 5: -errno.EINVAL}
+    assert await p.read(b, 32 * P) == data
+    vm = await k.vmstat()
+    assert vm["nr_foll_pin_acquired"] - vm0["nr_foll_pin_acquired"] == 34
+    assert vm["nr_foll_pin_acquired"] == vm["nr_foll_pin_released"]
+    assert await k.audit() == []
+
+
+@pytest.mark.parametrize("arrays", [False, True])
 async def test_session_killed_with_io_in_flight_leaks_nothing(
-    daemon: Daemon, k: vkclient.Kernel
+    daemon: Daemon, k: vkclient.Kernel, arrays: bool
 ) -> None:
-    """A client dies with reads in flight on a slow device: the daemon ends its session and
-    its process, waits for the device, then unpins; nothing leaks."""
+    """A client dies with reads in flight on a slow device (submitted per iocb, or as an
+    IocbBatch): the daemon ends its session and its process, waits for the device, then
+    unpins; nothing leaks."""
     daemon.kernel.vfs.add_device(DeviceSpec.parse("slow0=ram:16M,latency=50ms"))
     client = await vkclient.connect(daemon.addr, client_name="fio")
     p = await client.spawn("victim")
@@ -89,9 +136,14 @@ async def test_session_killed_with_io_in_flight_leaks_nothing(
     dev = daemon.kernel.vfs.device("slow0")
     with structlog.testing.capture_logs():
         async with AioRing(p, 32) as ring:
-            for i in range(16):
-                ring.prep_read(fd, a + i * P, P, i * P, user_data=i)
-            await ring.submit_and_wait(0)
+            if arrays:
+                n = np.arange(16, dtype=np.int64)
+                ring.prep_batch(OP_READ, fd, a + n * P, P, n * P, n)
+                await ring.submit_and_wait_arrays(0)
+            else:
+                for i in range(16):
+                    ring.prep_read(fd, a + i * P, P, i * P, user_data=i)
+                await ring.submit_and_wait(0)
             with anyio.fail_after(1):  # the submission's task starts its bios a tick later
                 while dev.stats.inflight + dev.stats.queued == 0:
                     await anyio.sleep(0.001)

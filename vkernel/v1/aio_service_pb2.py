@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvkernel/v1/aio_service.proto\x12\nvkernel.v1\"\"\n\x05IoVec\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\x04\x12\x0b\n\x03len\x18\x02 \x01(\x04\"\xa9\x01\n\tRwRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\n\n\x02\x66\x64\x18\x02 \x01(\x05\x12\r\n\x05write\x18\x03 \x01(\x08\x12\x1e\n\x03iov\x18\x04 \x03(\x0b\x32\x11.vkernel.v1.IoVec\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12 \n\x03gup\x18\x06 \x01(\x0e\x32\x13.vkernel.v1.GupMode\x12\"\n\x04\x66oll\x18\x07 \x01(\x0e\x32\x14.vkernel.v1.FollMode\"\x1b\n\nRwResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"|\n\x04Iocb\x12%\n\x06opcode\x18\x01 \x01(\x0e\x32\x15.vkernel.v1.AioOpcode\x12\n\n\x02\x66\x64\x18\x02 \x01(\x05\x12\x1e\n\x03iov\x18\x03 \x03(\x0b\x32\x11.vkernel.v1.IoVec\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x11\n\tuser_data\x18\x05 \x01(\x04\"s\n\tRingSetup\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12 \n\x03gup\x18\x03 \x01(\x0e\x32\x13.vkernel.v1.GupMode\x12\"\n\x04\x66oll\x18\x04 \x01(\x0e\x32\x14.vkernel.v1.FollMode\"\x9a\x01\n\x0bRingRequest\x12$\n\x05setup\x18\x01 \x01(\x0b\x32\x15.vkernel.v1.RingSetup\x12 \n\x06submit\x18\x02 \x03(\x0b\x32\x10.vkernel.v1.Iocb\x12\x14\n\x0cmin_complete\x18\x03 \x01(\r\x12\x14\n\x0cmax_complete\x18\x04 \x01(\r\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"T\n\nCompletion\x12\x11\n\tuser_data\x18\x01 \x01(\x04\x12\x0b\n\x03res\x18\x02 \x01(\x03\x12\x11\n\tsubmit_ns\x18\x03 \x01(\x04\x12\x13\n\x0b\x63omplete_ns\x18\x04 \x01(\x04\"\x80\x01\n\x0cRingResponse\x12\x11\n\tsubmitted\x18\x01 \x01(\r\x12+\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x16.vkernel.v1.Completion\x12\r\n\x05\x65rrno\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08inflight\x18\x05 \x01(\r\"]\n\x15SetDioDefaultsRequest\x12 \n\x03gup\x18\x01 \x01(\x0e\x32\x13.vkernel.v1.GupMode\x12\"\n\x04\x66oll\x18\x02 \x01(\x0e\x32\x14.vkernel.v1.FollMode\"^\n\x16SetDioDefaultsResponse\x12 \n\x03gup\x18\x01 \x01(\x0e\x32\x13.vkernel.v1.GupMode\x12\"\n\x04\x66oll\x18\x02 \x01(\x0e\x32\x14.vkernel.v1.FollMode*I\n\x07GupMode\x12\x18\n\x14GUP_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rGUP_MODE_FAST\x10\x01\x12\x11\n\rGUP_MODE_SLOW\x10\x02*K\n\x08\x46ollMode\x12\x19\n\x15\x46OLL_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rFOLL_MODE_PIN\x10\x01\x12\x11\n\rFOLL_MODE_GET\x10\x02*\x94\x01\n\tAioOpcode\x12\x1a\n\x16\x41IO_OPCODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41IO_OPCODE_READ\x10\x01\x12\x14\n\x10\x41IO_OPCODE_WRITE\x10\x02\x12\x14\n\x10\x41IO_OPCODE_FSYNC\x10\x03\x12\x15\n\x11\x41IO_OPCODE_FDSYNC\x10\x04\x12\x13\n\x0f\x41IO_OPCODE_NOOP\x10\x05\x32\xd9\x01\n\nAioService\x12\x33\n\x02Rw\x12\x15.vkernel.v1.RwRequest\x1a\x16.vkernel.v1.RwResponse\x12=\n\x04Ring\x12\x17.vkernel.v1.RingRequest\x1a\x18.vkernel.v1.RingResponse(\x01\x30\x01\x12W\n\x0eSetDioDefaults\x12!.vkernel.v1.SetDioDefaultsRequest\x1a\".vkernel.v1.SetDioDefaultsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvkernel/v1/aio_service.proto\x12\nvkernel.v1\"\"\n\x05IoVec\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\x04\x12\x0b\n\x03len\x18\x02 \x01(\x04\"\xa9\x01\n\tRwRequest\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\n\n\x02\x66\x64\x18\x02 \x01(\x05\x12\r\n\x05write\x18\x03 \x01(\x08\x12\x1e\n\x03iov\x18\x04 \x03(\x0b\x32\x11.vkernel.v1.IoVec\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12 \n\x03gup\x18\x06 \x01(\x0e\x32\x13.vkernel.v1.GupMode\x12\"\n\x04\x66oll\x18\x07 \x01(\x0e\x32\x14.vkernel.v1.FollMode\"\x1b\n\nRwResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"|\n\x04Iocb\x12%\n\x06opcode\x18\x01 \x01(\x0e\x32\x15.vkernel.v1.AioOpcode\x12\n\n\x02\x66\x64\x18\x02 \x01(\x05\x12\x1e\n\x03iov\x18\x03 \x03(\x0b\x32\x11.vkernel.v1.IoVec\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x11\n\tuser_data\x18\x05 \x01(\x04\"\x81\x01\n\tIocbBatch\x12&\n\x07opcodes\x18\x01 \x03(\x0e\x32\x15.vkernel.v1.AioOpcode\x12\x0b\n\x03\x66\x64s\x18\x02 \x03(\x05\x12\r\n\x05\x62\x61ses\x18\x03 \x03(\x04\x12\x0c\n\x04lens\x18\x04 \x03(\x04\x12\x0f\n\x07offsets\x18\x05 \x03(\x03\x12\x11\n\tuser_data\x18\x06 \x03(\x04\"Y\n\x0f\x43ompletionBatch\x12\x11\n\tuser_data\x18\x01 \x03(\x04\x12\x0b\n\x03res\x18\x02 \x03(\x03\x12\x11\n\tsubmit_ns\x18\x03 \x03(\x04\x12\x13\n\x0b\x63omplete_ns\x18\x04 \x03(\x04\"s\n\tRingSetup\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12 \n\x03gup\x18\x03 \x01(\x0e\x32\x13.vkernel.v1.GupMode\x12\"\n\x04\x66oll\x18\x04 \x01(\x0e\x32\x14.vkernel.v1.FollMode\"\xe2\x01\n\x0bRingRequest\x12$\n\x05setup\x18\x01 \x01(\x0b\x32\x15.vkernel.v1.RingSetup\x12 \n\x06submit\x18\x02 \x03(\x0b\x32\x10.vkernel.v1.Iocb\x12\x14\n\x0cmin_complete\x18\x03 \x01(\r\x12\x14\n\x0cmax_complete\x18\x04 \x01(\r\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\x12+\n\x0csubmit_batch\x18\x06 \x01(\x0b\x32\x15.vkernel.v1.IocbBatch\x12\x19\n\x11\x62\x61tch_completions\x18\x07 \x01(\x08\"T\n\nCompletion\x12\x11\n\tuser_data\x18\x01 \x01(\x04\x12\x0b\n\x03res\x18\x02 \x01(\x03\x12\x11\n\tsubmit_ns\x18\x03 \x01(\x04\x12\x13\n\x0b\x63omplete_ns\x18\x04 \x01(\x04\"\xb7\x01\n\x0cRingResponse\x12\x11\n\tsubmitted\x18\x01 \x01(\r\x12+\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x16.vkernel.v1.Completion\x12\r\n\x05\x65rrno\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08inflight\x18\x05 \x01(\r\x12\x35\n\x10\x63ompletion_batch\x18\x06 \x01(\x0b\x32\x1b.vkernel.v1.CompletionBatch\"]\n\x15SetDioDefaultsRequest\x12 \n\x03gup\x18\x01 \x01(\x0e\x32\x13.vkernel.v1.GupMode\x12\"\n\x04\x66oll\x18\x02 \x01(\x0e\x32\x14.vkernel.v1.FollMode\"^\n\x16SetDioDefaultsResponse\x12 \n\x03gup\x18\x01 \x01(\x0e\x32\x13.vkernel.v1.GupMode\x12\"\n\x04\x66oll\x18\x02 \x01(\x0e\x32\x14.vkernel.v1.FollMode*I\n\x07GupMode\x12\x18\n\x14GUP_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rGUP_MODE_FAST\x10\x01\x12\x11\n\rGUP_MODE_SLOW\x10\x02*K\n\x08\x46ollMode\x12\x19\n\x15\x46OLL_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rFOLL_MODE_PIN\x10\x01\x12\x11\n\rFOLL_MODE_GET\x10\x02*\x94\x01\n\tAioOpcode\x12\x1a\n\x16\x41IO_OPCODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41IO_OPCODE_READ\x10\x01\x12\x14\n\x10\x41IO_OPCODE_WRITE\x10\x02\x12\x14\n\x10\x41IO_OPCODE_FSYNC\x10\x03\x12\x15\n\x11\x41IO_OPCODE_FDSYNC\x10\x04\x12\x13\n\x0f\x41IO_OPCODE_NOOP\x10\x05\x32\xd9\x01\n\nAioService\x12\x33\n\x02Rw\x12\x15.vkernel.v1.RwRequest\x1a\x16.vkernel.v1.RwResponse\x12=\n\x04Ring\x12\x17.vkernel.v1.RingRequest\x1a\x18.vkernel.v1.RingResponse(\x01\x30\x01\x12W\n\x0eSetDioDefaults\x12!.vkernel.v1.SetDioDefaultsRequest\x1a\".vkernel.v1.SetDioDefaultsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vkernel.v1.aio_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GUPMODE']._serialized_start=1089
-  _globals['_GUPMODE']._serialized_end=1162
-  _globals['_FOLLMODE']._serialized_start=1164
-  _globals['_FOLLMODE']._serialized_end=1239
-  _globals['_AIOOPCODE']._serialized_start=1242
-  _globals['_AIOOPCODE']._serialized_end=1390
+  _globals['_GUPMODE']._serialized_start=1439
+  _globals['_GUPMODE']._serialized_end=1512
+  _globals['_FOLLMODE']._serialized_start=1514
+  _globals['_FOLLMODE']._serialized_end=1589
+  _globals['_AIOOPCODE']._serialized_start=1592
+  _globals['_AIOOPCODE']._serialized_end=1740
   _globals['_IOVEC']._serialized_start=44
   _globals['_IOVEC']._serialized_end=78
   _globals['_RWREQUEST']._serialized_start=81
@@ -45,18 +45,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RWRESPONSE']._serialized_end=279
   _globals['_IOCB']._serialized_start=281
   _globals['_IOCB']._serialized_end=405
-  _globals['_RINGSETUP']._serialized_start=407
-  _globals['_RINGSETUP']._serialized_end=522
-  _globals['_RINGREQUEST']._serialized_start=525
-  _globals['_RINGREQUEST']._serialized_end=679
-  _globals['_COMPLETION']._serialized_start=681
-  _globals['_COMPLETION']._serialized_end=765
-  _globals['_RINGRESPONSE']._serialized_start=768
-  _globals['_RINGRESPONSE']._serialized_end=896
-  _globals['_SETDIODEFAULTSREQUEST']._serialized_start=898
-  _globals['_SETDIODEFAULTSREQUEST']._serialized_end=991
-  _globals['_SETDIODEFAULTSRESPONSE']._serialized_start=993
-  _globals['_SETDIODEFAULTSRESPONSE']._serialized_end=1087
-  _globals['_AIOSERVICE']._serialized_start=1393
-  _globals['_AIOSERVICE']._serialized_end=1610
+  _globals['_IOCBBATCH']._serialized_start=408
+  _globals['_IOCBBATCH']._serialized_end=537
+  _globals['_COMPLETIONBATCH']._serialized_start=539
+  _globals['_COMPLETIONBATCH']._serialized_end=628
+  _globals['_RINGSETUP']._serialized_start=630
+  _globals['_RINGSETUP']._serialized_end=745
+  _globals['_RINGREQUEST']._serialized_start=748
+  _globals['_RINGREQUEST']._serialized_end=974
+  _globals['_COMPLETION']._serialized_start=976
+  _globals['_COMPLETION']._serialized_end=1060
+  _globals['_RINGRESPONSE']._serialized_start=1063
+  _globals['_RINGRESPONSE']._serialized_end=1246
+  _globals['_SETDIODEFAULTSREQUEST']._serialized_start=1248
+  _globals['_SETDIODEFAULTSREQUEST']._serialized_end=1341
+  _globals['_SETDIODEFAULTSRESPONSE']._serialized_start=1343
+  _globals['_SETDIODEFAULTSRESPONSE']._serialized_end=1437
+  _globals['_AIOSERVICE']._serialized_start=1743
+  _globals['_AIOSERVICE']._serialized_end=1960
 # @@protoc_insertion_point(module_scope)

@@ -240,6 +240,106 @@ class Iocb(_message.Message):
 Global___Iocb: _TypeAlias = Iocb  # noqa: Y015
 
 @_typing.final
+class IocbBatch(_message.Message):
+    """IocbBatch is a struct-of-arrays submission (io_uring's SQ array): entry i is one
+    single-buffer iocb, opcodes[i] on fds[i] with the buffer bases[i] of lens[i] bytes at file
+    offset offsets[i]. Every field holds one value per entry (EINVAL otherwise). The fields are
+    packed, so a batch costs one field header per array rather than a message per iocb.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPCODES_FIELD_NUMBER: _builtins.int
+    FDS_FIELD_NUMBER: _builtins.int
+    BASES_FIELD_NUMBER: _builtins.int
+    LENS_FIELD_NUMBER: _builtins.int
+    OFFSETS_FIELD_NUMBER: _builtins.int
+    USER_DATA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def opcodes(self) -> _containers.RepeatedScalarFieldContainer[Global___AioOpcode.ValueType]:
+        """The operations."""
+
+    @_builtins.property
+    def fds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The descriptors."""
+
+    @_builtins.property
+    def bases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The buffer addresses."""
+
+    @_builtins.property
+    def lens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The buffer lengths in bytes."""
+
+    @_builtins.property
+    def offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The file offsets."""
+
+    @_builtins.property
+    def user_data(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Returned unchanged in the completions."""
+
+    def __init__(
+        self,
+        *,
+        opcodes: _abc.Iterable[Global___AioOpcode.ValueType] | None = ...,
+        fds: _abc.Iterable[_builtins.int] | None = ...,
+        bases: _abc.Iterable[_builtins.int] | None = ...,
+        lens: _abc.Iterable[_builtins.int] | None = ...,
+        offsets: _abc.Iterable[_builtins.int] | None = ...,
+        user_data: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bases", b"bases", "fds", b"fds", "lens", b"lens", "offsets", b"offsets", "opcodes", b"opcodes", "user_data", b"user_data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IocbBatch: _TypeAlias = IocbBatch  # noqa: Y015
+
+@_typing.final
+class CompletionBatch(_message.Message):
+    """CompletionBatch is completions as arrays (io_uring's CQ array): entry i is one io_event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_DATA_FIELD_NUMBER: _builtins.int
+    RES_FIELD_NUMBER: _builtins.int
+    SUBMIT_NS_FIELD_NUMBER: _builtins.int
+    COMPLETE_NS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user_data(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The iocbs' user_data."""
+
+    @_builtins.property
+    def res(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Bytes transferred, or -errno."""
+
+    @_builtins.property
+    def submit_ns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Nanoseconds from submission to issue (fio's slat)."""
+
+    @_builtins.property
+    def complete_ns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Nanoseconds from issue to completion (fio's clat)."""
+
+    def __init__(
+        self,
+        *,
+        user_data: _abc.Iterable[_builtins.int] | None = ...,
+        res: _abc.Iterable[_builtins.int] | None = ...,
+        submit_ns: _abc.Iterable[_builtins.int] | None = ...,
+        complete_ns: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_ns", b"complete_ns", "res", b"res", "submit_ns", b"submit_ns", "user_data", b"user_data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompletionBatch: _TypeAlias = CompletionBatch  # noqa: Y015
+
+@_typing.final
 class RingSetup(_message.Message):
     """RingSetup is io_setup()."""
 
@@ -284,12 +384,16 @@ class RingRequest(_message.Message):
     MIN_COMPLETE_FIELD_NUMBER: _builtins.int
     MAX_COMPLETE_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    SUBMIT_BATCH_FIELD_NUMBER: _builtins.int
+    BATCH_COMPLETIONS_FIELD_NUMBER: _builtins.int
     min_complete: _builtins.int
     """Completions to wait for before answering (io_getevents min_nr)."""
     max_complete: _builtins.int
     """Most completions to return; 0 means all available."""
     timeout_seconds: _builtins.float
     """How long to wait for min_complete, in seconds; 0 waits without limit."""
+    batch_completions: _builtins.bool
+    """Return the completions in completion_batch instead of completions."""
     @_builtins.property
     def setup(self) -> Global___RingSetup:
         """Only in (and required in) the first message."""
@@ -297,6 +401,12 @@ class RingRequest(_message.Message):
     @_builtins.property
     def submit(self) -> _containers.RepeatedCompositeFieldContainer[Global___Iocb]:
         """The iocbs to submit."""
+
+    @_builtins.property
+    def submit_batch(self) -> Global___IocbBatch:
+        """More iocbs, as arrays: submitted after those of submit, in the same io_submit batch
+        only when every iocb of submit was accepted.
+        """
 
     def __init__(
         self,
@@ -306,10 +416,12 @@ class RingRequest(_message.Message):
         min_complete: _builtins.int = ...,
         max_complete: _builtins.int = ...,
         timeout_seconds: _builtins.float = ...,
+        submit_batch: Global___IocbBatch | None = ...,
+        batch_completions: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["setup", b"setup"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["setup", b"setup", "submit_batch", b"submit_batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_complete", b"max_complete", "min_complete", b"min_complete", "setup", b"setup", "submit", b"submit", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_completions", b"batch_completions", "max_complete", b"max_complete", "min_complete", b"min_complete", "setup", b"setup", "submit", b"submit", "submit_batch", b"submit_batch", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,8 +472,11 @@ class RingResponse(_message.Message):
     ERRNO_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     INFLIGHT_FIELD_NUMBER: _builtins.int
+    COMPLETION_BATCH_FIELD_NUMBER: _builtins.int
     submitted: _builtins.int
-    """Iocbs accepted (fewer than sent when the ring is full; 0 and errno EAGAIN when none fit)."""
+    """Iocbs accepted, submit's first then submit_batch's (fewer than sent when the ring is
+    full; 0 and errno EAGAIN when none fit).
+    """
     errno: _builtins.int
     """Zero, or the errno of a refused submission."""
     message: _builtins.str
@@ -372,6 +487,10 @@ class RingResponse(_message.Message):
     def completions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Completion]:
         """The completions reaped."""
 
+    @_builtins.property
+    def completion_batch(self) -> Global___CompletionBatch:
+        """The completions reaped, as arrays (when the request set batch_completions)."""
+
     def __init__(
         self,
         *,
@@ -380,10 +499,11 @@ class RingResponse(_message.Message):
         errno: _builtins.int = ...,
         message: _builtins.str = ...,
         inflight: _builtins.int = ...,
+        completion_batch: Global___CompletionBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completion_batch", b"completion_batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completions", b"completions", "errno", b"errno", "inflight", b"inflight", "message", b"message", "submitted", b"submitted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_batch", b"completion_batch", "completions", b"completions", "errno", b"errno", "inflight", b"inflight", "message", b"message", "submitted", b"submitted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
