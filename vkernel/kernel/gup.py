@@ -384,14 +384,17 @@ def _put_pages(kernel: Kernel, pages: PageArray, npages: int, flags: int, dirty:
     order = mem.order[p]
     large = (order != 0) if order.any() else None
     heads = p if large is None else mem.compound_heads(p)
-    if dirty:
-        _mark_dirty(kernel, heads)
     pin = bool(flags & FOLL_PIN)
-    if pin:
-        keep = heads != mem.zero_pfn
-        if not keep.all():
-            heads = heads[keep]
-            large = None if large is None else large[keep]
+    keep = None  # the zero-page filter, computed once for the dirtying and the unpin
+    if pin or dirty:
+        nz = heads != mem.zero_pfn
+        if not nz.all():
+            keep = nz
+    if dirty:
+        _mark_dirty(kernel, heads if keep is None else heads[keep], nonzero=True)
+    if pin and keep is not None:
+        heads = heads[keep]
+        large = None if large is None else large[keep]
     if not len(heads):
         return
     d: np.int32 | npt.NDArray[np.int32] = _ONE32
@@ -447,11 +450,13 @@ def unpin_user_pages(kernel: Kernel, pages: PageArray, npages: int) -> None:
     _put_pages(kernel, pages, npages, FOLL_PIN, False)
 
 
-def _mark_dirty(kernel: Kernel, heads: PageArray) -> None:
+def _mark_dirty(kernel: Kernel, heads: PageArray, nonzero: bool = False) -> None:
     """folio_mark_dirty() under the folio lock, for each folio not already dirty: a page-cache
-    page of a disk file is dirtied in its file, so writeback sends what a device wrote."""
+    page of a disk file is dirtied in its file, so writeback sends what a device wrote.
+    ``nonzero``: the caller already left the zero page out."""
     mem = kernel.mem
-    heads = heads[heads != mem.zero_pfn]
+    if not nonzero:
+        heads = heads[heads != mem.zero_pfn]
     if len(heads):
         mem.flags[heads] |= np.uint32(PG_dirty)
         file = heads[(mem.flags[heads] & np.uint32(PG_anon | PG_shmem)) == 0]
