@@ -14,11 +14,11 @@ import errno
 import signal as _signal
 import sys
 from array import array
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from vkclient._stream import TaggedStream
 from vkclient.constants import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from vkclient.errors import UserFaultError, from_rpc_error
 from vkernel.v1 import memory_service_pb2 as pb
@@ -56,7 +56,7 @@ def _uint(value: int, field: str) -> int:
     return _unsigned(value, 32, field)
 
 
-class AccessStream:
+class AccessStream(TaggedStream):
     """One open ``MemoryService.Access`` stream: a process's loads and stores, one message
     each way per access (a unary ``read``/``write`` costs about three times that).
 
@@ -65,45 +65,19 @@ class AccessStream:
     proc.access_stream() as a: data = await a.load(addr, n)``.
     """
 
+    _what = "Access"
+
     def __init__(self, kernel: Kernel, pid: int) -> None:
+        super().__init__()
         self._kernel = kernel
         self.pid = pid
-        self._call: Any = None
-        self._lock = asyncio.Lock()
-        self._tag = 0
 
-    async def _roundtrip(self, request: pb.AccessRequest) -> pb.AccessResponse:
-        async with self._lock:  # one request and its answer at a time keeps them paired
-            if self._call is None:
-                k = self._kernel
-                self._call = k._memory.Access(metadata=k._metadata)
-            self._tag += 1
-            request.tag = self._tag
-            call = self._call
-            try:
-                await call.write(request)
-                resp = await call.read()
-            except grpc.RpcError as e:
-                self._call = None  # the stream is over; the next access opens another
-                raise from_rpc_error(e) from None
-            except BaseException:
-                # Cancelled between the request and its answer: that answer would pair with
-                # the next request, so this stream is dropped (the access itself, once sent,
-                # runs to completion in the daemon, as a thread's store does).
-                self._call = None
-                call.cancel()
-                raise
-            if resp is grpc.aio.EOF:
-                self._call = None
-                raise from_rpc_error(await _ended(call))
-            assert isinstance(resp, pb.AccessResponse)
-            if resp.tag != request.tag:  # the proto promises order; a mismatch is a bug
-                raise RuntimeError(f"Access answered tag {resp.tag} to request {request.tag}")
-            return resp
+    def _open(self) -> Any:
+        return self._kernel._memory.Access(metadata=self._kernel._metadata)
 
     async def load(self, addr: int, length: int) -> bytes:
         """A user load of ``length`` bytes (at most 1 MiB) at ``addr``."""
-        resp = await self._roundtrip(
+        resp: pb.AccessResponse = await self._roundtrip(
             pb.AccessRequest(
                 pid=self.pid,
                 kind=pb.ACCESS_KIND_LOAD,
@@ -117,7 +91,7 @@ class AccessStream:
 
     async def store(self, addr: int, data: bytes | bytearray | memoryview) -> int:
         """A user store of ``data`` (at most 1 MiB) at ``addr``; returns its length."""
-        resp = await self._roundtrip(
+        resp: pb.AccessResponse = await self._roundtrip(
             pb.AccessRequest(
                 pid=self.pid, kind=pb.ACCESS_KIND_STORE, addr=_ulong(addr, "addr"), data=bytes(data)
             )
@@ -125,30 +99,6 @@ class AccessStream:
         if resp.errno:
             raise _access_error(resp)
         return resp.bytes_done
-
-    async def close(self) -> None:
-        """End the stream (idempotent)."""
-        call, self._call = self._call, None
-        if call is not None:
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await call.done_writing()
-            call.cancel()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-
-async def _ended(call: Any) -> grpc.RpcError:
-    """The status of a stream the daemon ended, as the RpcError a unary call would raise."""
-    code = await call.code()
-    details = await call.details()
-    trailing = await call.trailing_metadata()
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
 
 
 def _access_error(resp: pb.AccessResponse) -> OSError:

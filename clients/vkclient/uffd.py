@@ -39,11 +39,11 @@ import inspect
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from vkclient._stream import StreamBase, TaggedStream, stream_ended
 from vkclient.constants import (
     PAGE_SIZE,
     UFFD_API,
@@ -296,21 +296,25 @@ class Userfaultfd:
             call.cancel()
 
 
-class UffdReader:
+class UffdReader(TaggedStream):
     """``UffdRead``: read(2) on demand, one stream message each way per read.
 
     Nothing leaves the uffd before :meth:`read` asks, so a fault or event is taken exactly
     when the monitor reads it (:meth:`Userfaultfd.messages` reads ahead while its caller is
-    busy: an event's syscall then goes on before the monitor has seen it).
+    busy: an event's syscall then goes on before the monitor has seen it). A read cancelled
+    while it waits drops the stream; the daemon cancels the waiting read, which took nothing.
     """
 
+    _what = "UffdRead"
+
     def __init__(self, uffd: Userfaultfd) -> None:
+        super().__init__()
         self.uffd = uffd
-        self._call: Any = None
-        self._tag = 0
-        self._lock = asyncio.Lock()
         self.released = False
         """The uffd was released: :meth:`read` returns None from now on."""
+
+    def _open(self) -> Any:
+        return self.uffd._stub.UffdRead(metadata=self.uffd.kernel._metadata)
 
     async def read(
         self, max_messages: int = 64, *, nonblock: bool = False
@@ -319,61 +323,21 @@ class UffdReader:
         then BlockingIOError, EAGAIN), or None once the uffd is released."""
         if self.released:
             return None
-        async with self._lock:  # one read and its answer at a time keeps them paired
-            if self._call is None:
-                k = self.uffd.kernel
-                self._call = self.uffd._stub.UffdRead(metadata=k._metadata)
-            call = self._call
-            self._tag += 1
-            request = pb.UffdReadRequest(
-                handle=self.uffd.handle, max_messages=max_messages, nonblock=nonblock, tag=self._tag
+        resp: pb.UffdReadResponse = await self._roundtrip(
+            pb.UffdReadRequest(
+                handle=self.uffd.handle, max_messages=max_messages, nonblock=nonblock
             )
-            try:
-                await call.write(request)
-                resp = await call.read()
-            except grpc.RpcError as e:
-                self._call = None
-                raise from_rpc_error(e) from None
-            except BaseException:
-                # Cancelled while the read waited: its answer (messages taken out of the uffd)
-                # could pair with the next read, so the stream is dropped; the daemon cancels
-                # the waiting read, which then took nothing.
-                self._call = None
-                call.cancel()
-                raise
-            if resp is grpc.aio.EOF:
-                self._call = None
-                from vkclient._memory import _ended
-
-                raise from_rpc_error(await _ended(call))
-            if resp.tag != request.tag:  # the proto promises order; a mismatch is a bug
-                raise RuntimeError(f"UffdRead answered tag {resp.tag} to read {request.tag}")
-            if resp.released:
-                self.released = True
-                self._call = None
-                return None
-            if resp.errno:
-                raise OSError(resp.errno, errno.errorcode.get(resp.errno, str(resp.errno)))
-            return list(resp.messages)
-
-    async def close(self) -> None:
-        """End the stream (idempotent)."""
-        call, self._call = self._call, None
-        if call is not None:
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await call.done_writing()
-            call.cancel()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
+        )
+        if resp.released:
+            self.released = True
+            self._call = None
+            return None
+        if resp.errno:
+            raise OSError(resp.errno, errno.errorcode.get(resp.errno, str(resp.errno)))
+        return list(resp.messages)
 
 
-class ResolveStream:
+class ResolveStream(StreamBase):
     """``UffdResolveStream``: batches of operations on one long-lived stream.
 
     :meth:`submit` sends one batch and returns a future of its results without waiting (a
@@ -402,9 +366,7 @@ class ResolveStream:
             while True:
                 resp = await call.read()
                 if resp is grpc.aio.EOF:
-                    from vkclient._memory import _ended
-
-                    raise from_rpc_error(await _ended(call))
+                    raise from_rpc_error(await stream_ended(call))
                 tag, fut = self._pending.popleft()
                 if tag != resp.tag:  # the proto promises order; a mismatch is a daemon bug
                     raise RuntimeError(f"UffdResolveStream answered tag {resp.tag}, not {tag}")
@@ -468,14 +430,6 @@ class ResolveStream:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         call.cancel()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
 
 PageSource = Callable[[int, int], "bytes | bytearray | memoryview | int | Awaitable[Any] | None"]
