@@ -357,9 +357,17 @@ class KioCtx:
             ress.append(res)
             times.append((len(ud), sub, iss, comp))
             got += len(ud)
-        if len(uds) == 1:
-            ud, res = uds[0], ress[0]
-        elif uds:
+        if len(uds) == 1:  # one chunk: its times fill the arrays
+            c, sub, iss, comp = times[0]
+            i64 = np.int64
+            return IoEventArrays(
+                uds[0],
+                ress[0],
+                np.full(c, sub, dtype=i64),
+                np.full(c, iss, dtype=i64),
+                np.full(c, comp, dtype=i64),
+            )
+        if uds:
             ud, res = np.concatenate(uds), np.concatenate(ress)
         else:
             ud, res = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
@@ -390,9 +398,10 @@ class KioCtx:
         (or :meth:`getevents`)."""
         if self.dead:
             raise einval("context destroyed", field="ctx")
-        # copies: the prep clamps lengths in place, the caller's arrays stay as given
+        # copies, as io_uring reads each SQE once: the caller may reuse its arrays at once, a
+        # submission that sleeps still reads them, and the prep clamps lengths in place
         cols = [np.array(a, dtype=np.int64) for a in (opcode, fd, addr, length, offset)]
-        ud = np.asarray(user_data).astype(np.uint64, copy=False)
+        ud = np.array(user_data, dtype=np.uint64)  # the completions keep it
         total = len(ud)
         if any(c.ndim != 1 or len(c) != total for c in cols) or ud.ndim != 1:
             raise einval("submission arrays of unequal length", field="sqes")
@@ -616,10 +625,10 @@ class KioCtx:
         write = o0 in _WRITE_OPS
         if ino is None or not (writable if write else readable):
             return False
-        lo = min(int(pos.min()), int(addr.min()), int(length.min()))
-        if lo <= 0 and (int(length.min()) <= 0 or lo < 0):
+        lmin, lmax = int(length.min()), int(length.max())
+        if lmin <= 0 or lmax > _MAX_RW or int(pos.min()) < 0 or int(addr.min()) < 0:
             return False
-        if int(length.max()) > _MAX_RW or int(np.bitwise_or.reduce(pos | addr | length)) & _PMASK:
+        if int(np.bitwise_or.reduce(pos | addr | length)) & _PMASK:
             return False
         m = ino.mapping
         bdev = ino.bdev
@@ -628,16 +637,12 @@ class KioCtx:
         if not bdev.completes_inline():
             return False
         end = int((pos + length).max())
-        if write:
+        if write:  # one-page overwrites only: allocation is the per-entry path's
             bmap = ino.blocks
-            if end > len(bmap) << PAGE_SHIFT:
+            if lmax != PAGE_SIZE or end > len(bmap) << PAGE_SHIFT:
                 return False
-            first = pos >> PAGE_SHIFT
-            if int(length.max()) == PAGE_SIZE:
-                if int(bmap[first].min()) < 0:
-                    return False
-            else:
-                return False  # multi-page writes: the per-entry allocation check
+            if int(bmap[pos >> PAGE_SHIFT].min()) < 0:
+                return False
         elif end > ino.size:  # the EOF clamp is the per-entry path's
             return False
         groups.append((ino, write, None))
