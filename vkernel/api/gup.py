@@ -6,7 +6,6 @@ kernel's gup_test ioctl, encode. Page lists travel as packed little-endian u64 `
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import sys
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vkernel.api.process import owned_task
-from vkernel.api.rpc import RpcFailure, note_pid, require_session
+from vkernel.api.rpc import StreamTasks, note_pid, require_live, require_session
 from vkernel.gup_handles import GupHandle, GupResult, HandleTable
 from vkernel.kernel.errors import KernelError, einval
 from vkernel.kernel.gup_test import gup_test_ioctl
@@ -97,13 +96,12 @@ class GupServicer(pb_grpc.GupServiceServicer):
         self._sessions = sessions
         self._handles = handles
         self._dma_socket_path = dma_socket_path
-        self._streams: set[asyncio.Task[Any]] = set()
+        self._streams = StreamTasks()
 
     def stop_streams(self) -> None:
         """Daemon shutdown: end every Batch stream (long-lived, like Keepalive, so shutdown
         must not wait its grace on them)."""
-        for task in list(self._streams):
-            task.cancel()
+        self._streams.stop()
 
     def set_dma_socket_path(self, path: str) -> None:
         """Where GetDmaChannel sends co-located drivers ("" when there is no side channel)."""
@@ -178,15 +176,9 @@ class GupServicer(pb_grpc.GupServiceServicer):
         # A plain linear generator (no task group, no cancel scope), relayed by the
         # interceptor with context.write, whose await is the backpressure.
         session = require_session(context, self._sessions)
-        task = asyncio.current_task()
-        if task is not None:
-            self._streams.add(task)
-            task.add_done_callback(self._streams.discard)
+        self._streams.track()
         async for request in request_iterator:
-            if session.closed:  # the driver's session ended under its stream
-                raise RpcFailure(
-                    grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
-                )
+            require_live(session)  # the driver's session ended under its stream
             if len(request.ops) > MAX_BATCH_OPS:
                 raise einval(f"more than {MAX_BATCH_OPS} operations in one message", "ops")
             results: list[pb.BatchResult] = []

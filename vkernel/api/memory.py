@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from vkernel.api.process import owned_task
-from vkernel.api.rpc import RpcFailure, note_pid, require_session
+from vkernel.api.rpc import note_pid, require_live, require_session
 from vkernel.kernel import mm_api
 from vkernel.kernel.errors import KernelError, UserFault, einval
 from vkernel.kernel.kernel import Kernel
@@ -162,10 +162,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         session = require_session(context, self._sessions)
         task: Task | None = None
         async for request in request_iterator:
-            if session.closed:  # the client's session ended under its stream
-                raise RpcFailure(
-                    grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
-                )
+            require_live(session)  # the client's session ended under its stream
             if task is None or task.pid != request.pid:
                 # Ownership never changes, so the lookup is paid once per process, not per
                 # access; a process that exits meanwhile answers ESRCH from its access.

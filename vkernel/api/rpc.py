@@ -6,6 +6,7 @@ gRPC status; every call ends with exactly one ``rpc_finished`` log line.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import secrets
@@ -89,6 +90,34 @@ def require_session(context: grpc.aio.ServicerContext[Any, Any], table: SessionT
     if info is not None:
         info.session = session.id
     return session
+
+
+def require_live(session: Session) -> None:
+    """UNAUTHENTICATED when ``session`` ended under a long-lived stream of its own."""
+    if session.closed:
+        raise RpcFailure(
+            grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
+        )
+
+
+class StreamTasks:
+    """The handler tasks of a servicer's long-lived streams, so daemon shutdown can end them
+    at once instead of waiting its grace on them (they never finish on their own)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def track(self) -> None:
+        """Register the running stream handler (until it finishes)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def stop(self) -> None:
+        """Daemon shutdown: cancel every tracked stream."""
+        for task in list(self._tasks):
+            task.cancel()
 
 
 def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:

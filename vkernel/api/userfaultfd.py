@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from vkernel.api.process import owned_task
-from vkernel.api.rpc import RpcFailure, require_session
+from vkernel.api.rpc import RpcFailure, StreamTasks, require_live, require_session
 from vkernel.kernel import mm_api
 from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.errors import KernelError, einval
@@ -121,12 +121,11 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
         self._kernel = kernel
         self._sessions = sessions
         self._table = UffdTable(sessions)
-        self._streams: set[asyncio.Task[Any]] = set()
+        self._streams = StreamTasks()
 
     def stop_streams(self) -> None:
         """Daemon shutdown: end every ReadUffdMessages stream."""
-        for task in list(self._streams):
-            task.cancel()
+        self._streams.stop()
 
     async def CreateUffd(
         self, request: pb.CreateUffdRequest, context: Context
@@ -166,10 +165,7 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
         n = request.max_messages or 64
         if n > 4096:
             raise einval("max_messages above 4096", "max_messages")
-        task = asyncio.current_task()
-        if task is not None:
-            self._streams.add(task)
-            task.add_done_callback(self._streams.discard)
+        self._streams.track()
         while True:
             if session.closed or session.id not in h.holders:
                 raise RpcFailure(
@@ -186,15 +182,9 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
         # A plain linear generator, relayed by the interceptor with context.write. Unlike
         # ReadUffdMessages it takes nothing from the uffd until a request asks for it.
         session = require_session(context, self._sessions)
-        task = asyncio.current_task()
-        if task is not None:
-            self._streams.add(task)
-            task.add_done_callback(self._streams.discard)
+        self._streams.track()
         async for request in request_iterator:
-            if session.closed:
-                raise RpcFailure(
-                    grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
-                )
+            require_live(session)
             h = self._table.held(session, request.handle)
             n = request.max_messages or 64
             if n > 4096:
@@ -232,15 +222,9 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
         # A plain linear generator (no task group, no cancel scope), relayed by the
         # interceptor with context.write, whose await is the backpressure.
         session = require_session(context, self._sessions)
-        task = asyncio.current_task()
-        if task is not None:
-            self._streams.add(task)
-            task.add_done_callback(self._streams.discard)
+        self._streams.track()
         async for request in request_iterator:
-            if session.closed:  # the monitor's session ended under its stream
-                raise RpcFailure(
-                    grpc.StatusCode.UNAUTHENTICATED, "the session has ended", "SESSION_EXPIRED"
-                )
+            require_live(session)  # the monitor's session ended under its stream
             h = self._table.held(session, request.handle)
             results = await self._resolve(session, h, request.ops)
             # The faults this request resolved were woken into the ready queue; one trip
