@@ -42,8 +42,11 @@ from vkernel.kernel.uapi import (
     HPAGE_PMD_ORDER,
     MMF_HAS_PINNED,
     PAGE_SHIFT,
+    PMD_SHIFT,
+    PMD_SIZE,
     PTE_MARKER_POISONED,
     PTRS_PER_TABLE,
+    PUD_SHIFT,
     VM_DONTCOPY,
     VM_LOCKED,
     VM_LOCKONFAULT,
@@ -232,35 +235,185 @@ def vma_needs_copy(dst_vma: VMA, src_vma: VMA) -> bool:
     return bool(dst_vma.vm_flags & VM_UFFD_WP) or src_vma.anon_vma is not None
 
 
+def _early_copy_mask(src_vma: VMA, pfns: np.ndarray) -> np.ndarray | None:
+    """page_needs_cow_for_dma() over many normal pfns: None when no page can need it."""
+    src_mm = src_vma.mm
+    if not (src_vma.is_cow_mapping() and src_mm.flags & MMF_HAS_PINNED and len(pfns)):
+        return None
+    mem = src_mm.mem
+    pflags = mem.flags[pfns]
+    cand = ((pflags & PG_anon) != 0) & ((pflags & _ANON_EXCL) != 0)
+    if not cand.any():
+        return None
+    early = np.zeros(len(pfns), dtype=bool)
+    ci = np.flatnonzero(cand)
+    early[ci] = folio_maybe_dma_pinned_vec(src_mm, mem.compound_heads(pfns[ci]))
+    return early if early.any() else None
+
+
+def copy_pte_tables(dst_vma: VMA, src_vma: VMA, src_tabs: np.ndarray, dst_tabs: np.ndarray) -> None:
+    """copy_pte_range()/copy_present_ptes() (6.12 batches a folio's PTEs with folio_pte_batch())
+    over whole leaf tables at once: ``src_tabs[k]`` is copied into ``dst_tabs[k]``.
+
+    Each pair covers a full 2 MiB of the VMA, so the child's table holds nothing else and is
+    written whole (empty slots stay 0). The caller keeps page_needs_cow_for_dma() tables out:
+    they go through copy_pte_range(), which copies such pages early.
+    """
+    src_mm = src_vma.mm
+    dst_mm = dst_vma.mm
+    mem = src_mm.mem
+    rows = mem.u64.reshape(-1, PTRS_PER_TABLE)
+    s = rows[src_tabs].ravel()
+    present = (s & U64_PRESENT) != 0
+    all_present = bool(present.all())
+    if all_present:
+        pv = s
+    else:
+        pidx = np.flatnonzero(present)
+        pv = s[pidx]
+    pfns = ((pv & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
+    zero = pfns == mem.zero_pfn
+    nzero = int(np.count_nonzero(zero))
+    npfns = pfns[~zero] if nzero else pfns
+    if _early_copy_mask(src_vma, npfns) is not None:
+        raise AssertionError("copy_pte_tables: a maybe-pinned exclusive anon page")
+    if len(npfns):
+        # The child maps the same pages: one more PTE each, one more reference per folio.
+        order = mem.order[npfns]
+        heads = mem.compound_heads(npfns) if order.any() else npfns
+        np.add.at(mem.mapcount, npfns, ONE32)
+        np.add.at(mem.refcount, heads, ONE32)
+        pflags = mem.flags[npfns]
+        anon = (pflags & PG_anon) != 0
+        na = int(np.count_nonzero(anon))
+        if na:
+            # Shared with the child now: no longer exclusive to the parent.
+            if na == len(npfns):
+                mem.flags[npfns] = pflags & _NOT_ANON_EXCL
+            else:
+                mem.flags[npfns[anon]] = pflags[anon] & _NOT_ANON_EXCL
+            dst_mm.add_rss(MM_ANONPAGES, na)
+        if na != len(npfns):
+            nsh = int(np.count_nonzero(mem.flags[heads] & PG_shmem))
+            if nsh:
+                dst_mm.add_rss(MM_SHMEMPAGES, nsh)
+            if na + nsh != len(npfns):
+                dst_mm.add_rss(MM_FILEPAGES, len(npfns) - na - nsh)
+    if nzero:
+        mem.zero_maps += nzero
+    is_cow = src_vma.is_cow_mapping()
+    if is_cow and ((pv & U64_RW) != 0).any():
+        # COW: the parent's PTEs lose RW too (whole rows written back; unchanged slots keep
+        # their value, non-present ones are left alone).
+        wp_s = s & U64_NOT_RW if all_present else np.where(present, s & U64_NOT_RW, s)
+        rows[src_tabs] = wp_s.reshape(-1, PTRS_PER_TABLE)
+    clear = U64_NOT_ACCESSED
+    if is_cow:
+        clear &= U64_NOT_RW
+    if src_vma.vm_flags & VM_SHARED:
+        clear &= U64_NOT_DIRTY
+    if not dst_vma.vm_flags & VM_UFFD_WP:
+        clear &= _U64_NOT_UFFD_WP
+    if all_present:
+        d = s & clear
+    else:
+        # copy_nonpresent_pte(): markers follow copy_pte_markers(); none stays none.
+        keep = PTE_MARKER_POISONED | (_PAGE_UFFD_WP if dst_vma.vm_flags & VM_UFFD_WP else 0)
+        d = s & np.uint64(keep)
+        d[pidx] = pv & clear
+    rows[dst_tabs] = d.reshape(-1, PTRS_PER_TABLE)
+
+
+def _flush_batch(dst_vma: VMA, src_vma: VMA, batch: list[tuple[int, int]]) -> None:
+    """Copy the pending ``(src_table, dst_table)`` pairs in one copy_pte_tables() pass."""
+    if not batch:
+        return
+    arr = np.array(batch, dtype=np.int64)
+    copy_pte_tables(dst_vma, src_vma, arr[:, 0], arr[:, 1])
+    batch.clear()
+
+
+def _slow_tables(src_vma: VMA, tabs: list[tuple[int, int]]) -> set[int]:
+    """Chunk numbers, among ``(src_table, chunk)``, whose table maps a page that needs an early
+    copy (page_needs_cow_for_dma()): those keep the per-table copy_pte_range()."""
+    mem = src_vma.mm.mem
+    arr = np.array(tabs, dtype=np.int64)
+    s = mem.u64.reshape(-1, PTRS_PER_TABLE)[arr[:, 0]].ravel()
+    pos = np.flatnonzero((s & U64_PRESENT) != 0)
+    pfns = ((s[pos] & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
+    normal = pfns != mem.zero_pfn
+    early = _early_copy_mask(src_vma, pfns[normal])
+    if early is None:
+        return set()
+    rows = np.unique(pos[normal][early] // PTRS_PER_TABLE)
+    return {int(arr[r, 1]) for r in rows.tolist()}
+
+
 def copy_page_range(dst_vma: VMA, src_vma: VMA) -> None:
-    """copy_page_range(): copy the page tables of one VMA, COW-protecting private anon memory."""
+    """copy_page_range(): copy the page tables of one VMA, COW-protecting private anon memory.
+
+    Whole leaf tables are copied in batches by copy_pte_tables(). A PMD-mapped THP, a table the
+    VMA covers only in part, a table mapping a page that must be copied early (maybe DMA-pinned)
+    and a table just split from a pinned THP go through copy_huge_pmd()/copy_pte_range() one by
+    one. The pending batch is copied before each of those (and before an error unwinds), so
+    pages and tables are allocated in the same order as copying table by table.
+    """
     src_mm = src_vma.mm
     dst_mm = dst_vma.mm
     u = src_mm.mem.u64
     if not vma_needs_copy(dst_vma, src_vma):
         return
     is_cow = src_vma.is_cow_mapping()
+    chunks = [
+        (slot, a, b, u.item(slot))
+        for slot, a, b in walk_pmds(src_mm, src_vma.vm_start, src_vma.vm_end)
+    ]
+    slow: set[int] = set()
+    if is_cow and src_mm.flags & MMF_HAS_PINNED:
+        tables = [
+            (table_of(e), i) for i, (_, _, _, e) in enumerate(chunks) if e and not e & _PAGE_PSE
+        ]
+        if tables:
+            slow = _slow_tables(src_vma, tables)
     if is_cow:
         src_mm.write_protect_seq += 1  # raw_write_seqcount_begin()
+    batch: list[tuple[int, int]] = []
+    dst_pmd = -1
+    dst_pud = -1
     try:
-        for slot, a, b in walk_pmds(src_mm, src_vma.vm_start, src_vma.vm_end):
-            e = u.item(slot)
+        for i, (slot, a, b, e) in enumerate(chunks):
             if not e:
                 continue
+            # A partial table (the VMA starts or ends inside it) may hold a neighbour's PTEs.
+            one_by_one = i in slow or b - a != PMD_SIZE
             if e & _PAGE_PSE:
+                _flush_batch(dst_vma, src_vma, batch)
                 if copy_huge_pmd(dst_vma, src_vma, slot, a):
                     continue
                 e = u.item(slot)
-            dslot = pmd_slot(dst_mm, a, alloc=True)
-            if dslot < 0:
-                raise KernelError(errno.ENOMEM, "out of memory for page tables at fork")
-            dt = pte_alloc(dst_mm, dslot)
+                one_by_one = True
+            # pmd_alloc() once per PUD range: the chunks under it index the same PMD table.
+            if a >> PUD_SHIFT != dst_pud:
+                dslot = pmd_slot(dst_mm, a, alloc=True)
+                if dslot < 0:
+                    raise KernelError(errno.ENOMEM, "out of memory for page tables at fork")
+                dst_pmd = dslot - ((a >> PMD_SHIFT) & (PTRS_PER_TABLE - 1))
+                dst_pud = a >> PUD_SHIFT
+            dt = pte_alloc(dst_mm, dst_pmd + ((a >> PMD_SHIFT) & (PTRS_PER_TABLE - 1)))
             if dt < 0:
                 raise KernelError(errno.ENOMEM, "out of memory for page tables at fork")
-            copy_pte_range(dst_vma, src_vma, table_of(e), dt, a, b)
+            if one_by_one:
+                _flush_batch(dst_vma, src_vma, batch)
+                copy_pte_range(dst_vma, src_vma, table_of(e), dt, a, b)
+            else:
+                batch.append((table_of(e), dt))
     finally:
-        if is_cow:
-            src_mm.write_protect_seq += 1  # raw_write_seqcount_end()
+        # On ENOMEM too: the tables before the failing one end up copied, as one by one.
+        try:
+            _flush_batch(dst_vma, src_vma, batch)
+        finally:
+            if is_cow:
+                src_mm.write_protect_seq += 1  # raw_write_seqcount_end()
 
 
 def dup_mmap(mm: MmStruct, oldmm: MmStruct, fcs: list[UserfaultfdForkCtx]) -> None:
