@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()
     from vkernel.server import serve  # grpc is imported only once the options are good
 
-    return anyio.run(serve, cfg)
+    return anyio.run(functools.partial(serve, cfg, freeze_gc=True))
 
 
 if __name__ == "__main__":
