@@ -251,6 +251,36 @@ def _early_copy_mask(src_vma: VMA, pfns: np.ndarray) -> np.ndarray | None:
     return early if early.any() else None
 
 
+class _Scratch:
+    """Work arrays for copy_pte_tables(), kept between forks.
+
+    A 512-table batch needs 2 MiB per u64 array; allocating such temporaries afresh costs more
+    in host page faults (malloc hands big blocks back to the kernel on free) than the numpy
+    work itself, so the hot arrays are reused and written with ``out=``.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s = np.empty(0, dtype=np.uint64)
+        self.t = np.empty(0, dtype=np.uint64)
+        self.f = np.empty(0, dtype=np.uint32)
+        self.m = np.empty(0, dtype=bool)
+
+    def grow(self, n: int) -> None:
+        """Room for ``n`` entries."""
+        if n > self.n:
+            self.n = n
+            self.s = np.empty(n, dtype=np.uint64)
+            self.t = np.empty(n, dtype=np.uint64)
+            self.f = np.empty(n, dtype=np.uint32)
+            self.m = np.empty(n, dtype=bool)
+
+
+_scratch = _Scratch()
+COPY_TABLES_MAX = 256
+"""Leaf tables per copy_pte_tables() call: bounds the scratch arrays at 1 MiB each."""
+
+
 def copy_pte_tables(dst_vma: VMA, src_vma: VMA, src_tabs: np.ndarray, dst_tabs: np.ndarray) -> None:
     """copy_pte_range()/copy_present_ptes() (6.12 batches a folio's PTEs with folio_pte_batch())
     over whole leaf tables at once: ``src_tabs[k]`` is copied into ``dst_tabs[k]``.
@@ -263,50 +293,57 @@ def copy_pte_tables(dst_vma: VMA, src_vma: VMA, src_tabs: np.ndarray, dst_tabs: 
     dst_mm = dst_vma.mm
     mem = src_mm.mem
     rows = mem.u64.reshape(-1, PTRS_PER_TABLE)
-    s = rows[src_tabs].ravel()
-    present = (s & U64_PRESENT) != 0
-    all_present = bool(present.all())
+    n = len(src_tabs) * PTRS_PER_TABLE
+    sc = _scratch
+    sc.grow(n)
+    s = sc.s[:n]
+    t = sc.t[:n]
+    m = sc.m[:n]
+    np.take(rows, src_tabs, axis=0, out=s.reshape(-1, PTRS_PER_TABLE))
+    np.bitwise_and(s, U64_PRESENT, out=t)
+    np.not_equal(t, 0, out=m)
+    all_present = bool(m.all())
     if all_present:
         pv = s
+        pfns = t
     else:
-        pidx = np.flatnonzero(present)
+        pidx = np.flatnonzero(m)
         pv = s[pidx]
-    pfns = ((pv & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
-    zero = pfns == mem.zero_pfn
+        pfns = np.empty(len(pidx), dtype=np.uint64)
+    np.bitwise_and(pv, U64_PFN_MASK, out=pfns)
+    np.right_shift(pfns, U64_SHIFT, out=pfns)
+    # pfn < 2**52: the same bits read as int64, the index type numpy wants.
+    ipfns = pfns.view(np.int64)
+    zero = ipfns == mem.zero_pfn
     nzero = int(np.count_nonzero(zero))
-    npfns = pfns[~zero] if nzero else pfns
+    npfns = ipfns[~zero] if nzero else ipfns
     if _early_copy_mask(src_vma, npfns) is not None:
         raise AssertionError("copy_pte_tables: a maybe-pinned exclusive anon page")
-    if len(npfns):
+    nn = len(npfns)
+    if nn:
         # The child maps the same pages: one more PTE each, one more reference per folio.
-        order = mem.order[npfns]
-        heads = mem.compound_heads(npfns) if order.any() else npfns
+        heads = mem.compound_heads(npfns) if mem.order[npfns].any() else npfns
         np.add.at(mem.mapcount, npfns, ONE32)
         np.add.at(mem.refcount, heads, ONE32)
-        pflags = mem.flags[npfns]
+        pflags = np.take(mem.flags, npfns, out=sc.f[:nn])
         anon = (pflags & PG_anon) != 0
         na = int(np.count_nonzero(anon))
         if na:
             # Shared with the child now: no longer exclusive to the parent.
-            if na == len(npfns):
-                mem.flags[npfns] = pflags & _NOT_ANON_EXCL
+            if na == nn:
+                mem.flags[npfns] = np.bitwise_and(pflags, _NOT_ANON_EXCL, out=pflags)
             else:
                 mem.flags[npfns[anon]] = pflags[anon] & _NOT_ANON_EXCL
             dst_mm.add_rss(MM_ANONPAGES, na)
-        if na != len(npfns):
+        if na != nn:
             nsh = int(np.count_nonzero(mem.flags[heads] & PG_shmem))
             if nsh:
                 dst_mm.add_rss(MM_SHMEMPAGES, nsh)
-            if na + nsh != len(npfns):
-                dst_mm.add_rss(MM_FILEPAGES, len(npfns) - na - nsh)
+            if na + nsh != nn:
+                dst_mm.add_rss(MM_FILEPAGES, nn - na - nsh)
     if nzero:
         mem.zero_maps += nzero
     is_cow = src_vma.is_cow_mapping()
-    if is_cow and ((pv & U64_RW) != 0).any():
-        # COW: the parent's PTEs lose RW too (whole rows written back; unchanged slots keep
-        # their value, non-present ones are left alone).
-        wp_s = s & U64_NOT_RW if all_present else np.where(present, s & U64_NOT_RW, s)
-        rows[src_tabs] = wp_s.reshape(-1, PTRS_PER_TABLE)
     clear = U64_NOT_ACCESSED
     if is_cow:
         clear &= U64_NOT_RW
@@ -314,12 +351,22 @@ def copy_pte_tables(dst_vma: VMA, src_vma: VMA, src_tabs: np.ndarray, dst_tabs: 
         clear &= U64_NOT_DIRTY
     if not dst_vma.vm_flags & VM_UFFD_WP:
         clear &= _U64_NOT_UFFD_WP
+    # ``t`` is free again (``pfns`` was read): it takes the RW bits, then the child's PTEs.
+    if is_cow and np.bitwise_and(pv, U64_RW, out=t[: len(pv)]).any():
+        # COW: the parent's PTEs lose RW too (whole rows written back; unchanged slots keep
+        # their value, non-present ones are left alone).
+        if all_present:
+            wp_s = np.bitwise_and(s, U64_NOT_RW, out=t)
+        else:
+            wp_s = s.copy()
+            wp_s[pidx] = pv & U64_NOT_RW
+        rows[src_tabs] = wp_s.reshape(-1, PTRS_PER_TABLE)
     if all_present:
-        d = s & clear
+        d = np.bitwise_and(s, clear, out=t)
     else:
         # copy_nonpresent_pte(): markers follow copy_pte_markers(); none stays none.
         keep = PTE_MARKER_POISONED | (_PAGE_UFFD_WP if dst_vma.vm_flags & VM_UFFD_WP else 0)
-        d = s & np.uint64(keep)
+        d = np.bitwise_and(s, np.uint64(keep), out=t)
         d[pidx] = pv & clear
     rows[dst_tabs] = d.reshape(-1, PTRS_PER_TABLE)
 
@@ -329,7 +376,10 @@ def _flush_batch(dst_vma: VMA, src_vma: VMA, batch: list[tuple[int, int]]) -> No
     if not batch:
         return
     arr = np.array(batch, dtype=np.int64)
-    copy_pte_tables(dst_vma, src_vma, arr[:, 0], arr[:, 1])
+    for i in range(0, len(arr), COPY_TABLES_MAX):
+        copy_pte_tables(
+            dst_vma, src_vma, arr[i : i + COPY_TABLES_MAX, 0], arr[i : i + COPY_TABLES_MAX, 1]
+        )
     batch.clear()
 
 
