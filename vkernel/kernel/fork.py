@@ -25,6 +25,7 @@ from vkernel.kernel.pgtable import (
     pgtable_alloc,
     pmd_slot,
     pte_alloc,
+    pte_alloc_bulk,
     table_of,
     walk_pmds,
 )
@@ -372,15 +373,20 @@ def copy_pte_tables(dst_vma: VMA, src_vma: VMA, src_tabs: np.ndarray, dst_tabs: 
 
 
 def _flush_batch(dst_vma: VMA, src_vma: VMA, batch: list[tuple[int, int]]) -> None:
-    """Copy the pending ``(src_table, dst_table)`` pairs in one copy_pte_tables() pass."""
+    """Allocate the child's leaf tables for the pending ``(src_table, dst_pmd_slot)`` pairs and
+    copy them with copy_pte_tables(); on OOM the tables before the failing one are copied (as
+    table by table) and ENOMEM is raised."""
     if not batch:
         return
     arr = np.array(batch, dtype=np.int64)
-    for i in range(0, len(arr), COPY_TABLES_MAX):
-        copy_pte_tables(
-            dst_vma, src_vma, arr[i : i + COPY_TABLES_MAX, 0], arr[i : i + COPY_TABLES_MAX, 1]
-        )
     batch.clear()
+    dst_tabs = pte_alloc_bulk(dst_vma.mm, arr[:, 1])
+    k = len(dst_tabs)
+    for i in range(0, k, COPY_TABLES_MAX):
+        j = min(i + COPY_TABLES_MAX, k)
+        copy_pte_tables(dst_vma, src_vma, arr[i:j, 0], dst_tabs[i:j])
+    if k < len(arr):
+        raise KernelError(errno.ENOMEM, "out of memory for page tables at fork")
 
 
 def _slow_tables(src_vma: VMA, tabs: list[tuple[int, int]]) -> set[int]:
@@ -405,8 +411,9 @@ def copy_page_range(dst_vma: VMA, src_vma: VMA) -> None:
     Whole leaf tables are copied in batches by copy_pte_tables(). A PMD-mapped THP, a table the
     VMA covers only in part, a table mapping a page that must be copied early (maybe DMA-pinned)
     and a table just split from a pinned THP go through copy_huge_pmd()/copy_pte_range() one by
-    one. The pending batch is copied before each of those (and before an error unwinds), so
-    pages and tables are allocated in the same order as copying table by table.
+    one. The batch's leaf tables are allocated and copied before each of those and before a new
+    PUD range, so pages and tables are allocated in the same order as copying table by table,
+    and an OOM leaves the same tables copied.
     """
     src_mm = src_vma.mm
     dst_mm = dst_vma.mm
@@ -444,26 +451,26 @@ def copy_page_range(dst_vma: VMA, src_vma: VMA) -> None:
                 one_by_one = True
             # pmd_alloc() once per PUD range: the chunks under it index the same PMD table.
             if a >> PUD_SHIFT != dst_pud:
+                _flush_batch(dst_vma, src_vma, batch)
                 dslot = pmd_slot(dst_mm, a, alloc=True)
                 if dslot < 0:
                     raise KernelError(errno.ENOMEM, "out of memory for page tables at fork")
                 dst_pmd = dslot - ((a >> PMD_SHIFT) & (PTRS_PER_TABLE - 1))
                 dst_pud = a >> PUD_SHIFT
-            dt = pte_alloc(dst_mm, dst_pmd + ((a >> PMD_SHIFT) & (PTRS_PER_TABLE - 1)))
+            dslot = dst_pmd + ((a >> PMD_SHIFT) & (PTRS_PER_TABLE - 1))
+            if not one_by_one:
+                # The child's leaf table is allocated with the batch, in this same order.
+                batch.append((table_of(e), dslot))
+                continue
+            _flush_batch(dst_vma, src_vma, batch)
+            dt = pte_alloc(dst_mm, dslot)
             if dt < 0:
                 raise KernelError(errno.ENOMEM, "out of memory for page tables at fork")
-            if one_by_one:
-                _flush_batch(dst_vma, src_vma, batch)
-                copy_pte_range(dst_vma, src_vma, table_of(e), dt, a, b)
-            else:
-                batch.append((table_of(e), dt))
+            copy_pte_range(dst_vma, src_vma, table_of(e), dt, a, b)
+        _flush_batch(dst_vma, src_vma, batch)
     finally:
-        # On ENOMEM too: the tables before the failing one end up copied, as one by one.
-        try:
-            _flush_batch(dst_vma, src_vma, batch)
-        finally:
-            if is_cow:
-                src_mm.write_protect_seq += 1  # raw_write_seqcount_end()
+        if is_cow:
+            src_mm.write_protect_seq += 1  # raw_write_seqcount_end()
 
 
 def dup_mmap(mm: MmStruct, oldmm: MmStruct, fcs: list[UserfaultfdForkCtx]) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from vkernel.kernel.tlb import tlb_remove_table as _tlb_remove_table
 from vkernel.kernel.uapi import (
@@ -189,6 +190,32 @@ def pte_alloc(mm: MmStruct, pmdslot: int) -> int:
         return -1
     u[pmdslot] = (t << PAGE_SHIFT) | _PAGE_TABLE
     return t
+
+
+def pte_alloc_bulk(mm: MmStruct, pmdslots: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """pte_alloc() for many PMD slots, in order: the PTE tables of the first ``k`` slots, where
+    ``k < len(pmdslots)`` means the next allocation failed (OOM). The frames are the ones
+    pte_alloc() slot by slot would take; the caller must have checked no slot is a leaf."""
+    u = mm.mem.u64
+    tabs: npt.NDArray[np.int64] = ((u[pmdslots] & U64_PFN_MASK) >> np.uint64(PAGE_SHIFT)).astype(
+        np.int64
+    )
+    missing = np.flatnonzero(tabs == 0)
+    if not len(missing):
+        return tabs
+    new = mm.mem.alloc_pgtable_pages(len(missing))
+    if new is None:
+        # Too few frames at hand for one take: slot by slot, stopping where memory runs out.
+        for k in missing.tolist():
+            t = pte_alloc(mm, int(pmdslots[k]))
+            if t < 0:
+                return tabs[:k]
+            tabs[k] = t
+        return tabs
+    mm.pgtables_bytes += len(new) * PAGE_SIZE
+    u[pmdslots[missing]] = (new.astype(np.uint64) << np.uint64(PAGE_SHIFT)) | np.uint64(_PAGE_TABLE)
+    tabs[missing] = new
+    return tabs
 
 
 def pte_slot(mm: MmStruct, addr: int) -> int:

@@ -431,6 +431,19 @@ class PhysMem:
             self.flags[pfn] |= PG_pgtable
         return pfn
 
+    def alloc_pgtable_pages(self, n: int) -> IntArray | None:
+        """``n`` alloc_pgtable_page() calls at once: the same frames in the same order, or None
+        (nothing taken) unless the normal zone's order-0 free stack holds them all already."""
+        z = self.normal
+        if z._top < n:
+            return None
+        pfns = z.take0(n)
+        self.flags[pfns] &= ~np.uint32(PG_buddy)
+        self.flags[pfns] |= np.uint32(PG_pgtable)
+        self.refcount[pfns] = 1
+        self._count_alloc(pfns)
+        return pfns
+
     # ---- freeing --------------------------------------------------------------------------
 
     def _reset(self, pfns: IntArray | slice) -> None:

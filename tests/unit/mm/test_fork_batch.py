@@ -93,7 +93,8 @@ class Space:
 
 async def build(kernel: Kernel, pin: bool, event_fork: bool) -> Space:
     """A mixed address space: anon (with DONTNEED holes and zero pages, starting and ending
-    inside leaf tables), a PMD THP, a private file mapping (file pages + COWed anon pages), a
+    inside leaf tables), a 16 MiB anon region (8 tables in one batch), a PMD THP, a split THP,
+    a private file mapping (file pages + COWed anon pages), a
     shared file mapping, uffd-wp protected pages with markers and a poison marker, and with
     ``pin`` two maybe-DMA-pinned exclusive anon pages (one small, one inside a PTE-mapped THP);
     with ``event_fork`` the uffd asks for UFFD_EVENT_FORK (the child keeps VM_UFFD_WP)."""
@@ -120,6 +121,10 @@ async def build(kernel: Kernel, pin: bool, event_fork: bool) -> Space:
     await sys_madvise(t, h, 4 * MiB, MADV_HUGEPAGE)
     await write_user(t, h, b"\x5a" * (4 * MiB))
     await sys_madvise(t, h + 2 * MiB + 7 * P, P, MADV_DONTNEED)
+    # A large plain anon region: one batch of 8 tables.
+    big = BASE + 80 * MiB
+    assert await sys_mmap(t, big, 16 * MiB, RW, ANON) == big
+    await write_user(t, big, b"\xb1" * (16 * MiB))
     # Private and shared file mappings.
     fd = await make_file(kernel, t, "batch", bytes(range(256)) * (8 * MiB // 256), "shmem")
     fp = BASE + 48 * MiB
@@ -275,10 +280,10 @@ async def test_batched_fork_matches_table_by_table(
             state(ref.kernel, ref.task, *children[1]),
         )
     monkeypatch.undo()
-    # Per fork: 6 whole leaf tables are copied (anon, zero page, split THP, 2 private file,
-    # uffd); the anon VMA's first and last are partial and go one by one, and so do, with
+    # Per fork: 14 whole leaf tables are copied (anon, zero page, split THP, 2 private file,
+    # uffd, 8 large anon); the anon VMA's first and last are partial and go one by one, and so do, with
     # ``pin``, the tables of the two maybe-pinned pages.
-    assert calls["tables"] == 2 * (6 - 2 * pin)
+    assert calls["tables"] == 2 * (14 - 2 * pin)
     assert calls["one_by_one"] == 2 * (2 + 2 * pin)
     for sp, kids in zip(spaces, children, strict=True):
         child = kids[0]
