@@ -29,7 +29,7 @@ from vkernel.kernel.pgtable import (
     table_of,
     walk_pmds,
 )
-from vkernel.kernel.physmem import ONE32
+from vkernel.kernel.physmem import ONE32, PhysMem
 from vkernel.kernel.task import Task
 from vkernel.kernel.uapi import (
     _PAGE_ACCESSED,
@@ -266,6 +266,8 @@ class _Scratch:
         self.t = np.empty(0, dtype=np.uint64)
         self.f = np.empty(0, dtype=np.uint32)
         self.m = np.empty(0, dtype=bool)
+        self.x = np.empty(0, dtype=np.int64)
+        self.m2 = np.empty(0, dtype=bool)
 
     def grow(self, n: int) -> None:
         """Room for ``n`` entries."""
@@ -275,11 +277,67 @@ class _Scratch:
             self.t = np.empty(n, dtype=np.uint64)
             self.f = np.empty(n, dtype=np.uint32)
             self.m = np.empty(n, dtype=bool)
+            self.x = np.empty(n, dtype=np.int64)
+            self.m2 = np.empty(n, dtype=bool)
 
 
 _scratch = _Scratch()
 COPY_TABLES_MAX = 256
 """Leaf tables per copy_pte_tables() call: bounds the scratch arrays at 1 MiB each."""
+
+
+def _share_pfns(mem: PhysMem, npfns: np.ndarray, sc: _Scratch, order_any: bool) -> tuple[int, int]:
+    """The child maps the same pages: one more PTE each, one more reference per folio, anon
+    pages no longer exclusive. Returns (anon pages, shmem pages)."""
+    nn = len(npfns)
+    heads = mem.compound_heads(npfns) if order_any else npfns
+    np.add.at(mem.mapcount, npfns, ONE32)
+    np.add.at(mem.refcount, heads, ONE32)
+    pflags = np.take(mem.flags, npfns, out=sc.f[:nn])
+    anon = (pflags & PG_anon) != 0
+    na = int(np.count_nonzero(anon))
+    if na == nn:
+        mem.flags[npfns] = np.bitwise_and(pflags, _NOT_ANON_EXCL, out=pflags)
+        return na, 0
+    if na:
+        mem.flags[npfns[anon]] = pflags[anon] & _NOT_ANON_EXCL
+    return na, int(np.count_nonzero(mem.flags[heads] & PG_shmem))
+
+
+COPY_RUNS_DIV = 64
+"""_share_pfn_runs() takes over when the pfns form at most one run per this many entries."""
+
+
+def _share_pfn_runs(mem: PhysMem, npfns: np.ndarray, sc: _Scratch) -> tuple[int, int] | None:
+    """_share_pfns() for small pages whose pfns come in long ascending runs (a region faulted
+    in order gets consecutive frames; folio_pte_batch() likewise works on consecutive pfns):
+    slices instead of scatter-adds. None, with nothing done, when the runs are too many."""
+    nn = len(npfns)
+    if nn > 1:
+        steps = np.subtract(npfns[1:], npfns[:-1], out=sc.x[: nn - 1])
+        brk = np.flatnonzero(np.not_equal(steps, 1, out=sc.m2[: nn - 1]))
+        if len(brk) * COPY_RUNS_DIV > nn:
+            return None
+        bounds = [0, *(brk + 1).tolist(), nn]
+    else:
+        bounds = [0, nn]
+    first = npfns[bounds[:-1]].tolist()
+    na = nsh = 0
+    for k, p0 in enumerate(first):
+        p1 = p0 + bounds[k + 1] - bounds[k]
+        mem.mapcount[p0:p1] += ONE32
+        mem.refcount[p0:p1] += ONE32
+        fl = mem.flags[p0:p1]
+        anon = (fl & PG_anon) != 0
+        nr = int(np.count_nonzero(anon))
+        if nr == p1 - p0:
+            fl &= _NOT_ANON_EXCL
+        elif nr:
+            fl[anon] &= _NOT_ANON_EXCL
+        nsh += int(np.count_nonzero(fl & PG_shmem))
+        na += nr
+    # As _share_pfns(): shmem pages are counted only when not every page is anon.
+    return na, (nsh if na != nn else 0)
 
 
 def copy_pte_tables(dst_vma: VMA, src_vma: VMA, src_tabs: np.ndarray, dst_tabs: np.ndarray) -> None:
@@ -322,26 +380,17 @@ def copy_pte_tables(dst_vma: VMA, src_vma: VMA, src_tabs: np.ndarray, dst_tabs: 
         raise AssertionError("copy_pte_tables: a maybe-pinned exclusive anon page")
     nn = len(npfns)
     if nn:
-        # The child maps the same pages: one more PTE each, one more reference per folio.
-        heads = mem.compound_heads(npfns) if mem.order[npfns].any() else npfns
-        np.add.at(mem.mapcount, npfns, ONE32)
-        np.add.at(mem.refcount, heads, ONE32)
-        pflags = np.take(mem.flags, npfns, out=sc.f[:nn])
-        anon = (pflags & PG_anon) != 0
-        na = int(np.count_nonzero(anon))
+        order_any = bool(mem.order[npfns].any())
+        counts = None if order_any else _share_pfn_runs(mem, npfns, sc)
+        if counts is None:
+            counts = _share_pfns(mem, npfns, sc, order_any)
+        na, nsh = counts
         if na:
-            # Shared with the child now: no longer exclusive to the parent.
-            if na == nn:
-                mem.flags[npfns] = np.bitwise_and(pflags, _NOT_ANON_EXCL, out=pflags)
-            else:
-                mem.flags[npfns[anon]] = pflags[anon] & _NOT_ANON_EXCL
             dst_mm.add_rss(MM_ANONPAGES, na)
-        if na != nn:
-            nsh = int(np.count_nonzero(mem.flags[heads] & PG_shmem))
-            if nsh:
-                dst_mm.add_rss(MM_SHMEMPAGES, nsh)
-            if na + nsh != nn:
-                dst_mm.add_rss(MM_FILEPAGES, nn - na - nsh)
+        if nsh:
+            dst_mm.add_rss(MM_SHMEMPAGES, nsh)
+        if na + nsh != nn:
+            dst_mm.add_rss(MM_FILEPAGES, nn - na - nsh)
     if nzero:
         mem.zero_maps += nzero
     is_cow = src_vma.is_cow_mapping()
