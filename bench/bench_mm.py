@@ -34,8 +34,13 @@ Figures (``region`` = 256 MiB, 16 MiB under ``--quick``):
   without page-table walks, table allocation or VMA/task set-up.  It runs on copies of the
   kernel's own arrays and PTEs (same pfns, same sizes), three sweeps per round likewise, with
   dtype-matched increments (see ``_ONE``).  It is a strict lower bound (≈7 ns/page): the ratio
-  measures what the per-leaf-table loop, the walks and the table allocations cost on top.  No goal: the issue asks for the
-  pages/s figure; the ratio says how far the per-table structure is from a flat sweep.
+  measures what the walks, the table allocations, the child's table writes and the task set-up
+  cost on top (copy_page_range copies a VMA's whole leaf tables in one numpy pass since
+  9d6d788; before, one pass per leaf table gave 0.05–0.06).  The kernel here is not
+  prefaulted, so the child's leaf tables land on frames the host has never backed: ~4 µs of
+  host page fault per table, about 0.5 ms of the ~1.2 ms a 256 MiB fork takes here (the daemon
+  prefaults at boot).
+  No goal: the issue asks for the pages/s figure.
 - ``read_api``: ``MemoryService.ReadMemory`` streaming ``region`` of resident (MAP_POPULATE)
   memory out of the daemon subprocess, in MB/s.  Floor: the floor server's ``Stream`` method
   (:mod:`bench._floors`) sending the same number of bytes as raw ``bytes`` messages of the
