@@ -349,7 +349,8 @@ async def test_remote_gup_with_locked_blocks(fk: Kernel) -> None:
 # ---- 2. AIO: KioCtx.submit → dio_batch.iomap_dio_submit ----------------------------------------
 
 
-async def test_aio_iocb_into_registered_buffer(fk: Kernel) -> None:
+@pytest.mark.parametrize(("gmode", "fmode"), [("fast", "pin"), ("slow", "pin"), ("fast", "get")])
+async def test_aio_iocb_into_registered_buffer(fk: Kernel, gmode: str, fmode: str) -> None:
     """One io_submit of three reads, the middle one into a MISSING buffer: it completes only
     after the monitor resolved its pages, with the file's data. vkernel's io_submit returns at
     once (the batch runs in a task of its own), so a second io_submit into a resident buffer
@@ -364,7 +365,7 @@ async def test_aio_iocb_into_registered_buffer(fk: Kernel) -> None:
     for r in (r0, r2, r3):
         await write_user(t, r, b"\xff" * (2 * P))  # resident: the lockless walk pins them
     ctx, u = await registered(t, 2)
-    kio = aio.KioCtx(t, 16)
+    kio = aio.KioCtx(t, 16, gup=gmode, foll=fmode)
     acq, rel = pins(fk)
     cbs = [
         aio.Iocb(aio.IOCB_CMD_PREAD, fd, [(r0, 2 * P)], 0, user_data=10),
@@ -387,7 +388,55 @@ async def test_aio_iocb_into_registered_buffer(fk: Kernel) -> None:
     assert [(x.flags, x.address) for x in log] == [(W, u), (W, u + P)]
     for buf, off in ((r0, 0), (u, 2 * P), (r2, 4 * P), (r3, 6 * P)):
         assert await read_user_bytes(t, buf, 2 * P) == data[off : off + 2 * P]
-    assert pins(fk) == (acq + 8, rel + 8)
+    assert pins(fk) == ((acq + 8, rel + 8) if fmode == "pin" else (acq, rel))
+    await kio.destroy()
+    await ctx.put()
+
+
+async def test_aio_destroy_waits_for_the_blocked_iocb(fk: Kernel) -> None:
+    """io_destroy with an iocb asleep on the uffd waits for it (Linux's kill_ioctx waits for
+    every request); the monitor's COPY lets it complete, then destroy returns. Under
+    ``--no-fault-retry`` semantics the same iocb would be EFAULT (see below)."""
+    t = ptask(fk)
+    data = pattern(P, seed=13)
+    fd = await dfile(fk, t, data)
+    ctx, u = await registered(t, 1)
+    kio = aio.KioCtx(t, 4)
+    assert kio.submit([aio.Iocb(aio.IOCB_CMD_PREAD, fd, [(u, P)], 0, user_data=5)]) == 1
+    await next_msgs(ctx)
+    gone = spawn(kio.destroy())
+    await until(lambda: kio.dead)
+    assert not gone.done()
+    assert kio.nr_inflight == 1
+    await uf.uffdio_copy(ctx, t, u, b"\x01" * P)
+    await asyncio.wait_for(gone, 5)
+    assert kio.nr_inflight == 0
+    assert await read_user_bytes(t, u, P) == data
+    assert pins(fk)[0] == pins(fk)[1]
+    await ctx.put()
+
+
+async def test_no_fault_retry_aio_iocb_is_efault(make_fs_kernel: MakeFsKernel) -> None:
+    """``--no-fault-retry``: the batched path's pin fails like plain GUP: the iocb into the
+    registered buffer completes with -EFAULT and no message, its neighbours are unaffected."""
+    k = make_fs_kernel("ram0=ram:16M", fault_retry=False)
+    t = ptask(k)
+    data = pattern(2 * P, seed=14)
+    fd = await dfile(k, t, data)
+    ctx, u = await registered(t, 1, uf.O_NONBLOCK)
+    r = await anon(t, 1)
+    await write_user(t, r, b"\xff" * P)
+    kio = aio.KioCtx(t, 4)
+    cbs = [
+        aio.Iocb(aio.IOCB_CMD_PREAD, fd, [(u, P)], 0, user_data=0),
+        aio.Iocb(aio.IOCB_CMD_PREAD, fd, [(r, P)], P, user_data=1),
+    ]
+    assert kio.submit(cbs) == 2
+    got = {e.user_data: e.res for e in await kio.getevents(2, 4, timeout=5)}
+    assert got == {0: -errno.EFAULT, 1: P}
+    assert await read_user_bytes(t, r, P) == data[P:]
+    assert not ctx.fault_pending
+    assert pins(k)[0] == pins(k)[1]
     await kio.destroy()
     await ctx.put()
 
