@@ -555,7 +555,7 @@ async def vfs_preadv(
             if n >= len(data):
                 break
             chunk = data[n : n + ln]
-            await write_user(task, base, chunk)
+            await write_user(task, base, chunk, user=False)  # copy_to_user: kernel mode
             n += len(chunk)
     if offset is None:
         file.f_pos = pos + n
@@ -585,7 +585,7 @@ async def vfs_pwritev(
     if _is_direct(file):
         n = await iomap_dio_rw(task, file.inode, iov, pos, True, gup=gup, foll=foll)
     else:
-        data = b"".join([await read_user_bytes(task, b, ln) for b, ln in iov if ln])
+        data = b"".join([await read_user_bytes(task, b, ln, user=False) for b, ln in iov if ln])
         n = await _kernel(task).vfs.write_inode(file.inode, pos, data, task)
     if offset is None:
         file.f_pos = pos + n

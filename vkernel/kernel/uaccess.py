@@ -228,17 +228,21 @@ def _check_range(addr: int, length: int) -> None:
         raise UserFault(signal.SIGSEGV, max(addr, 0))
 
 
-async def write_user(task: Task, addr: int, data: bytes | bytearray | memoryview) -> None:
-    """User stores of ``data`` at ``addr`` (copy_to_user from the CPU's side).
+async def write_user(
+    task: Task, addr: int, data: bytes | bytearray | memoryview, *, user: bool = True
+) -> None:
+    """User stores of ``data`` at ``addr`` (a CPU store; ``user=False``: copy_to_user).
 
-    Raises UserFault at the first page that cannot be written; the bytes before it are written.
+    ``user=False`` is a syscall's copy_to_user: its faults are kernel-mode (no
+    FAULT_FLAG_USER), which a UFFD_USER_MODE_ONLY uffd refuses. Raises UserFault at the first
+    page that cannot be written; the bytes before it are written.
     """
     src = memoryview(data).cast("B")
     total = len(src)
     _check_range(addr, total)
     mm = _mm_of(task)
     mem = mm.mem
-    flags = FAULT_FLAG_DEFAULT | FAULT_FLAG_USER | FAULT_FLAG_WRITE
+    flags = FAULT_FLAG_DEFAULT | FAULT_FLAG_WRITE | (FAULT_FLAG_USER if user else 0)
     vmf = VmFault()
     pos = 0
     tried = -1
@@ -335,15 +339,18 @@ def _copy_out(mem: object, pfns: np.ndarray, off: int, n: int) -> memoryview:
     return memoryview(b"".join(pieces))
 
 
-async def read_user(task: Task, addr: int, length: int) -> AsyncIterator[memoryview]:
-    """User loads of [addr, addr+length): yields chunks of at most 1 MiB, in order.
+async def read_user(
+    task: Task, addr: int, length: int, *, user: bool = True
+) -> AsyncIterator[memoryview]:
+    """User loads of [addr, addr+length) (``user=False``: copy_from_user, kernel-mode faults):
+    yields chunks of at most 1 MiB, in order.
 
     Raises UserFault at the first byte that cannot be read (after yielding what came before).
     """
     _check_range(addr, length)
     mm = _mm_of(task)
     mem = mm.mem
-    flags = FAULT_FLAG_DEFAULT | FAULT_FLAG_USER
+    flags = FAULT_FLAG_DEFAULT | (FAULT_FLAG_USER if user else 0)
     end = addr + length
     pos = addr
     vmf = VmFault()
@@ -384,10 +391,10 @@ async def read_user(task: Task, addr: int, length: int) -> AsyncIterator[memoryv
             raise err
 
 
-async def read_user_bytes(task: Task, addr: int, length: int) -> bytes:
+async def read_user_bytes(task: Task, addr: int, length: int, *, user: bool = True) -> bytes:
     """read_user() gathered into one bytes object (for tests and small reads)."""
     out = bytearray()
-    async for chunk in read_user(task, addr, length):
+    async for chunk in read_user(task, addr, length, user=user):
         out += chunk
     return bytes(out)
 

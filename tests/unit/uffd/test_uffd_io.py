@@ -296,12 +296,6 @@ async def test_user_mode_only_uffd_refuses_dio(fk: Kernel) -> None:
     await ctx.put()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dio.vfs_preadv/vfs_pwritev's buffered path copies with uaccess.write_user/"
-    "read_user_bytes, which always fault with FAULT_FLAG_USER: copy_to_user in read(2) is a "
-    "kernel-mode access, so Linux refuses it on a USER_MODE_ONLY uffd (A.13 step 4: EFAULT)",
-)
 async def test_user_mode_only_uffd_refuses_buffered_read(fk: Kernel) -> None:
     """A.13 step 4: copy_to_user of read(2) into a USER_MODE_ONLY registration → EFAULT."""
     t = fk.spawn("p", "s")
@@ -312,9 +306,29 @@ async def test_user_mode_only_uffd_refuses_buffered_read(fk: Kernel) -> None:
         async with asyncio.timeout(1):
             await raises(errno.EFAULT, io)
     finally:
-        await ctx.put()  # vkernel: the read sleeps on the uffd; release lets it finish
+        await ctx.put()
         await asyncio.gather(io, return_exceptions=True)
     assert not ctx.fault_read
+
+
+async def test_user_mode_only_uffd_refuses_buffered_write(fk: Kernel) -> None:
+    """A.13 step 4 the other way: write(2)'s copy_from_user out of a USER_MODE_ONLY
+    registration is a kernel-mode fault → EFAULT, no message, the file untouched."""
+    t = fk.spawn("p", "s")
+    fd = await make_file(fk, t, "b", pattern(P))
+    ctx, a = await registered(t, 1, uf.UFFD_USER_MODE_ONLY | uf.O_NONBLOCK)
+    io = spawn(dio.vfs_pwritev(t, fd, [(a, P)], 0))
+    try:
+        async with asyncio.timeout(1):
+            await raises(errno.EFAULT, io)
+    finally:
+        await ctx.put()
+        await asyncio.gather(io, return_exceptions=True)
+    assert not ctx.fault_read
+    b = await anon(t, 1)
+    assert await dio.vfs_preadv(t, fd, [(b, P)], 0) == P
+    got = await read_user_bytes(t, b, P)
+    assert got == pattern(P)
 
 
 async def test_remote_gup_with_locked_blocks(fk: Kernel) -> None:
