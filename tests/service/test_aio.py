@@ -110,11 +110,21 @@ async def test_ring_batch_arrays(k: vkclient.Kernel) -> None:
         while len(mixed) < 5:
             cq = await ring.submit_and_wait_arrays(5, timeout=5.0)
             mixed.update(zip(cq.user_data.tolist(), cq.res.tolist(), strict=True))
+        # a batch whose arrays differ in length is refused whole (EINVAL), the ring lives on
+        ring.prep_batch(OP_READ, fd, [b, b + P], P, [0, P], [6, 7])
+        req = ring._request(0, 0, 5.0, True)
+        del req.submit_batch.fds[-1]
+        resp = await ring._enter(req)
+        assert (resp.submitted, resp.errno) == (0, errno.EINVAL)
+        assert ring._sq is not None  # still queued, all of it
+        assert len(ring._sq[0]) == 2
+        cq = await ring.submit_and_wait_arrays(2, timeout=5.0)
+        assert sorted(zip(cq.user_data.tolist(), cq.res.tolist(), strict=True)) == [(6, P), (7, P)]
     assert got == {1000 + i: P for i in range(32)}
     assert mixed == {1: P, 2: P, 3: -errno.EINVAL, 4: -errno.EBADF, 5: -errno.EINVAL}
     assert await p.read(b, 32 * P) == data
     vm = await k.vmstat()
-    assert vm["nr_foll_pin_acquired"] - vm0["nr_foll_pin_acquired"] == 34
+    assert vm["nr_foll_pin_acquired"] - vm0["nr_foll_pin_acquired"] == 36
     assert vm["nr_foll_pin_acquired"] == vm["nr_foll_pin_released"]
     assert await k.audit() == []
 

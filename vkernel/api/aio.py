@@ -66,6 +66,14 @@ def _sqes(b: pb.IocbBatch) -> tuple[np.ndarray, ...]:
     return cmd, fds, bases, lens, offs, ud
 
 
+def _batch_len(b: pb.IocbBatch) -> int:
+    """The longest of an IocbBatch's arrays (unequal lengths are EINVAL later; the limit
+    holds for every field)."""
+    return max(
+        len(b.opcodes), len(b.fds), len(b.bases), len(b.lens), len(b.offsets), len(b.user_data)
+    )
+
+
 def _iov(vs: Any) -> list[tuple[int, int]]:
     """IoVec messages → (base, len) pairs."""
     return [(v.base, v.len) for v in vs]
@@ -141,7 +149,7 @@ class AioServicer(pb_grpc.AioServiceServicer):
                     )
                 elif request.HasField("setup"):
                     raise einval("setup only in the first message", "setup")
-                if len(request.submit) + len(request.submit_batch.user_data) > MAX_RING_OPS:
+                if len(request.submit) + _batch_len(request.submit_batch) > MAX_RING_OPS:
                     raise einval(f"more than {MAX_RING_OPS} iocbs in one message", "submit")
                 yield await self._step(ctx, request)
         finally:
@@ -162,7 +170,7 @@ class AioServicer(pb_grpc.AioServiceServicer):
                 ]
                 submitted = ctx.submit(cbs)
             b = request.submit_batch
-            if submitted == len(request.submit) and (b.user_data or b.opcodes):
+            if submitted == len(request.submit) and _batch_len(b):
                 submitted += ctx.io_submit_sqes(*_sqes(b))
         except KernelError as e:
             out.errno, out.message = e.errno, e.message
