@@ -34,16 +34,14 @@ IOPS pooled over all rounds.
 from __future__ import annotations
 
 import asyncio
-import mmap
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench._harness import BenchContext, make_record
+from bench._seed004 import DEPTH, MiB, P, PreadvFloor, job_iocbs, job_sqes, write_host
 from vkernel.kernel import aio, pagecache
 from vkernel.kernel.audit import audit
 from vkernel.kernel.blockdev import DeviceSpec
@@ -60,9 +58,6 @@ from vkernel.kernel.uapi import (
     PROT_WRITE,
 )
 
-P = 4096
-MiB = 1 << 20
-DEPTH = 64
 FULL = 1 << 30
 QUICK = 16 * MiB
 CHUNKS = 32
@@ -104,75 +99,6 @@ async def _setup(region: int) -> tuple[Kernel, Task, int, int, int]:
     return k, t, fd, buf, cold
 
 
-async def _job_sqes(
-    t: Task, fd: int, buf: int, first: int, n: int, gup: str, foll: str, clat: list[int] | None
-) -> tuple[float, float]:
-    """The seed job (rw=read, bs=4k, iodepth=64) over pages [first, first+n) through the
-    struct-of-arrays path, as fio's libaio engine runs it: reap what completed
-    (``getevents_array``), refill the free slots with the next offsets as arrays
-    (``io_submit_sqes``). (wall, CPU) seconds taken."""
-    ctx = aio.KioCtx(t, DEPTH, gup=gup, foll=foll)
-    nxt = first
-    end = first + n
-    free = np.arange(DEPTH, dtype=np.int64)  # buffer slots not in flight
-    ops = np.full(DEPTH, aio.IOCB_CMD_PREAD, dtype=np.int64)
-    fds = np.full(DEPTH, fd, dtype=np.int64)
-    lens = np.full(DEPTH, P, dtype=np.int64)
-    steps = np.arange(DEPTH, dtype=np.int64) * P
-    inflight = 0
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    while nxt < end or inflight:
-        k = min(len(free), end - nxt)
-        if k:
-            s, free = free[:k], free[k:]
-            ctx.io_submit_sqes(ops[:k], fds[:k], buf + s * P, lens[:k], nxt * P + steps[:k], s)
-            nxt += k
-            inflight += k
-        ev = await ctx.getevents_array(1, DEPTH)
-        if (ev.res != P).any():
-            raise RuntimeError(f"I/O failed: {ev.res[ev.res != P][:4].tolist()}")
-        free = np.concatenate((free, ev.user_data.astype(np.int64)))
-        inflight -= len(ev.res)
-        if clat is not None:
-            clat.extend((ev.complete_ns - ev.issue_ns).tolist())
-    dt = time.perf_counter() - t0
-    cpu = time.process_time() - c0
-    await ctx.destroy()
-    return dt, cpu
-
-
-async def _job(
-    t: Task, fd: int, buf: int, first: int, n: int, gup: str, foll: str, clat: list[int] | None
-) -> tuple[float, float]:
-    """The seed job (rw=read, bs=4k, iodepth=64) over pages [first, first+n) through the
-    per-iocb path (an ``Iocb`` and an ``IoEvent`` per I/O): (wall, CPU) seconds taken."""
-    ctx = aio.KioCtx(t, DEPTH, gup=gup, foll=foll)
-    nxt = first
-    end = first + n
-    free = list(range(DEPTH))
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    while nxt < end or len(free) < DEPTH:
-        cbs = []
-        while free and nxt < end:
-            s = free.pop()
-            cbs.append(aio.Iocb(aio.IOCB_CMD_PREAD, fd, [(buf + s * P, P)], nxt * P, s))
-            nxt += 1
-        if cbs:
-            ctx.submit(cbs)
-        for e in await ctx.getevents(1, DEPTH):
-            if e.res != P:
-                raise RuntimeError(f"I/O failed: {e.res}")
-            free.append(e.user_data)
-            if clat is not None:
-                clat.append(e.complete_ns - e.issue_ns)
-    dt = time.perf_counter() - t0
-    cpu = time.process_time() - c0
-    await ctx.destroy()
-    return dt, cpu
-
-
 @dataclass
 class _Contention:
     """What the contender did, and how long it held mmap_lock for write."""
@@ -211,39 +137,6 @@ async def _contender(t: Task, cold: int, stop: asyncio.Event, out: _Contention) 
         await asyncio.sleep(CONTENDER_THINK)
 
 
-def _floor_open(path: str) -> tuple[int, mmap.mmap, memoryview, int]:
-    """The floor's buffer (a shared memfd mapping) and its host file."""
-    mfd = os.memfd_create("dio-floor")
-    os.ftruncate(mfd, DEPTH * P)
-    m = mmap.mmap(mfd, DEPTH * P, mmap.MAP_SHARED)
-    return mfd, m, memoryview(m), os.open(path, os.O_RDONLY)
-
-
-def _floor(fl: tuple[int, mmap.mmap, memoryview, int], first: int, n: int) -> float:
-    """One thread: 4 KiB os.preadv of pages [first, first+n) into the memfd: seconds taken."""
-    mv, fd = fl[2], fl[3]
-    t0 = time.perf_counter()
-    for i in range(first, first + n):
-        s = (i % DEPTH) * P
-        os.preadv(fd, [mv[s : s + P]], i * P)
-    return time.perf_counter() - t0
-
-
-def _floor_close(fl: tuple[int, mmap.mmap, memoryview, int]) -> None:
-    mfd, m, mv, fd = fl
-    os.close(fd)
-    mv.release()
-    m.close()
-    os.close(mfd)
-
-
-def _write_host(path: Path, region: int) -> None:
-    """The floor's host file, ``region`` bytes (left in the host page cache)."""
-    chunk = os.urandom(MiB)
-    with open(path, "wb") as f:
-        f.writelines(chunk for _ in range(region // MiB))
-
-
 def _pcts(clat: list[int]) -> dict[str, int]:
     a = np.asarray(clat, dtype=np.float64)
     return {f"clat_p{p}_ns": int(np.percentile(a, p)) for p in (50, 90, 99, 99.9)}
@@ -265,10 +158,10 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
     region = QUICK if ctx.quick else FULL
     rounds = min(ctx.rounds, 3 if ctx.quick else 5)
     host = ctx.scratch / "floor.dat"
-    _write_host(host, region)
+    write_host(host, region)
     k, t, fd, buf, cold = await _setup(region)
-    fl = _floor_open(str(host))
-    _floor(fl, 0, region // P)  # warm the host page cache
+    fl = PreadvFloor(str(host))
+    fl.run(0, region // P)  # warm the host page cache
     npages = region // P
     chunks = 8 if ctx.quick else CHUNKS
     piece = npages // chunks
@@ -292,15 +185,15 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
             here = {}
             for m in _rotate(["pin", "get", "iocb", "floor"], r * chunks + c):
                 if m == "floor":
-                    secs[m] += _floor(fl, first, piece)
+                    secs[m] += fl.run(first, piece)
                     continue
                 if m == "iocb":  # the same job through Iocb objects (the path before arrays)
-                    wall, used = await _job(t, fd, buf, first, piece, "fast", "pin", [])
+                    wall, used = await job_iocbs(t, fd, buf, first, piece, "fast", "pin", [])
                     secs[m] += wall
                     cpu[m] += used
                     continue
                 # both collect clat (the same work per I/O); pin's are the ones reported
-                wall, used = await _job_sqes(
+                wall, used = await job_sqes(
                     t, fd, buf, first, piece, "fast", m, clat if m == "pin" else []
                 )
                 secs[m] += wall
@@ -319,7 +212,7 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
             for m in _rotate(["fast", "slow"], r * chunks + c):
                 vs0 = k.vmstat["fast_gup_slow"]
                 st0 = lk.stats()
-                secs[m] += (await _job(t, fd, buf, first, piece, m, "pin", None))[0]
+                secs[m] += (await job_iocbs(t, fd, buf, first, piece, m, "pin", None))[0]
                 st1 = lk.stats()
                 if m == "fast":
                     fast_slow_calls += k.vmstat["fast_gup_slow"] - vs0
@@ -338,7 +231,7 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
     acq, rel = k.vmstat["nr_foll_pin_acquired"], k.vmstat["nr_foll_pin_released"]
     if acq != rel:
         raise RuntimeError(f"pins not balanced: {acq} acquired, {rel} released")
-    _floor_close(fl)
+    fl.close()
     k.do_exit(t)
     await k.vfs.shutdown()
     host.unlink()

@@ -19,15 +19,13 @@ vkfio's own CPU ride along, from vkfio's fio JSON of the last round.
 
 from __future__ import annotations
 
-import mmap
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench._harness import BenchContext, make_record
+from bench._seed004 import DEPTH, MiB, P, PreadvFloor, job_iocbs, job_sqes, write_host
 from bench._vkernel import vkernel_daemon
 from vkclient import vkfio
 from vkernel.kernel import aio
@@ -39,9 +37,6 @@ from vkernel.kernel.task import Task
 from vkernel.kernel.uaccess import write_user
 from vkernel.kernel.uapi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 
-P = 4096
-DEPTH = 64
-MiB = 1 << 20
 FULL = 64 * MiB
 QUICK = 16 * MiB
 SEED_JOB = """
@@ -54,35 +49,6 @@ numjobs=1
 rw=read
 iodepth=64
 """
-
-
-def _floor(path: str, region: int) -> float:
-    """The issue's floor: one thread, 4 KiB os.preadv into a shared memfd mapping from a
-    page-cached host file (bench_dio measures the same; kept here so neither module leans on
-    the other's internals)."""
-    mfd = os.memfd_create("vkfio-floor")
-    os.ftruncate(mfd, DEPTH * P)
-    m = mmap.mmap(mfd, DEPTH * P, mmap.MAP_SHARED)
-    mv = memoryview(m)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        n = region // P
-        t0 = time.perf_counter()
-        for i in range(n):
-            s = (i % DEPTH) * P
-            os.preadv(fd, [mv[s : s + P]], i * P)
-        return n / (time.perf_counter() - t0)
-    finally:
-        os.close(fd)
-        mv.release()
-        m.close()
-        os.close(mfd)
-
-
-def _write_host(path: Path, region: int) -> None:
-    chunk = os.urandom(MiB)
-    with open(path, "wb") as f:
-        f.writelines(chunk for _ in range(region // MiB))
 
 
 async def _inprocess_setup(region: int) -> tuple[Kernel, Task, int, int]:
@@ -101,62 +67,6 @@ async def _inprocess_setup(region: int) -> tuple[Kernel, Task, int, int]:
     return k, t, fd, buf
 
 
-async def _inprocess_sqes(t: Task, fd: int, buf: int, region: int) -> float:
-    """The seed job on the kernel's AIO context directly (no gRPC, no client), through the
-    struct-of-arrays path the daemon's Ring uses for an IocbBatch (reap with
-    ``getevents_array``, refill the free slots as arrays with ``io_submit_sqes``): IOPS."""
-    ctx = aio.KioCtx(t, DEPTH)
-    n = region // P
-    nxt = 0
-    free = np.arange(DEPTH, dtype=np.int64)
-    ops = np.full(DEPTH, aio.IOCB_CMD_PREAD, dtype=np.int64)
-    fds = np.full(DEPTH, fd, dtype=np.int64)
-    lens = np.full(DEPTH, P, dtype=np.int64)
-    steps = np.arange(DEPTH, dtype=np.int64) * P
-    inflight = 0
-    t0 = time.perf_counter()
-    while nxt < n or inflight:
-        k = min(len(free), n - nxt)
-        if k:
-            s, free = free[:k], free[k:]
-            ctx.io_submit_sqes(ops[:k], fds[:k], buf + s * P, lens[:k], nxt * P + steps[:k], s)
-            nxt += k
-            inflight += k
-        ev = await ctx.getevents_array(1, DEPTH)
-        if (ev.res != P).any():
-            raise RuntimeError(f"I/O failed: {ev.res[ev.res != P][:4].tolist()}")
-        free = np.concatenate((free, ev.user_data.astype(np.int64)))
-        inflight -= len(ev.res)
-    dt = time.perf_counter() - t0
-    await ctx.destroy()
-    return n / dt
-
-
-async def _inprocess_job(t: Task, fd: int, buf: int, region: int) -> float:
-    """The seed job on the kernel's AIO context directly through the per-iocb path (an
-    ``Iocb`` and an ``IoEvent`` per I/O; the path before the arrays): IOPS."""
-    ctx = aio.KioCtx(t, DEPTH)
-    n = region // P
-    nxt = 0
-    free = list(range(DEPTH))
-    t0 = time.perf_counter()
-    while nxt < n or len(free) < DEPTH:
-        cbs = []
-        while free and nxt < n:
-            s = free.pop()
-            cbs.append(aio.Iocb(aio.IOCB_CMD_PREAD, fd, [(buf + s * P, P)], nxt * P, s))
-            nxt += 1
-        if cbs:
-            ctx.submit(cbs)
-        for e in await ctx.getevents(1, DEPTH):
-            if e.res != P:
-                raise RuntimeError(f"I/O failed: {e.res}")
-            free.append(e.user_data)
-    dt = time.perf_counter() - t0
-    await ctx.destroy()
-    return n / dt
-
-
 async def _vkfio_round(addr: str, region: int) -> dict[str, Any]:
     """One run of the seed job through the daemon; its fio JSON job object."""
     _, jobs = vkfio.parse_jobfile(SEED_JOB.format(size=region))
@@ -173,8 +83,10 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
     region = QUICK if ctx.quick else FULL
     rounds = min(ctx.rounds, 3 if ctx.quick else 5)
     host = ctx.scratch / "floor.dat"
-    _write_host(host, region)
-    _floor(str(host), region)  # warm the host page cache
+    write_host(host, region)
+    fl = PreadvFloor(str(host))
+    n = region // P
+    fl.run(0, n)  # warm the host page cache
     k, t, fd, buf = await _inprocess_setup(region)
     ours: list[float] = []
     floor: list[float] = []
@@ -188,12 +100,13 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             job = await _vkfio_round(addr, region)
             ours.append(job["read"]["iops"])
-            floor.append(_floor(str(host), region))
-            inproc.append(await _inprocess_sqes(t, fd, buf, region))
-            inproc_iocb.append(await _inprocess_job(t, fd, buf, region))
+            floor.append(n / fl.run(0, n))
+            inproc.append(n / (await job_sqes(t, fd, buf, 0, n, "fast", "pin", None))[0])
+            inproc_iocb.append(n / (await job_iocbs(t, fd, buf, 0, n, "fast", "pin", None))[0])
             if time.perf_counter() - t0 > 600:
                 raise RuntimeError("a round took over 10 minutes")
         vk.server.check_alive()
+    fl.close()
     k.do_exit(t)
     await k.vfs.shutdown()
     host.unlink()
