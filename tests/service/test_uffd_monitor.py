@@ -120,9 +120,17 @@ async def test_access_stream_bad_requests_end_the_stream(
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # No session: UNAUTHENTICATED.
     call = stub.Access(timeout=10)
-    await call.write(mpb.AccessRequest(pid=p.pid, kind=mpb.ACCESS_KIND_LOAD, addr=addr, length=1))
-    with pytest.raises(grpc.aio.AioRpcError) as e:
+
+    async def write_then_read() -> None:
+        # The daemon refuses the call before reading any request, so the write itself may
+        # already meet the ended call and raise its status.
+        await call.write(
+            mpb.AccessRequest(pid=p.pid, kind=mpb.ACCESS_KIND_LOAD, addr=addr, length=1)
+        )
         await call.read()
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await write_then_read()
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     await _reap(p)
 
