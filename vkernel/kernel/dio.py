@@ -50,10 +50,16 @@ from vkernel.kernel.gup import (
     get_user_pages_unlocked,
     pin_user_pages_unlocked,
     unpin_user_pages_dirty_lock,
+    valid_gup_flags,
 )
-from vkernel.kernel.gup_fast import get_user_pages_fast, pin_user_pages_fast
+from vkernel.kernel.gup_fast import (
+    _fast_part,
+    _slow_part,
+    get_user_pages_fast,
+    pin_user_pages_fast,
+)
 from vkernel.kernel.uaccess import read_user_bytes, write_user
-from vkernel.kernel.uapi import FOLL_GET, FOLL_WRITE, PAGE_SHIFT, PAGE_SIZE, PG_writeback
+from vkernel.kernel.uapi import FOLL_GET, FOLL_PIN, FOLL_WRITE, PAGE_SHIFT, PAGE_SIZE, PG_writeback
 
 if TYPE_CHECKING:
     from vkernel.kernel.fdtable import File
@@ -172,6 +178,33 @@ async def _grab_pages(
     if gup == "fast":
         return await get_user_pages_fast(mm, start, n, flags, pages, current=task)
     return await get_user_pages_unlocked(mm, start, n, pages, flags, current=task)
+
+
+def _fast_flags(write_mem: bool, foll: str, pages: np.ndarray) -> int | None:
+    """The flags pin_user_pages_fast / get_user_pages_fast would use (None: invalid)."""
+    to_set = FOLL_PIN if foll == "pin" else FOLL_GET
+    return valid_gup_flags(pages, None, FOLL_WRITE if write_mem else 0, to_set)
+
+
+def _grab_pages_lockless(
+    task: Task, start: int, n: int, write_mem: bool, foll: str, pages: np.ndarray
+) -> tuple[int, int, int]:
+    """The lockless half of _grab_pages() under GUP-fast (gup_fast_fallback() up to its slow
+    path): ``(ret, start, nr)``; ``start < 0``: ``ret`` is final, else the rest needs
+    :func:`_grab_pages_slow` (which may sleep)."""
+    flags = _fast_flags(write_mem, foll, pages)
+    if flags is None:
+        return -errno.EINVAL, -1, 0
+    return _fast_part(task.mm, start, n, flags, pages)
+
+
+async def _grab_pages_slow(
+    task: Task, start: int, n: int, got: int, write_mem: bool, foll: str, pages: np.ndarray
+) -> int:
+    """The slow half after :func:`_grab_pages_lockless` left ``got`` of ``n`` pages."""
+    flags = _fast_flags(write_mem, foll, pages)
+    assert flags is not None
+    return await _slow_part(task.mm, start, n, got, flags, pages, task)
 
 
 def _release_pages(kernel: Kernel, pages: np.ndarray, n: int, foll: str, dirty: bool) -> None:

@@ -91,6 +91,7 @@ class DioReq:
     left: int = 0  # bios (or bounce tasks) still in flight
     failed: bool = False
     done: bool = False
+    ahead: bool = False  # issued ahead of a sleeping GUP (iomap_dio_submit's head)
 
 
 FdCache = dict[int, tuple["File", bool, bool, "Inode | None", int]]
@@ -214,17 +215,67 @@ def _layout(segs: list[_Seg]) -> tuple[int, list[tuple[int, int, int, bool, list
     return slot, runs
 
 
+def _mark_prefix(segs: list[_Seg], slot: int, got: int) -> None:
+    """A run's ``got`` pinned pages, as each of its segments' share (what _release frees)."""
+    for s in segs:
+        rel = s.slot - slot
+        s.got = s.n if rel + s.n <= got else max(got - rel, 0)
+
+
+def _first_short(reqs: list[DioReq]) -> int:
+    """The position of the first live iocb with a segment not pinned whole (-1: none)."""
+    for i, r in enumerate(reqs):
+        if not r.done and any(s.got < s.n for s in r.segs):
+            return i
+    return -1
+
+
 async def _pin_all(
-    kernel: Kernel, task: Task, reqs: list[DioReq], gup: str, foll: str
+    kernel: Kernel,
+    task: Task,
+    reqs: list[DioReq],
+    gup: str,
+    foll: str,
+    go_ahead: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """iov_iter_extract_user_pages() for the whole submission; ``_Seg.got`` set for each."""
+    """iov_iter_extract_user_pages() for the whole submission; ``_Seg.got`` set for each.
+
+    With ``go_ahead`` under GUP-fast, every run's lockless walk goes first; when one leaves
+    pages for the slow path in an iocb that is not the first, the iocbs before it (pinned
+    whole) are marked ``ahead`` and handed to ``go_ahead(first, pages)`` before the slow path
+    may sleep."""
     total, runs = _layout([s for r in reqs if not r.done for s in r.segs])
     pages = np.full(max(total, 1), -1, dtype=np.int64)
     try:
-        for start, n, slot, wm, segs in runs:
+        rets: list[int | None] = [None] * len(runs)
+        if go_ahead is not None and gup == "fast":
             if task.mm is None:
                 raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
-            ret = await dio._grab_pages(task, start, n, wm, gup, foll, pages[slot : slot + n])
+            fast = [
+                dio._grab_pages_lockless(task, start, n, wm, foll, pages[slot : slot + n])
+                for start, n, slot, wm, _ in runs
+            ]
+            if any(sp >= 0 for _, sp, _ in fast):
+                for (_, _, slot, _, segs), (ret, _, _) in zip(runs, fast, strict=True):
+                    _mark_prefix(segs, slot, max(ret, 0))
+                first = _first_short(reqs)
+                if first > 0:
+                    for r in reqs[:first]:
+                        r.ahead = True
+                    go_ahead(first, pages)
+            for i, ((_, n, slot, wm, _), (ret, sp, nr)) in enumerate(zip(runs, fast, strict=True)):
+                if sp >= 0:  # the slow path, in address order: the submitter may sleep here
+                    ret = await dio._grab_pages_slow(
+                        task, sp, nr, ret, wm, foll, pages[slot : slot + n]
+                    )
+                rets[i] = ret
+        for i, (start, n, slot, wm, segs) in enumerate(runs):
+            if task.mm is None:
+                raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
+            done = rets[i]
+            if done is None:
+                done = await dio._grab_pages(task, start, n, wm, gup, foll, pages[slot : slot + n])
+            ret = done
             if ret == n:  # the common case: the whole run
                 for s in segs:
                     s.got = s.n
@@ -233,7 +284,7 @@ async def _pin_all(
             for s in segs:
                 rel = s.slot - slot
                 if rel + s.n <= got:
-                    s.got = s.n
+                    s.got = s.n  # (an ``ahead`` iocb's segments are always here: pinned whole)
                 elif rel < got:
                     s.got = got - rel  # the short prefix a call of its own would pin
                 else:  # not reached: its own call (a bad page before it says nothing of it)
@@ -242,7 +293,8 @@ async def _pin_all(
                     )
     except BaseException:
         for r in reqs:
-            _release(kernel, [r], pages, foll)
+            if not r.ahead:  # the head releases its own pins as its bios end
+                _release(kernel, [r], pages, foll)
         raise
     return pages
 
@@ -428,10 +480,41 @@ async def iomap_dio_submit(
     complete: Callable[[list[DioReq]], None],
 ) -> None:
     """iomap_dio_rw() for every prepared iocb of an io_submit(); ``complete`` gets each group
-    of requests as it finishes (``res`` set)."""
+    of requests as it finishes (``res`` set).
+
+    io_submit() runs io_submit_one() iocb by iocb: under GUP-fast, when an iocb's pages need
+    the slow path (which may sleep: a fault on disk, a userfaultfd), the iocbs before it are
+    already submitted and the plug is flushed as the submitter sleeps, so they go ahead (the
+    ``head``) while the sleeper and the iocbs after it wait, as the blocked io_submit() would.
+    """
     kernel = dio._kernel(task)
     await _coherence(reqs)
-    pages = await _pin_all(kernel, task, reqs, gup, foll)
+    head: list[asyncio.Task[None]] = []
+
+    def go_ahead(first: int, pages: np.ndarray) -> None:
+        head.append(
+            asyncio.ensure_future(_issue_and_wait(kernel, reqs[:first], pages, foll, complete))
+        )
+
+    rest = reqs
+    try:
+        pages = await _pin_all(kernel, task, reqs, gup, foll, go_ahead if len(reqs) > 1 else None)
+        if head:
+            rest = [r for r in reqs if not r.ahead]
+        await _issue_and_wait(kernel, rest, pages, foll, complete)
+    finally:
+        if head:  # never leave the head's bios (and pins) behind
+            await asyncio.gather(*head, return_exceptions=True)
+
+
+async def _issue_and_wait(
+    kernel: Kernel,
+    reqs: list[DioReq],
+    pages: np.ndarray,
+    foll: str,
+    complete: Callable[[list[DioReq]], None],
+) -> None:
+    """submit_bio() for the pinned iocbs, then their completions (and unpins) as bios end."""
     tasks: _BioTasks = {}
     try:
         live = _issue(kernel, reqs, pages, foll, complete, tasks)

@@ -34,12 +34,18 @@ def _count_grabs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """Record every (start, pages) the extraction pins with one GUP call."""
     calls: list[tuple[int, int]] = []
     real = dio._grab_pages
+    lockless = dio._grab_pages_lockless  # a call's first half (its slow half is no new call)
 
     async def spy(task: Task, start: int, n: int, *a: Any) -> int:
         calls.append((start, n))
         return await real(task, start, n, *a)
 
+    def spy_lockless(task: Task, start: int, n: int, *a: Any) -> tuple[int, int, int]:
+        calls.append((start, n))
+        return lockless(task, start, n, *a)
+
     monkeypatch.setattr(dio, "_grab_pages", spy)
+    monkeypatch.setattr(dio, "_grab_pages_lockless", spy_lockless)
     return calls
 
 
