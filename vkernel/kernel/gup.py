@@ -708,6 +708,24 @@ _U64_SPECIAL = np.uint64(_PAGE_SPECIAL)
 _U64_DIRTY = np.uint64(_PAGE_DIRTY)
 
 
+def _leaf_run(vma: VMA, start: int, nr_pages: int) -> tuple[int, int, int] | None:
+    """The PTE table ``start`` maps through (a PMD entry pointing to a table, not a leaf):
+    ``(table, first index, entries)`` for up to ``nr_pages`` within the table and the VMA;
+    None below two entries (the per-page path is as cheap)."""
+    mm = vma.mm
+    slot = pmd_slot(mm, start)
+    if slot < 0:
+        return None
+    e = mm.mem.u64.item(slot)
+    if not e or e & _PAGE_PSE:
+        return None
+    i0 = (start >> PAGE_SHIFT) & 511
+    n = min(nr_pages, PTRS_PER_TABLE - i0, (vma.vm_end - start) >> PAGE_SHIFT)
+    if n < 2:
+        return None
+    return table_of(e), i0, n
+
+
 def follow_pte_batch(
     vma: VMA, start: int, nr_pages: int, flags: int, pages: PageArray | None, off: int
 ) -> int:
@@ -721,17 +739,11 @@ def follow_pte_batch(
     mm = vma.mm
     mem = mm.mem
     u = mem.u64
-    slot = pmd_slot(mm, start)
-    if slot < 0:
+    run = _leaf_run(vma, start, nr_pages)
+    if run is None:
         return 0
-    e = u.item(slot)
-    if not e or e & _PAGE_PSE:
-        return 0
-    i0 = (start >> PAGE_SHIFT) & 511
-    n = min(nr_pages, PTRS_PER_TABLE - i0, (vma.vm_end - start) >> PAGE_SHIFT)
-    if n < 2:
-        return 0
-    base = table_of(e) * PTRS_PER_TABLE + i0
+    t, i0, n = run
+    base = t * PTRS_PER_TABLE + i0
     ptes = u[base : base + n]
     pfns = ((ptes & U64_PFN_MASK) >> U64_SHIFT).astype(np.int64)
     zero = pfns == mem.zero_pfn
@@ -802,17 +814,10 @@ def faultin_none_run(vma: VMA, start: int, nr_pages: int, flags: int, current: T
         return 0
     mm = vma.mm
     u = mm.mem.u64
-    slot = pmd_slot(mm, start)
-    if slot < 0:
+    leaf = _leaf_run(vma, start, nr_pages)
+    if leaf is None:
         return 0
-    e = u.item(slot)
-    if not e or e & _PAGE_PSE:
-        return 0
-    i0 = (start >> PAGE_SHIFT) & 511
-    n = min(nr_pages, PTRS_PER_TABLE - i0, (vma.vm_end - start) >> PAGE_SHIFT)
-    if n < 2:
-        return 0
-    t = table_of(e)
+    t, i0, n = leaf
     run = u[t * PTRS_PER_TABLE + i0 : t * PTRS_PER_TABLE + i0 + n]
     m = n if not run.any() else int(np.argmax(run != 0))
     if m < 2:

@@ -532,7 +532,7 @@ async def uffdio_register(
     ctx: UserfaultfdCtx, task: Task | None, start: int, length: int, mode: int
 ) -> int:
     """userfaultfd_register(): returns the ioctls bitmask valid on the range (A.13, B.44/45)."""
-    from vkernel.kernel.mmap import split_vma, vma_try_merge_around
+    from vkernel.kernel.mmap import vma_try_merge_around
 
     ctx._check_initialized()
     if not mode or mode & ~_REGISTER_MODES:
@@ -554,10 +554,7 @@ async def uffdio_register(
                 raise _err(errno.EBUSY, "range registered with another userfaultfd")
         vm = _mode_to_vm(mode)
         for v in vmas:
-            if v.vm_start < start:
-                v = split_vma(mm, v, start)
-            if v.vm_end > end:
-                split_vma(mm, v, end)
+            v = _isolate_vma(mm, v, start, end)
             v.set_flags((v.vm_flags & ~_VM_UFFD_ANY) | vm)
             v.uffd_ctx = ctx
             vma_try_merge_around(mm, v)
@@ -569,13 +566,21 @@ async def uffdio_register(
     return ioctls
 
 
-def _unregister_vma(mm: MmStruct, v: VMA, start: int, end: int) -> None:
-    from vkernel.kernel.mmap import split_vma, vma_try_merge_around
+def _isolate_vma(mm: MmStruct, v: VMA, start: int, end: int) -> VMA:
+    """vma_modify(): split ``v`` so that the returned VMA covers only [start, end)."""
+    from vkernel.kernel.mmap import split_vma
 
     if v.vm_start < start:
         v = split_vma(mm, v, start)
     if v.vm_end > end:
         split_vma(mm, v, end)
+    return v
+
+
+def _unregister_vma(mm: MmStruct, v: VMA, start: int, end: int) -> None:
+    from vkernel.kernel.mmap import vma_try_merge_around
+
+    v = _isolate_vma(mm, v, start, end)
     if v.vm_flags & VM_UFFD_WP:
         uffd_wp_range(v, v.vm_start, v.vm_end, False)  # userfaultfd_clear_vma()
     v.set_flags(v.vm_flags & ~_VM_UFFD_ANY)
