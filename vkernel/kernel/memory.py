@@ -409,6 +409,35 @@ def uffd_disable_fault_around(vma: VMA) -> bool:
     return bool(vma.vm_flags & (VM_UFFD_WP | VM_UFFD_MINOR))
 
 
+def _mappable_cached(
+    vma: VMA, mapping: pagecache.AddressSpace, base_addr: int, idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """next_uptodate_folio() for the entries ``idx`` of the leaf table whose entry 0 maps
+    ``base_addr``: each one's cached pfn (-1: not cached) and whether it can be mapped without
+    a fault (cached, inside i_size, uptodate, unlocked, not the PG_readahead trigger page,
+    which is left to a real fault)."""
+    mem = vma.mm.mem
+    fidx = vma.vm_pgoff + ((base_addr - vma.vm_start) >> PAGE_SHIFT) + idx.astype(np.int64)
+    get = mapping.pages.get
+    pfns = np.fromiter((get(i, -1) for i in fidx.tolist()), dtype=np.int64, count=len(fidx))
+    limit = (mapping.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+    ok = (pfns >= 0) & (fidx < limit) & (fidx != mapping.mmap_ra_mark)
+    fl = mem.flags[np.where(ok, pfns, 0)]
+    ok &= ((fl & np.uint32(PG_uptodate)) != 0) & ((fl & np.uint32(PG_locked)) == 0)
+    return pfns, ok
+
+
+def _map_cached_ro(vma: VMA, table: int, idx: np.ndarray, pfns: np.ndarray) -> None:
+    """set_pte_range() for cached file pages: read-only young PTEs, a reference and a mapping
+    each, file RSS."""
+    mem = vma.mm.mem
+    bits = (vma.vm_page_prot | _PAGE_ACCESSED) & ~_PAGE_RW
+    mem.u64[table * PTRS_PER_TABLE + idx] = (pfns.astype(np.uint64) << U64_SHIFT) | np.uint64(bits)
+    np.add.at(mem.refcount, mem.compound_heads(pfns), ONE32)
+    np.add.at(mem.mapcount, pfns, ONE32)
+    vma.mm.add_rss(MM_FILEPAGES, len(pfns))
+
+
 def do_read_fault_run(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> int:
     """do_read_fault() for a run of none PTEs of a disk-file VMA whose pages are cached (the
     CPU reading through a warm mapping): each fault maps its page and the fault-around window
@@ -419,15 +448,7 @@ def do_read_fault_run(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> 
     mapping = vma.mapping
     if mapping is None or not len(idx) or uffd_disable_fault_around(vma):
         return 0
-    mm = vma.mm
-    mem = mm.mem
-    fidx = vma.vm_pgoff + ((base_addr - vma.vm_start) >> PAGE_SHIFT) + idx.astype(np.int64)
-    get = mapping.pages.get
-    pfns = np.fromiter((get(i, -1) for i in fidx.tolist()), dtype=np.int64, count=len(fidx))
-    limit = (mapping.size + PAGE_SIZE - 1) >> PAGE_SHIFT
-    ok = (pfns >= 0) & (fidx < limit) & (fidx != mapping.mmap_ra_mark)
-    fl = mem.flags[np.where(ok, pfns, 0)]
-    ok &= ((fl & np.uint32(PG_uptodate)) != 0) & ((fl & np.uint32(PG_locked)) == 0)
+    pfns, ok = _mappable_cached(vma, mapping, base_addr, idx)
     take = np.zeros(len(idx), dtype=bool)
     faults = 0
     pos = 0
@@ -437,14 +458,8 @@ def do_read_fault_run(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> 
         take[pos:end] = ok[pos:end]
         faults += 1
         pos = end
-    if not faults:
-        return 0
-    tidx, tpfn = idx[take], pfns[take]
-    bits = (vma.vm_page_prot | _PAGE_ACCESSED) & ~_PAGE_RW
-    mem.u64[table * PTRS_PER_TABLE + tidx] = (tpfn.astype(np.uint64) << U64_SHIFT) | np.uint64(bits)
-    np.add.at(mem.refcount, mem.compound_heads(tpfn), ONE32)
-    np.add.at(mem.mapcount, tpfn, ONE32)
-    mm.add_rss(MM_FILEPAGES, len(tpfn))
+    if faults:
+        _map_cached_ro(vma, table, idx[take], pfns[take])
     return faults
 
 
@@ -455,28 +470,10 @@ def do_fault_around(vma: VMA, table: int, base_addr: int, idx: np.ndarray) -> in
     mapping = vma.mapping
     if mapping is None or not len(idx) or uffd_disable_fault_around(vma):
         return 0
-    mm = vma.mm
-    mem = mm.mem
-    fidx = vma.vm_pgoff + ((base_addr - vma.vm_start) >> PAGE_SHIFT) + idx.astype(np.int64)
-    limit = (mapping.size + PAGE_SIZE - 1) >> PAGE_SHIFT
-    get = mapping.pages.get
-    pfns = np.fromiter((get(i, -1) for i in fidx.tolist()), dtype=np.int64, count=len(fidx))
-    # next_uptodate_folio() skips PG_readahead: the trigger page is left to a real fault.
-    ok = (pfns >= 0) & (fidx < limit) & (fidx != mapping.mmap_ra_mark)
-    if not ok.any():
-        return 0
-    idx, pfns = idx[ok], pfns[ok]
-    fl = mem.flags[pfns]
-    ok = ((fl & np.uint32(PG_uptodate)) != 0) & ((fl & np.uint32(PG_locked)) == 0)
-    idx, pfns = idx[ok], pfns[ok]
-    n = len(pfns)
-    if not n:
-        return 0
-    bits = (vma.vm_page_prot | _PAGE_ACCESSED) & ~_PAGE_RW
-    mem.u64[table * PTRS_PER_TABLE + idx] = (pfns.astype(np.uint64) << U64_SHIFT) | np.uint64(bits)
-    np.add.at(mem.refcount, mem.compound_heads(pfns), ONE32)
-    np.add.at(mem.mapcount, pfns, ONE32)
-    mm.add_rss(MM_FILEPAGES, n)
+    pfns, ok = _mappable_cached(vma, mapping, base_addr, idx)
+    n = int(ok.sum())
+    if n:
+        _map_cached_ro(vma, table, idx[ok], pfns[ok])
     return n
 
 
