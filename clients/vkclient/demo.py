@@ -12,12 +12,9 @@ import errno
 import os
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -27,6 +24,7 @@ from rich.table import Table
 
 import vkclient
 from vkclient._kernel import Kernel
+from vkclient._spawn import private_daemon
 
 out = Console(highlight=False)
 
@@ -430,59 +428,20 @@ async def tour(addr: str | None, token_file: str | None) -> int:
     return 0
 
 
-def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited early with status {proc.returncode}")
-        if path.exists():
-            return
-        time.sleep(0.05)
-    raise RuntimeError("daemon did not start in time")
-
-
 def run_with_private_daemon() -> int:
     """Start a daemon in a temp folder, run the tour, stop it with SIGTERM (must exit 0)."""
-    with tempfile.TemporaryDirectory(prefix="vkernel-demo-") as tmp:
-        sock = Path(tmp) / "vkernel.sock"
-        log_path = Path(tmp) / "daemon.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "vkernel",
-                    "serve",
-                    "--listen",
-                    f"unix://{sock}",
-                    "--memory",
-                    "256M",
-                    "--log-format",
-                    "json",
-                    "--device",
-                    "ram0=ram:64M",
-                    "--device",
-                    "pmem0=ram:16M,dax=1",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                _wait_for_socket(sock, proc)
-                out.print(f"[dim]daemon pid {proc.pid} listening on unix://{sock}[/]")
-                status = asyncio.run(tour(f"unix://{sock}", None))
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                rc = proc.wait(timeout=30)
-        lines = log_path.read_text().splitlines()
-        out.print(
-            f"[dim]daemon stopped on SIGTERM with exit status {rc}; "
-            f"it wrote {len(lines)} JSON log lines[/]"
-        )
-        if rc != 0:
-            out.print("\n".join(lines[-20:]))
-            return 1
-        return status
+    devices = ["--device", "ram0=ram:64M", "--device", "pmem0=ram:16M,dax=1"]
+    with private_daemon("vkernel-demo-", ["--memory", "256M", *devices]) as d:
+        out.print(f"[dim]daemon pid {d.pid} listening on {d.addr}[/]")
+        status = asyncio.run(tour(d.addr, None))
+    out.print(
+        f"[dim]daemon stopped on SIGTERM with exit status {d.returncode}; "
+        f"it wrote {len(d.log_lines)} JSON log lines[/]"
+    )
+    if d.returncode != 0:
+        out.print("\n".join(d.log_lines[-20:]))
+        return 1
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

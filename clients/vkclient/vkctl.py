@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -30,6 +24,7 @@ from rich.table import Table
 
 from vkclient._address import grpc_target, resolve_address, resolve_token
 from vkclient._kernel import Kernel, connect
+from vkclient._spawn import private_daemon
 from vkclient.constants import (
     PAGE_SIZE,
     PM_FILE,
@@ -458,43 +453,6 @@ SPAWN_MEMORY = "512M"
 """Physical memory of a ``--spawn-daemon`` daemon (uffd-stress shmem 20 MiB needs ~100 MiB)."""
 
 
-@contextlib.contextmanager
-def private_daemon() -> Iterator[str]:
-    """A daemon on a UNIX socket in a temporary folder; SIGTERM on exit (it must exit 0)."""
-    with tempfile.TemporaryDirectory(prefix="vkctl-") as tmp:
-        sock = Path(tmp) / "vkernel.sock"
-        log_path = Path(tmp) / "daemon.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "vkernel",
-                    "serve",
-                    "--listen",
-                    f"unix://{sock}",
-                    "--memory",
-                    SPAWN_MEMORY,
-                    "--log-format",
-                    "json",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                deadline = time.monotonic() + 30
-                while not sock.exists():
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"daemon did not start: {log_path.read_text()[-2000:]}")
-                    time.sleep(0.05)
-                yield f"unix://{sock}"
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                rc = proc.wait(timeout=30)
-        if rc != 0:
-            raise RuntimeError(f"daemon exited {rc}: {log_path.read_text()[-2000:]}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one vkctl command; errors print like a Linux tool's and exit non-zero."""
     args = build_parser().parse_args(argv)
@@ -503,9 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         resolve_token(None, args.token_file)  # fail early on an unreadable token file
         if args.spawn_daemon:
-            with private_daemon() as addr:
-                args.addr = addr
-                return asyncio.run(command(args, out))
+            with private_daemon("vkctl-", ["--memory", SPAWN_MEMORY], check=True) as d:
+                args.addr = d.addr
+                rc = asyncio.run(command(args, out))
+            return rc
         return asyncio.run(command(args, out))
     except OSError as e:
         print(f"vkctl: {args.command}: {e.strerror or e}", file=sys.stderr)
