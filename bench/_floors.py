@@ -85,6 +85,19 @@ async def _stream(
         yield bytes(view[o : o + chunk])
 
 
+async def serve_until_signalled(server: grpc.aio.Server, listen: str) -> None:
+    """Bind ``listen``, start, tell the parent (READY on stdout), serve until SIGTERM/SIGINT."""
+    server.add_insecure_port(listen)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+    await server.stop(grace=0)
+
+
 async def serve(listen: str) -> None:
     """Serve the floor methods on ``listen`` until SIGTERM/SIGINT."""
     server = grpc.aio.server()
@@ -98,15 +111,7 @@ async def serve(listen: str) -> None:
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(listen)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("READY", flush=True)
-    await stop.wait()
-    await server.stop(grace=0)
+    await serve_until_signalled(server, listen)
 
 
 class FloorClient:

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from vkernel.kernel import aio
+from vkernel.kernel.blockdev import DeviceSpec
+from vkernel.kernel.fs import O_CREAT, O_DIRECT, O_RDWR
+from vkernel.kernel.kernel import Kernel, KernelConfig
+from vkernel.kernel.mmap import sys_mmap
 from vkernel.kernel.task import Task
+from vkernel.kernel.uaccess import write_user
+from vkernel.kernel.uapi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 
 P = 4096
 MiB = 1 << 20
@@ -27,6 +33,26 @@ def write_host(path: Path, region: int) -> None:
     chunk = os.urandom(MiB)
     with open(path, "wb") as f:
         f.writelines(chunk for _ in range(region // MiB))
+
+
+async def setup_kernel(region: int, *devices: str) -> tuple[Kernel, Task, int, int]:
+    """An in-process kernel with a RAM disk ``bench0`` (plus ``devices``), the job's file laid
+    out over ``region`` bytes by direct writes, and a touched 64-page buffer:
+    (kernel, task, fd, buffer address)."""
+    k = Kernel(KernelConfig(memory_bytes=256 * MiB))
+    k.vfs.add_device(DeviceSpec.parse(f"bench0=ram:{region // MiB + 64}M"))
+    for spec in devices:
+        k.vfs.add_device(DeviceSpec.parse(spec))
+    t = k.spawn("vkfio", "bench")
+    fd, _ = k.vfs.do_sys_open(t, "reader.0.0", O_CREAT | O_RDWR | O_DIRECT, "disk", "bench0")
+    buf = await sys_mmap(t, 0, DEPTH * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+    await write_user(t, buf, b"\xa5" * (DEPTH * P))
+    ctx = aio.KioCtx(t, DEPTH)
+    for off in range(0, region, DEPTH * P):
+        ctx.submit([aio.Iocb(aio.IOCB_CMD_PWRITE, fd, [(buf, DEPTH * P)], off)])
+        await ctx.getevents(1, 1)
+    await ctx.destroy()
+    return k, t, fd, buf
 
 
 class PreadvFloor:

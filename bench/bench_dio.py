@@ -41,21 +41,26 @@ from typing import Any
 import numpy as np
 
 from bench._harness import BenchContext, make_record
-from bench._seed004 import DEPTH, MiB, P, PreadvFloor, job_iocbs, job_sqes, write_host
+from bench._seed004 import (
+    DEPTH,
+    MiB,
+    P,
+    PreadvFloor,
+    job_iocbs,
+    job_sqes,
+    setup_kernel,
+    write_host,
+)
 from vkernel.kernel import aio, pagecache
 from vkernel.kernel.audit import audit
-from vkernel.kernel.blockdev import DeviceSpec
 from vkernel.kernel.fs import O_CREAT, O_DIRECT, O_RDONLY, O_RDWR
-from vkernel.kernel.kernel import Kernel, KernelConfig
+from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.mmap import sys_mmap, sys_munmap
 from vkernel.kernel.task import Task
-from vkernel.kernel.uaccess import write_user
 from vkernel.kernel.uapi import (
-    MAP_ANONYMOUS,
     MAP_POPULATE,
     MAP_PRIVATE,
     PROT_READ,
-    PROT_WRITE,
 )
 
 FULL = 1 << 30
@@ -71,24 +76,10 @@ CONTENDER_THINK = 0.002
 
 
 async def _setup(region: int) -> tuple[Kernel, Task, int, int, int]:
-    """A kernel with a RAM disk, a laid-out file of ``region`` bytes, a touched buffer, and
-    the contender's file on a slow disk."""
-    k = Kernel(KernelConfig(memory_bytes=256 * MiB))
-    k.vfs.add_device(DeviceSpec.parse(f"bench0=ram:{region // MiB + 64}M"))
-    k.vfs.add_device(DeviceSpec.parse(CONTENDER_DEVICE))
-    t = k.spawn("vkfio", "bench")
-    fd, _ = k.vfs.do_sys_open(t, "reader.0.0", O_CREAT | O_RDWR | O_DIRECT, "disk", "bench0")
-    buf = await sys_mmap(t, 0, DEPTH * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
-    await write_user(t, buf, b"\xa5" * (DEPTH * P))
+    """The seed job's kernel (see :func:`bench._seed004.setup_kernel`) plus the contender's
+    file on a slow disk."""
+    k, t, fd, buf = await setup_kernel(region, CONTENDER_DEVICE)
     ctx = aio.KioCtx(t, DEPTH)
-    for off in range(0, region, DEPTH * P):  # layout: direct writes of the buffer
-        ctx.submit(
-            [
-                aio.Iocb(aio.IOCB_CMD_PWRITE, fd, [(buf + s * P, P)], off + s * P)
-                for s in range(DEPTH)
-            ]
-        )
-        await ctx.getevents(DEPTH, DEPTH)
     cfd, _ = k.vfs.do_sys_open(t, "cold.dat", O_CREAT | O_RDWR | O_DIRECT, "disk", "cold0")
     for off in range(0, 16 * MiB, DEPTH * P):
         ctx.submit([aio.Iocb(aio.IOCB_CMD_PWRITE, cfd, [(buf, DEPTH * P)], off)])

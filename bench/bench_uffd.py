@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import statistics
 import sys
 import time
@@ -66,7 +65,7 @@ import grpc
 import grpc.aio
 
 import vkclient
-from bench._floors import STREAM_REQUEST, FloorClient, floor_server
+from bench._floors import STREAM_REQUEST, FloorClient, floor_server, serve_until_signalled
 from bench._harness import BenchContext, Record, ServerProcess, make_record, probe_channel
 from bench._vkernel import Metadata, vkernel_daemon
 from vkernel.kernel.uapi import (
@@ -485,15 +484,7 @@ async def _relay_serve(listen: str) -> None:
             ),
         )
     )
-    server.add_insecure_port(listen)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("READY", flush=True)
-    await stop.wait()
-    await server.stop(grace=0)
+    await serve_until_signalled(server, listen)
 
 
 @contextlib.asynccontextmanager

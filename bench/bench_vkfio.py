@@ -25,17 +25,9 @@ from typing import Any
 import numpy as np
 
 from bench._harness import BenchContext, make_record
-from bench._seed004 import DEPTH, MiB, P, PreadvFloor, job_iocbs, job_sqes, write_host
+from bench._seed004 import MiB, P, PreadvFloor, job_iocbs, job_sqes, setup_kernel, write_host
 from bench._vkernel import vkernel_daemon
 from vkclient import vkfio
-from vkernel.kernel import aio
-from vkernel.kernel.blockdev import DeviceSpec
-from vkernel.kernel.fs import O_CREAT, O_DIRECT, O_RDWR
-from vkernel.kernel.kernel import Kernel, KernelConfig
-from vkernel.kernel.mmap import sys_mmap
-from vkernel.kernel.task import Task
-from vkernel.kernel.uaccess import write_user
-from vkernel.kernel.uapi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 
 FULL = 64 * MiB
 QUICK = 16 * MiB
@@ -49,22 +41,6 @@ numjobs=1
 rw=read
 iodepth=64
 """
-
-
-async def _inprocess_setup(region: int) -> tuple[Kernel, Task, int, int]:
-    """An in-process kernel with a RAM disk, a laid-out file and a touched 64-page buffer."""
-    k = Kernel(KernelConfig(memory_bytes=256 * MiB))
-    k.vfs.add_device(DeviceSpec.parse(f"bench0=ram:{region // MiB + 64}M"))
-    t = k.spawn("vkfio", "bench")
-    fd, _ = k.vfs.do_sys_open(t, "reader.0.0", O_CREAT | O_RDWR | O_DIRECT, "disk", "bench0")
-    buf = await sys_mmap(t, 0, DEPTH * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
-    await write_user(t, buf, b"\xa5" * (DEPTH * P))
-    ctx = aio.KioCtx(t, DEPTH)
-    for off in range(0, region, DEPTH * P):
-        ctx.submit([aio.Iocb(aio.IOCB_CMD_PWRITE, fd, [(buf, DEPTH * P)], off)])
-        await ctx.getevents(1, 1)
-    await ctx.destroy()
-    return k, t, fd, buf
 
 
 async def _vkfio_round(addr: str, region: int) -> dict[str, Any]:
@@ -87,7 +63,7 @@ async def run(ctx: BenchContext) -> list[dict[str, Any]]:
     fl = PreadvFloor(str(host))
     n = region // P
     fl.run(0, n)  # warm the host page cache
-    k, t, fd, buf = await _inprocess_setup(region)
+    k, t, fd, buf = await setup_kernel(region)
     ours: list[float] = []
     floor: list[float] = []
     inproc: list[float] = []
