@@ -1,4 +1,6 @@
-"""The struct-of-arrays io_submit path (KioCtx.io_submit_sqes / getevents_array)."""
+"""The struct-of-arrays io_submit path (KioCtx.io_submit_sqes / getevents_array): the same
+Linux answers as one iocb at a time -- alignment EINVAL, pins taken and released with
+dirtying, EIO per entry (kernel-semantics.md A.14, B.68)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The batched io_submit path (dio_batch): merged pins and bios, per-iocb results in a batch."""
+"""The batched io_submit path (dio_batch): merged pins and bios, per-iocb results in a batch;
+each I/O pins with FOLL_WRITE for reads and unpins dirtying (kernel-semantics.md A.14, B.68)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WP_ASYNC on file memory (6.12 vma_can_userfault: WP alone with WP_ASYNC may register any
+"""WP_ASYNC on file memory (kernel-semantics.md B.60, A.13; 6.12 vma_can_userfault: WP alone with WP_ASYNC may register any
 memory): dirty tracking of a shared disk-file mapping through pagemap bit 57; uffd-wp VMAs
 map exactly the faulting page (uffd_disable_fault_around)."""
 
