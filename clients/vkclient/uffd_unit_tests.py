@@ -43,7 +43,7 @@ import contextlib
 import errno
 import signal
 import struct
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -344,8 +344,6 @@ class Monitor:
     wp_faults: int = 0
     minor_faults: int = 0
     pagefaults: int = 0
-    removed: list[tuple[int, int]] = field(default_factory=list)
-    """Ranges a REMOVE event made the monitor unregister."""
     _pipe: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -373,18 +371,20 @@ class Monitor:
             stop.cancel()
 
     async def _poll(self, stop: asyncio.Task[Literal[True]]) -> bool:
-        """Read the current uffd until the pipe (True) or a FORK switches uffds (False)."""
-        stream = self.ctx.fd.messages()
-        nxt: asyncio.Future[list[u.UffdMessage]] | None = None
+        """Read the current uffd until the pipe (True) or a FORK switches uffds (False).
+
+        read(2) on demand (UffdRead): nothing leaves the uffd before this loop asks, so a
+        fault is never taken ahead of an event this loop has not handled yet."""
+        reader = self.ctx.fd.reader()
+        nxt: asyncio.Future[list[u.UffdMessage] | None] | None = None
         try:
             while True:
-                nxt = asyncio.ensure_future(anext(stream))
+                nxt = asyncio.ensure_future(reader.read())
                 done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
                 if nxt not in done:
                     return True
-                try:
-                    msgs = nxt.result()
-                except StopAsyncIteration:
+                msgs = nxt.result()
+                if msgs is None:
                     return True  # released
                 for i, m in enumerate(msgs):
                     if m.event == UFFD_EVENT_FORK:
@@ -400,21 +400,15 @@ class Monitor:
             if nxt is not None and not nxt.done():
                 nxt.cancel()
                 await asyncio.gather(nxt, return_exceptions=True)
-            if isinstance(stream, AsyncGenerator):
-                await stream.aclose()
+            await reader.close()
 
     async def _dispatch(self, m: u.UffdMessage) -> None:
         ctx = self.ctx
         if m.event == UFFD_EVENT_PAGEFAULT:
-            if any(start <= m.address < end for start, end in self.removed):
-                # The stream reads ahead of this loop: a fault read before the REMOVE's
-                # UNREGISTER was woken by it and retried unregistered; nothing to serve.
-                return
             self.pagefaults += 1
             await (self.handle_fault or uffd_handle_page_fault)(self, m)
         elif m.event == UFFD_EVENT_REMOVE:
             await ctx.fd.unregister(m.start, m.end - m.start)
-            self.removed.append((m.start, m.end))
         elif m.event == UFFD_EVENT_REMAP:
             ctx.area_dst = m.end  # REMAP's "to" travels in end
         else:
@@ -634,12 +628,14 @@ async def t_move_pmd_split(ctx: Ctx) -> None:
 
 async def _fork_event_consumer(ctx: Ctx, got: list[int]) -> None:
     """Read until a message arrives: it must be FORK; keep the child's uffd to close it."""
-    async for msgs in ctx.fd.messages():
-        m = msgs[0]
-        if m.event != UFFD_EVENT_FORK:
-            raise TestFail(f"wrong message: {m.event}")
-        got.append(m.ufd)
-        return
+    async with ctx.fd.reader() as reader:
+        msgs = await reader.read(1)
+    if msgs is None:
+        return  # released
+    m = msgs[0]
+    if m.event != UFFD_EVENT_FORK:
+        raise TestFail(f"wrong message: {m.event}")
+    got.append(m.ufd)
 
 
 async def pagemap_test_fork(ctx: Ctx, with_event: bool, test_pin: bool) -> bool:
