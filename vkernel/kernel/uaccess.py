@@ -120,6 +120,11 @@ def fault_in_range(
         base = t * PTRS_PER_TABLE
         i0 = (start >> PAGE_SHIFT) & 511
         i1 = i0 + ((end - 1) >> PAGE_SHIFT) - (start >> PAGE_SHIFT) + 1
+        if i1 == i0 + 1:
+            done = _fault_in_page(vma, t, base + i0, start, end, flags, task, vmf)
+            if done is None:
+                continue
+            return done
         s = u[base + i0 : base + i1]
         if vma.is_anonymous() and not vma.vm_flags & _VM_UFFD_ANY:
             none = np.flatnonzero(s == 0)
@@ -176,6 +181,56 @@ def fault_in_range(
         if ((s & need_bits) == need_bits).all():
             return 0, end
     return VM_FAULT_SIGBUS, start
+
+
+def _fault_in_page(
+    vma: VMA,
+    table: int,
+    slot: int,
+    addr: int,
+    end: int,
+    flags: int,
+    task: Task | None,
+    vmf: VmFault | None,
+) -> tuple[int, int] | None:
+    """fault_in_range()'s PTE-table step for a range within one page (PTE ``slot`` of ``table``).
+
+    The steps of the vectorised path for one PTE, with int ops: numpy calls on 1-element
+    arrays cost more than the rest of a small access (an 8-byte load). No fault-around: the
+    vectorised path's window is the rest of the range, empty here. Returns fault_in_range's
+    ``(vm_fault, address)``, or None: not done yet, walk again.
+    """
+    mm = vma.mm
+    u = mm.mem.u64
+    write = flags & FAULT_FLAG_WRITE
+    need = _PAGE_PRESENT | _PAGE_RW if write else _PAGE_PRESENT
+    pte = u.item(slot)
+    if not pte and vma.is_anonymous() and not vma.vm_flags & _VM_UFFD_ANY:
+        pbase = addr & PMD_MASK
+        i = (addr >> PAGE_SHIFT) & 511
+        n = do_anonymous_pages(vma, table, pbase, np.array([i], dtype=np.intp), bool(write))
+        mm_account_fault(mm, task, flags, 0, n)
+        if not n:
+            return VM_FAULT_OOM, pbase + (i << PAGE_SHIFT)
+        pte = u.item(slot)
+    if pte & need != need:
+        fl = flags
+        ret = 0
+        for _retry in range(_MAX_RETRIES):
+            ret = handle_mm_fault(vma, addr, fl, task, vmf)
+            if vmf is not None and vmf.wait is not None:
+                return VM_FAULT_RETRY, addr  # a sleep (COMPLETED: after the fault)
+            if not ret & VM_FAULT_RETRY:
+                break
+            fl |= FAULT_FLAG_TRIED
+        if ret & VM_FAULT_ERROR:
+            return ret, addr
+        pte = u.item(slot)
+    if pte & _PAGE_PRESENT:
+        u[slot] = pte | (
+            _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_SOFT_DIRTY if write else _PAGE_ACCESSED
+        )
+    return (0, end) if pte & need == need else None
 
 
 def translate(mm: MmStruct, start: int, end: int) -> np.ndarray:
@@ -339,6 +394,20 @@ def _copy_out(mem: object, pfns: np.ndarray, off: int, n: int) -> memoryview:
     return memoryview(b"".join(pieces))
 
 
+def _copy_out_page(mm: MmStruct, addr: int, n: int) -> memoryview:
+    """translate() + _copy_out() for ``n`` bytes at ``addr`` within one present page, with int
+    ops (the numpy calls of the run path cost more than a small load itself)."""
+    u = mm.mem.u64
+    e = u.item(pmd_slot(mm, addr))
+    idx = (addr >> PAGE_SHIFT) & 511
+    if e & _PAGE_PSE:
+        pfn = ((e & _PAGE_PFN_MASK) >> PAGE_SHIFT) + idx
+    else:
+        pfn = (u.item(table_of(e) * PTRS_PER_TABLE + idx) & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    b = (pfn << PAGE_SHIFT) + (addr & (PAGE_SIZE - 1))
+    return memoryview(bytes(mm.mem.mv[b : b + n]))
+
+
 async def read_user(
     task: Task, addr: int, length: int, *, user: bool = True
 ) -> AsyncIterator[memoryview]:
@@ -375,7 +444,9 @@ async def read_user(
                 await wait.sleep()  # TRIED or no ALLOW_RETRY: sleep holding mmap_lock
                 wait = None
             upto = fail if ret else cend
-            if upto > pos:
+            if upto > pos and (upto - 1) >> PAGE_SHIFT == pos >> PAGE_SHIFT:
+                chunk = _copy_out_page(mm, pos, upto - pos)
+            elif upto > pos:
                 chunk = _copy_out(mem, translate(mm, pos, upto), pos & (PAGE_SIZE - 1), upto - pos)
             if ret & VM_FAULT_RETRY and vmf.wait is not None:
                 wait, vmf.wait = vmf.wait, None
