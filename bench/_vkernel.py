@@ -26,6 +26,7 @@ from vkernel.v1 import (
     process_service_pb2_grpc,
     session_service_pb2,
     session_service_pb2_grpc,
+    system_service_pb2,
     system_service_pb2_grpc,
 )
 
@@ -91,6 +92,14 @@ async def _healthy(target: str) -> bool:
     return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+async def _prefault_over(vk: Vkernel) -> bool:
+    """GetInfo says the daemon's background prefault thread has finished (or never ran)."""
+    info = await vk.system.GetInfo(
+        system_service_pb2.GetInfoRequest(), metadata=vk.metadata, timeout=5
+    )
+    return not info.prefault_running
+
+
 @contextlib.asynccontextmanager
 async def vkernel_daemon(
     scratch: Path,
@@ -99,12 +108,14 @@ async def vkernel_daemon(
     extra_args: Sequence[str] = (),
     session_timeout_s: float = 3600.0,
     start_limit_s: float = 30.0,
+    prefault_limit_s: float = 60.0,
 ) -> AsyncIterator[Vkernel]:
     """Run ``python -m vkernel serve`` on a UNIX socket in ``scratch`` until the block ends.
 
-    Waits for gRPC health "" to say SERVING, opens a session and its Keepalive stream, and on
+    Waits for gRPC health "" to say SERVING, opens a session and its Keepalive stream, waits
+    (up to ``prefault_limit_s``) until GetInfo says the boot-time prefault is over, and on
     exit closes the session and stops the daemon with SIGTERM.  Raises, quoting the daemon's
-    log, if it fails to start or does not exit cleanly.
+    log, if it fails to start or settle, or does not exit cleanly.
 
     ``session_timeout_s`` is passed as ``--session-timeout``: the daemon ends a session whose
     keepalive stream is silent that long (1 s by default), and a benchmark must be free to
@@ -157,6 +168,15 @@ async def vkernel_daemon(
             )
             try:
                 await vk.ping(0)
+                # At boot the daemon backs its memfd with host pages in a background thread
+                # (PhysMem.prefault; --no-prefault turns it off). On a 2-vCPU machine it took a
+                # whole CPU for seconds while the first figures were measured. At SCHED_IDLE it
+                # yields the CPU, but still competes for memory bandwidth and the mapping's
+                # mmap lock, and how much of the memfd is host-backed yet would vary between
+                # runs: measure a settled daemon (GetInfo polled every 50 ms).
+                await server.wait_until(
+                    lambda: _prefault_over(vk), prefault_limit_s, "done with its boot prefault"
+                )
                 yield vk
                 server.check_alive()
                 await session.CloseSession(

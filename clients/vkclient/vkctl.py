@@ -83,6 +83,8 @@ async def cmd_info(args: argparse.Namespace, out: Console) -> int:
     table.add_row("arch", info.arch)
     table.add_row("memory", f"{info.memory_bytes >> 20} MiB ({info.page_size}-byte pages)")
     table.add_row("free", f"{info.free_bytes >> 20} MiB")
+    prefault = " (prefault running)" if info.prefault_running else ""
+    table.add_row("host-backed", f"{info.host_populated_bytes >> 20} MiB{prefault}")
     table.add_row("uptime", f"{info.uptime_seconds:.1f} s")
     table.add_row("sessions", str(info.sessions))
     table.add_row("processes", str(info.processes))

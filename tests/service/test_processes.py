@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import signal
 
+import anyio
 import pytest
 
 import vkclient
@@ -96,11 +97,19 @@ async def test_nonpositive_pid_is_einval(k: vkclient.Kernel, pid: int) -> None:
 
 
 async def test_info_and_vmstat(daemon: Daemon, k: vkclient.Kernel) -> None:
-    """GetInfo reports the configured memory; vmstat carries Linux's counter names."""
+    """GetInfo reports the configured memory and the boot prefault's progress; vmstat carries
+    Linux's counter names."""
     info = await k.info()
     assert info.memory_bytes == 64 << 20
     assert info.arch == "x86_64"
     assert info.page_size == 4096
+    # The fixture serves with prefault on: the background population reaches all of memory.
+    with anyio.fail_after(30):
+        while info.prefault_running:
+            assert info.host_populated_bytes <= info.memory_bytes
+            await anyio.sleep(0.02)
+            info = await k.info()
+    assert info.host_populated_bytes == info.memory_bytes == daemon.kernel.mem.populated_bytes
     counters = await k.vmstat()
     for name in ("pgfault", "pgmajfault", "nr_foll_pin_acquired", "fast_gup", "fast_gup_slow"):
         assert name in counters

@@ -36,6 +36,8 @@ class SystemServicer(pb_grpc.SystemServiceServicer):
             sessions=len(self._sessions),
             processes=len(k.tasks),
             free_bytes=free_pages * PAGE_SIZE,
+            host_populated_bytes=k.mem.populated_bytes,
+            prefault_running=k.mem.prefault_running,
         )
 
     async def GetVmstat(

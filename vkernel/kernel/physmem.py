@@ -199,6 +199,12 @@ class PhysMem:
         FOLL_LONGTERM GUP faults or migrates, user allocations avoid the movable zone."""
         self.zero_maps = 0
         """How many PTEs map the shared zero page (vkernel bookkeeping for nr_zero_page)."""
+        self.populated_bytes = 0
+        """Bytes of the memfd the last prefault() has host-populated so far (0 if never run)."""
+        self.prefault_running = False
+        """A prefault() is populating the memfd now (False before it starts and once it ends)."""
+        self.prefault_policy: int | None = None
+        """The scheduling policy the background prefault thread ran at (os.SCHED_IDLE)."""
 
         movable_frames = movable_bytes >> PAGE_SHIFT
         self.movable_start = nframes - movable_frames
@@ -237,11 +243,13 @@ class PhysMem:
         the project machine), which otherwise dominates the first write fault of every frame. The
         movable zone goes first (user pages come from it), then the normal zone, in the order the
         allocator hands frames out. With ``background`` the work runs in a daemon thread (the
-        madvise call releases the GIL). Returns the thread, or None when done synchronously.
+        madvise call releases the GIL) at SCHED_IDLE, so it only takes CPU time nothing else
+        wants and never competes with serving. Returns the thread, or None when done
+        synchronously. Progress shows in :attr:`populated_bytes` and :attr:`prefault_running`.
         """
         ranges = [(self.movable_start, self.nframes), (0, self.movable_start)]
 
-        def run() -> None:
+        def populate() -> None:
             """The populate loop (runs in the caller or in the prefault thread)."""
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
@@ -258,13 +266,40 @@ class PhysMem:
                     if madvise(base + off, n, _MADV_POPULATE_WRITE) != 0:
                         self.frames[off >> PAGE_SHIFT : (off + n) >> PAGE_SHIFT, 0] |= 0
                     off += n
+                    self.populated_bytes += n
 
+        def run(idle: bool) -> None:
+            """populate() with the progress flag up, at SCHED_IDLE when ``idle``."""
+            try:
+                if idle:
+                    # Linux applies this to the calling thread only; the prefault thread keeps
+                    # running (at normal priority) where the policy is unavailable.
+                    try:
+                        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                        self.prefault_policy = os.sched_getscheduler(0)
+                    except (OSError, AttributeError):
+                        pass
+                populate()
+            finally:
+                self.prefault_running = False
+
+        self.populated_bytes = 0
+        self.prefault_running = True
         if not background:
-            run()
+            run(idle=False)
             return None
-        th = threading.Thread(target=run, name="vkernel-prefault", daemon=True)
-        th.start()
+        th = threading.Thread(target=run, args=(True,), name="vkernel-prefault", daemon=True)
+        try:
+            th.start()
+        except BaseException:
+            self.prefault_running = False
+            raise
         return th
+
+    @property
+    def prefault_done(self) -> bool:
+        """No prefault() is populating the memfd: it has finished, or it never started."""
+        return not self.prefault_running
 
     # ---- bookkeeping ----------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvkernel/v1/system_service.proto\x12\nvkernel.v1\"\x10\n\x0eGetInfoRequest\"\xaa\x01\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x11\n\tprocesses\x18\x07 \x01(\r\x12\x12\n\nfree_bytes\x18\x08 \x01(\x04\"\x12\n\x10GetVmstatRequest\",\n\rVmstatCounter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03\"@\n\x11GetVmstatResponse\x12+\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\x19.vkernel.v1.VmstatCounter2\x9d\x01\n\rSystemService\x12\x42\n\x07GetInfo\x12\x1a.vkernel.v1.GetInfoRequest\x1a\x1b.vkernel.v1.GetInfoResponse\x12H\n\tGetVmstat\x12\x1c.vkernel.v1.GetVmstatRequest\x1a\x1d.vkernel.v1.GetVmstatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvkernel/v1/system_service.proto\x12\nvkernel.v1\"\x10\n\x0eGetInfoRequest\"\xe2\x01\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x11\n\tprocesses\x18\x07 \x01(\r\x12\x12\n\nfree_bytes\x18\x08 \x01(\x04\x12\x1c\n\x14host_populated_bytes\x18\t \x01(\x04\x12\x18\n\x10prefault_running\x18\n \x01(\x08\"\x12\n\x10GetVmstatRequest\",\n\rVmstatCounter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03\"@\n\x11GetVmstatResponse\x12+\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\x19.vkernel.v1.VmstatCounter2\x9d\x01\n\rSystemService\x12\x42\n\x07GetInfo\x12\x1a.vkernel.v1.GetInfoRequest\x1a\x1b.vkernel.v1.GetInfoResponse\x12H\n\tGetVmstat\x12\x1c.vkernel.v1.GetVmstatRequest\x1a\x1d.vkernel.v1.GetVmstatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=47
   _globals['_GETINFOREQUEST']._serialized_end=63
   _globals['_GETINFORESPONSE']._serialized_start=66
-  _globals['_GETINFORESPONSE']._serialized_end=236
-  _globals['_GETVMSTATREQUEST']._serialized_start=238
-  _globals['_GETVMSTATREQUEST']._serialized_end=256
-  _globals['_VMSTATCOUNTER']._serialized_start=258
-  _globals['_VMSTATCOUNTER']._serialized_end=302
-  _globals['_GETVMSTATRESPONSE']._serialized_start=304
-  _globals['_GETVMSTATRESPONSE']._serialized_end=368
-  _globals['_SYSTEMSERVICE']._serialized_start=371
-  _globals['_SYSTEMSERVICE']._serialized_end=528
+  _globals['_GETINFORESPONSE']._serialized_end=292
+  _globals['_GETVMSTATREQUEST']._serialized_start=294
+  _globals['_GETVMSTATREQUEST']._serialized_end=312
+  _globals['_VMSTATCOUNTER']._serialized_start=314
+  _globals['_VMSTATCOUNTER']._serialized_end=358
+  _globals['_GETVMSTATRESPONSE']._serialized_start=360
+  _globals['_GETVMSTATRESPONSE']._serialized_end=424
+  _globals['_SYSTEMSERVICE']._serialized_start=427
+  _globals['_SYSTEMSERVICE']._serialized_end=584
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,8 @@ class GetInfoResponse(_message.Message):
     SESSIONS_FIELD_NUMBER: _builtins.int
     PROCESSES_FIELD_NUMBER: _builtins.int
     FREE_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_POPULATED_BYTES_FIELD_NUMBER: _builtins.int
+    PREFAULT_RUNNING_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """The vkernel version."""
     arch: _builtins.str
@@ -65,6 +67,14 @@ class GetInfoResponse(_message.Message):
     """Number of processes in the task table."""
     free_bytes: _builtins.int
     """Free physical memory in bytes."""
+    host_populated_bytes: _builtins.int
+    """Bytes of physical memory the host has backed so far by the boot-time prefault
+    (memory_bytes once it is over; 0 with --no-prefault).
+    """
+    prefault_running: _builtins.bool
+    """Whether the boot-time prefault is still backing physical memory with host pages, in a
+    background thread that only uses otherwise idle CPU.
+    """
     def __init__(
         self,
         *,
@@ -76,10 +86,12 @@ class GetInfoResponse(_message.Message):
         sessions: _builtins.int = ...,
         processes: _builtins.int = ...,
         free_bytes: _builtins.int = ...,
+        host_populated_bytes: _builtins.int = ...,
+        prefault_running: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch", b"arch", "free_bytes", b"free_bytes", "memory_bytes", b"memory_bytes", "page_size", b"page_size", "processes", b"processes", "sessions", b"sessions", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch", b"arch", "free_bytes", b"free_bytes", "host_populated_bytes", b"host_populated_bytes", "memory_bytes", b"memory_bytes", "page_size", b"page_size", "prefault_running", b"prefault_running", "processes", b"processes", "sessions", b"sessions", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

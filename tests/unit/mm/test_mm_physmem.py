@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from tests.unit.mm.mmhelp import MakeKernel
@@ -133,6 +135,30 @@ def test_prefault_backs_memory_without_changing_state(make_kernel: MakeKernel) -
     th.join(10)
     assert k.mem.nr_free_pages == free
     assert not k.mem.frames.any()
+
+
+def test_prefault_reports_progress_and_runs_background_at_sched_idle(
+    make_kernel: MakeKernel,
+) -> None:
+    """§5:
+    PhysMem.prefault(): populated_bytes climbs to the memory size; the background thread runs
+    at SCHED_IDLE, the synchronous call at the caller's own policy."""
+    k = make_kernel(memory_bytes=16 << 20, movable_bytes=4 << 20)
+    mem = k.mem
+    assert (mem.populated_bytes, mem.prefault_running, mem.prefault_done) == (0, False, True)
+    policy = os.sched_getscheduler(0)
+    assert mem.prefault() is None
+    assert mem.populated_bytes == 16 << 20
+    assert (mem.prefault_running, mem.prefault_done, mem.prefault_policy) == (False, True, None)
+    assert os.sched_getscheduler(0) == policy
+    th = mem.prefault(background=True, chunk=1 << 20)
+    assert th is not None
+    th.join(30)
+    assert not th.is_alive()
+    assert mem.populated_bytes == mem.nframes * 4096 == 16 << 20
+    assert (mem.prefault_running, mem.prefault_done) == (False, True)
+    assert mem.prefault_policy == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == policy
 
 
 def test_bad_boot_parameters_are_einval() -> None:
