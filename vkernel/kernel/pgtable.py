@@ -167,12 +167,25 @@ def _next_level(mm: MmStruct, slot: int, alloc: bool) -> int:
 
 def pmd_slot(mm: MmStruct, addr: int, alloc: bool = False) -> int:
     """pmd_offset() after the pgd/pud walk (allocating with ``alloc``): slot, -1 none, -2 OOM."""
-    pud_t = _next_level(mm, mm.pgd * PTRS_PER_TABLE + ((addr >> PGDIR_SHIFT) & 511), alloc)
-    if pud_t < 0:
-        return pud_t
-    pmd_t = _next_level(mm, pud_t * PTRS_PER_TABLE + ((addr >> PUD_SHIFT) & 511), alloc)
-    if pmd_t < 0:
-        return pmd_t
+    # Every fault and uaccess walks here: present upper entries are read inline (one item()
+    # each), and only a missing one goes through _next_level (none, or allocate).
+    u = mm.mem.u64
+    slot = mm.pgd * PTRS_PER_TABLE + ((addr >> PGDIR_SHIFT) & 511)
+    e = u.item(slot)
+    if e:
+        pud_t = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    else:
+        pud_t = _next_level(mm, slot, alloc)
+        if pud_t < 0:
+            return pud_t
+    slot = pud_t * PTRS_PER_TABLE + ((addr >> PUD_SHIFT) & 511)
+    e = u.item(slot)
+    if e:
+        pmd_t = (e & _PAGE_PFN_MASK) >> PAGE_SHIFT
+    else:
+        pmd_t = _next_level(mm, slot, alloc)
+        if pmd_t < 0:
+            return pmd_t
     return pmd_t * PTRS_PER_TABLE + ((addr >> PMD_SHIFT) & 511)
 
 
