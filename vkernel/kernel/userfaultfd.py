@@ -337,6 +337,9 @@ class UserfaultfdCtx:
                 f.set_result(None)
 
     def _dequeue(self, w: UserfaultWaiter) -> None:
+        """handle_userfault()'s list_del after schedule(): an unwoken (killed) fault leaves."""
+        if w.woken:
+            return  # wake_range/wake_all take a waiter off its queue before waking it
         try:
             self.fault_pending.remove(w)
         except ValueError:
@@ -400,10 +403,19 @@ class UserfaultfdCtx:
         end = start + length
         n = 0
         for q in (self.fault_pending, self.fault_read):
-            for w in [w for w in q if start <= w.address < end]:
-                q.remove(w)
+            if not q:
+                continue
+            hit = [w for w in q if start <= w.address < end]
+            if not hit:
+                continue
+            # Off the queue first (one rebuild, not a remove per waiter), then woken in queue
+            # order; wake() only schedules the sleepers, nobody runs in between.
+            keep = [w for w in q if not start <= w.address < end] if len(hit) < len(q) else []
+            q.clear()
+            q.extend(keep)
+            for w in hit:
                 w.wake()
-                n += 1
+            n += len(hit)
         return n
 
     def wake_all(self) -> None:
