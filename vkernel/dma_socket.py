@@ -8,6 +8,11 @@ physical memory as SCM_RIGHTS ancillary data. It maps the fd and reads and write
 of its pinned pages itself (frame ``n`` is bytes ``[n*4096, (n+1)*4096)``), with the pfn list
 a Gup call returned. A bad token gets ``{"ok": false, "error": …}`` and no fd.
 
+The same socket hands out userfaultfds (:mod:`vkernel.api.uffd_fd`): a first line
+``{"token": …, "uffd": HANDLE}`` (JSON) from a session that holds the handle is answered with
+``{"ok": true, "uffd": HANDLE, "max_copy_bytes": …}`` and one end of a ``SOCK_SEQPACKET``
+socketpair, the uffd's fd; an unknown handle gets ``{"ok": false, "errno": 9, …}`` (EBADF).
+
 The fd gives the whole of physical memory to a client that can already open the daemon's
 0600 socket, i.e. the same user: it is the co-located trust model of a device with DMA
 access. Remote drivers use GupService.DmaRead/DmaWrite instead, which check the handle.
@@ -20,13 +25,21 @@ import contextlib
 import json
 import os
 import socket
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from vkernel.api.uffd_fd import MAX_COPY_BYTES
+from vkernel.kernel.errors import KernelError
 from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.uapi import PAGE_SIZE
-from vkernel.sessions import SessionTable
+from vkernel.sessions import Session, SessionTable
+
+UffdOpener = Callable[[Session, int, socket.socket], Coroutine[Any, Any, None]]
+"""Checks that the session holds handle ``hid`` (KernelError if not) and returns the
+coroutine that serves its fd on the daemon's end of the pair."""
 
 log = structlog.get_logger("vkernel.dma")
 
@@ -42,10 +55,17 @@ def dma_socket_path(grpc_socket: str) -> str:
 class DmaSocketServer:
     """Accepts driver clients on the side channel and hands them the memfd."""
 
-    def __init__(self, path: str, kernel: Kernel, sessions: SessionTable) -> None:
+    def __init__(
+        self,
+        path: str,
+        kernel: Kernel,
+        sessions: SessionTable,
+        uffd_opener: UffdOpener | None = None,
+    ) -> None:
         self.path = path
         self._kernel = kernel
         self._sessions = sessions
+        self._uffd_opener = uffd_opener
         self._sock: socket.socket | None = None
         self._accept: asyncio.Task[None] | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -109,13 +129,24 @@ class DmaSocketServer:
                         line += chunk
             except (TimeoutError, OSError):
                 return
-            token = line.split(b"\n", 1)[0].decode(errors="replace").strip()
+            first = line.split(b"\n", 1)[0].decode(errors="replace").strip()
+            request: dict[str, Any] = {}
+            if first.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    parsed = json.loads(first)
+                    request = parsed if isinstance(parsed, dict) else {}
+                token = str(request.get("token", ""))
+            else:
+                token = first
             session = self._sessions.lookup(token) if token else None
             if session is None or session.closed:
                 reply = {"ok": False, "error": "unknown or expired session"}
                 with contextlib.suppress(OSError):
                     await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
                 log.warning("dma_fd_refused", reason="bad token")
+                return
+            if "uffd" in request:
+                await self._pass_uffd(conn, session, request["uffd"])
                 return
             mem = self._kernel.mem
             reply = {
@@ -132,3 +163,38 @@ class DmaSocketServer:
                 log.warning("dma_fd_send_failed", session=session.id, error=str(e))
                 return
             log.info("dma_fd_passed", session=session.id, client=session.client_name)
+
+    async def _pass_uffd(self, conn: socket.socket, session: Session, hid: object) -> None:
+        """Hand the client a uffd it holds: one end of a socketpair, the other served here."""
+        loop = asyncio.get_running_loop()
+        if self._uffd_opener is None or not isinstance(hid, int):
+            reply = {"ok": False, "errno": 22, "error": "uffd must be a handle number"}
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            try:
+                serving = self._uffd_opener(session, hid, ours)
+            except KernelError as e:
+                ours.close()
+                reply = {"ok": False, "errno": e.errno, "error": str(e)}
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
+                return
+            task = loop.create_task(serving)
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+
+            def close_with_session(_: Session) -> None:
+                task.cancel()  # a process's fds close with it
+
+            session.on_close(close_with_session)
+            payload = {"ok": True, "uffd": hid, "max_copy_bytes": MAX_COPY_BYTES}
+            try:
+                socket.send_fds(conn, [json.dumps(payload).encode() + b"\n"], [theirs.fileno()])
+            except OSError as e:
+                task.cancel()  # the client is gone: the fd was never passed
+                log.warning("uffd_fd_send_failed", session=session.id, error=str(e))
+                return
+        log.info("uffd_fd_passed", session=session.id, handle=hid)

@@ -190,7 +190,13 @@ async def serve(
     handles = HandleTable(kernel, grants)
     # Co-located drivers fetch the physical-memory fd next to the first UNIX socket.
     unix = [item.target for item in cfg.listen if item.scheme == "unix"]
-    dma = DmaSocketServer(dma_socket_path(unix[0]), kernel, sessions) if unix else None
+    uffd_servicer = UserfaultfdServicer(kernel, sessions)
+    # The same side channel hands co-located monitors their uffds as real fds.
+    dma = (
+        DmaSocketServer(dma_socket_path(unix[0]), kernel, sessions, uffd_servicer.table.open_fd)
+        if unix
+        else None
+    )
     gup_servicer = GupServicer(kernel, sessions, handles, dma.path if dma else "")
     process_service_pb2_grpc.add_ProcessServiceServicer_to_server(
         ProcessServicer(kernel, sessions, grants), server
@@ -203,7 +209,6 @@ async def serve(
     )
     file_service_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(kernel, sessions), server)
     gup_service_pb2_grpc.add_GupServiceServicer_to_server(gup_servicer, server)
-    uffd_servicer = UserfaultfdServicer(kernel, sessions)
     userfaultfd_service_pb2_grpc.add_UserfaultfdServiceServicer_to_server(uffd_servicer, server)
     aio_servicer = AioServicer(kernel, sessions)
     aio_service_pb2_grpc.add_AioServiceServicer_to_server(aio_servicer, server)

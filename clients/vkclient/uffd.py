@@ -67,6 +67,7 @@ from vkclient.constants import (
     UFFDIO_ZEROPAGE_MODE_DONTWAKE,
 )
 from vkclient.errors import from_rpc_error
+from vkclient.uffd_fd import UffdFd, receive_uffd
 from vkernel.v1 import userfaultfd_service_pb2 as pb
 from vkernel.v1 import userfaultfd_service_pb2_grpc as pb_grpc
 
@@ -261,6 +262,23 @@ class Userfaultfd:
             )
         )
         return [(int(x.result), int(x.errno)) for x in r.results]
+
+    async def open_fd(self) -> UffdFd:
+        """The uffd itself as a file descriptor (:mod:`vkclient.uffd_fd`), from the daemon's
+        side socket: for a monitor on the daemon's host, one datagram each way per call."""
+        from vkernel.v1 import gup_service_pb2 as gpb
+        from vkernel.v1 import gup_service_pb2_grpc as gpb_grpc
+
+        info = await _call(
+            gpb_grpc.GupServiceStub(self.kernel._channel).GetDmaChannel(
+                gpb.GetDmaChannelRequest(), metadata=self._md, timeout=self.kernel.timeout
+            )
+        )
+        if not info.socket_path:
+            raise OSError(errno.EOPNOTSUPP, "the daemon has no side socket (not on UNIX?)")
+        token = dict(self._md).get("vkernel-session", "")
+        sock = await asyncio.to_thread(receive_uffd, info.socket_path, token, self.handle)
+        return UffdFd(sock)
 
     def reader(self) -> UffdReader:
         """A :class:`UffdReader` on this handle: read(2) on demand (the stream opens on first

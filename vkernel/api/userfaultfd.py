@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-from collections.abc import AsyncIterator, Sequence
+import socket
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 import grpc
 
 from vkernel.api.process import owned_task
 from vkernel.api.rpc import RpcFailure, StreamTasks, require_live, require_session
+from vkernel.api.uffd_fd import UffdFile
 from vkernel.kernel import mm_api
 from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.errors import KernelError, einval
@@ -65,6 +67,21 @@ class UffdTable:
         h.holders.add(session.id)
         self._hook(session)
         return h
+
+    def install(self, session: Session, m: uf.UffdMsg) -> int:
+        """The ``ufd`` a read gives ``m``: UFFD_EVENT_FORK carries the child's new uffd, and as
+        resolve_userfault_fork() installs it as a new fd of the reader, the reading session
+        becomes its holder (the ctx arrives with that reference); 0 for other messages."""
+        if m.event == uf.UFFD_EVENT_FORK and m.fork_ctx is not None and m.fork_task is not None:
+            return self.add(session, m.fork_ctx, m.fork_task).id
+        return 0
+
+    def open_fd(self, session: Session, hid: int, sock: socket.socket) -> Coroutine[Any, Any, None]:
+        """The uffd itself for a co-located holder (:mod:`vkernel.api.uffd_fd`): one more
+        reference, as dup(2) makes; returns the coroutine serving it until it is closed."""
+        h = self.held(session, hid)
+        h.ctx.get()
+        return UffdFile(sock, h.ctx, h.task, lambda m: self.install(session, m)).serve()
 
     def _hook(self, session: Session) -> None:
         if session.id not in self._hooked:
@@ -202,12 +219,13 @@ class UserfaultfdServicer(pb_grpc.UserfaultfdServiceServicer):
             )
 
     def _install(self, session: Session, m: uf.UffdMsg) -> pb.UffdMessage:
-        """A message as the reader sees it. UFFD_EVENT_FORK carries the child's new uffd: as
-        resolve_userfault_fork() installs it as a new fd of the reader, the reading session
-        becomes its holder (the ctx arrives with that reference) and ``ufd`` is its handle."""
-        if m.event == uf.UFFD_EVENT_FORK and m.fork_ctx is not None and m.fork_task is not None:
-            return _msg(m, self._table.add(session, m.fork_ctx, m.fork_task).id)
-        return _msg(m)
+        """A message as the reader sees it (a FORK's new uffd installed: UffdTable.install)."""
+        return _msg(m, self._table.install(session, m))
+
+    @property
+    def table(self) -> UffdTable:
+        """The handle table (the side channel opens uffd fds from it)."""
+        return self._table
 
     async def UffdResolve(
         self, request: pb.UffdResolveRequest, context: Context

@@ -1,0 +1,271 @@
+"""A userfaultfd as a real file descriptor, for monitors on the daemon's host.
+
+``fd = await uffd.open_fd()`` (a holder session, the daemon on a UNIX socket) receives the
+uffd over the daemon's side socket, as a monitor receives one over a UNIX socket in Linux.
+Each call is one datagram each way with Linux's struct layouts (the daemon's
+``vkernel.api.uffd_fd`` describes the wire); no gRPC message is on a fault's monitor path::
+
+    fd = await uffd.open_fd()
+    while msgs := await fd.read():                       # read(2): [] once released
+        for m in msgs:
+            if m.event == UFFD_EVENT_PAGEFAULT:
+                await fd.copy(m.address & ~4095, page_for(m))   # UFFDIO_COPY
+
+Every ioctl returns ``(result, errno)`` as the kernel leaves them: ``result`` is the struct's
+count field (bytes done, or -errno), ``errno`` 0 on success and EAGAIN when partial, as
+ioctl(2) fails with it. Closing the fd is close(2): one reference less on the uffd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+from typing import Self
+
+from vkclient.constants import (
+    PAGE_SIZE,
+    UFFD_API,
+    UFFD_EVENT_FORK,
+    UFFD_EVENT_PAGEFAULT,
+    UFFD_EVENT_REMAP,
+)
+from vkernel.v1 import userfaultfd_service_pb2 as pb
+
+UFFD_FD_READ = 0
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return direction << 30 | size << 16 | 0xAA << 8 | nr
+
+
+UFFDIO_API = _ioc(3, 0x3F, 24)
+UFFDIO_REGISTER = _ioc(3, 0x00, 32)
+UFFDIO_UNREGISTER = _ioc(2, 0x01, 16)
+UFFDIO_WAKE = _ioc(2, 0x02, 16)
+UFFDIO_COPY = _ioc(3, 0x03, 40)
+UFFDIO_ZEROPAGE = _ioc(3, 0x04, 32)
+UFFDIO_MOVE = _ioc(3, 0x05, 40)
+UFFDIO_WRITEPROTECT = _ioc(3, 0x06, 24)
+UFFDIO_CONTINUE = _ioc(3, 0x07, 32)
+UFFDIO_POISON = _ioc(3, 0x08, 32)
+
+_REQUEST = struct.Struct("<II")
+_ANSWER = struct.Struct("<IIiI")
+_UFFD_MSG = struct.Struct("<BBHIQQI4x")
+"""struct uffd_msg read as its pagefault arm: the other arms are re-read from the offsets."""
+_Q3 = struct.Struct("<QQQ")
+_Q2 = struct.Struct("<QQ")
+_RANGE_MODE_RESULT = struct.Struct("<QQQq")
+_COPY = struct.Struct("<QQQQq")
+MSG_SIZE = 32
+_SOCKET_BUFFER = 1 << 20
+
+
+_EAGAIN = 11
+
+
+def _result(st: struct.Struct, out: bytes, err: int) -> int:
+    """The count field (the struct's last) as the kernel left it; -errno when the call was
+    refused before the struct was read (unknown ioctl, wrong size)."""
+    if len(out) < st.size:
+        return -err
+    return int(st.unpack(out)[-1])
+
+
+def receive_uffd(path: str, token: str, handle: int, timeout: float = 5.0) -> socket.socket:
+    """Fetch uffd ``handle`` from the daemon's side socket (blocking): the fd as a socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps({"token": token, "uffd": handle}).encode() + b"\n")
+        data, fds, _flags, _addr = socket.recv_fds(s, 4096, 1)
+    reply = json.loads(data.split(b"\n", 1)[0] or b"{}")
+    if not reply.get("ok") or not fds:
+        for fd in fds:
+            os.close(fd)
+        code = int(reply.get("errno", 1))
+        raise OSError(code, f"the daemon refused the uffd: {reply.get('error', reply)}")
+    return socket.socket(fileno=fds[0])
+
+
+def decode_msg(raw: bytes | memoryview, off: int = 0) -> pb.UffdMessage:
+    """One struct uffd_msg as the SDK's :class:`UffdMessage` (the gRPC API's message)."""
+    event, _, _, _, a, b, ptid = _UFFD_MSG.unpack_from(raw, off)
+    if event == UFFD_EVENT_PAGEFAULT:
+        return pb.UffdMessage(event=event, flags=a, address=b, ptid=ptid)
+    if event == UFFD_EVENT_FORK:
+        return pb.UffdMessage(event=event, ufd=a & 0xFFFFFFFF)
+    if event == UFFD_EVENT_REMAP:
+        start, end, length = _Q3.unpack_from(raw, off + 8)
+        return pb.UffdMessage(event=event, start=start, end=end, len=length)
+    return pb.UffdMessage(event=event, start=a, end=b)  # REMOVE, UNMAP
+
+
+class UffdFd:
+    """The monitor's end: read(2) and the uffd ioctls as coroutines, answers matched by tag."""
+
+    def __init__(self, sock: socket.socket, max_copy_bytes: int = 64 * PAGE_SIZE) -> None:
+        self.sock = sock
+        self.max_copy_bytes = max_copy_bytes
+        sock.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+        self._loop = asyncio.get_running_loop()
+        self._tag = 0
+        self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def fileno(self) -> int:
+        """The uffd's file descriptor."""
+        return self.sock.fileno()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """close(2): the daemon drops this reference (the last one releases the uffd)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        self._fail(OSError(9, "the uffd fd is closed"))  # EBADF for calls still waiting
+
+    def _fail(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _on_readable(self) -> None:
+        while True:
+            err: OSError | None = None
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                data, err = b"", e
+            if not data:  # the daemon closed it: its session or the daemon ended
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(self.sock.fileno())
+                self._fail(err or ConnectionResetError(104, "the daemon closed the uffd"))
+                return
+            _cmd, tag, errno_, _ = _ANSWER.unpack_from(data)
+            fut = self._pending.pop(tag, None)
+            if fut is not None and not fut.done():
+                fut.set_result((errno_, data[_ANSWER.size :]))
+
+    async def _call(self, cmd: int, arg: bytes) -> tuple[int, bytes]:
+        if self._closed:
+            raise OSError(9, "the uffd fd is closed")
+        self._tag = (self._tag + 1) & 0xFFFFFFFF
+        tag = self._tag
+        fut: asyncio.Future[tuple[int, bytes]] = self._loop.create_future()
+        self._pending[tag] = fut
+        msg = _REQUEST.pack(cmd, tag) + arg
+        try:
+            self.sock.send(msg)
+        except BlockingIOError:
+            await self._loop.sock_sendall(self.sock, msg)
+        except OSError:
+            self._pending.pop(tag, None)
+            raise
+        return await fut
+
+    # ---- read(2) ----------------------------------------------------------------------------
+
+    async def read(self, max_messages: int = 64, nonblock: bool = False) -> list[pb.UffdMessage]:
+        """poll + read(2): waits for the first message (``nonblock``: BlockingIOError if none);
+        [] once the uffd is released."""
+        err, out = await self._call(
+            UFFD_FD_READ, struct.pack("<II", max_messages * MSG_SIZE, 0o4000 if nonblock else 0)
+        )
+        if err:
+            raise OSError(err, os.strerror(err))
+        return [decode_msg(out, off) for off in range(0, len(out), MSG_SIZE)]
+
+    # ---- ioctls -----------------------------------------------------------------------------
+
+    async def api(self, features: int = 0, api: int = UFFD_API) -> tuple[int, int]:
+        """UFFDIO_API: ``(features, ioctls)``; OSError as ioctl(2) fails."""
+        err, out = await self._call(UFFDIO_API, _Q3.pack(api, features, 0))
+        if err:
+            raise OSError(err, os.strerror(err))
+        _, got, ioctls = _Q3.unpack(out)
+        return got, ioctls
+
+    async def register(self, start: int, length: int, mode: int) -> int:
+        """UFFDIO_REGISTER: the range's ioctls bitmask; OSError as ioctl(2) fails."""
+        err, out = await self._call(
+            UFFDIO_REGISTER, _RANGE_MODE_RESULT.pack(start, length, mode, 0)
+        )
+        if err:
+            raise OSError(err, os.strerror(err))
+        return int(_RANGE_MODE_RESULT.unpack(out)[3])
+
+    async def unregister(self, start: int, length: int) -> int:
+        """UFFDIO_UNREGISTER: errno (0 on success)."""
+        return (await self._call(UFFDIO_UNREGISTER, _Q2.pack(start, length)))[0]
+
+    async def wake(self, start: int, length: int) -> int:
+        """UFFDIO_WAKE: errno (0 on success)."""
+        return (await self._call(UFFDIO_WAKE, _Q2.pack(start, length)))[0]
+
+    async def writeprotect(self, start: int, length: int, mode: int) -> int:
+        """UFFDIO_WRITEPROTECT: errno (0 on success)."""
+        return (await self._call(UFFDIO_WRITEPROTECT, _Q3.pack(start, length, mode)))[0]
+
+    async def copy(
+        self, dst: int, data: bytes | bytearray | memoryview, mode: int = 0
+    ) -> tuple[int, int]:
+        """UFFDIO_COPY of ``data`` to ``dst``: ``(copy, errno)``. Longer than
+        ``max_copy_bytes``: one ioctl per piece, stopping at the first that fails, with the
+        bytes done so far (a partial result then, as one long ioctl would give)."""
+        view = memoryview(data)
+        done = 0
+        while True:
+            piece = view[done : done + self.max_copy_bytes]
+            err, out = await self._call(
+                UFFDIO_COPY, _COPY.pack(dst + done, 0, len(piece), mode, 0) + bytes(piece)
+            )
+            result = _result(_COPY, out, err)
+            if err:
+                if not done:
+                    return result, err
+                # An earlier piece landed: a partial result, as one long ioctl reports it.
+                return done + max(result, 0), _EAGAIN
+            done += len(piece)
+            if done >= len(view):
+                return done, 0
+
+    async def zeropage(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
+        """UFFDIO_ZEROPAGE: ``(zeropage, errno)``."""
+        return await self._range_fill(UFFDIO_ZEROPAGE, start, length, mode)
+
+    async def continue_(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
+        """UFFDIO_CONTINUE: ``(mapped, errno)``."""
+        return await self._range_fill(UFFDIO_CONTINUE, start, length, mode)
+
+    async def poison(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
+        """UFFDIO_POISON: ``(updated, errno)``."""
+        return await self._range_fill(UFFDIO_POISON, start, length, mode)
+
+    async def move(self, dst: int, src: int, length: int, mode: int = 0) -> tuple[int, int]:
+        """UFFDIO_MOVE: ``(move, errno)``."""
+        err, out = await self._call(UFFDIO_MOVE, _COPY.pack(dst, src, length, mode, 0))
+        return _result(_COPY, out, err), err
+
+    async def _range_fill(self, cmd: int, start: int, length: int, mode: int) -> tuple[int, int]:
+        err, out = await self._call(cmd, _RANGE_MODE_RESULT.pack(start, length, mode, 0))
+        return _result(_RANGE_MODE_RESULT, out, err), err

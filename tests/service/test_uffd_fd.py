@@ -1,0 +1,238 @@
+"""The userfaultfd as a real fd on the daemon's side socket (vkernel.api.uffd_fd): a monitor
+session on the same host reads struct uffd_msg records and calls the uffd ioctls with Linux's
+struct layouts (A.13, B.43–B.55 through the fd). The fd is one more reference to the uffd:
+closing it, or its session ending, is close(2), and the last close is userfaultfd_release
+(B.53: blocked faults resolve as ordinary faults). Every test ends with the audit clean (the
+``daemon`` fixture's teardown)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import socket
+
+import anyio
+import pytest
+
+import vkclient
+from tests.service.conftest import Daemon
+from vkclient import PAGE_SIZE
+from vkclient.constants import UFFD_FEATURE_EVENT_REMOVE
+from vkclient.uffd import (
+    UFFD_EVENT_PAGEFAULT,
+    UFFD_EVENT_REMOVE,
+    UFFD_PAGEFAULT_FLAG_WRITE,
+    UFFD_USER_MODE_ONLY,
+    Userfaultfd,
+)
+from vkclient.uffd_fd import UFFDIO_COPY, receive_uffd
+from vkernel.api import uffd_fd as wire
+from vkernel.dma_socket import dma_socket_path
+from vkernel.kernel import userfaultfd as kuf
+
+P = PAGE_SIZE
+MADV_DONTNEED = 4
+
+
+async def _setup(
+    k: vkclient.Kernel, monitor: vkclient.Kernel, npages: int, features: int = 0
+) -> tuple[vkclient.Process, Userfaultfd, int]:
+    p = await k.spawn("faulter")
+    addr = await p.mmap(npages * P)
+    u = await k.userfaultfd(p, UFFD_USER_MODE_ONLY, features=features)
+    await u.register(addr, npages * P)
+    await u.grant(monitor.session_id)
+    return p, u, addr
+
+
+async def _reap(p: vkclient.Process) -> None:
+    await p.kill()
+    await p.wait()
+
+
+def test_the_sdk_speaks_the_daemons_wire() -> None:
+    """The SDK cannot import the daemon: its copy of the ioctl numbers must agree."""
+    import vkclient.uffd_fd as sdk
+
+    for name in (
+        "UFFDIO_API",
+        "UFFDIO_REGISTER",
+        "UFFDIO_UNREGISTER",
+        "UFFDIO_WAKE",
+        "UFFDIO_COPY",
+        "UFFDIO_ZEROPAGE",
+        "UFFDIO_MOVE",
+        "UFFDIO_WRITEPROTECT",
+        "UFFDIO_CONTINUE",
+        "UFFDIO_POISON",
+        "UFFD_FD_READ",
+    ):
+        assert getattr(sdk, name) == getattr(wire, name), name
+    # Linux's numbers (include/uapi/linux/userfaultfd.h on x86-64).
+    assert wire.UFFDIO_COPY == 0xC028AA03
+    assert wire.UFFDIO_ZEROPAGE == 0xC020AA04
+    assert wire.UFFDIO_WAKE == 0x8010AA02
+    assert wire.UFFDIO_API == 0xC018AA3F
+    assert wire.UFFDIO_REGISTER == 0xC020AA00
+    assert wire.UFFD_MSG.size == kuf.UFFD_MSG_SIZE
+
+
+async def test_fault_served_through_the_fd(daemon: Daemon, k: vkclient.Kernel) -> None:
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, 4)
+        async with await mon.attach_userfaultfd(u.handle).open_fd() as fd:
+            async with p.access_stream() as a:
+                load = asyncio.ensure_future(a.load(addr + P + 5, 3))
+                msgs = await fd.read()
+                assert [(m.event, m.address, m.flags) for m in msgs] == [
+                    (UFFD_EVENT_PAGEFAULT, addr + P, 0)
+                ]
+                assert not load.done()
+                page = bytes(range(256)) * (P // 256)
+                assert await fd.copy(addr + P, page) == (P, 0)
+                assert await load == page[5:8]
+                store = asyncio.ensure_future(a.store(addr + 2 * P, b"w"))
+                (m,) = await fd.read()
+                assert (m.address, m.flags) == (addr + 2 * P, UFFD_PAGEFAULT_FLAG_WRITE)
+                assert await fd.zeropage(addr + 2 * P, P) == (P, 0)
+                assert await store == 1
+            assert await p.read(addr + 2 * P, 2) == b"w\0"
+        await _reap(p)
+
+
+async def test_ioctl_errors_are_linuxs(daemon: Daemon, k: vkclient.Kernel) -> None:
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, 4)
+        async with await mon.attach_userfaultfd(u.handle).open_fd() as fd:
+            assert await fd.copy(addr, b"\1" * P) == (P, 0)
+            # The page is there now: EEXIST, copy = -EEXIST (mfill_atomic's first page).
+            assert await fd.copy(addr, b"\2" * P) == (-errno.EEXIST, errno.EEXIST)
+            # Two pages of which the second exists: a partial result, EAGAIN.
+            assert await fd.copy(addr + 3 * P, b"\3" * P) == (P, 0)
+            assert await fd.copy(addr + 2 * P, b"\4" * 2 * P) == (P, errno.EAGAIN)
+            assert await fd.copy(addr + 1, b"\5" * P) == (-errno.EINVAL, errno.EINVAL)
+            assert await fd.zeropage(addr, P + 1) == (-errno.EINVAL, errno.EINVAL)
+            assert await fd.wake(addr, P) == 0
+            assert await fd.wake(addr + 1, P) == errno.EINVAL
+            with pytest.raises(BlockingIOError):
+                await fd.read(nonblock=True)
+            with pytest.raises(OSError) as e:
+                await fd.api()  # the creator already did the handshake
+            assert e.value.errno == errno.EINVAL
+            # A datagram the daemon cannot take: unknown ioctl, short struct, bytes ≠ len.
+            assert await fd._call(0xC008AA7F, b"\0" * 8) == (errno.ENOTTY, b"")
+            assert (await fd._call(UFFDIO_COPY, b"\0" * 8))[0] == errno.EINVAL
+            bad = wire._COPY.pack(addr + P, 0, 2 * P, 0, 0) + b"\0" * P
+            assert (await fd._call(UFFDIO_COPY, bad))[0] == errno.EINVAL
+            err, _ = await fd._call(wire.UFFD_FD_READ, wire.READ_ARGS.pack(16, 0))
+            assert err == errno.EINVAL  # a buffer smaller than struct uffd_msg
+            # Through all that the fd still serves.
+            assert await fd.copy(addr + P, b"\6" * P) == (P, 0)
+        assert await p.read(addr + P, 1) == b"\6"
+        await _reap(p)
+
+
+async def test_only_a_holder_gets_the_fd(daemon: Daemon, k: vkclient.Kernel) -> None:
+    path = dma_socket_path(str(daemon.socket_path))
+    async with vkclient.connect(daemon.addr, client_name="stranger") as other:
+        p = await k.spawn("faulter")
+        addr = await p.mmap(P)
+        u = await k.userfaultfd(p, UFFD_USER_MODE_ONLY)
+        await u.register(addr, P)
+        token = dict(other._metadata)["vkernel-session"]
+        with pytest.raises(OSError) as e:
+            await anyio.to_thread.run_sync(receive_uffd, path, token, u.handle)
+        assert e.value.errno == errno.EBADF
+        with pytest.raises(OSError) as e:
+            await anyio.to_thread.run_sync(receive_uffd, path, "no-such-token", u.handle)
+        with pytest.raises(OSError) as e:
+            await anyio.to_thread.run_sync(receive_uffd, path, token, "1")  # type: ignore[arg-type]
+        assert e.value.errno == errno.EINVAL
+        # The holder still gets it, and the daemon is intact.
+        fd = await u.open_fd()
+        fd.close()
+        await _reap(p)
+
+
+async def test_closing_the_last_reference_releases(daemon: Daemon, k: vkclient.Kernel) -> None:
+    """The fd is a reference of its own (dup): with every handle closed it still serves; its
+    close is then the last one, and the blocked fault resolves as an ordinary fault (B.53)."""
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, 2)
+        b = mon.attach_userfaultfd(u.handle)
+        fd = await b.open_fd()
+        await u.close()
+        await b.close()
+        async with p.access_stream() as a:
+            first = asyncio.ensure_future(a.load(addr, 1))
+            (m,) = await fd.read()
+            assert m.address == addr
+            assert await fd.copy(addr, b"\7" * P) == (P, 0)
+            assert await first == b"\7"
+            second = asyncio.ensure_future(a.load(addr + P, 1))
+            (m,) = await fd.read()
+            assert m.address == addr + P
+            fd.close()
+            with anyio.fail_after(5):
+                assert await second == b"\0"  # an ordinary fault now: the zero page
+        await _reap(p)
+
+
+async def test_the_fd_closes_with_its_session(daemon: Daemon, k: vkclient.Kernel) -> None:
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, 1)
+        fd = await mon.attach_userfaultfd(u.handle).open_fd()
+    # The monitor's session ended: its fd is closed by the daemon, a waiting read learns it.
+    with anyio.fail_after(5), pytest.raises(OSError):
+        await fd.read()
+    fd.close()
+    # The creator's handle still holds the uffd: faults still reach it.
+    async with vkclient.connect(daemon.addr, client_name="monitor2") as mon2:
+        await u.grant(mon2.session_id)
+        fd2 = await mon2.attach_userfaultfd(u.handle).open_fd()
+        async with fd2, p.access_stream() as a:
+            load = asyncio.ensure_future(a.load(addr, 1))
+            (m,) = await fd2.read()
+            assert await fd2.copy(m.address, b"\x11" * P) == (P, 0)
+            assert await load == b"\x11"
+    await _reap(p)
+
+
+async def test_events_and_raw_msg_layout(daemon: Daemon, k: vkclient.Kernel) -> None:
+    """A REMOVE event as struct uffd_msg: event 0x15 (UFFD_EVENT_REMOVE), {start, end}."""
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, 4, features=UFFD_FEATURE_EVENT_REMOVE)
+        fd = await mon.attach_userfaultfd(u.handle).open_fd()
+        try:
+            assert await fd.copy(addr, b"\1" * 4 * P) == (4 * P, 0)
+            advise = asyncio.ensure_future(p.madvise(addr + P, 2 * P, MADV_DONTNEED))
+            raw = await fd._call(wire.UFFD_FD_READ, wire.READ_ARGS.pack(64 * 32, 0))
+            assert raw[0] == 0
+            assert len(raw[1]) == 32
+            event, _, _, _, arg = wire.UFFD_MSG.unpack(raw[1])
+            assert event == UFFD_EVENT_REMOVE == 0x15
+            assert wire._RANGE2.unpack_from(arg) == (addr + P, addr + 3 * P)
+            with anyio.fail_after(5):
+                await advise  # the event was read: MADV_DONTNEED goes on
+        finally:
+            fd.close()
+        await _reap(p)
+
+
+async def test_bad_first_lines_get_an_answer(daemon: Daemon) -> None:
+    """The side socket's JSON request: garbage is a refused token, never a crash."""
+    path = dma_socket_path(str(daemon.socket_path))
+
+    def ask(line: bytes) -> dict[str, object]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(path)
+            s.sendall(line)
+            reply = json.loads(s.recv(4096).split(b"\n")[0])
+        assert isinstance(reply, dict)
+        return reply
+
+    for line in (b"{not json\n", b'{"uffd": 1}\n', b"[1, 2]\n"):
+        # A blocking client in a thread: the daemon serves on this test's event loop.
+        assert (await anyio.to_thread.run_sync(ask, line))["ok"] is False

@@ -1,0 +1,315 @@
+"""The userfaultfd as a file descriptor, for monitors on the daemon's host.
+
+Linux's monitors hold the uffd as an fd: they read(2) ``struct uffd_msg`` records from it and
+call ioctl(2) on it, and a process hands it to its monitor over a UNIX socket (Firecracker's
+page-fault handler and CRIU's lazy-pages daemon get theirs that way). gRPC cannot carry an
+fd, and its per-message cost (two stream messages ≈ one bidi round trip) is most of a fault's
+round trip, so a co-located holder of a uffd handle can ask the daemon's side channel
+(:mod:`vkernel.dma_socket`) for the uffd itself and gets one end of a ``SOCK_SEQPACKET``
+socketpair as SCM_RIGHTS: a real fd that the monitor polls, reads and writes.
+
+Each datagram the monitor writes is one call; each datagram it reads is that call's answer,
+both little-endian with Linux's own struct layouts:
+
+- request: ``u32 cmd, u32 tag`` then the argument.
+
+  - ``cmd == UFFD_FD_READ`` (0): read(2) + poll: ``u32 count, u32 flags``; waits for the
+    first message unless ``flags`` has O_NONBLOCK. Answer: ``count // 32`` messages at most,
+    each a 32-byte ``struct uffd_msg`` (no messages: the uffd was released).
+  - any other ``cmd`` is an ioctl number (``UFFDIO_COPY`` = 0xc028aa03 …) followed by its
+    struct; UFFDIO_COPY's source bytes follow ``struct uffdio_copy`` (its ``src`` is not
+    used: the bytes are the source), at most :data:`MAX_COPY_BYTES` per datagram.
+
+- answer: ``u32 cmd, u32 tag, i32 errno, u32 0`` then, for an ioctl, its struct as the kernel
+  writes it back (``copy`` / ``zeropage`` / ``mapped`` / ``updated`` / ``move`` = bytes done
+  or -errno; errno EAGAIN = partial, as ioctl(2) returns it; UFFDIO_API's features and
+  ioctls; UFFDIO_REGISTER's ioctls). Answers carry the request's tag: a READ that waits does
+  not hold up the ioctls sent after it.
+
+The fd is one more reference to the uffd, as a dup(2) is: closing it is close(2) (the last
+reference is userfaultfd_release), and it closes with its session, as a process's fds close
+with the process. Only a session that holds the handle may open it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from vkernel.kernel import userfaultfd as uf
+from vkernel.kernel.errors import KernelError
+from vkernel.kernel.task import Task
+from vkernel.kernel.uapi import PAGE_SIZE
+
+log = structlog.get_logger("vkernel.uffd_fd")
+
+UFFD_FD_READ = 0
+"""The read(2) request (not an ioctl number: those all have a direction bit set)."""
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    """_IOC(dir, 0xAA, nr, size): an ioctl number of userfaultfd's type 0xAA."""
+    return direction << 30 | size << 16 | 0xAA << 8 | nr
+
+
+_IOR, _IOWR = 2, 3
+UFFDIO_API = _ioc(_IOWR, 0x3F, 24)
+UFFDIO_REGISTER = _ioc(_IOWR, 0x00, 32)
+UFFDIO_UNREGISTER = _ioc(_IOR, 0x01, 16)
+UFFDIO_WAKE = _ioc(_IOR, 0x02, 16)
+UFFDIO_COPY = _ioc(_IOWR, 0x03, 40)
+UFFDIO_ZEROPAGE = _ioc(_IOWR, 0x04, 32)
+UFFDIO_MOVE = _ioc(_IOWR, 0x05, 40)
+UFFDIO_WRITEPROTECT = _ioc(_IOWR, 0x06, 24)
+UFFDIO_CONTINUE = _ioc(_IOWR, 0x07, 32)
+UFFDIO_POISON = _ioc(_IOWR, 0x08, 32)
+
+REQUEST = struct.Struct("<II")
+ANSWER = struct.Struct("<IIiI")
+READ_ARGS = struct.Struct("<II")
+UFFD_MSG = struct.Struct("<BBHI24s")
+_PAGEFAULT = struct.Struct("<QQI4x")
+_FORK = struct.Struct("<I20x")
+_RANGE3 = struct.Struct("<QQQ")
+"""uffdio_api {api, features, ioctls}; also remap {from, to, len}."""
+_RANGE2 = struct.Struct("<QQ")
+"""uffdio_range {start, len}; also the remove/unmap arm {start, end}."""
+_RANGE_MODE = struct.Struct("<QQQ")
+"""uffdio_writeprotect {range, mode}."""
+_RANGE_MODE_RESULT = struct.Struct("<QQQq")
+"""uffdio_zeropage / continue / poison {range, mode, result}; uffdio_register {range, mode,
+ioctls} has the same shape."""
+_COPY = struct.Struct("<QQQQq")
+"""uffdio_copy / uffdio_move {dst, src, len, mode, result}."""
+
+MAX_COPY_BYTES = 64 * PAGE_SIZE
+"""Source bytes one UFFDIO_COPY datagram may carry (a bigger copy is several ioctls)."""
+MAX_DATAGRAM = ANSWER.size + _COPY.size + MAX_COPY_BYTES
+SOCKET_BUFFER = 1 << 20
+"""SO_SNDBUF/SO_RCVBUF asked for on both ends (the host caps it; a 256 KiB COPY must fit)."""
+MAX_READ_COUNT = 4096 * uf.UFFD_MSG_SIZE
+
+
+def pack_uffd_msg(m: uf.UffdMsg, ufd: int) -> bytes:
+    """struct uffd_msg as read(2) returns it (``ufd``: FORK's new fd, here its handle)."""
+    ev = m.event
+    if ev == uf.UFFD_EVENT_PAGEFAULT:
+        arg = _PAGEFAULT.pack(m.flags, m.address, m.ptid)
+    elif ev == uf.UFFD_EVENT_FORK:
+        arg = _FORK.pack(ufd)
+    elif ev == uf.UFFD_EVENT_REMAP:
+        arg = _RANGE3.pack(m.start, m.to, m.length)
+    else:  # REMOVE, UNMAP: {start, end}
+        arg = _RANGE2.pack(m.start, m.end) + bytes(8)
+    return UFFD_MSG.pack(ev, 0, 0, 0, arg)
+
+
+Install = Callable[[uf.UffdMsg], int]
+"""How a read installs a FORK message's new uffd for the reader: returns its handle."""
+
+
+class UffdFile:
+    """The daemon's end of one uffd fd: reads and ioctls in, answers out."""
+
+    def __init__(
+        self, sock: socket.socket, ctx: uf.UserfaultfdCtx, task: Task, install: Install
+    ) -> None:
+        self.sock = sock
+        self.ctx = ctx
+        self.task = task
+        """The task the uffd was created on (UFFDIO_API's capability check, as the servicer)."""
+        self._install = install
+        self._reads: deque[tuple[int, int, int]] = deque()
+        self._reads_ready: asyncio.Event = asyncio.Event()
+
+    async def serve(self) -> None:
+        """Until the monitor closes its end (or the task is cancelled: its session ended)."""
+        loop = asyncio.get_running_loop()
+        sock = self.sock
+        sock.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        reader = loop.create_task(self._reader())
+        try:
+            while True:
+                try:
+                    data = await loop.sock_recv(sock, MAX_DATAGRAM + 1)
+                except OSError:
+                    break
+                if not data:
+                    break  # the monitor closed the fd
+                await self._request(memoryview(data))
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            sock.close()
+            await self.ctx.put()
+
+    async def _request(self, data: memoryview) -> None:
+        if len(data) < REQUEST.size or len(data) > MAX_DATAGRAM:
+            cmd, tag = REQUEST.unpack_from(data) if len(data) >= REQUEST.size else (0, 0)
+            await self._answer(cmd, tag, errno.EINVAL if len(data) < 8 else errno.E2BIG, b"")
+            return
+        cmd, tag = REQUEST.unpack_from(data)
+        arg = data[REQUEST.size :]
+        if cmd == UFFD_FD_READ:
+            if len(arg) != READ_ARGS.size:
+                await self._answer(cmd, tag, errno.EINVAL, b"")
+                return
+            count, flags = READ_ARGS.unpack(arg)
+            self._reads.append((tag, count, flags))
+            self._reads_ready.set()
+            return
+        handler = _IOCTLS.get(cmd)
+        if handler is None:
+            await self._answer(cmd, tag, errno.ENOTTY, b"")  # no such ioctl on a uffd
+            return
+        size, run = handler
+        if len(arg) < size or (cmd != UFFDIO_COPY and len(arg) != size):
+            await self._answer(cmd, tag, errno.EINVAL, b"")
+            return
+        err, out = await run(self.ctx, self.task, arg)
+        await self._answer(cmd, tag, err, out)
+
+    async def _reader(self) -> None:
+        """read(2)s in order; a blocked one waits here while ioctls go on being served."""
+        while True:
+            while not self._reads:
+                self._reads_ready.clear()
+                await self._reads_ready.wait()
+            tag, count, flags = self._reads.popleft()
+            try:
+                if count > MAX_READ_COUNT:
+                    raise KernelError(errno.EINVAL, "read count above 4096 messages")
+                msgs = await self.ctx.read(count, nonblock=bool(flags & uf.O_NONBLOCK))
+            except KernelError as e:
+                await self._answer(UFFD_FD_READ, tag, e.errno, b"")
+                continue
+            out = b"".join(pack_uffd_msg(m, self._install(m)) for m in msgs)
+            await self._answer(UFFD_FD_READ, tag, 0, out)
+
+    async def _answer(self, cmd: int, tag: int, err: int, out: bytes) -> None:
+        msg = ANSWER.pack(cmd, tag, err, 0) + out
+        try:
+            self.sock.send(msg)
+        except BlockingIOError:  # the monitor is not reading: wait for room
+            await asyncio.get_running_loop().sock_sendall(self.sock, msg)
+        except OSError:
+            pass  # the monitor went away; serve() sees the EOF
+
+
+IoctlRun = Callable[[uf.UserfaultfdCtx, Task, memoryview], Awaitable[tuple[int, bytes]]]
+
+
+async def _filled(call: Awaitable[int]) -> tuple[int, int]:
+    """A fill ioctl's (errno, result): result = bytes done or -errno; EAGAIN = partial."""
+    try:
+        return 0, await call
+    except uf.PartialFill as e:
+        return errno.EAGAIN, e.done
+    except KernelError as e:
+        return e.errno, -e.errno
+
+
+async def _plain(call: Awaitable[object]) -> int:
+    try:
+        await call
+    except KernelError as e:
+        return e.errno
+    return 0
+
+
+async def _api(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
+    """userfaultfd_api(): the handshake on an fd its creator already set up, or not."""
+    api, features, _ = _RANGE3.unpack(arg)
+    try:
+        got, ioctls = ctx.api(task, api, features)
+    except KernelError as e:
+        return e.errno, _RANGE3.pack(api, 0, 0)
+    return 0, _RANGE3.pack(api, got, ioctls)
+
+
+async def _register(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
+    """userfaultfd_register()."""
+    start, length, mode, _ = _RANGE_MODE_RESULT.unpack(arg)
+    try:
+        ioctls = await uf.uffdio_register(ctx, None, start, length, mode)
+    except KernelError as e:
+        return e.errno, bytes(arg)
+    return 0, _RANGE_MODE_RESULT.pack(start, length, mode, ioctls)
+
+
+async def _unregister(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
+    """userfaultfd_unregister()."""
+    start, length = _RANGE2.unpack(arg)
+    return await _plain(uf.uffdio_unregister(ctx, None, start, length)), bytes(arg)
+
+
+async def _wake(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
+    """userfaultfd_wake()."""
+    start, length = _RANGE2.unpack(arg)
+    try:
+        uf.uffdio_wake(ctx, start, length)
+    except KernelError as e:
+        return e.errno, bytes(arg)
+    return 0, bytes(arg)
+
+
+async def _copy(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
+    """userfaultfd_copy(): the source bytes follow the struct."""
+    dst, src, length, mode, _ = _COPY.unpack_from(arg)
+    data = arg[_COPY.size :]
+    if len(data) != length or length > MAX_COPY_BYTES:
+        return errno.EINVAL, _COPY.pack(dst, src, length, mode, -errno.EINVAL)
+    err, done = await _filled(uf.uffdio_copy(ctx, None, dst, data, mode))
+    return err, _COPY.pack(dst, src, length, mode, done)
+
+
+async def _move(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
+    """userfaultfd_move()."""
+    dst, src, length, mode, _ = _COPY.unpack(arg)
+    err, done = await _filled(uf.uffdio_move(ctx, None, dst, src, length, mode))
+    return err, _COPY.pack(dst, src, length, mode, done)
+
+
+def _range_fill(
+    fill: Callable[[uf.UserfaultfdCtx, None, int, int, int], Awaitable[int]],
+) -> IoctlRun:
+    """ZEROPAGE, CONTINUE and POISON: {range, mode, result}."""
+
+    async def run(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
+        start, length, mode, _ = _RANGE_MODE_RESULT.unpack(arg)
+        err, done = await _filled(fill(ctx, None, start, length, mode))
+        return err, _RANGE_MODE_RESULT.pack(start, length, mode, done)
+
+    return run
+
+
+async def _writeprotect(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
+    """userfaultfd_writeprotect()."""
+    start, length, mode = _RANGE_MODE.unpack(arg)
+    return await _plain(uf.uffdio_writeprotect(ctx, None, start, length, mode)), bytes(arg)
+
+
+_IOCTLS: dict[int, tuple[int, IoctlRun]] = {
+    UFFDIO_API: (_RANGE3.size, _api),
+    UFFDIO_REGISTER: (_RANGE_MODE_RESULT.size, _register),
+    UFFDIO_UNREGISTER: (_RANGE2.size, _unregister),
+    UFFDIO_WAKE: (_RANGE2.size, _wake),
+    UFFDIO_COPY: (_COPY.size, _copy),
+    UFFDIO_ZEROPAGE: (_RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_zeropage)),
+    UFFDIO_MOVE: (_COPY.size, _move),
+    UFFDIO_WRITEPROTECT: (_RANGE_MODE.size, _writeprotect),
+    UFFDIO_CONTINUE: (_RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_continue)),
+    UFFDIO_POISON: (_RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_poison)),
+}
+"""ioctl number → (the struct's size, the call)."""
