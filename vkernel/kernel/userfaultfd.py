@@ -31,9 +31,10 @@ with WP_UNPOPULATED); memory.handle_pte_marker turns a marker into a protected p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vkernel.kernel.cred import Capability
@@ -286,6 +287,8 @@ class UserfaultfdCtx:
         self.fault_read: list[UserfaultWaiter] = []
         self.events: deque[UffdEventWaiter] = deque()
         self._readers: list[asyncio.Future[None]] = []
+        self._pollers: list[Callable[[], None]] = []
+        """Wake functions run in the waker's context (see poll_wait)."""
         self.total_faults = 0
 
     # ---- references ---------------------------------------------------------------------------
@@ -335,6 +338,22 @@ class UserfaultfdCtx:
         for f in readers:
             if not f.done():
                 f.set_result(None)
+        if self._pollers:
+            pollers, self._pollers = self._pollers, []
+            for wake in pollers:
+                wake()
+
+    def poll_wait(self, wake: Callable[[], None]) -> None:
+        """poll_wait() on ctx->fd_wqh with a wake function of one's own, as epoll's
+        ep_poll_callback(): ``wake`` runs once, in the waker's context, when a fault or an
+        event is queued or the uffd is released (the fd's reader answers without a task
+        switch). It must not raise or sleep."""
+        self._pollers.append(wake)
+
+    def poll_cancel(self, wake: Callable[[], None]) -> None:
+        """Remove a poll_wait() entry that has not run (the waiter gave up)."""
+        with contextlib.suppress(ValueError):
+            self._pollers.remove(wake)
 
     def _dequeue(self, w: UserfaultWaiter) -> None:
         """handle_userfault()'s list_del after schedule(): an unwoken (killed) fault leaves."""
@@ -371,15 +390,27 @@ class UserfaultfdCtx:
             out.append(ev.msg)
         return out
 
-    async def read(self, bufsize: int, nonblock: bool | None = None) -> list[UffdMsg]:
-        """userfaultfd_read(): up to ``bufsize // 32`` messages, faults before events, FIFO;
-        blocks only for the first (O_NONBLOCK → EAGAIN). Cancellation is the reader's signal."""
+    def _read_count(self, bufsize: int) -> int:
+        """userfaultfd_read()'s checks: API done, room for one struct uffd_msg at least."""
         self._check_initialized()
         if bufsize < UFFD_MSG_SIZE:
             raise _err(errno.EINVAL, "buffer smaller than struct uffd_msg", field="len")
+        return bufsize // UFFD_MSG_SIZE
+
+    def read_nowait(self, bufsize: int) -> list[UffdMsg]:
+        """userfaultfd_read() with O_NONBLOCK, which never sleeps: what is pending now, [] once
+        released, EAGAIN when there is nothing."""
+        out = self._take(self._read_count(bufsize))
+        if out or self.released:
+            return out
+        raise _err(errno.EAGAIN, "no userfaultfd message pending")
+
+    async def read(self, bufsize: int, nonblock: bool | None = None) -> list[UffdMsg]:
+        """userfaultfd_read(): up to ``bufsize // 32`` messages, faults before events, FIFO;
+        blocks only for the first (O_NONBLOCK → EAGAIN). Cancellation is the reader's signal."""
+        n = self._read_count(bufsize)
         if nonblock is None:
             nonblock = bool(self.flags & O_NONBLOCK)
-        n = bufsize // UFFD_MSG_SIZE
         while True:
             out = self._take(n)
             if out:
