@@ -166,22 +166,23 @@ class UffdFd:
             if fut is not None and not fut.done():
                 fut.set_result((errno_, data[_ANSWER.size :]))
 
-    async def _call(self, cmd: int, arg: bytes) -> tuple[int, bytes]:
+    def _send(self, cmd: int, arg: bytes) -> asyncio.Future[tuple[int, bytes]]:
+        """Send one call; its answer ``(errno, struct)`` lands in the returned future."""
         if self._closed:
             raise OSError(9, "the uffd fd is closed")
         self._tag = (self._tag + 1) & 0xFFFFFFFF
         tag = self._tag
         fut: asyncio.Future[tuple[int, bytes]] = self._loop.create_future()
-        self._pending[tag] = fut
         msg = _REQUEST.pack(cmd, tag) + arg
         try:
             self.sock.send(msg)
-        except BlockingIOError:
-            await self._loop.sock_sendall(self.sock, msg)
-        except OSError:
-            self._pending.pop(tag, None)
-            raise
-        return await fut
+        except BlockingIOError:  # the daemon is not reading: send when there is room
+            self._loop.create_task(self._loop.sock_sendall(self.sock, msg))
+        self._pending[tag] = fut
+        return fut
+
+    async def _call(self, cmd: int, arg: bytes) -> tuple[int, bytes]:
+        return await self._send(cmd, arg)
 
     # ---- read(2) ----------------------------------------------------------------------------
 
@@ -248,6 +249,30 @@ class UffdFd:
             done += len(piece)
             if done >= len(view):
                 return done, 0
+
+    def copy_nowait(
+        self, dst: int, data: bytes | bytearray | memoryview, mode: int = 0
+    ) -> asyncio.Future[tuple[int, int]]:
+        """Send one UFFDIO_COPY (at most ``max_copy_bytes``) and return at once: a monitor
+        goes back to read(2) while the answer, ``(copy, errno)``, comes into the future."""
+        if len(data) > self.max_copy_bytes:
+            raise ValueError(f"copy_nowait takes at most {self.max_copy_bytes} bytes")
+        sent = self._send(UFFDIO_COPY, _COPY.pack(dst, 0, len(data), mode, 0) + bytes(data))
+        out: asyncio.Future[tuple[int, int]] = self._loop.create_future()
+
+        def done(f: asyncio.Future[tuple[int, bytes]]) -> None:
+            if out.done():
+                return
+            if f.cancelled():
+                out.cancel()
+            elif f.exception() is not None:
+                out.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                err, st = f.result()
+                out.set_result((_result(_COPY, st, err), err))
+
+        sent.add_done_callback(done)
+        return out
 
     async def zeropage(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
         """UFFDIO_ZEROPAGE: ``(zeropage, errno)``."""

@@ -128,6 +128,7 @@ class UffdFile:
         self._install = install
         self._reads: deque[tuple[int, int, int]] = deque()
         self._reads_ready: asyncio.Event = asyncio.Event()
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         """Until the monitor closes its end (or the task is cancelled: its session ended)."""
@@ -151,19 +152,21 @@ class UffdFile:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            for task in list(self._sending):
+                task.cancel()
             sock.close()
             await self.ctx.put()
 
     async def _request(self, data: memoryview) -> None:
         if len(data) < REQUEST.size or len(data) > MAX_DATAGRAM:
             cmd, tag = REQUEST.unpack_from(data) if len(data) >= REQUEST.size else (0, 0)
-            await self._answer(cmd, tag, errno.EINVAL if len(data) < 8 else errno.E2BIG, b"")
+            self._answer(cmd, tag, errno.EINVAL if len(data) < 8 else errno.E2BIG, b"")
             return
         cmd, tag = REQUEST.unpack_from(data)
         arg = data[REQUEST.size :]
         if cmd == UFFD_FD_READ:
             if len(arg) != READ_ARGS.size:
-                await self._answer(cmd, tag, errno.EINVAL, b"")
+                self._answer(cmd, tag, errno.EINVAL, b"")
                 return
             count, flags = READ_ARGS.unpack(arg)
             self._reads.append((tag, count, flags))
@@ -171,14 +174,19 @@ class UffdFile:
             return
         handler = _IOCTLS.get(cmd)
         if handler is None:
-            await self._answer(cmd, tag, errno.ENOTTY, b"")  # no such ioctl on a uffd
+            self._answer(cmd, tag, errno.ENOTTY, b"")  # no such ioctl on a uffd
             return
         size, run = handler
         if len(arg) < size or (cmd != UFFDIO_COPY and len(arg) != size):
-            await self._answer(cmd, tag, errno.EINVAL, b"")
+            self._answer(cmd, tag, errno.EINVAL, b"")
             return
         err, out = await run(self.ctx, self.task, arg)
-        await self._answer(cmd, tag, err, out)
+        if cmd in _WAKING:
+            # The faults this call woke are in the ready queue: one trip through the loop lets
+            # them finish (and start their own answers) before this one goes out. The monitor
+            # has nothing to wait for; the faulting accesses do.
+            await asyncio.sleep(0)
+        self._answer(cmd, tag, err, out)
 
     async def _reader(self) -> None:
         """read(2)s in order; a blocked one waits here while ioctls go on being served."""
@@ -186,25 +194,68 @@ class UffdFile:
             while not self._reads:
                 self._reads_ready.clear()
                 await self._reads_ready.wait()
-            tag, count, flags = self._reads.popleft()
-            try:
-                if count > MAX_READ_COUNT:
-                    raise KernelError(errno.EINVAL, "read count above 4096 messages")
-                msgs = await self.ctx.read(count, nonblock=bool(flags & uf.O_NONBLOCK))
-            except KernelError as e:
-                await self._answer(UFFD_FD_READ, tag, e.errno, b"")
+            tag, count, flags = self._reads[0]
+            if self._read_now(tag, count, flags):
+                self._reads.popleft()
                 continue
-            out = b"".join(pack_uffd_msg(m, self._install(m)) for m in msgs)
-            await self._answer(UFFD_FD_READ, tag, 0, out)
+            # Nothing pending: the answer goes out from the wakeup itself (poll_wait), inside
+            # the fault that queues the message, without a switch to this task first.
+            await self._read_when_woken(tag, count, flags)
+            self._reads.popleft()
 
-    async def _answer(self, cmd: int, tag: int, err: int, out: bytes) -> None:
+    def _read_when_woken(self, tag: int, count: int, flags: int) -> asyncio.Future[None]:
+        """A future done once a wakeup has answered this read (cancelling it unhooks)."""
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def wake() -> None:
+            if answered.done():
+                return
+            if self._read_now(tag, count, flags):
+                answered.set_result(None)
+            else:
+                self.ctx.poll_wait(wake)  # woken with nothing left to take: wait again
+
+        self.ctx.poll_wait(wake)
+        answered.add_done_callback(lambda _: self.ctx.poll_cancel(wake))
+        return answered
+
+    def _read_now(self, tag: int, count: int, flags: int) -> bool:
+        """Answer one read(2) if it need not sleep: messages, EOF, or an error (EAGAIN too
+        under O_NONBLOCK). False: it must wait. Never raises (it runs inside wakeups)."""
+        try:
+            if count > MAX_READ_COUNT:
+                raise KernelError(errno.EINVAL, "read count above 4096 messages")
+            msgs = self.ctx.read_nowait(count)
+        except KernelError as e:
+            if e.errno == errno.EAGAIN and not flags & uf.O_NONBLOCK:
+                return False
+            self._answer(UFFD_FD_READ, tag, e.errno, b"")
+            return True
+        try:
+            out = b"".join(pack_uffd_msg(m, self._install(m)) for m in msgs)
+        except Exception:  # the messages are taken: a reader that fails here loses them,
+            log.exception("uffd_fd_read_failed")  # as a read(2) into a bad buffer does
+            out = b""
+        self._answer(UFFD_FD_READ, tag, 0, out)
+        return True
+
+    def _answer(self, cmd: int, tag: int, err: int, out: bytes) -> None:
+        """Send one answer now, or (the monitor not reading) as soon as there is room."""
         msg = ANSWER.pack(cmd, tag, err, 0) + out
         try:
             self.sock.send(msg)
-        except BlockingIOError:  # the monitor is not reading: wait for room
-            await asyncio.get_running_loop().sock_sendall(self.sock, msg)
+        except BlockingIOError:
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(loop.sock_sendall(self.sock, msg))
+            self._sending.add(task)
+            task.add_done_callback(self._sent)
         except OSError:
             pass  # the monitor went away; serve() sees the EOF
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a monitor gone meanwhile is serve()'s EOF
 
 
 IoctlRun = Callable[[uf.UserfaultfdCtx, Task, memoryview], Awaitable[tuple[int, bytes]]]
@@ -313,3 +364,8 @@ _IOCTLS: dict[int, tuple[int, IoctlRun]] = {
     UFFDIO_POISON: (_RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_poison)),
 }
 """ioctl number → (the struct's size, the call)."""
+_WAKING = frozenset(
+    {UFFDIO_WAKE, UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_MOVE, UFFDIO_CONTINUE, UFFDIO_POISON}
+)
+"""The ioctls that wake blocked faults (WRITEPROTECT's un-protect does too, through its own
+wake; it is rare on a fault's path)."""
