@@ -16,6 +16,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from vkclient import _kernel
 from vkclient._kernel import ProcessInfo, SystemInfo, WaitResult
+from vkclient.uffd_fd import UffdFd
 
 
 class _Proxy:
@@ -31,7 +32,10 @@ class _Proxy:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return self._portal.call(lambda: attr(*args, **kwargs))
+            out = self._portal.call(lambda: attr(*args, **kwargs))
+            # The uffd fd's calls are coroutines on the portal's loop too (its socket is
+            # watched there).
+            return _Proxy(self._portal, out) if isinstance(out, UffdFd) else out
 
         return call
 

@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 import vkclient
+import vkclient.sync
 from tests.service.conftest import Daemon
 from vkclient import PAGE_SIZE
 from vkclient.constants import UFFD_FEATURE_EVENT_REMOVE
@@ -236,3 +237,30 @@ async def test_bad_first_lines_get_an_answer(daemon: Daemon) -> None:
     for line in (b"{not json\n", b'{"uffd": 1}\n', b"[1, 2]\n"):
         # A blocking client in a thread: the daemon serves on this test's event loop.
         assert (await anyio.to_thread.run_sync(ask, line))["ok"] is False
+
+
+async def test_sync_facade_fd(daemon: Daemon) -> None:
+    """The sync façade's uffd fd: a thread serves a fault the way a C monitor thread does."""
+
+    def body() -> list[object]:
+        with (
+            vkclient.sync.connect(daemon.addr, client_name="sync") as sk,
+            vkclient.sync.connect(daemon.addr, client_name="sync-monitor") as sm,
+        ):
+            p = sk.spawn("faulter")
+            addr = p.mmap(2 * P)
+            u = sk.userfaultfd(p, UFFD_USER_MODE_ONLY)
+            u.register(addr, 2 * P)
+            u.grant(sm.session_id)
+            fd = sm.attach_userfaultfd(u.handle).open_fd()
+            out: list[object] = [fd.copy(addr, b"s" * P), fd.zeropage(addr + P, P)]
+            with pytest.raises(BlockingIOError):
+                fd.read(nonblock=True)
+            out.append(p.read(addr + P - 1, 2))
+            fd.close()
+            u.close()
+            p.kill()
+            p.wait()
+            return out
+
+    assert await anyio.to_thread.run_sync(body) == [(P, 0), (P, 0), b"s\0"]
