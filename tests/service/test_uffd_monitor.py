@@ -685,8 +685,14 @@ def test_quick_uffd_bench_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads((results / "uffd.json").read_text())
     recs = {r["name"]: r for r in doc["records"]}
-    assert {"fault_rt_p50", "fault_rt_vs_relay_p50", "copy_src_pages_s"} <= set(recs)
+    assert {
+        "fault_rt_p50",
+        "fault_rt_grpc_p50",
+        "fault_rt_grpc_vs_relay_p50",
+        "copy_src_pages_s",
+    } <= set(recs)
     assert recs["fault_rt_p50"]["goal"] == 0.5
+    assert "uffd fd" in recs["fault_rt_p50"]["path"]
     for r in recs.values():
         assert r["value"] > 0
         assert r["ratio"] > 0
