@@ -166,17 +166,21 @@ class UffdFd:
             if fut is not None and not fut.done():
                 fut.set_result((errno_, data[_ANSWER.size :]))
 
-    def _send(self, cmd: int, arg: bytes) -> asyncio.Future[tuple[int, bytes]]:
-        """Send one call; its answer ``(errno, struct)`` lands in the returned future."""
+    def _send(
+        self, cmd: int, arg: bytes, data: bytes | memoryview = b""
+    ) -> asyncio.Future[tuple[int, bytes]]:
+        """Send one call (``data``: COPY's source bytes, gathered by sendmsg rather than
+        copied into the datagram); its answer ``(errno, struct)`` lands in the future."""
         if self._closed:
             raise OSError(9, "the uffd fd is closed")
         self._tag = (self._tag + 1) & 0xFFFFFFFF
         tag = self._tag
         fut: asyncio.Future[tuple[int, bytes]] = self._loop.create_future()
-        msg = _REQUEST.pack(cmd, tag) + arg
+        head = _REQUEST.pack(cmd, tag) + arg
         try:
-            self.sock.send(msg)
+            self.sock.sendmsg((head, data) if data else (head,))
         except BlockingIOError:  # the daemon is not reading: send when there is room
+            msg = head + bytes(data)
             self._loop.create_task(self._loop.sock_sendall(self.sock, msg))
         self._pending[tag] = fut
         return fut
@@ -237,8 +241,8 @@ class UffdFd:
         done = 0
         while True:
             piece = view[done : done + self.max_copy_bytes]
-            err, out = await self._call(
-                UFFDIO_COPY, _COPY.pack(dst + done, 0, len(piece), mode, 0) + bytes(piece)
+            err, out = await self._send(
+                UFFDIO_COPY, _COPY.pack(dst + done, 0, len(piece), mode, 0), piece
             )
             result = _result(_COPY, out, err)
             if err:
@@ -257,7 +261,7 @@ class UffdFd:
         goes back to read(2) while the answer, ``(copy, errno)``, comes into the future."""
         if len(data) > self.max_copy_bytes:
             raise ValueError(f"copy_nowait takes at most {self.max_copy_bytes} bytes")
-        sent = self._send(UFFDIO_COPY, _COPY.pack(dst, 0, len(data), mode, 0) + bytes(data))
+        sent = self._send(UFFDIO_COPY, _COPY.pack(dst, 0, len(data), mode, 0), memoryview(data))
         out: asyncio.Future[tuple[int, int]] = self._loop.create_future()
 
         def done(f: asyncio.Future[tuple[int, bytes]]) -> None:

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from vkernel.kernel import userfaultfd as uf
+from vkernel.kernel.eager import start_eager
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.task import Task
 from vkernel.kernel.uapi import PAGE_SIZE
@@ -95,6 +96,8 @@ MAX_DATAGRAM = ANSWER.size + _COPY.size + MAX_COPY_BYTES
 SOCKET_BUFFER = 1 << 20
 """SO_SNDBUF/SO_RCVBUF asked for on both ends (the host caps it; a 256 KiB COPY must fit)."""
 MAX_READ_COUNT = 4096 * uf.UFFD_MSG_SIZE
+MAX_INFLIGHT = 64
+"""Calls that slept and are still running: beyond it the daemon stops reading the fd."""
 
 
 def pack_uffd_msg(m: uf.UffdMsg, ufd: int) -> bytes:
@@ -129,6 +132,10 @@ class UffdFile:
         self._reads: deque[tuple[int, int, int]] = deque()
         self._reads_ready: asyncio.Event = asyncio.Event()
         self._sending: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Future[None]] = set()
+        """Calls that slept (a lock, the answer's turn) and go on in a task."""
+        self._watched = True
+        self._closed: asyncio.Future[None]
 
     async def serve(self) -> None:
         """Until the monitor closes its end (or the task is cancelled: its session ended)."""
@@ -138,24 +145,62 @@ class UffdFile:
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        self._closed = loop.create_future()
         reader = loop.create_task(self._reader())
+        loop.add_reader(sock.fileno(), self._on_readable)
         try:
-            while True:
-                try:
-                    data = await loop.sock_recv(sock, MAX_DATAGRAM + 1)
-                except OSError:
-                    break
-                if not data:
-                    break  # the monitor closed the fd
-                await self._request(memoryview(data))
+            await self._closed
         finally:
+            self._watching(False)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            for task in list(self._sending):
+            for task in [*self._inflight, *self._sending]:
                 task.cancel()
             sock.close()
             await self.ctx.put()
+
+    def _on_readable(self) -> None:
+        """One datagram. Its call starts here, in the reader callback, and runs until it
+        first sleeps (the rest goes on in a task): a COPY fills and wakes its fault without a
+        trip through the loop to a serving task first. One per callback: the fault a COPY
+        woke runs before the next datagram (often the monitor's next read) is taken; the
+        socket stays readable, so the loop calls back for it."""
+        if self._closed.done():
+            return
+        try:
+            data = self.sock.recv(MAX_DATAGRAM + 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the monitor closed the fd
+            self._closed.set_result(None)
+            return
+        rest = start_eager(self._request(memoryview(data)))
+        if rest is not None:
+            self._inflight.add(rest)
+            rest.add_done_callback(self._finished)
+            if len(self._inflight) >= MAX_INFLIGHT:
+                self._watching(False)  # backpressure: the monitor's sends block
+
+    def _finished(self, task: asyncio.Future[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("uffd_fd_call_failed", error=repr(task.exception()))
+        if len(self._inflight) < MAX_INFLIGHT // 2 and not self._closed.done():
+            self._watching(True)
+
+    def _watching(self, on: bool) -> None:
+        if on == self._watched:
+            return
+        self._watched = on
+        loop = asyncio.get_running_loop()
+        if on:
+            loop.add_reader(self.sock.fileno(), self._on_readable)
+        else:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self.sock.fileno())
 
     async def _request(self, data: memoryview) -> None:
         if len(data) < REQUEST.size or len(data) > MAX_DATAGRAM:
@@ -180,12 +225,17 @@ class UffdFile:
         if len(arg) < size or (cmd != UFFDIO_COPY and len(arg) != size):
             self._answer(cmd, tag, errno.EINVAL, b"")
             return
-        err, out = await run(self.ctx, self.task, arg)
+        try:
+            err, out = await run(self.ctx, self.task, arg)
+        except Exception:  # a bug, not an errno: logged, answered EIO, the fd goes on
+            log.exception("uffd_fd_ioctl_crashed", cmd=hex(cmd))
+            err, out = errno.EIO, b""
         if cmd in _WAKING:
-            # The faults this call woke are in the ready queue: one trip through the loop lets
-            # them finish (and start their own answers) before this one goes out. The monitor
-            # has nothing to wait for; the faulting accesses do.
-            await asyncio.sleep(0)
+            # The faults this call woke are in the ready queue: the answer queues behind them,
+            # so they finish (and start their own answers) before it goes out. The monitor has
+            # nothing to wait for; the faulting accesses do.
+            asyncio.get_running_loop().call_soon(self._answer, cmd, tag, err, out)
+            return
         self._answer(cmd, tag, err, out)
 
     async def _reader(self) -> None:

@@ -21,13 +21,14 @@ import asyncio
 import errno
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from vkernel.kernel import dio, dio_batch
+from vkernel.kernel.eager import start_eager
 from vkernel.kernel.errors import KernelError, einval
 from vkernel.kernel.uapi import PAGE_SHIFT, PAGE_SIZE
 
@@ -87,43 +88,6 @@ class IoEventArrays(NamedTuple):
 
 _CqChunk = tuple[np.ndarray, np.ndarray, int, int, int]
 """Completions posted together: user_data, res, and their shared submit/issue/complete times."""
-
-
-class _Resume:
-    """The rest of a coroutine that already ran up to its first suspension: awaiting this
-    hands the future it yielded to the running task and carries on (an eager task)."""
-
-    __slots__ = ("coro", "fut")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], fut: object) -> None:
-        self.coro = coro
-        self.fut = fut
-
-    def __await__(self) -> Generator[Any, None, None]:
-        coro, fut = self.coro, self.fut
-        while True:
-            try:
-                yield fut
-            except BaseException as e:  # noqa: BLE001 -- a cancel (or other throw) goes on in
-                try:
-                    fut = coro.throw(e)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    fut = coro.send(None)
-                except StopIteration:
-                    return
-
-
-def _submit_eager(coro: Coroutine[Any, Any, None]) -> asyncio.Future[None] | None:
-    """Run ``coro`` in the caller until it first sleeps (None: it finished); the rest goes
-    on in a task (asyncio's eager task start, as io_submit() works in the submitter)."""
-    try:
-        fut = coro.send(None)
-    except StopIteration:
-        return None
-    return asyncio.ensure_future(_Resume(coro, fut))
 
 
 class KioCtx:
@@ -422,7 +386,7 @@ class KioCtx:
             # io_submit() runs io_submit_one() in the caller (and brd completes there): the
             # submission goes as far as it can before returning, a task only if it sleeps.
             # Slow GUP keeps its own task from the start (mmap_lock accounts holds per task).
-            t = _submit_eager(coro)
+            t = start_eager(coro)
             if t is None:
                 return n
         else:
