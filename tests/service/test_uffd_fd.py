@@ -264,3 +264,39 @@ async def test_sync_facade_fd(daemon: Daemon) -> None:
             return out
 
     assert await anyio.to_thread.run_sync(body) == [(P, 0), (P, 0), b"s\0"]
+
+
+async def test_calls_that_sleep_finish_in_order_with_backpressure(
+    daemon: Daemon, k: vkclient.Kernel
+) -> None:
+    """COPYs that find mmap_lock taken sleep (the rest of each call goes on in a task); past
+    MAX_INFLIGHT of them the daemon stops reading the fd, and takes the rest once they drain.
+    Every call is answered, every page lands."""
+    n = wire.MAX_INFLIGHT + 36
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, n)
+        mm = daemon.kernel.find_task(p.pid).mm
+        async with await mon.attach_userfaultfd(u.handle).open_fd() as fd:
+            await mm.mmap_lock.write_lock()
+            try:
+                answers = [fd.copy_nowait(addr + i * P, bytes([i]) * P) for i in range(n)]
+                await anyio.sleep(0.2)
+                assert not any(a.done() for a in answers)
+            finally:
+                mm.mmap_lock.write_unlock()
+            with anyio.fail_after(10):
+                assert await asyncio.gather(*answers) == [(P, 0)] * n
+        assert [b[0] for b in [await p.read(addr + i * P, 1) for i in range(n)]] == list(range(n))
+        await _reap(p)
+
+
+async def test_oversized_and_empty_datagrams(daemon: Daemon, k: vkclient.Kernel) -> None:
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, 1)
+        async with await mon.attach_userfaultfd(u.handle).open_fd() as fd:
+            big = wire._COPY.pack(addr, 0, P, 0, 0) + b"\0" * (wire.MAX_DATAGRAM + 8)
+            assert (await fd._call(UFFDIO_COPY, big))[0] == errno.E2BIG
+            assert (await fd._call(UFFDIO_COPY, b""))[0] == errno.EINVAL
+            assert await fd.copy(addr, b"\x42" * P) == (P, 0)
+        assert await p.read(addr, 1) == b"\x42"
+        await _reap(p)
