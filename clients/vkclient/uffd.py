@@ -404,6 +404,10 @@ class ResolveStream(StreamBase):
             _, fut = self._pending.popleft()
             if not fut.done():
                 fut.set_exception(err)
+                # Marked retrieved: a caller awaiting it still gets the error, but a future
+                # its monitor abandoned (cancelled while the answer was on its way) must not
+                # log "exception never retrieved" at its collection.
+                fut.exception()
 
     async def submit(
         self, ops: Sequence[pb.UffdResolveOp]

@@ -146,6 +146,7 @@ class UffdFd:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
+                fut.exception()  # retrieved: an abandoned copy_nowait must not log at GC
 
     def _on_readable(self) -> None:
         while True:
@@ -271,6 +272,7 @@ class UffdFd:
                 out.cancel()
             elif f.exception() is not None:
                 out.set_exception(f.exception())  # type: ignore[arg-type]
+                out.exception()  # as in _fail: awaiting it still raises
             else:
                 err, st = f.result()
                 out.set_result((_result(_COPY, st, err), err))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import json
 import socket
 
@@ -299,4 +300,31 @@ async def test_oversized_and_empty_datagrams(daemon: Daemon, k: vkclient.Kernel)
             assert (await fd._call(UFFDIO_COPY, b""))[0] == errno.EINVAL
             assert await fd.copy(addr, b"\x42" * P) == (P, 0)
         assert await p.read(addr, 1) == b"\x42"
+        await _reap(p)
+
+
+async def test_closing_with_calls_in_flight(daemon: Daemon, k: vkclient.Kernel) -> None:
+    """Calls still waiting when the monitor closes its fd fail EBADF; one nobody awaits does
+    not report "exception was never retrieved" when collected."""
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, 2)
+        mm = daemon.kernel.find_task(p.pid).mm
+        fd = await mon.attach_userfaultfd(u.handle).open_fd()
+        await mm.mmap_lock.write_lock()
+        try:
+            abandoned = fd.copy_nowait(addr, b"a" * P)
+            awaited = fd.copy_nowait(addr + P, b"b" * P)
+            fd.close()
+            with pytest.raises(OSError) as e:
+                await awaited
+            assert e.value.errno == errno.EBADF
+            del abandoned
+            gc.collect()
+        finally:
+            mm.mmap_lock.write_unlock()
+        # The calls were sent before the close: the daemon still runs them (as an ioctl in
+        # progress holds its own reference to the file), then sees the EOF and drops the
+        # fd's reference; the creator's handle keeps the uffd.
+        assert await p.read(addr, 2 * P) == b"a" * P + b"b" * P
+        await u.close()
         await _reap(p)

@@ -6,6 +6,7 @@ Every test ends with the audit clean (the ``daemon`` fixture's teardown)."""
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import subprocess
 import sys
@@ -765,4 +766,32 @@ async def test_uffd_read_on_demand(daemon: Daemon, k: vkclient.Kernel) -> None:
         assert got == [None]
         assert r.released
         assert await r.read() is None
+    await _reap(p)
+
+
+async def test_abandoned_batches_of_a_closed_stream_log_nothing(
+    daemon: Daemon, k: vkclient.Kernel
+) -> None:
+    """A batch whose answer was on its way when its resolve stream closed fails with the
+    close; a monitor cancelled meanwhile never looks at it. Collected, it must not report
+    "exception was never retrieved" (the anyio runner turns that into a failure; it made
+    test_monitor_wakes_on_eexist_and_reports_other_errors flaky), while a caller that awaits
+    such a future still gets the error."""
+    p, u, addr = await _faulter(k, 2)
+    mm = daemon.kernel.find_task(p.pid).mm
+    rs = u.resolver()
+    await mm.mmap_lock.write_lock()  # the COPYs wait in the daemon: no answer comes yet
+    try:
+        abandoned = await rs.submit([copy(addr, b"a" * P)])
+        awaited = await rs.submit([copy(addr + P, b"b" * P)])
+        assert rs._reader is not None
+        rs._reader.cancel()  # what a cancelled monitor's stream goes through
+        with pytest.raises(ConnectionError):
+            await awaited
+        del abandoned
+        gc.collect()
+    finally:
+        mm.mmap_lock.write_unlock()
+    await rs.close()
+    await u.close()
     await _reap(p)
