@@ -161,16 +161,11 @@ def fault_in_range(
             # The first page faults at the access's own address (vmf->real_address), and that
             # is where a failure or a sleep is reported (never before ``start``).
             addr = max((start & PMD_MASK) + ((i + i0) << PAGE_SHIFT), start)
-            fl = flags
-            for _retry in range(_MAX_RETRIES):
-                ret = handle_mm_fault(vma, addr, fl, task, vmf)
-                if vmf is not None and vmf.wait is not None:
-                    return VM_FAULT_RETRY, addr  # a sleep (COMPLETED: after the fault)
-                if not ret & VM_FAULT_RETRY:
-                    break
-                fl |= FAULT_FLAG_TRIED
-            if ret & VM_FAULT_ERROR:
-                return ret, addr
+            got = _handle_fault_retrying(vma, addr, flags, task, vmf)
+            if got is None:
+                return VM_FAULT_RETRY, addr  # a sleep (COMPLETED: after the fault)
+            if got & VM_FAULT_ERROR:
+                return got, addr
             if around:
                 win = s[i + 1 : i + FAULT_AROUND_PAGES]
                 none = np.flatnonzero(win == 0)
@@ -181,6 +176,23 @@ def fault_in_range(
         if ((s & need_bits) == need_bits).all():
             return 0, end
     return VM_FAULT_SIGBUS, start
+
+
+def _handle_fault_retrying(
+    vma: VMA, addr: int, flags: int, task: Task | None, vmf: VmFault | None
+) -> int | None:
+    """handle_mm_fault() again with FAULT_FLAG_TRIED while it asks for a retry without
+    sleeping (at most _MAX_RETRIES times); None when it left a sleep in ``vmf.wait``."""
+    fl = flags
+    ret = 0
+    for _retry in range(_MAX_RETRIES):
+        ret = handle_mm_fault(vma, addr, fl, task, vmf)
+        if vmf is not None and vmf.wait is not None:
+            return None
+        if not ret & VM_FAULT_RETRY:
+            break
+        fl |= FAULT_FLAG_TRIED
+    return ret
 
 
 def _fault_in_page(
@@ -214,15 +226,9 @@ def _fault_in_page(
             return VM_FAULT_OOM, pbase + (i << PAGE_SHIFT)
         pte = u.item(slot)
     if pte & need != need:
-        fl = flags
-        ret = 0
-        for _retry in range(_MAX_RETRIES):
-            ret = handle_mm_fault(vma, addr, fl, task, vmf)
-            if vmf is not None and vmf.wait is not None:
-                return VM_FAULT_RETRY, addr  # a sleep (COMPLETED: after the fault)
-            if not ret & VM_FAULT_RETRY:
-                break
-            fl |= FAULT_FLAG_TRIED
+        ret = _handle_fault_retrying(vma, addr, flags, task, vmf)
+        if ret is None:
+            return VM_FAULT_RETRY, addr  # a sleep (COMPLETED: after the fault)
         if ret & VM_FAULT_ERROR:
             return ret, addr
         pte = u.item(slot)
