@@ -67,7 +67,7 @@ from vkclient.constants import (
     UFFDIO_ZEROPAGE_MODE_DONTWAKE,
 )
 from vkclient.errors import from_rpc_error
-from vkclient.uffd_fd import UffdFd, receive_uffd
+from vkclient.uffd_fd import FdReader, FdResolver, UffdFd, receive_uffd
 from vkernel.v1 import userfaultfd_service_pb2 as pb
 from vkernel.v1 import userfaultfd_service_pb2_grpc as pb_grpc
 
@@ -488,7 +488,10 @@ class UffdMonitor:
 
     Messages are read on demand (:class:`UffdReader`): the next read(2) goes out once a batch
     is handled, so an event's syscall goes on only when the monitor takes it, as on Linux;
-    ``read_ahead=True`` uses the :meth:`Userfaultfd.messages` stream instead.
+    ``read_ahead=True`` uses the :meth:`Userfaultfd.messages` stream instead. With ``fd``
+    (:meth:`Userfaultfd.open_fd`, a monitor on the daemon's host) it reads and resolves
+    through the uffd fd instead of the gRPC streams: the same loop, a shorter fault round
+    trip; COPY then takes bytes (a source answering an address, ``src_pid``, gets EINVAL).
 
     Events, after the batch's faults: ``on_remove(start, end)``, ``on_unmap(start, end)``,
     ``on_remap(from, to, length)``, ``on_fork(child_uffd)`` (a :class:`Userfaultfd` this
@@ -511,6 +514,7 @@ class UffdMonitor:
         max_run_pages: int = 256,
         page_size: int = PAGE_SIZE,
         read_ahead: bool = False,
+        fd: UffdFd | None = None,
     ) -> None:
         if source is None and on_fault is None:
             raise TypeError("a monitor needs a page source or an on_fault planner")
@@ -527,7 +531,10 @@ class UffdMonitor:
         self.max_run_pages = max_run_pages
         self.page_size = page_size
         self.read_ahead = read_ahead
-        self.stream = uffd.resolver()
+        self.fd = fd
+        self.stream: ResolveStream | FdResolver = (
+            FdResolver(fd) if fd is not None else uffd.resolver()
+        )
         self.faults = 0
         """PAGEFAULT messages read so far."""
         self.ops = 0
@@ -544,9 +551,11 @@ class UffdMonitor:
 
         Raises what ``on_error`` or a callback raised, or the error that ended a stream.
         """
-        reader = self.uffd.reader()
+        reader: UffdReader | FdReader = (
+            FdReader(self.fd) if self.fd is not None else self.uffd.reader()
+        )
         try:
-            if self.read_ahead:
+            if self.read_ahead and self.fd is None:
                 async for msgs in self.uffd.messages(self.max_messages):
                     await self.handle(msgs)
                     if self._failure is not None:

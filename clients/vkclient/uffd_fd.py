@@ -24,7 +24,8 @@ import json
 import os
 import socket
 import struct
-from typing import Self
+from collections.abc import Callable, Sequence
+from typing import Any, Self
 
 from vkclient.constants import (
     PAGE_SIZE,
@@ -66,6 +67,8 @@ _SOCKET_BUFFER = 1 << 20
 
 
 _EAGAIN = 11
+_EBADF = 9
+_EINVAL = 22
 
 
 def _result(st: struct.Struct, out: bytes, err: int) -> int:
@@ -266,14 +269,7 @@ class UffdFd:
         out: asyncio.Future[tuple[int, int]] = self._loop.create_future()
 
         def done(f: asyncio.Future[tuple[int, bytes]]) -> None:
-            if out.done():
-                return
-            if f.cancelled():
-                out.cancel()
-            elif f.exception() is not None:
-                out.set_exception(f.exception())  # type: ignore[arg-type]
-                out.exception()  # as in _fail: awaiting it still raises
-            else:
+            if not out.done() and not _passed_on_failure(f, out):
                 err, st = f.result()
                 out.set_result((_result(_COPY, st, err), err))
 
@@ -300,3 +296,158 @@ class UffdFd:
     async def _range_fill(self, cmd: int, start: int, length: int, mode: int) -> tuple[int, int]:
         err, out = await self._call(cmd, _RANGE_MODE_RESULT.pack(start, length, mode, 0))
         return _result(_RANGE_MODE_RESULT, out, err), err
+
+
+class FdReader:
+    """:class:`vkclient.uffd.UffdReader`'s interface on the fd: read(2) batches, None once
+    released (what :class:`vkclient.uffd.UffdMonitor` reads with ``fd=``)."""
+
+    def __init__(self, fd: UffdFd) -> None:
+        self.fd = fd
+
+    async def read(
+        self, max_messages: int = 64, *, nonblock: bool = False
+    ) -> list[pb.UffdMessage] | None:
+        """One read(2): the messages, or None once the uffd is released or the fd closed (by
+        its owner, or by the daemon when the session ended): the monitor's loop is over."""
+        try:
+            return await self.fd.read(max_messages, nonblock) or None
+        except (ConnectionResetError, OSError) as e:
+            if isinstance(e, ConnectionResetError) or e.errno == _EBADF:
+                return None
+            raise
+
+    async def close(self) -> None:
+        """Nothing to end: the fd stays open (its owner closes it)."""
+
+
+class FdResolver:
+    """:class:`vkclient.uffd.ResolveStream`'s interface on the fd: a batch of
+    :class:`UffdResolveOp` goes out as one ioctl datagram per operation, all sent at once and
+    answered into one future. A COPY longer than ``max_copy_bytes`` is several ioctls, each
+    sent once the one before it succeeded, as one long UFFDIO_COPY stops at its first failure.
+    A COPY from the monitor's process (``src_pid``) is EINVAL here: the fd carries the bytes."""
+
+    def __init__(self, fd: UffdFd) -> None:
+        self.fd = fd
+
+    async def submit(
+        self, ops: Sequence[pb.UffdResolveOp]
+    ) -> asyncio.Future[list[tuple[int, int]]]:
+        """Send one batch; the future gets ``(result, errno)`` per operation, as the
+        ``UffdResolve`` call would give them."""
+        futs = [self._op(op) for op in ops]
+        out: asyncio.Future[list[tuple[int, int]]] = asyncio.get_running_loop().create_future()
+        left = len(futs)
+
+        def one_done(_: object) -> None:
+            nonlocal left
+            left -= 1
+            if left or out.done():
+                return
+            if not any(_passed_on_failure(f, out) for f in futs):  # the fd closed meanwhile
+                out.set_result([f.result() for f in futs])
+
+        if not futs:
+            out.set_result([])
+        for f in futs:
+            f.add_done_callback(one_done)
+        return out
+
+    async def resolve(self, ops: Sequence[pb.UffdResolveOp]) -> list[tuple[int, int]]:
+        """Send one batch and wait for its results."""
+        return await (await self.submit(ops))
+
+    async def close(self) -> None:
+        """Nothing to end: the fd stays open (its owner closes it)."""
+
+    def _op(self, op: pb.UffdResolveOp) -> asyncio.Future[tuple[int, int]]:
+        """One operation's ``(result, errno)``."""
+        fd = self.fd
+        kind = op.WhichOneof("op")
+        if kind == "copy":
+            c = op.copy
+            if c.src_pid or c.len:
+                return _done((-_EINVAL, _EINVAL))
+            return self._copy(c.dst, memoryview(c.data), c.mode)
+        if kind in ("zeropage", "continue", "poison"):
+            r = getattr(op, kind)
+            cmd = {"zeropage": UFFDIO_ZEROPAGE, "continue": UFFDIO_CONTINUE}.get(
+                kind, UFFDIO_POISON
+            )
+            sent = fd._send(cmd, _RANGE_MODE_RESULT.pack(r.start, r.len, r.mode, 0))
+            return _mapped(sent, lambda err, st: (_result(_RANGE_MODE_RESULT, st, err), err))
+        if kind == "move":
+            m = op.move
+            sent = fd._send(UFFDIO_MOVE, _COPY.pack(m.dst, m.src, m.len, m.mode, 0))
+            return _mapped(sent, lambda err, st: (_result(_COPY, st, err), err))
+        if kind == "wake":
+            sent = fd._send(UFFDIO_WAKE, _Q2.pack(op.wake.start, op.wake.len))
+            return _mapped(sent, lambda err, _: (-err, err))
+        if kind == "writeprotect":
+            w = op.writeprotect
+            sent = fd._send(UFFDIO_WRITEPROTECT, _Q3.pack(w.start, w.len, w.mode))
+            return _mapped(sent, lambda err, _: (-err, err))
+        return _done((-_EINVAL, _EINVAL))  # names no ioctl
+
+    def _copy(self, dst: int, data: memoryview, mode: int) -> asyncio.Future[tuple[int, int]]:
+        """UFFDIO_COPY in pieces of ``max_copy_bytes``, each after the last succeeded."""
+        fd = self.fd
+        step = fd.max_copy_bytes
+        out: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+        def send(off: int) -> None:
+            piece = data[off : off + step]
+            sent = fd._send(UFFDIO_COPY, _COPY.pack(dst + off, 0, len(piece), mode, 0), piece)
+            sent.add_done_callback(lambda f: answered(off, f))
+
+        def answered(off: int, f: asyncio.Future[tuple[int, bytes]]) -> None:
+            if out.done():
+                return
+            if _passed_on_failure(f, out):
+                return
+            err, st = f.result()
+            result = _result(_COPY, st, err)
+            if err:  # the first failure ends it: partial (EAGAIN) once some landed
+                out.set_result((off + max(result, 0), _EAGAIN) if off else (result, err))
+            elif off + step < len(data):
+                send(off + step)
+            else:
+                out.set_result((off + result, 0))
+
+        send(0)
+        return out
+
+
+def _done(value: tuple[int, int]) -> asyncio.Future[tuple[int, int]]:
+    fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+def _mapped(
+    sent: asyncio.Future[tuple[int, bytes]], how: Callable[[int, bytes], tuple[int, int]]
+) -> asyncio.Future[tuple[int, int]]:
+    """``sent``'s answer ``(errno, struct)`` made into ``(result, errno)``."""
+    out: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+    def done(f: asyncio.Future[tuple[int, bytes]]) -> None:
+        if not out.done() and not _passed_on_failure(f, out):
+            out.set_result(how(*f.result()))
+
+    sent.add_done_callback(done)
+    return out
+
+
+def _passed_on_failure(f: asyncio.Future[Any], out: asyncio.Future[Any]) -> bool:
+    """Hand ``f``'s cancellation or error (the fd closed) on to ``out``: True if it had one.
+    The error is marked retrieved, as in UffdFd._fail: awaiting ``out`` still raises it."""
+    if f.cancelled():
+        out.cancel()
+        return True
+    exc = f.exception()
+    if exc is None:
+        return False
+    out.set_exception(exc)
+    out.exception()
+    return True

@@ -27,8 +27,12 @@ from vkclient.uffd import (
     UFFD_PAGEFAULT_FLAG_WRITE,
     UFFD_USER_MODE_ONLY,
     Userfaultfd,
+    copy,
+    copy_from,
+    wake,
+    zeropage,
 )
-from vkclient.uffd_fd import UFFDIO_COPY, receive_uffd
+from vkclient.uffd_fd import UFFDIO_COPY, FdResolver, receive_uffd
 from vkernel.api import uffd_fd as wire
 from vkernel.dma_socket import dma_socket_path
 from vkernel.kernel import userfaultfd as kuf
@@ -327,4 +331,72 @@ async def test_closing_with_calls_in_flight(daemon: Daemon, k: vkclient.Kernel) 
         # fd's reference; the creator's handle keeps the uffd.
         assert await p.read(addr, 2 * P) == b"a" * P + b"b" * P
         await u.close()
+        await _reap(p)
+
+
+async def test_resolver_on_the_fd_gives_the_grpc_results(
+    daemon: Daemon, k: vkclient.Kernel
+) -> None:
+    """FdResolver (what UffdMonitor uses with fd=): a batch of ops as ioctls, one COPY longer
+    than a datagram as several, each after the last succeeded; results as UffdResolve's."""
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        n = 100  # > MAX_COPY_BYTES / P: the COPY goes as two datagrams
+        p, u, addr = await _setup(k, mon, n + 8)
+        async with await mon.attach_userfaultfd(u.handle).open_fd() as fd:
+            r = FdResolver(fd)
+            page = bytes(range(256)) * (P // 256)
+            assert await r.resolve([copy(addr, page * n)]) == [(n * P, 0)]
+            base = addr + n * P
+            assert await r.resolve([zeropage(base + P, P)]) == [(P, 0)]
+            results = await r.resolve(
+                [
+                    copy(base, b"x" * 3 * P),  # the 2nd page exists: partial, EAGAIN
+                    wake(base, P),
+                    copy_from(base + 4 * P, 1, 0, P),  # no src on the fd
+                    zeropage(base + 5 * P, P + 1),
+                    copy(base + 6 * P, b"y" * (wire.MAX_COPY_BYTES + P)),  # past the end
+                ]
+            )
+            assert results == [
+                (P, errno.EAGAIN),
+                (0, 0),
+                (-errno.EINVAL, errno.EINVAL),
+                (-errno.EINVAL, errno.EINVAL),
+                (-errno.ENOENT, errno.ENOENT),
+            ]
+        got = await p.read(addr, n * P)
+        assert got == page * n
+        await _reap(p)
+
+
+async def test_monitor_helper_on_the_fd(daemon: Daemon, k: vkclient.Kernel) -> None:
+    """UffdMonitor(fd=...): the same loop through the uffd fd: faults served from a source,
+    EEXIST answered with WAKE, REMOVE events called back; run() ends when the fd closes."""
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, 4, features=UFFD_FEATURE_EVENT_REMOVE)
+        fd = await mon.attach_userfaultfd(u.handle).open_fd()
+        removed: list[tuple[int, int]] = []
+        asked: list[int] = []
+
+        async def source(start: int, length: int) -> bytes:
+            asked.append(start)
+            if start == addr + P:  # someone else fills it first: EEXIST, then the WAKE
+                assert await fd.zeropage(start, P, 1) == (P, 0)  # DONTWAKE
+            return b"s" * length
+
+        m = mon.attach_userfaultfd(u.handle).monitor(
+            source, fd=fd, on_remove=lambda s, e: removed.append((s, e))
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(m.run)
+            with anyio.fail_after(10):
+                assert await p.read(addr, 1) == b"s"
+                assert await p.read(addr + P, 1) == b"\0"
+                await p.madvise(addr, P, MADV_DONTNEED)
+                assert await p.read(addr, 1) == b"s"
+                fd.close()
+        assert asked == [addr, addr + P, addr]
+        assert removed == [(addr, addr + P)]
+        assert m.faults == 3
+        assert m.events == 1
         await _reap(p)

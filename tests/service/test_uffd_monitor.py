@@ -26,6 +26,7 @@ from vkclient.uffd import (
     UFFD_EVENT_PAGEFAULT,
     UFFD_PAGEFAULT_FLAG_WRITE,
     UFFD_USER_MODE_ONLY,
+    ResolveStream,
     UffdMonitor,
     Userfaultfd,
     copy,
@@ -421,6 +422,7 @@ async def test_monitor_run_ends_on_release_and_kernel_sugar(
         with anyio.fail_after(10):
             assert await p.read(addr, 1) == b"m"
             await u.close()  # the last holder: release ends the message stream and run()
+            assert isinstance(mon.stream, ResolveStream)
             while mon.stream._call is not None:
                 await anyio.sleep(0.01)
     assert mon.faults == 1
