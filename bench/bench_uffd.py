@@ -42,6 +42,8 @@ Figures:
   semantics).
 - ``fault_rt_sdk_p50``: the gRPC path through the SDK: ``AccessStream.load`` in A's session
   and :class:`vkclient.uffd.UffdMonitor` serving B's (no goal: what the helper adds).
+- ``fault_rt_sdk_fd_p50``: the same SDK helper with ``fd=``: ``UffdMonitor`` reading and
+  resolving through the uffd fd (no goal).
 - ``access_rt_p50``: µs for the same 8-byte load of a resident page on the Access stream (no
   fault, no monitor): one stream round trip plus the kernel's load, the part of a fault round
   trip that is not the fault (no goal; it says how far the 2.0× goal can be reached).
@@ -422,7 +424,7 @@ def _p(samples: list[float], q: float) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[round(q * 100) - 1]
 
 
-async def _sdk_round(scratch: Path, warm: int, n: int) -> list[float]:
+async def _sdk_round(scratch: Path, warm: int, n: int, on_fd: bool = False) -> list[float]:
     """The fast path through the SDK: ``AccessStream.load`` in session A, a
     :class:`vkclient.uffd.UffdMonitor` in session B. The two SDK sessions live for this round
     only: each runs a keepalive thread, whose GIL hand-offs would otherwise slow every other
@@ -438,7 +440,9 @@ async def _sdk_round(scratch: Path, warm: int, n: int) -> list[float]:
         await u.register(area, (warm + n) * P)
         await u.grant(kb.session_id)
         page = b"\x5a" * P
-        monitor = kb.attach_userfaultfd(u.handle).monitor(lambda _, length: page * (length // P))
+        served = kb.attach_userfaultfd(u.handle)
+        fd = await served.open_fd() if on_fd else None
+        monitor = served.monitor(lambda _, length: page * (length // P), fd=fd)
         serving = asyncio.ensure_future(monitor.run())
         try:
             async with proc.access_stream() as access:
@@ -452,6 +456,8 @@ async def _sdk_round(scratch: Path, warm: int, n: int) -> list[float]:
         finally:
             serving.cancel()
             await asyncio.gather(serving, return_exceptions=True)
+            if fd is not None:
+                fd.close()
         if monitor.faults != warm + n:
             raise RuntimeError(f"the SDK monitor served {monitor.faults} of {warm + n} faults")
     return rts
@@ -704,7 +710,17 @@ async def run(ctx: BenchContext) -> list[Record]:
                 slow_addrs = [slow_area + (base + i) * P for i in range(n_faults)]
                 od_addrs = [od_area + (base + i) * P for i in range(n_faults)]
                 fd_addrs = [fd_area + (base + i) * P for i in range(n_faults)]
-                keys = ["floor", "fd", "fast", "unary", "present", "sdk", "relay", "ondemand"]
+                keys = [
+                    "floor",
+                    "fd",
+                    "fast",
+                    "unary",
+                    "present",
+                    "sdk",
+                    "sdkfd",
+                    "relay",
+                    "ondemand",
+                ]
                 for key in keys if r % 2 == 0 else keys[::-1]:
                     if key == "floor":
                         pings = await _time_pings(floor, n_faults)
@@ -730,10 +746,10 @@ async def run(ctx: BenchContext) -> list[Record]:
                     elif key == "relay":
                         rts = await _time_loads(relay_load, [0] * n_faults)
                         add("relay_p50", _p(rts, 0.5))
-                    elif key == "sdk":
-                        rts = await _sdk_round(ctx.scratch, warm, n_faults)
-                        add("sdk_p50", _p(rts, 0.5))
-                        add("sdk_p99", _p(rts, 0.99))
+                    elif key in ("sdk", "sdkfd"):
+                        rts = await _sdk_round(ctx.scratch, warm, n_faults, key == "sdkfd")
+                        add(f"{key}_p50", _p(rts, 0.5))
+                        add(f"{key}_p99", _p(rts, 0.99))
                     else:  # the first page, resident since the warm-up: no fault
                         rts = await _time_loads(access_load, [fast_area] * n_faults)
                         add("present_p50", _p(rts, 0.5))
@@ -855,6 +871,19 @@ async def run(ctx: BenchContext) -> list[Record]:
             x_floor=x_floor("sdk_p50", "floor_p50"),
             sdk_p99=statistics.median(s["sdk_p99"]),
             path="vkclient AccessStream.load + UffdMonitor (ResolveStream)",
+            n=n_faults,
+            **common,
+        ),
+        make_record(
+            "fault_rt_sdk_fd_p50",
+            s["sdkfd_p50"],
+            "µs",
+            floor=s["floor_p50"],
+            goal=None,
+            better="lower",
+            x_floor=x_floor("sdkfd_p50", "floor_p50"),
+            sdk_fd_p99=statistics.median(s["sdkfd_p99"]),
+            path="vkclient AccessStream.load + UffdMonitor(fd=...) on the uffd fd",
             n=n_faults,
             **common,
         ),
