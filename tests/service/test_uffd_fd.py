@@ -14,6 +14,7 @@ import json
 import socket
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import vkclient
@@ -399,4 +400,44 @@ async def test_monitor_helper_on_the_fd(daemon: Daemon, k: vkclient.Kernel) -> N
         assert removed == [(addr, addr + P)]
         assert m.faults == 3
         assert m.events == 1
+        await _reap(p)
+
+
+async def test_a_monitor_that_does_not_read_its_answers_is_held_back(
+    daemon: Daemon, k: vkclient.Kernel
+) -> None:
+    """Answers the monitor does not read queue in the daemon only until the socket is full:
+    then the daemon stops taking its requests (its sends block), and once it reads, every
+    request it sent is answered, in any order, by tag."""
+    path = dma_socket_path(str(daemon.socket_path))
+    async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
+        p, u, addr = await _setup(k, mon, 1)
+        token = dict(mon._metadata)["vkernel-session"]
+        sock = await anyio.to_thread.run_sync(receive_uffd, path, token, u.handle)
+        sock.setblocking(False)
+        wake_req = wire._RANGE2.pack(addr, P)
+        sent = 0
+        with anyio.fail_after(20):
+            while True:  # until the daemon stops reading: our sends would block
+                try:
+                    sock.send(wire.REQUEST.pack(wire.UFFDIO_WAKE, sent + 1) + wake_req)
+                except BlockingIOError:
+                    break
+                sent += 1
+                # One at a time, so the daemon (this loop, one datagram per callback) keeps
+                # up: the unread answers pile up first (AF_UNIX queues ≤ max_dgram_qlen).
+                await anyio.lowlevel.checkpoint()
+            assert sent < 1_000_000
+            tags: set[int] = set()
+            while len(tags) < sent:
+                try:
+                    data = sock.recv(4096)
+                except BlockingIOError:
+                    await anyio.sleep(0.001)
+                    continue
+                cmd, tag, err, _ = wire.ANSWER.unpack_from(data)
+                assert (cmd, err) == (wire.UFFDIO_WAKE, 0)
+                tags.add(tag)
+        assert tags == set(range(1, sent + 1))
+        sock.close()
         await _reap(p)

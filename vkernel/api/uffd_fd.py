@@ -131,7 +131,9 @@ class UffdFile:
         self._install = install
         self._reads: deque[tuple[int, int, int]] = deque()
         self._reads_ready: asyncio.Event = asyncio.Event()
-        self._sending: set[asyncio.Task[None]] = set()
+        self._outq: deque[bytes] = deque()
+        """Answers waiting for room in the socket (the monitor is not reading)."""
+        self._writer: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Future[None]] = set()
         """Calls that slept (a lock, the answer's turn) and go on in a task."""
         self._watched = True
@@ -155,7 +157,7 @@ class UffdFile:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            for task in [*self._inflight, *self._sending]:
+            for task in [*self._inflight, *([self._writer] if self._writer else [])]:
                 task.cancel()
             sock.close()
             await self.ctx.put()
@@ -188,8 +190,7 @@ class UffdFile:
         self._inflight.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("uffd_fd_call_failed", error=repr(task.exception()))
-        if len(self._inflight) < MAX_INFLIGHT // 2 and not self._closed.done():
-            self._watching(True)
+        self._resume_reading()
 
     def _watching(self, on: bool) -> None:
         if on == self._watched:
@@ -290,22 +291,39 @@ class UffdFile:
         return True
 
     def _answer(self, cmd: int, tag: int, err: int, out: bytes) -> None:
-        """Send one answer now, or (the monitor not reading) as soon as there is room."""
+        """Send one answer now or, when the monitor is not reading its answers, queue it
+        for one writer and stop taking requests until the queue has drained."""
         msg = ANSWER.pack(cmd, tag, err, 0) + out
-        try:
-            self.sock.send(msg)
-        except BlockingIOError:
-            loop = asyncio.get_running_loop()
-            task = loop.create_task(loop.sock_sendall(self.sock, msg))
-            self._sending.add(task)
-            task.add_done_callback(self._sent)
-        except OSError:
-            pass  # the monitor went away; serve() sees the EOF
+        if not self._outq:
+            try:
+                self.sock.send(msg)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # the monitor went away; serve() sees the EOF
+        self._outq.append(msg)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain_answers())
+            self._watching(False)
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._sending.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a monitor gone meanwhile is serve()'s EOF
+    async def _drain_answers(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._outq:
+                await loop.sock_sendall(self.sock, self._outq[0])
+                self._outq.popleft()
+        except OSError:
+            self._outq.clear()  # the monitor went away; serve() sees the EOF
+        finally:
+            self._writer = None
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        """Take requests again once the answers are out and the sleeping calls few."""
+        idle = self._writer is None and len(self._inflight) < MAX_INFLIGHT // 2
+        if idle and not self._closed.done():
+            self._watching(True)
 
 
 IoctlRun = Callable[[uf.UserfaultfdCtx, Task, memoryview], Awaitable[tuple[int, bytes]]]
