@@ -455,18 +455,35 @@ class KioCtx:
             if groups:
                 g, f = dio._modes(self.task, self.gup, self.foll)
                 for ino, write, sel in groups:
+                    rows = np.arange(n, dtype=np.int64) if sel is None else sel
+
+                    def post_ahead(idx: np.ndarray, r: np.ndarray, rows: np.ndarray = rows) -> None:
+                        # The iocbs before one whose GUP sleeps complete on their own.
+                        self._post_array(ud[rows[idx]], r, submit_ns, issue)
+                        posted[rows[idx]] = True
+
                     if sel is None:  # the whole submission
                         out, cut = await dio_batch.iomap_dio_submit_array(
-                            self.task, ino, write, addr, length, pos, g, f
+                            self.task, ino, write, addr, length, pos, g, f, post_ahead
                         )
-                        self._post_array(ud, out, submit_ns, issue)
-                        posted[:] = True
                     else:
                         out, cut = await dio_batch.iomap_dio_submit_array(
-                            self.task, ino, write, addr[sel], length[sel], pos[sel], g, f
+                            self.task,
+                            ino,
+                            write,
+                            addr[sel],
+                            length[sel],
+                            pos[sel],
+                            g,
+                            f,
+                            post_ahead,
                         )
-                        self._post_array(ud[sel], out, submit_ns, issue)
-                        posted[sel] = True
+                    rest = ~posted[rows]
+                    if rest.all():
+                        self._post_array(ud[rows], out, submit_ns, issue)
+                    else:
+                        self._post_array(ud[rows[rest]], out[rest], submit_ns, issue)
+                    posted[rows] = True
                     if cut:
                         cancelled = True
                         break

@@ -770,6 +770,11 @@ def _intra(counts: np.ndarray, total: int) -> np.ndarray:
     return out
 
 
+GoAhead = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+"""``go_ahead(idx, pages, slot)``: iocbs ``idx`` (the caller's order) are wholly pinned in
+``pages`` at ``slot`` and go now, before a GUP that may sleep."""
+
+
 async def _pin_array(
     task: Task,
     addr: np.ndarray,
@@ -778,12 +783,19 @@ async def _pin_array(
     wm: bool,
     gup: str,
     foll: str,
+    go_ahead: GoAhead | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """iov_iter_extract_user_pages() for one-buffer iocbs given as arrays: buffers sorted by
     address and merged into runs of adjacent pages, one GUP call per run; a short run keeps
     its prefix and the buffers it did not reach get their own call (as :func:`_pin_all`).
     ``one``: every buffer is one page. Returns (pages, slot, got) with slot/got per iocb in
-    the caller's order."""
+    the caller's order.
+
+    With ``go_ahead`` under GUP-fast, every run's lockless walk goes first; when one leaves
+    pages to the slow path (a fault, a userfaultfd: it may sleep), the iocbs before the first
+    one not wholly pinned (in the caller's order) are handed to ``go_ahead`` and their slots
+    in ``pages`` set to -1 (theirs now), as io_submit() has issued them by then and the plug
+    is flushed as the submitter sleeps."""
     m = len(addr)
     order = np.argsort(addr, kind="stable")
     sa = addr[order]
@@ -799,28 +811,30 @@ async def _pin_array(
         ends = sa + (sn << PAGE_SHIFT)
     brk = np.flatnonzero(sa[1:] != ends[:-1]) + 1
     pages = np.full(total, -1, dtype=np.int64)
-    if not len(brk):  # the common case: the buffers tile one range, one call
-        if task.mm is None:
-            raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
+    rstarts = [0, *brk.tolist()]
+    rends = [*brk.tolist(), m]
+    if task.mm is None:
+        raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
+    rets: list[int] | None = None
+    if go_ahead is not None and gup == "fast":
+        rets = await _pin_runs_ahead(
+            task, sa, sn, sslot, order, npg, rstarts, rends, wm, foll, pages, go_ahead
+        )
+    elif not len(brk):  # the common case: the buffers tile one range, one call
         ret = await dio._grab_pages(task, int(sa[0]), total, wm, gup, foll, pages)
         if ret == total:
             slots = np.empty(m, dtype=np.int64)
             slots[order] = sslot
             return pages, slots, npg.copy()
-        rstarts, rends = [0], [m]
-        first: int | None = ret
-    else:
-        rstarts = [0, *brk.tolist()]
-        rends = [*brk.tolist(), m]
-        first = None
+        rets = [ret]
     sgot = sn.copy()
     pinned: list[tuple[int, int]] = []  # (slot, pages) held, released on an exception
     try:
-        for rs, re in zip(rstarts, rends, strict=True):
+        for ri, (rs, re) in enumerate(zip(rstarts, rends, strict=True)):
             slot = int(sslot[rs])
             n = int(sslot[re - 1] + sn[re - 1]) - slot
-            if first is not None:  # the single run's call, made above
-                ret, first = first, None
+            if rets is not None:  # the run's call, made above
+                ret = rets[ri]
             else:
                 if task.mm is None:
                     raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
@@ -848,6 +862,7 @@ async def _pin_array(
         held = [pages[s : s + c] for s, c in pinned if c > 0]
         if held:
             arr = np.concatenate(held)
+            arr = arr[arr >= 0]  # not what went ahead: those are released by their bios
             dio._release_pages(dio._kernel(task), arr, len(arr), foll, False)
         raise
     slots = np.empty(m, dtype=np.int64)
@@ -855,6 +870,59 @@ async def _pin_array(
     gotv = np.empty(m, dtype=np.int64)
     gotv[order] = sgot
     return pages, slots, gotv
+
+
+async def _pin_runs_ahead(
+    task: Task,
+    sa: np.ndarray,
+    sn: np.ndarray,
+    sslot: np.ndarray,
+    order: np.ndarray,
+    npg: np.ndarray,
+    rstarts: list[int],
+    rends: list[int],
+    wm: bool,
+    foll: str,
+    pages: np.ndarray,
+    go_ahead: GoAhead,
+) -> list[int]:
+    """_pin_array()'s runs under GUP-fast with the head going ahead: every run's lockless
+    walk, then (only if one left pages to the slow path) ``go_ahead`` for the wholly pinned
+    iocbs before the first that is not, then the slow paths. Each run's result, in order."""
+    rets: list[int] = []
+    slow: list[tuple[int, int, int, int]] = []  # (run, start, pages, pinned so far)
+    for ri, (rs, re) in enumerate(zip(rstarts, rends, strict=True)):
+        slot = int(sslot[rs])
+        n = int(sslot[re - 1] + sn[re - 1]) - slot
+        ret, start, _ = dio._grab_pages_lockless(
+            task, int(sa[rs]), n, wm, foll, pages[slot : slot + n]
+        )
+        rets.append(ret)
+        if start >= 0:
+            slow.append((ri, int(sa[rs]), n, ret))
+    if not slow:
+        return rets
+    # Which iocbs the lockless walks pinned whole, in the caller's order: the head before
+    # the first that is not goes now.
+    run_of = np.repeat(np.arange(len(rstarts)), np.diff([*rstarts, len(sa)]))
+    run_slot = sslot[np.asarray(rstarts)][run_of]
+    rel_end = sslot - run_slot + sn
+    whole_sorted = rel_end <= np.maximum(np.asarray(rets, dtype=np.int64), 0)[run_of]
+    whole = np.empty(len(sa), dtype=np.bool_)
+    whole[order] = whole_sorted
+    k = len(whole) if whole.all() else int(np.argmin(whole))
+    if k:
+        head = np.arange(k, dtype=np.int64)
+        slots = np.empty(len(sa), dtype=np.int64)
+        slots[order] = sslot
+        go_ahead(head, pages, slots)
+        pages[_slot_positions(slots[head], npg[head], int(npg[head].sum()))] = -1
+    for ri, start, n, got in slow:
+        slot = int(sslot[rstarts[ri]])
+        if task.mm is None:
+            raise KernelError(errno.ESRCH, f"process {task.pid} has exited")
+        rets[ri] = await dio._grab_pages_slow(task, start, n, got, wm, foll, pages[slot : slot + n])
+    return rets
 
 
 async def _bios_async(
@@ -917,6 +985,7 @@ async def iomap_dio_submit_array(
     pos: np.ndarray,
     gup: str,
     foll: str,
+    post_ahead: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, bool]:
     """iomap_dio_rw() for a batch of one-buffer, page-aligned iocbs on one file and direction,
     as arrays (the io_uring SQ array path): one GUP call per run of adjacent buffer pages, the
@@ -924,15 +993,84 @@ async def iomap_dio_submit_array(
     tasks otherwise), one unpin per dirtiness. Every read starts below EOF, every write's
     blocks are allocated and the file has no cached pages (the caller checked). Returns (res
     per iocb, whether the submitter was cancelled while bios were in flight: the results are
-    real, the caller re-raises after posting them)."""
+    real, the caller re-raises after posting them).
+
+    ``post_ahead(idx, res)`` (GUP-fast): when an iocb's GUP must take the slow path (it may
+    sleep on a fault or a userfaultfd), the iocbs before it are done first, on their own, and
+    their results handed to ``post_ahead`` as they complete, as io_submit() issues iocb by
+    iocb and the plug goes out when the submitter sleeps; the returned ``res`` has them too."""
+    m = len(addr)
+    npg = length >> PAGE_SHIFT
+    one = int(npg.max()) == 1  # page-aligned and non-empty: every npg ≥ 1
+    ahead = np.zeros(m, dtype=np.bool_)
+    heads: list[tuple[np.ndarray, asyncio.Future[tuple[np.ndarray, bool]]]] = []
+    go_ahead: GoAhead | None = None
+    if post_ahead is not None and m > 1:
+
+        def go_ahead(idx: np.ndarray, pages: np.ndarray, slot: np.ndarray) -> None:
+            ahead[idx] = True
+            hp, hs = _subset_pages(pages, slot, npg, idx)
+
+            async def head() -> tuple[np.ndarray, bool]:
+                out = await _move_array(
+                    task, ino, write, hp, hs, npg[idx], npg[idx], length[idx], pos[idx], one, foll
+                )
+                post_ahead(idx, out[0])
+                return out
+
+            heads.append((idx, asyncio.ensure_future(head())))
+
+    try:
+        pages, slot, got = await _pin_array(task, addr, npg, one, not write, gup, foll, go_ahead)
+        if not ahead.any():
+            return await _move_array(
+                task, ino, write, pages, slot, npg, got, length, pos, one, foll
+            )
+        rest = np.flatnonzero(~ahead)
+        res = np.zeros(m, dtype=np.int64)
+        rp, rs = _subset_pages(pages, slot, npg, rest)
+        res[rest], cancelled = await _move_array(
+            task, ino, write, rp, rs, npg[rest], got[rest], length[rest], pos[rest], one, foll
+        )
+    finally:
+        for _, h in heads:  # the head's bios and pins are its own: it always finishes
+            await dio._wait_device(h)  # type: ignore[arg-type]
+    for idx, h in heads:
+        res[idx], c = h.result()
+        cancelled |= c
+    return res, cancelled
+
+
+def _subset_pages(
+    pages: np.ndarray, slot: np.ndarray, npg: np.ndarray, idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pages of iocbs ``idx`` as a batch of their own (a copy) and their slots in it."""
+    n = npg[idx]
+    total = int(n.sum())
+    sub: np.ndarray = pages[_slot_positions(slot[idx], n, total)]
+    return sub, np.cumsum(n) - n
+
+
+async def _move_array(
+    task: Task,
+    ino: Inode,
+    write: bool,
+    pages: np.ndarray,
+    slot: np.ndarray,
+    npg: np.ndarray,
+    got: np.ndarray,
+    length: np.ndarray,
+    pos: np.ndarray,
+    one: bool,
+    foll: str,
+) -> tuple[np.ndarray, bool]:
+    """The bios, the unpin and the inode's bookkeeping of iocbs whose pages are pinned:
+    (res per iocb, whether a cancel arrived while bios were in flight)."""
     kernel = dio._kernel(task)
     mem = kernel.mem
     bdev = ino.bdev
     assert bdev is not None
-    m = len(addr)
-    npg = length >> PAGE_SHIFT
-    one = int(npg.max()) == 1  # page-aligned and non-empty: every npg ≥ 1
-    pages, slot, got = await _pin_array(task, addr, npg, one, not write, gup, foll)
+    m = len(slot)
     whole = bool((got == npg).all())
     if whole:  # every buffer wholly pinned: each iocb moves its length
         res = length.copy()

@@ -24,7 +24,7 @@ import pytest
 
 from tests.unit.fs.conftest import MakeFsKernel, make_fs_kernel
 from tests.unit.fs.fshelp import P, make_file, pattern, raises
-from vkernel.kernel import aio, dio, gup
+from vkernel.kernel import aio, dio, gup, pagecache
 from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.audit import audit
 from vkernel.kernel.cred import Capability, Cred
@@ -480,6 +480,58 @@ async def test_aio_iocbs_before_the_faulting_one_complete(fk: Kernel) -> None:
         await kio.getevents(1, 4, timeout=5)
         await kio.destroy()
         await ctx.put()
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+async def test_aio_array_entries_before_the_faulting_one_complete(fk: Kernel, tiled: bool) -> None:
+    """The struct-of-arrays path (io_submit_sqes) keeps io_submit's order too: entry 1's
+    buffer is MISSING-registered, so its GUP leaves the lockless walk and sleeps; entry 0,
+    pinned whole, completes meanwhile; entry 2 comes after the sleeper, so it waits, as in
+    Linux. ``tiled``: the three buffers are adjacent pages of one range (one GUP run), else
+    separate mappings (a run each)."""
+    t = ptask(fk)
+    data = pattern(4 * P)
+    fd = await dfile(fk, t, data)
+    mapping = fk.vfs.lookup("f").mapping
+    assert mapping is not None
+    pagecache.drop_clean_pages(mapping)  # an O_DIRECT-only file: the array path takes it
+    if tiled:
+        ctx, u = await registered(t, 3)
+        await uf.uffdio_copy(ctx, t, u, b"\xff" * P, 0)  # page 0 resident, 1 missing
+        await uf.uffdio_copy(ctx, t, u + 2 * P, b"\xff" * P, 0)  # and 2 resident
+        bufs = [u, u + P, u + 2 * P]
+    else:
+        ctx, u1 = await registered(t, 1)
+        r0, r2 = await anon(t, 1), await anon(t, 1)
+        for r in (r0, r2):
+            await write_user(t, r, b"\xff" * P)
+        bufs = [r0, u1, r2]
+    kio = aio.KioCtx(t, 4)
+    n = kio.io_submit_sqes(
+        np.full(3, aio.IOCB_CMD_PREAD),
+        np.full(3, fd),
+        np.array(bufs),
+        np.full(3, P),
+        np.arange(3) * P,
+        np.arange(3),
+    )
+    assert n == 3
+    (m,) = await next_msgs(ctx)
+    assert m.address == bufs[1]
+    try:
+        evs = await kio.getevents(1, 4, timeout=0.5)
+        assert [e.user_data for e in evs] == [0]
+        assert [e.res for e in evs] == [P]
+        assert await read_user_bytes(t, bufs[0], P) == data[:P]
+    finally:
+        await uf.uffdio_zeropage(ctx, t, bufs[1], P)
+        rest = await kio.getevents(2, 4, timeout=5)
+        await kio.destroy()
+        await ctx.put()
+    assert sorted((e.user_data, e.res) for e in rest) == [(1, P), (2, P)]
+    assert await read_user_bytes(t, bufs[1], P) == data[P : 2 * P]
+    assert await read_user_bytes(t, bufs[2], P) == data[2 * P : 3 * P]
+    assert pins(fk)[0] == pins(fk)[1]
 
 
 # ---- 4. buffered read(2) / write(2): copy_to_user / copy_from_user ------------------------------
