@@ -27,6 +27,14 @@ async def stream_ended(call: Any) -> grpc.RpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
 
 
+def cancelled_under_us() -> bool:
+    """Whether a CancelledError out of a grpc.aio call means the call, not this task: a call
+    cancelled locally (its channel closed, the Kernel was closed meanwhile) raises
+    CancelledError too, though nobody cancelled the task awaiting it."""
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
+
+
 class StreamBase:
     """An async context manager that closes the stream on exit."""
 
@@ -71,12 +79,14 @@ class TaggedStream(StreamBase):
             except grpc.RpcError as e:
                 self._call = None  # the stream is over; the next request opens another
                 raise from_rpc_error(e) from None
-            except BaseException:
+            except BaseException as e:
                 # Cancelled between the request and its answer: that answer would pair with
                 # the next request, so this stream is dropped. The daemon sees the cancel; a
                 # request already running there finishes as a thread's syscall would.
                 self._call = None
                 call.cancel()
+                if isinstance(e, asyncio.CancelledError) and cancelled_under_us():
+                    raise ConnectionError(f"{self._what}: the connection was closed") from None
                 raise
             if resp is grpc.aio.EOF:
                 self._call = None

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from vkclient._stream import StreamBase, TaggedStream, stream_ended
+from vkclient._stream import StreamBase, TaggedStream, cancelled_under_us, stream_ended
 from vkclient.constants import (
     PAGE_SIZE,
     UFFD_API,
@@ -310,6 +310,10 @@ class Userfaultfd:
                 yield list(resp.messages)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        except asyncio.CancelledError:
+            if not cancelled_under_us():
+                raise
+            return  # this Kernel closed under the stream (its session is over): no more reads
         finally:
             call.cancel()
 

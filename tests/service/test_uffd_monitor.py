@@ -797,3 +797,38 @@ async def test_abandoned_batches_of_a_closed_stream_log_nothing(
     await rs.close()
     await u.close()
     await _reap(p)
+
+
+async def test_a_closed_kernel_ends_its_streams_cleanly(daemon: Daemon, k: vkclient.Kernel) -> None:
+    """Closing a Kernel closes its channel, and grpc.aio raises CancelledError out of a call
+    it cancels that way, though nobody cancelled the awaiting task: in a task group that
+    looked like a cancel and silently ended the group (the cause of a CI flake in
+    test_monitor_death_with_three_blocked_faults). The read-ahead stream now just ends, and a
+    read(2) on demand raises ConnectionError."""
+    p, u, _ = await _faulter(k, 1)
+    mk = await vkclient.connect(daemon.addr, client_name="monitor")
+    await u.grant(mk.session_id)  # k still holds it: no release, no EOF from the daemon
+    m = mk.attach_userfaultfd(u.handle)
+    batches: list[object] = []
+    errors: list[BaseException] = []
+
+    async def messages() -> None:
+        async for msgs in m.messages():
+            batches.append(msgs)
+
+    async def read() -> None:
+        try:
+            await m.reader().read()
+        except ConnectionError as e:
+            errors.append(e)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(messages)
+            tg.start_soon(read)
+            await anyio.sleep(0.2)  # both calls wait in the daemon
+            await mk.close()
+    assert batches == []
+    assert len(errors) == 1
+    await u.close()
+    await _reap(p)
