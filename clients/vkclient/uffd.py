@@ -430,11 +430,13 @@ class ResolveStream(StreamBase):
         except (grpc.RpcError, asyncio.InvalidStateError):
             # The daemon ended the stream: the reader reports why to every pending future.
             pass
-        except BaseException:
+        except BaseException as e:
             # Cancelled mid-write: whether the batch went out is unknown, so answers can no
             # longer be paired with futures. The stream is given up; its batches fail.
             self._fail(ConnectionError("a submit was cancelled; the resolve stream is closed"))
             call.cancel()
+            if isinstance(e, asyncio.CancelledError) and cancelled_under_us():
+                raise ConnectionError("the resolve stream's connection was closed") from None
             raise
         return fut
 
