@@ -24,7 +24,7 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
 from vkclient.constants import (
@@ -229,73 +229,105 @@ class UffdFd:
 
     async def wake(self, start: int, length: int) -> int:
         """UFFDIO_WAKE: errno (0 on success)."""
-        return (await self._call(UFFDIO_WAKE, _Q2.pack(start, length)))[0]
+        return (await self.wake_nowait(start, length))[1]
 
     async def writeprotect(self, start: int, length: int, mode: int) -> int:
         """UFFDIO_WRITEPROTECT: errno (0 on success)."""
-        return (await self._call(UFFDIO_WRITEPROTECT, _Q3.pack(start, length, mode)))[0]
+        return (await self.writeprotect_nowait(start, length, mode))[1]
 
     async def copy(
         self, dst: int, data: bytes | bytearray | memoryview, mode: int = 0
     ) -> tuple[int, int]:
-        """UFFDIO_COPY of ``data`` to ``dst``: ``(copy, errno)``. Longer than
-        ``max_copy_bytes``: one ioctl per piece, stopping at the first that fails, with the
-        bytes done so far (a partial result then, as one long ioctl would give)."""
-        view = memoryview(data)
-        done = 0
-        while True:
-            piece = view[done : done + self.max_copy_bytes]
-            err, out = await self._send(
-                UFFDIO_COPY, _COPY.pack(dst + done, 0, len(piece), mode, 0), piece
-            )
-            result = _result(_COPY, out, err)
-            if err:
-                if not done:
-                    return result, err
-                # An earlier piece landed: a partial result, as one long ioctl reports it.
-                return done + max(result, 0), _EAGAIN
-            done += len(piece)
-            if done >= len(view):
-                return done, 0
+        """UFFDIO_COPY of ``data`` to ``dst``: ``(copy, errno)`` (see :meth:`copy_nowait`)."""
+        return await self.copy_nowait(dst, data, mode)
+
+    async def zeropage(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
+        """UFFDIO_ZEROPAGE: ``(zeropage, errno)``."""
+        return await self.fill_nowait(UFFDIO_ZEROPAGE, start, length, mode)
+
+    async def continue_(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
+        """UFFDIO_CONTINUE: ``(mapped, errno)``."""
+        return await self.fill_nowait(UFFDIO_CONTINUE, start, length, mode)
+
+    async def poison(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
+        """UFFDIO_POISON: ``(updated, errno)``."""
+        return await self.fill_nowait(UFFDIO_POISON, start, length, mode)
+
+    async def move(self, dst: int, src: int, length: int, mode: int = 0) -> tuple[int, int]:
+        """UFFDIO_MOVE: ``(move, errno)``."""
+        return await self.move_nowait(dst, src, length, mode)
+
+    # ---- the same ioctls sent at once: the future gets ``(result, errno)`` -----------------
 
     def copy_nowait(
         self, dst: int, data: bytes | bytearray | memoryview, mode: int = 0
     ) -> asyncio.Future[tuple[int, int]]:
-        """Send one UFFDIO_COPY (at most ``max_copy_bytes``) and return at once: a monitor
-        goes back to read(2) while the answer, ``(copy, errno)``, comes into the future."""
-        if len(data) > self.max_copy_bytes:
-            raise ValueError(f"copy_nowait takes at most {self.max_copy_bytes} bytes")
-        sent = self._send(UFFDIO_COPY, _COPY.pack(dst, 0, len(data), mode, 0), memoryview(data))
+        """Send UFFDIO_COPY and return at once: a monitor goes back to read(2) while the
+        answer, ``(copy, errno)``, comes into the future. Longer than ``max_copy_bytes``: one
+        ioctl per piece, each sent once the one before it succeeded, stopping at the first
+        that fails with the bytes done so far (EAGAIN), as one long UFFDIO_COPY reports it."""
+        view = memoryview(data)
+        step = self.max_copy_bytes
+        out: asyncio.Future[tuple[int, int]] = self._loop.create_future()
+
+        def send(off: int) -> None:
+            piece = view[off : off + step]
+            sent = self._ioctl(
+                UFFDIO_COPY, _COPY.pack(dst + off, 0, len(piece), mode, 0), _COPY, piece
+            )
+            sent.add_done_callback(lambda f: answered(off, f))
+
+        def answered(off: int, f: asyncio.Future[tuple[int, int]]) -> None:
+            if out.done() or _passed_on_failure(f, out):
+                return
+            result, err = f.result()
+            if err:  # the first failure ends it: partial (EAGAIN) once some landed
+                out.set_result((off + max(result, 0), _EAGAIN) if off else (result, err))
+            elif off + step < len(view):
+                send(off + step)
+            else:
+                out.set_result((off + result, 0))
+
+        send(0)
+        return out
+
+    def fill_nowait(
+        self, cmd: int, start: int, length: int, mode: int
+    ) -> asyncio.Future[tuple[int, int]]:
+        """UFFDIO_ZEROPAGE, CONTINUE or POISON ({range, mode, count}) sent at once."""
+        return self._ioctl(cmd, _RANGE_MODE_RESULT.pack(start, length, mode, 0), _RANGE_MODE_RESULT)
+
+    def move_nowait(
+        self, dst: int, src: int, length: int, mode: int = 0
+    ) -> asyncio.Future[tuple[int, int]]:
+        """UFFDIO_MOVE sent at once."""
+        return self._ioctl(UFFDIO_MOVE, _COPY.pack(dst, src, length, mode, 0), _COPY)
+
+    def wake_nowait(self, start: int, length: int) -> asyncio.Future[tuple[int, int]]:
+        """UFFDIO_WAKE sent at once: ``(0 or -errno, errno)``."""
+        return self._ioctl(UFFDIO_WAKE, _Q2.pack(start, length), None)
+
+    def writeprotect_nowait(
+        self, start: int, length: int, mode: int
+    ) -> asyncio.Future[tuple[int, int]]:
+        """UFFDIO_WRITEPROTECT sent at once: ``(0 or -errno, errno)``."""
+        return self._ioctl(UFFDIO_WRITEPROTECT, _Q3.pack(start, length, mode), None)
+
+    def _ioctl(
+        self, cmd: int, arg: bytes, st: struct.Struct | None, data: bytes | memoryview = b""
+    ) -> asyncio.Future[tuple[int, int]]:
+        """One ioctl; its answer as ``(result, errno)``: the struct ``st``'s count field (its
+        last) as the kernel left it, or -errno for an ioctl without one (``st`` None)."""
+        sent = self._send(cmd, arg, data)
         out: asyncio.Future[tuple[int, int]] = self._loop.create_future()
 
         def done(f: asyncio.Future[tuple[int, bytes]]) -> None:
             if not out.done() and not _passed_on_failure(f, out):
-                err, st = f.result()
-                out.set_result((_result(_COPY, st, err), err))
+                err, struct_out = f.result()
+                out.set_result((_result(st, struct_out, err) if st else -err, err))
 
         sent.add_done_callback(done)
         return out
-
-    async def zeropage(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
-        """UFFDIO_ZEROPAGE: ``(zeropage, errno)``."""
-        return await self._range_fill(UFFDIO_ZEROPAGE, start, length, mode)
-
-    async def continue_(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
-        """UFFDIO_CONTINUE: ``(mapped, errno)``."""
-        return await self._range_fill(UFFDIO_CONTINUE, start, length, mode)
-
-    async def poison(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
-        """UFFDIO_POISON: ``(updated, errno)``."""
-        return await self._range_fill(UFFDIO_POISON, start, length, mode)
-
-    async def move(self, dst: int, src: int, length: int, mode: int = 0) -> tuple[int, int]:
-        """UFFDIO_MOVE: ``(move, errno)``."""
-        err, out = await self._call(UFFDIO_MOVE, _COPY.pack(dst, src, length, mode, 0))
-        return _result(_COPY, out, err), err
-
-    async def _range_fill(self, cmd: int, start: int, length: int, mode: int) -> tuple[int, int]:
-        err, out = await self._call(cmd, _RANGE_MODE_RESULT.pack(start, length, mode, 0))
-        return _result(_RANGE_MODE_RESULT, out, err), err
 
 
 class FdReader:
@@ -369,74 +401,28 @@ class FdResolver:
             c = op.copy
             if c.src_pid or c.len:
                 return _done((-_EINVAL, _EINVAL))
-            return self._copy(c.dst, memoryview(c.data), c.mode)
-        if kind in ("zeropage", "continue", "poison"):
+            return fd.copy_nowait(c.dst, c.data, c.mode)
+        if kind in _FILLS:
             r = getattr(op, kind)
-            cmd = {"zeropage": UFFDIO_ZEROPAGE, "continue": UFFDIO_CONTINUE}.get(
-                kind, UFFDIO_POISON
-            )
-            sent = fd._send(cmd, _RANGE_MODE_RESULT.pack(r.start, r.len, r.mode, 0))
-            return _mapped(sent, lambda err, st: (_result(_RANGE_MODE_RESULT, st, err), err))
+            return fd.fill_nowait(_FILLS[kind], r.start, r.len, r.mode)
         if kind == "move":
             m = op.move
-            sent = fd._send(UFFDIO_MOVE, _COPY.pack(m.dst, m.src, m.len, m.mode, 0))
-            return _mapped(sent, lambda err, st: (_result(_COPY, st, err), err))
+            return fd.move_nowait(m.dst, m.src, m.len, m.mode)
         if kind == "wake":
-            sent = fd._send(UFFDIO_WAKE, _Q2.pack(op.wake.start, op.wake.len))
-            return _mapped(sent, lambda err, _: (-err, err))
+            return fd.wake_nowait(op.wake.start, op.wake.len)
         if kind == "writeprotect":
             w = op.writeprotect
-            sent = fd._send(UFFDIO_WRITEPROTECT, _Q3.pack(w.start, w.len, w.mode))
-            return _mapped(sent, lambda err, _: (-err, err))
+            return fd.writeprotect_nowait(w.start, w.len, w.mode)
         return _done((-_EINVAL, _EINVAL))  # names no ioctl
 
-    def _copy(self, dst: int, data: memoryview, mode: int) -> asyncio.Future[tuple[int, int]]:
-        """UFFDIO_COPY in pieces of ``max_copy_bytes``, each after the last succeeded."""
-        fd = self.fd
-        step = fd.max_copy_bytes
-        out: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
 
-        def send(off: int) -> None:
-            piece = data[off : off + step]
-            sent = fd._send(UFFDIO_COPY, _COPY.pack(dst + off, 0, len(piece), mode, 0), piece)
-            sent.add_done_callback(lambda f: answered(off, f))
-
-        def answered(off: int, f: asyncio.Future[tuple[int, bytes]]) -> None:
-            if out.done():
-                return
-            if _passed_on_failure(f, out):
-                return
-            err, st = f.result()
-            result = _result(_COPY, st, err)
-            if err:  # the first failure ends it: partial (EAGAIN) once some landed
-                out.set_result((off + max(result, 0), _EAGAIN) if off else (result, err))
-            elif off + step < len(data):
-                send(off + step)
-            else:
-                out.set_result((off + result, 0))
-
-        send(0)
-        return out
+_FILLS = {"zeropage": UFFDIO_ZEROPAGE, "continue": UFFDIO_CONTINUE, "poison": UFFDIO_POISON}
 
 
 def _done(value: tuple[int, int]) -> asyncio.Future[tuple[int, int]]:
     fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
     fut.set_result(value)
     return fut
-
-
-def _mapped(
-    sent: asyncio.Future[tuple[int, bytes]], how: Callable[[int, bytes], tuple[int, int]]
-) -> asyncio.Future[tuple[int, int]]:
-    """``sent``'s answer ``(errno, struct)`` made into ``(result, errno)``."""
-    out: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-
-    def done(f: asyncio.Future[tuple[int, bytes]]) -> None:
-        if not out.done() and not _passed_on_failure(f, out):
-            out.set_result(how(*f.result()))
-
-    sent.add_done_callback(done)
-    return out
 
 
 def _passed_on_failure(f: asyncio.Future[Any], out: asyncio.Future[Any]) -> bool:
