@@ -130,7 +130,8 @@ class UffdFile:
         """The task the uffd was created on (UFFDIO_API's capability check, as the servicer)."""
         self._install = install
         self._reads: deque[tuple[int, int, int]] = deque()
-        self._reads_ready: asyncio.Event = asyncio.Event()
+        """read(2)s not yet answered, in order: (tag, count, flags). The first may be waiting
+        on the uffd's wait queue (``_pump_reads`` is then its wake function)."""
         self._outq: deque[bytes] = deque()
         """Answers waiting for room in the socket (the monitor is not reading)."""
         self._writer: asyncio.Task[None] | None = None
@@ -148,15 +149,13 @@ class UffdFile:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         self._closed = loop.create_future()
-        reader = loop.create_task(self._reader())
         loop.add_reader(sock.fileno(), self._on_readable)
         try:
             await self._closed
         finally:
             self._watching(False)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            self.ctx.poll_cancel(self._pump_reads)
+            self._reads.clear()
             for task in [*self._inflight, *([self._writer] if self._writer else [])]:
                 task.cancel()
             sock.close()
@@ -216,7 +215,8 @@ class UffdFile:
                 return
             count, flags = READ_ARGS.unpack(arg)
             self._reads.append((tag, count, flags))
-            self._reads_ready.set()
+            if len(self._reads) == 1:  # else the first one is waiting and pumps the rest
+                self._pump_reads()
             return
         handler = _IOCTLS.get(cmd)
         if handler is None:
@@ -239,36 +239,16 @@ class UffdFile:
             return
         self._answer(cmd, tag, err, out)
 
-    async def _reader(self) -> None:
-        """read(2)s in order; a blocked one waits here while ioctls go on being served."""
-        while True:
-            while not self._reads:
-                self._reads_ready.clear()
-                await self._reads_ready.wait()
+    def _pump_reads(self) -> None:
+        """Answer the read(2)s in order, as far as they need not sleep; when the first must,
+        wait for the uffd's wakeup with this as the wake function (poll_wait): the answer
+        then leaves inside the fault that queued the message, with no task switch."""
+        while self._reads:
             tag, count, flags = self._reads[0]
-            if self._read_now(tag, count, flags):
-                self._reads.popleft()
-                continue
-            # Nothing pending: the answer goes out from the wakeup itself (poll_wait), inside
-            # the fault that queues the message, without a switch to this task first.
-            await self._read_when_woken(tag, count, flags)
-            self._reads.popleft()
-
-    def _read_when_woken(self, tag: int, count: int, flags: int) -> asyncio.Future[None]:
-        """A future done once a wakeup has answered this read (cancelling it unhooks)."""
-        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def wake() -> None:
-            if answered.done():
+            if not self._read_now(tag, count, flags):
+                self.ctx.poll_wait(self._pump_reads)
                 return
-            if self._read_now(tag, count, flags):
-                answered.set_result(None)
-            else:
-                self.ctx.poll_wait(wake)  # woken with nothing left to take: wait again
-
-        self.ctx.poll_wait(wake)
-        answered.add_done_callback(lambda _: self.ctx.poll_cancel(wake))
-        return answered
+            self._reads.popleft()
 
     def _read_now(self, tag: int, count: int, flags: int) -> bool:
         """Answer one read(2) if it need not sleep: messages, EOF, or an error (EAGAIN too

@@ -286,9 +286,9 @@ class UserfaultfdCtx:
         self.fault_pending: deque[UserfaultWaiter] = deque()
         self.fault_read: list[UserfaultWaiter] = []
         self.events: deque[UffdEventWaiter] = deque()
-        self._readers: list[asyncio.Future[None]] = []
         self._pollers: list[Callable[[], None]] = []
-        """Wake functions run in the waker's context (see poll_wait)."""
+        """ctx->fd_wqh: wake functions run in the waker's context (see poll_wait); a blocked
+        read(2) is one of them."""
         self.total_faults = 0
 
     # ---- references ---------------------------------------------------------------------------
@@ -334,10 +334,7 @@ class UserfaultfdCtx:
         self._wake_readers()
 
     def _wake_readers(self) -> None:
-        readers, self._readers = self._readers, []
-        for f in readers:
-            if not f.done():
-                f.set_result(None)
+        """wake_up_poll(&ctx->fd_wqh): readers and pollers, a message or event is there."""
         if self._pollers:
             pollers, self._pollers = self._pollers, []
             for wake in pollers:
@@ -420,12 +417,16 @@ class UserfaultfdCtx:
             if nonblock:
                 raise _err(errno.EAGAIN, "no userfaultfd message pending")
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._readers.append(fut)
+
+            def wake(fut: asyncio.Future[None] = fut) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            self.poll_wait(wake)
             try:
                 await fut
             finally:
-                if fut in self._readers:
-                    self._readers.remove(fut)
+                self.poll_cancel(wake)
 
     # ---- wakeups ------------------------------------------------------------------------------
 
