@@ -140,9 +140,7 @@ class DmaSocketServer:
                 token = first
             session = self._sessions.lookup(token) if token else None
             if session is None or session.closed:
-                reply = {"ok": False, "error": "unknown or expired session"}
-                with contextlib.suppress(OSError):
-                    await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
+                await _refuse(conn, {"ok": False, "error": "unknown or expired session"})
                 log.warning("dma_fd_refused", reason="bad token")
                 return
             if "uffd" in request:
@@ -168,9 +166,7 @@ class DmaSocketServer:
         """Hand the client a uffd it holds: one end of a socketpair, the other served here."""
         loop = asyncio.get_running_loop()
         if self._uffd_opener is None or not isinstance(hid, int):
-            reply = {"ok": False, "errno": 22, "error": "uffd must be a handle number"}
-            with contextlib.suppress(OSError):
-                await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
+            await _refuse(conn, {"ok": False, "errno": 22, "error": "uffd must be a handle number"})
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
@@ -178,9 +174,7 @@ class DmaSocketServer:
                 serving = self._uffd_opener(session, hid, ours)
             except KernelError as e:
                 ours.close()
-                reply = {"ok": False, "errno": e.errno, "error": str(e)}
-                with contextlib.suppress(OSError):
-                    await loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
+                await _refuse(conn, {"ok": False, "errno": e.errno, "error": str(e)})
                 return
             task = loop.create_task(serving)
             self._clients.add(task)
@@ -198,3 +192,9 @@ class DmaSocketServer:
                 log.warning("uffd_fd_send_failed", session=session.id, error=str(e))
                 return
         log.info("uffd_fd_passed", session=session.id, handle=hid)
+
+
+async def _refuse(conn: socket.socket, reply: dict[str, Any]) -> None:
+    """Answer a request with its refusal line and no fd (a client already gone is fine)."""
+    with contextlib.suppress(OSError):
+        await asyncio.get_running_loop().sock_sendall(conn, json.dumps(reply).encode() + b"\n")

@@ -20,6 +20,7 @@ itself: ``mem = await k.open_dma()`` receives the memfd over the daemon's side s
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import mmap
 import os
@@ -439,19 +440,28 @@ class DmaMemory:
         self.close()
 
 
-def receive_memfd(path: str, token: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
-    """Fetch the physical-memory fd from the daemon's side socket (blocking)."""
+def side_socket_fd(
+    path: str, request: bytes, what: str, timeout: float = 5.0
+) -> tuple[int, dict[str, Any]]:
+    """One request line to the daemon's side socket (blocking): the fd it passes back and its
+    JSON reply. A refusal is OSError with the reply's errno (EPERM without one)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(token.encode() + b"\n")
+        s.sendall(request + b"\n")
         data, fds, _flags, _addr = socket.recv_fds(s, 4096, 1)
-        reply = json.loads(data.split(b"\n", 1)[0] or b"{}")
-        if not reply.get("ok") or not fds:
-            for fd in fds:
-                os.close(fd)
-            raise PermissionError(f"the DMA socket refused the fd: {reply.get('error', reply)}")
-        return fds[0], reply
+    reply = json.loads(data.split(b"\n", 1)[0] or b"{}")
+    if not reply.get("ok") or not fds:
+        for fd in fds:
+            os.close(fd)
+        code = int(reply.get("errno", errno.EPERM))
+        raise OSError(code, f"the daemon refused {what}: {reply.get('error', reply)}")
+    return fds[0], reply
+
+
+def receive_memfd(path: str, token: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """Fetch the physical-memory fd from the daemon's side socket (blocking)."""
+    return side_socket_fd(path, token.encode(), "the memory fd", timeout)
 
 
 class GupStream:

@@ -27,6 +27,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any, Self
 
+from vkclient._gup import side_socket_fd
 from vkclient.constants import (
     PAGE_SIZE,
     UFFD_API,
@@ -81,18 +82,9 @@ def _result(st: struct.Struct, out: bytes, err: int) -> int:
 
 def receive_uffd(path: str, token: str, handle: int, timeout: float = 5.0) -> socket.socket:
     """Fetch uffd ``handle`` from the daemon's side socket (blocking): the fd as a socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(json.dumps({"token": token, "uffd": handle}).encode() + b"\n")
-        data, fds, _flags, _addr = socket.recv_fds(s, 4096, 1)
-    reply = json.loads(data.split(b"\n", 1)[0] or b"{}")
-    if not reply.get("ok") or not fds:
-        for fd in fds:
-            os.close(fd)
-        code = int(reply.get("errno", 1))
-        raise OSError(code, f"the daemon refused the uffd: {reply.get('error', reply)}")
-    return socket.socket(fileno=fds[0])
+    request = json.dumps({"token": token, "uffd": handle}).encode()
+    fd, _ = side_socket_fd(path, request, "the uffd", timeout)
+    return socket.socket(fileno=fd)
 
 
 def decode_msg(raw: bytes | memoryview, off: int = 0) -> pb.UffdMessage:
