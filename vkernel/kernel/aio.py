@@ -455,35 +455,40 @@ class KioCtx:
             if groups:
                 g, f = dio._modes(self.task, self.gup, self.foll)
                 for ino, write, sel in groups:
-                    rows = np.arange(n, dtype=np.int64) if sel is None else sel
+                    whole = sel is None  # the whole submission, or the entries ``sel``
+                    gud = ud if whole else ud[sel]
+                    went: list[np.ndarray] = []
 
-                    def post_ahead(idx: np.ndarray, r: np.ndarray, rows: np.ndarray = rows) -> None:
+                    def post_ahead(
+                        idx: np.ndarray,
+                        r: np.ndarray,
+                        gud: np.ndarray = gud,
+                        sel: np.ndarray | None = sel,
+                        went: list[np.ndarray] = went,
+                    ) -> None:
                         # The iocbs before one whose GUP sleeps complete on their own.
-                        self._post_array(ud[rows[idx]], r, submit_ns, issue)
-                        posted[rows[idx]] = True
+                        self._post_array(gud[idx], r, submit_ns, issue)
+                        posted[idx if sel is None else sel[idx]] = True
+                        went.append(idx)
 
-                    if sel is None:  # the whole submission
-                        out, cut = await dio_batch.iomap_dio_submit_array(
-                            self.task, ino, write, addr, length, pos, g, f, post_ahead
-                        )
+                    out, cut = await dio_batch.iomap_dio_submit_array(
+                        self.task,
+                        ino,
+                        write,
+                        addr if whole else addr[sel],
+                        length if whole else length[sel],
+                        pos if whole else pos[sel],
+                        g,
+                        f,
+                        post_ahead,
+                    )
+                    if went:  # the rest: those not posted ahead
+                        rest = np.ones(len(gud), dtype=np.bool_)
+                        rest[np.concatenate(went)] = False
+                        self._post_array(gud[rest], out[rest], submit_ns, issue)
                     else:
-                        out, cut = await dio_batch.iomap_dio_submit_array(
-                            self.task,
-                            ino,
-                            write,
-                            addr[sel],
-                            length[sel],
-                            pos[sel],
-                            g,
-                            f,
-                            post_ahead,
-                        )
-                    rest = ~posted[rows]
-                    if rest.all():
-                        self._post_array(ud[rows], out, submit_ns, issue)
-                    else:
-                        self._post_array(ud[rows[rest]], out[rest], submit_ns, issue)
-                    posted[rows] = True
+                        self._post_array(gud, out, submit_ns, issue)
+                    posted[slice(None) if whole else sel] = True
                     if cut:
                         cancelled = True
                         break
