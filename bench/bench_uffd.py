@@ -378,16 +378,18 @@ async def _time_loads(load: Load, addrs: list[int]) -> list[float]:
     return out
 
 
+async def _ping(stream: Any) -> float:
+    """One bidi ping-pong on the floor's stream: µs."""
+    t0 = time.perf_counter()
+    await stream.write(b"\x08\x01")
+    await stream.read()
+    return (time.perf_counter() - t0) * 1e6
+
+
 async def _time_pings(floor: FloorClient, n: int) -> list[float]:
     stream = floor.pingpong()
     try:
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            await stream.write(b"\x08\x01")
-            await stream.read()
-            out.append((time.perf_counter() - t0) * 1e6)
-        return out
+        return [await _ping(stream) for _ in range(n)]
     finally:
         stream.cancel()
 
@@ -407,12 +409,9 @@ async def _time_paired(
     pings: list[float] = []
     try:
         for i in range(0, len(addrs), PAIR_BLOCK):
-            rts += await _time_loads(load, addrs[i : i + PAIR_BLOCK])
-            for _ in range(len(addrs[i : i + PAIR_BLOCK])):
-                t0 = time.perf_counter()
-                await stream.write(b"\x08\x01")
-                await stream.read()
-                pings.append((time.perf_counter() - t0) * 1e6)
+            block = await _time_loads(load, addrs[i : i + PAIR_BLOCK])
+            rts += block
+            pings += [await _ping(stream) for _ in block]
         return rts, pings
     finally:
         stream.cancel()

@@ -811,6 +811,8 @@ async def _pin_array(
         ends = sa + (sn << PAGE_SHIFT)
     brk = np.flatnonzero(sa[1:] != ends[:-1]) + 1
     pages = np.full(total, -1, dtype=np.int64)
+    slots = np.empty(m, dtype=np.int64)  # each iocb's first slot, in the caller's order
+    slots[order] = sslot
     rstarts = [0, *brk.tolist()]
     rends = [*brk.tolist(), m]
     if task.mm is None:
@@ -818,13 +820,11 @@ async def _pin_array(
     rets: list[int] | None = None
     if go_ahead is not None and gup == "fast":
         rets = await _pin_runs_ahead(
-            task, sa, sn, sslot, order, npg, rstarts, rends, wm, foll, pages, go_ahead
+            task, sa, sn, sslot, order, slots, npg, rstarts, rends, wm, foll, pages, go_ahead
         )
     elif not len(brk):  # the common case: the buffers tile one range, one call
         ret = await dio._grab_pages(task, int(sa[0]), total, wm, gup, foll, pages)
         if ret == total:
-            slots = np.empty(m, dtype=np.int64)
-            slots[order] = sslot
             return pages, slots, npg.copy()
         rets = [ret]
     sgot = sn.copy()
@@ -865,8 +865,6 @@ async def _pin_array(
             arr = arr[arr >= 0]  # not what went ahead: those are released by their bios
             dio._release_pages(dio._kernel(task), arr, len(arr), foll, False)
         raise
-    slots = np.empty(m, dtype=np.int64)
-    slots[order] = sslot
     gotv = np.empty(m, dtype=np.int64)
     gotv[order] = sgot
     return pages, slots, gotv
@@ -878,6 +876,7 @@ async def _pin_runs_ahead(
     sn: np.ndarray,
     sslot: np.ndarray,
     order: np.ndarray,
+    slots: np.ndarray,
     npg: np.ndarray,
     rstarts: list[int],
     rends: list[int],
@@ -913,8 +912,6 @@ async def _pin_runs_ahead(
     k = len(whole) if whole.all() else int(np.argmin(whole))
     if k:
         head = np.arange(k, dtype=np.int64)
-        slots = np.empty(len(sa), dtype=np.int64)
-        slots[order] = sslot
         go_ahead(head, pages, slots)
         pages[_slot_positions(slots[head], npg[head], int(npg[head].sum()))] = -1
     for ri, start, n, got in slow:
