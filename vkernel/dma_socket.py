@@ -184,6 +184,7 @@ class DmaSocketServer:
                 task.cancel()  # a process's fds close with it
 
             session.on_close(close_with_session)
+            task.add_done_callback(lambda _: session.off_close(close_with_session))
             payload = {"ok": True, "uffd": hid, "max_copy_bytes": MAX_COPY_BYTES}
             try:
                 socket.send_fds(conn, [json.dumps(payload).encode() + b"\n"], [theirs.fileno()])

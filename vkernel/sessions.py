@@ -8,6 +8,7 @@ No gRPC here: the API layer ties a session's life to its keepalive stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import signal
 import time
@@ -39,6 +40,11 @@ class Session:
     def on_close(self, hook: Callable[[Session], None]) -> None:
         """Run ``hook`` when the session ends (driver handles, pins, uffds …)."""
         self.close_hooks.append(hook)
+
+    def off_close(self, hook: Callable[[Session], None]) -> None:
+        """Forget an ``on_close`` hook whose handle went away first (closed on its own)."""
+        with contextlib.suppress(ValueError):
+            self.close_hooks.remove(hook)
 
 
 class SessionTable:
