@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from vkernel.api.uffd_fd import MAX_COPY_BYTES
+from vkernel.api.uffd_wire import MAX_COPY_BYTES
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.kernel import Kernel
 from vkernel.kernel.uapi import PAGE_SIZE

@@ -3,7 +3,8 @@
 ``fd = await uffd.open_fd()`` (a holder session, the daemon on a UNIX socket) receives the
 uffd over the daemon's side socket, as a monitor receives one over a UNIX socket in Linux.
 Each call is one datagram each way with Linux's struct layouts (the daemon's
-``vkernel.api.uffd_fd`` describes the wire); no gRPC message is on a fault's monitor path::
+``vkernel.api.uffd_fd`` describes the protocol; ``vkernel.api.uffd_wire``, shared with this
+module, holds its numbers and structs); no gRPC message is on a fault's monitor path::
 
     fd = await uffd.open_fd()
     while msgs := await fd.read():                       # read(2): [] once released
@@ -29,43 +30,38 @@ from typing import Any, Self
 
 from vkclient._gup import side_socket_fd
 from vkclient.constants import (
-    PAGE_SIZE,
     UFFD_API,
     UFFD_EVENT_FORK,
     UFFD_EVENT_PAGEFAULT,
     UFFD_EVENT_REMAP,
 )
+from vkernel.api.uffd_wire import (
+    ANSWER,
+    COPY,
+    MAX_COPY_BYTES,
+    MSG_SIZE,
+    RANGE2,
+    RANGE3,
+    RANGE_MODE_RESULT,
+    READ_ARGS,
+    REQUEST,
+    SOCKET_BUFFER,
+    UFFD_FD_READ,
+    UFFDIO_API,
+    UFFDIO_CONTINUE,
+    UFFDIO_COPY,
+    UFFDIO_MOVE,
+    UFFDIO_POISON,
+    UFFDIO_REGISTER,
+    UFFDIO_UNREGISTER,
+    UFFDIO_WAKE,
+    UFFDIO_WRITEPROTECT,
+    UFFDIO_ZEROPAGE,
+)
 from vkernel.v1 import userfaultfd_service_pb2 as pb
 
-UFFD_FD_READ = 0
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return direction << 30 | size << 16 | 0xAA << 8 | nr
-
-
-UFFDIO_API = _ioc(3, 0x3F, 24)
-UFFDIO_REGISTER = _ioc(3, 0x00, 32)
-UFFDIO_UNREGISTER = _ioc(2, 0x01, 16)
-UFFDIO_WAKE = _ioc(2, 0x02, 16)
-UFFDIO_COPY = _ioc(3, 0x03, 40)
-UFFDIO_ZEROPAGE = _ioc(3, 0x04, 32)
-UFFDIO_MOVE = _ioc(3, 0x05, 40)
-UFFDIO_WRITEPROTECT = _ioc(3, 0x06, 24)
-UFFDIO_CONTINUE = _ioc(3, 0x07, 32)
-UFFDIO_POISON = _ioc(3, 0x08, 32)
-
-_REQUEST = struct.Struct("<II")
-_ANSWER = struct.Struct("<IIiI")
 _UFFD_MSG = struct.Struct("<BBHIQQI4x")
 """struct uffd_msg read as its pagefault arm: the other arms are re-read from the offsets."""
-_Q3 = struct.Struct("<QQQ")
-_Q2 = struct.Struct("<QQ")
-_RANGE_MODE_RESULT = struct.Struct("<QQQq")
-_COPY = struct.Struct("<QQQQq")
-MSG_SIZE = 32
-_SOCKET_BUFFER = 1 << 20
-
 
 _EAGAIN = 11
 _EBADF = 9
@@ -95,7 +91,7 @@ def decode_msg(raw: bytes | memoryview, off: int = 0) -> pb.UffdMessage:
     if event == UFFD_EVENT_FORK:
         return pb.UffdMessage(event=event, ufd=a & 0xFFFFFFFF)
     if event == UFFD_EVENT_REMAP:
-        start, end, length = _Q3.unpack_from(raw, off + 8)
+        start, end, length = RANGE3.unpack_from(raw, off + 8)
         return pb.UffdMessage(event=event, start=start, end=end, len=length)
     return pb.UffdMessage(event=event, start=a, end=b)  # REMOVE, UNMAP
 
@@ -103,13 +99,13 @@ def decode_msg(raw: bytes | memoryview, off: int = 0) -> pb.UffdMessage:
 class UffdFd:
     """The monitor's end: read(2) and the uffd ioctls as coroutines, answers matched by tag."""
 
-    def __init__(self, sock: socket.socket, max_copy_bytes: int = 64 * PAGE_SIZE) -> None:
+    def __init__(self, sock: socket.socket, max_copy_bytes: int = MAX_COPY_BYTES) -> None:
         self.sock = sock
         self.max_copy_bytes = max_copy_bytes
         sock.setblocking(False)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         self._loop = asyncio.get_running_loop()
         self._tag = 0
         self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
@@ -157,10 +153,10 @@ class UffdFd:
                     self._loop.remove_reader(self.sock.fileno())
                 self._fail(err or ConnectionResetError(104, "the daemon closed the uffd"))
                 return
-            _cmd, tag, errno_, _ = _ANSWER.unpack_from(data)
+            _cmd, tag, errno_, _ = ANSWER.unpack_from(data)
             fut = self._pending.pop(tag, None)
             if fut is not None and not fut.done():
-                fut.set_result((errno_, data[_ANSWER.size :]))
+                fut.set_result((errno_, data[ANSWER.size :]))
 
     def _send(
         self, cmd: int, arg: bytes, data: bytes | memoryview = b""
@@ -172,7 +168,7 @@ class UffdFd:
         self._tag = (self._tag + 1) & 0xFFFFFFFF
         tag = self._tag
         fut: asyncio.Future[tuple[int, bytes]] = self._loop.create_future()
-        head = _REQUEST.pack(cmd, tag) + arg
+        head = REQUEST.pack(cmd, tag) + arg
         try:
             self.sock.sendmsg((head, data) if data else (head,))
         except BlockingIOError:  # the daemon is not reading: send when there is room
@@ -190,7 +186,7 @@ class UffdFd:
         """poll + read(2): waits for the first message (``nonblock``: BlockingIOError if none);
         [] once the uffd is released."""
         err, out = await self._call(
-            UFFD_FD_READ, struct.pack("<II", max_messages * MSG_SIZE, 0o4000 if nonblock else 0)
+            UFFD_FD_READ, READ_ARGS.pack(max_messages * MSG_SIZE, 0o4000 if nonblock else 0)
         )
         if err:
             raise OSError(err, os.strerror(err))
@@ -200,24 +196,22 @@ class UffdFd:
 
     async def api(self, features: int = 0, api: int = UFFD_API) -> tuple[int, int]:
         """UFFDIO_API: ``(features, ioctls)``; OSError as ioctl(2) fails."""
-        err, out = await self._call(UFFDIO_API, _Q3.pack(api, features, 0))
+        err, out = await self._call(UFFDIO_API, RANGE3.pack(api, features, 0))
         if err:
             raise OSError(err, os.strerror(err))
-        _, got, ioctls = _Q3.unpack(out)
+        _, got, ioctls = RANGE3.unpack(out)
         return got, ioctls
 
     async def register(self, start: int, length: int, mode: int) -> int:
         """UFFDIO_REGISTER: the range's ioctls bitmask; OSError as ioctl(2) fails."""
-        err, out = await self._call(
-            UFFDIO_REGISTER, _RANGE_MODE_RESULT.pack(start, length, mode, 0)
-        )
+        err, out = await self._call(UFFDIO_REGISTER, RANGE_MODE_RESULT.pack(start, length, mode, 0))
         if err:
             raise OSError(err, os.strerror(err))
-        return int(_RANGE_MODE_RESULT.unpack(out)[3])
+        return int(RANGE_MODE_RESULT.unpack(out)[3])
 
     async def unregister(self, start: int, length: int) -> int:
         """UFFDIO_UNREGISTER: errno (0 on success)."""
-        return (await self._call(UFFDIO_UNREGISTER, _Q2.pack(start, length)))[0]
+        return (await self._call(UFFDIO_UNREGISTER, RANGE2.pack(start, length)))[0]
 
     async def wake(self, start: int, length: int) -> int:
         """UFFDIO_WAKE: errno (0 on success)."""
@@ -265,7 +259,7 @@ class UffdFd:
         def send(off: int) -> None:
             piece = view[off : off + step]
             sent = self._ioctl(
-                UFFDIO_COPY, _COPY.pack(dst + off, 0, len(piece), mode, 0), _COPY, piece
+                UFFDIO_COPY, COPY.pack(dst + off, 0, len(piece), mode, 0), COPY, piece
             )
             sent.add_done_callback(lambda f: answered(off, f))
 
@@ -287,23 +281,23 @@ class UffdFd:
         self, cmd: int, start: int, length: int, mode: int
     ) -> asyncio.Future[tuple[int, int]]:
         """UFFDIO_ZEROPAGE, CONTINUE or POISON ({range, mode, count}) sent at once."""
-        return self._ioctl(cmd, _RANGE_MODE_RESULT.pack(start, length, mode, 0), _RANGE_MODE_RESULT)
+        return self._ioctl(cmd, RANGE_MODE_RESULT.pack(start, length, mode, 0), RANGE_MODE_RESULT)
 
     def move_nowait(
         self, dst: int, src: int, length: int, mode: int = 0
     ) -> asyncio.Future[tuple[int, int]]:
         """UFFDIO_MOVE sent at once."""
-        return self._ioctl(UFFDIO_MOVE, _COPY.pack(dst, src, length, mode, 0), _COPY)
+        return self._ioctl(UFFDIO_MOVE, COPY.pack(dst, src, length, mode, 0), COPY)
 
     def wake_nowait(self, start: int, length: int) -> asyncio.Future[tuple[int, int]]:
         """UFFDIO_WAKE sent at once: ``(0 or -errno, errno)``."""
-        return self._ioctl(UFFDIO_WAKE, _Q2.pack(start, length), None)
+        return self._ioctl(UFFDIO_WAKE, RANGE2.pack(start, length), None)
 
     def writeprotect_nowait(
         self, start: int, length: int, mode: int
     ) -> asyncio.Future[tuple[int, int]]:
         """UFFDIO_WRITEPROTECT sent at once: ``(0 or -errno, errno)``."""
-        return self._ioctl(UFFDIO_WRITEPROTECT, _Q3.pack(start, length, mode), None)
+        return self._ioctl(UFFDIO_WRITEPROTECT, RANGE3.pack(start, length, mode), None)
 
     def _ioctl(
         self, cmd: int, arg: bytes, st: struct.Struct | None, data: bytes | memoryview = b""

@@ -33,8 +33,9 @@ from vkclient.uffd import (
     wake,
     zeropage,
 )
-from vkclient.uffd_fd import UFFDIO_COPY, FdResolver, receive_uffd
-from vkernel.api import uffd_fd as wire
+from vkclient.uffd_fd import FdResolver, receive_uffd
+from vkernel.api import uffd_wire as wire
+from vkernel.api.uffd_fd import MAX_INFLIGHT
 from vkernel.dma_socket import dma_socket_path
 from vkernel.kernel import userfaultfd as kuf
 
@@ -59,7 +60,8 @@ async def _reap(p: vkclient.Process) -> None:
 
 
 def test_the_sdk_speaks_the_daemons_wire() -> None:
-    """The SDK cannot import the daemon: its copy of the ioctl numbers must agree."""
+    """The SDK and the daemon take the wire from one module (vkernel.api.uffd_wire); its
+    ioctl numbers are Linux's."""
     import vkclient.uffd_fd as sdk
 
     for name in (
@@ -129,9 +131,9 @@ async def test_ioctl_errors_are_linuxs(daemon: Daemon, k: vkclient.Kernel) -> No
             assert e.value.errno == errno.EINVAL
             # A datagram the daemon cannot take: unknown ioctl, short struct, bytes ≠ len.
             assert await fd._call(0xC008AA7F, b"\0" * 8) == (errno.ENOTTY, b"")
-            assert (await fd._call(UFFDIO_COPY, b"\0" * 8))[0] == errno.EINVAL
-            bad = wire._COPY.pack(addr + P, 0, 2 * P, 0, 0) + b"\0" * P
-            assert (await fd._call(UFFDIO_COPY, bad))[0] == errno.EINVAL
+            assert (await fd._call(wire.UFFDIO_COPY, b"\0" * 8))[0] == errno.EINVAL
+            bad = wire.COPY.pack(addr + P, 0, 2 * P, 0, 0) + b"\0" * P
+            assert (await fd._call(wire.UFFDIO_COPY, bad))[0] == errno.EINVAL
             err, _ = await fd._call(wire.UFFD_FD_READ, wire.READ_ARGS.pack(16, 0))
             assert err == errno.EINVAL  # a buffer smaller than struct uffd_msg
             # Through all that the fd still serves.
@@ -219,7 +221,7 @@ async def test_events_and_raw_msg_layout(daemon: Daemon, k: vkclient.Kernel) -> 
             assert len(raw[1]) == 32
             event, _, _, _, arg = wire.UFFD_MSG.unpack(raw[1])
             assert event == UFFD_EVENT_REMOVE == 0x15
-            assert wire._RANGE2.unpack_from(arg) == (addr + P, addr + 3 * P)
+            assert wire.RANGE2.unpack_from(arg) == (addr + P, addr + 3 * P)
             with anyio.fail_after(5):
                 await advise  # the event was read: MADV_DONTNEED goes on
         finally:
@@ -278,7 +280,7 @@ async def test_calls_that_sleep_finish_in_order_with_backpressure(
     """COPYs that find mmap_lock taken sleep (the rest of each call goes on in a task); past
     MAX_INFLIGHT of them the daemon stops reading the fd, and takes the rest once they drain.
     Every call is answered, every page lands."""
-    n = wire.MAX_INFLIGHT + 36
+    n = MAX_INFLIGHT + 36
     async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
         p, u, addr = await _setup(k, mon, n)
         mm = daemon.kernel.find_task(p.pid).mm
@@ -300,9 +302,9 @@ async def test_oversized_and_empty_datagrams(daemon: Daemon, k: vkclient.Kernel)
     async with vkclient.connect(daemon.addr, client_name="monitor") as mon:
         p, u, addr = await _setup(k, mon, 1)
         async with await mon.attach_userfaultfd(u.handle).open_fd() as fd:
-            big = wire._COPY.pack(addr, 0, P, 0, 0) + b"\0" * (wire.MAX_DATAGRAM + 8)
-            assert (await fd._call(UFFDIO_COPY, big))[0] == errno.E2BIG
-            assert (await fd._call(UFFDIO_COPY, b""))[0] == errno.EINVAL
+            big = wire.COPY.pack(addr, 0, P, 0, 0) + b"\0" * (wire.MAX_DATAGRAM + 8)
+            assert (await fd._call(wire.UFFDIO_COPY, big))[0] == errno.E2BIG
+            assert (await fd._call(wire.UFFDIO_COPY, b""))[0] == errno.EINVAL
             assert await fd.copy(addr, b"\x42" * P) == (P, 0)
         assert await p.read(addr, 1) == b"\x42"
         await _reap(p)
@@ -415,7 +417,7 @@ async def test_a_monitor_that_does_not_read_its_answers_is_held_back(
         token = dict(mon._metadata)["vkernel-session"]
         sock = await anyio.to_thread.run_sync(receive_uffd, path, token, u.handle)
         sock.setblocking(False)
-        wake_req = wire._RANGE2.pack(addr, P)
+        wake_req = wire.RANGE2.pack(addr, P)
         sent = 0
         with anyio.fail_after(20):
             while True:  # until the daemon stops reading: our sends would block

@@ -37,64 +37,45 @@ import asyncio
 import contextlib
 import errno
 import socket
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 import structlog
 
+from vkernel.api.uffd_wire import (
+    ANSWER,
+    COPY,
+    FORK,
+    MAX_COPY_BYTES,
+    MAX_DATAGRAM,
+    PAGEFAULT,
+    RANGE2,
+    RANGE3,
+    RANGE_MODE,
+    RANGE_MODE_RESULT,
+    READ_ARGS,
+    REQUEST,
+    SOCKET_BUFFER,
+    UFFD_FD_READ,
+    UFFD_MSG,
+    UFFDIO_API,
+    UFFDIO_CONTINUE,
+    UFFDIO_COPY,
+    UFFDIO_MOVE,
+    UFFDIO_POISON,
+    UFFDIO_REGISTER,
+    UFFDIO_UNREGISTER,
+    UFFDIO_WAKE,
+    UFFDIO_WRITEPROTECT,
+    UFFDIO_ZEROPAGE,
+)
 from vkernel.kernel import userfaultfd as uf
 from vkernel.kernel.eager import start_eager
 from vkernel.kernel.errors import KernelError
 from vkernel.kernel.task import Task
-from vkernel.kernel.uapi import PAGE_SIZE
 
 log = structlog.get_logger("vkernel.uffd_fd")
 
-UFFD_FD_READ = 0
-"""The read(2) request (not an ioctl number: those all have a direction bit set)."""
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    """_IOC(dir, 0xAA, nr, size): an ioctl number of userfaultfd's type 0xAA."""
-    return direction << 30 | size << 16 | 0xAA << 8 | nr
-
-
-_IOR, _IOWR = 2, 3
-UFFDIO_API = _ioc(_IOWR, 0x3F, 24)
-UFFDIO_REGISTER = _ioc(_IOWR, 0x00, 32)
-UFFDIO_UNREGISTER = _ioc(_IOR, 0x01, 16)
-UFFDIO_WAKE = _ioc(_IOR, 0x02, 16)
-UFFDIO_COPY = _ioc(_IOWR, 0x03, 40)
-UFFDIO_ZEROPAGE = _ioc(_IOWR, 0x04, 32)
-UFFDIO_MOVE = _ioc(_IOWR, 0x05, 40)
-UFFDIO_WRITEPROTECT = _ioc(_IOWR, 0x06, 24)
-UFFDIO_CONTINUE = _ioc(_IOWR, 0x07, 32)
-UFFDIO_POISON = _ioc(_IOWR, 0x08, 32)
-
-REQUEST = struct.Struct("<II")
-ANSWER = struct.Struct("<IIiI")
-READ_ARGS = struct.Struct("<II")
-UFFD_MSG = struct.Struct("<BBHI24s")
-_PAGEFAULT = struct.Struct("<QQI4x")
-_FORK = struct.Struct("<I20x")
-_RANGE3 = struct.Struct("<QQQ")
-"""uffdio_api {api, features, ioctls}; also remap {from, to, len}."""
-_RANGE2 = struct.Struct("<QQ")
-"""uffdio_range {start, len}; also the remove/unmap arm {start, end}."""
-_RANGE_MODE = struct.Struct("<QQQ")
-"""uffdio_writeprotect {range, mode}."""
-_RANGE_MODE_RESULT = struct.Struct("<QQQq")
-"""uffdio_zeropage / continue / poison {range, mode, result}; uffdio_register {range, mode,
-ioctls} has the same shape."""
-_COPY = struct.Struct("<QQQQq")
-"""uffdio_copy / uffdio_move {dst, src, len, mode, result}."""
-
-MAX_COPY_BYTES = 64 * PAGE_SIZE
-"""Source bytes one UFFDIO_COPY datagram may carry (a bigger copy is several ioctls)."""
-MAX_DATAGRAM = ANSWER.size + _COPY.size + MAX_COPY_BYTES
-SOCKET_BUFFER = 1 << 20
-"""SO_SNDBUF/SO_RCVBUF asked for on both ends (the host caps it; a 256 KiB COPY must fit)."""
 MAX_READ_COUNT = 4096 * uf.UFFD_MSG_SIZE
 MAX_INFLIGHT = 64
 """Calls that slept and are still running: beyond it the daemon stops reading the fd."""
@@ -104,13 +85,13 @@ def pack_uffd_msg(m: uf.UffdMsg, ufd: int) -> bytes:
     """struct uffd_msg as read(2) returns it (``ufd``: FORK's new fd, here its handle)."""
     ev = m.event
     if ev == uf.UFFD_EVENT_PAGEFAULT:
-        arg = _PAGEFAULT.pack(m.flags, m.address, m.ptid)
+        arg = PAGEFAULT.pack(m.flags, m.address, m.ptid)
     elif ev == uf.UFFD_EVENT_FORK:
-        arg = _FORK.pack(ufd)
+        arg = FORK.pack(ufd)
     elif ev == uf.UFFD_EVENT_REMAP:
-        arg = _RANGE3.pack(m.start, m.to, m.length)
+        arg = RANGE3.pack(m.start, m.to, m.length)
     else:  # REMOVE, UNMAP: {start, end}
-        arg = _RANGE2.pack(m.start, m.end) + bytes(8)
+        arg = RANGE2.pack(m.start, m.end) + bytes(8)
     return UFFD_MSG.pack(ev, 0, 0, 0, arg)
 
 
@@ -329,33 +310,33 @@ async def _plain(call: Awaitable[object]) -> int:
 
 async def _api(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
     """userfaultfd_api(): the handshake on an fd its creator already set up, or not."""
-    api, features, _ = _RANGE3.unpack(arg)
+    api, features, _ = RANGE3.unpack(arg)
     try:
         got, ioctls = ctx.api(task, api, features)
     except KernelError as e:
-        return e.errno, _RANGE3.pack(api, 0, 0)
-    return 0, _RANGE3.pack(api, got, ioctls)
+        return e.errno, RANGE3.pack(api, 0, 0)
+    return 0, RANGE3.pack(api, got, ioctls)
 
 
 async def _register(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
     """userfaultfd_register()."""
-    start, length, mode, _ = _RANGE_MODE_RESULT.unpack(arg)
+    start, length, mode, _ = RANGE_MODE_RESULT.unpack(arg)
     try:
         ioctls = await uf.uffdio_register(ctx, None, start, length, mode)
     except KernelError as e:
         return e.errno, bytes(arg)
-    return 0, _RANGE_MODE_RESULT.pack(start, length, mode, ioctls)
+    return 0, RANGE_MODE_RESULT.pack(start, length, mode, ioctls)
 
 
 async def _unregister(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
     """userfaultfd_unregister()."""
-    start, length = _RANGE2.unpack(arg)
+    start, length = RANGE2.unpack(arg)
     return await _plain(uf.uffdio_unregister(ctx, None, start, length)), bytes(arg)
 
 
 async def _wake(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
     """userfaultfd_wake()."""
-    start, length = _RANGE2.unpack(arg)
+    start, length = RANGE2.unpack(arg)
     try:
         uf.uffdio_wake(ctx, start, length)
     except KernelError as e:
@@ -365,19 +346,19 @@ async def _wake(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[in
 
 async def _copy(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
     """userfaultfd_copy(): the source bytes follow the struct."""
-    dst, src, length, mode, _ = _COPY.unpack_from(arg)
-    data = arg[_COPY.size :]
+    dst, src, length, mode, _ = COPY.unpack_from(arg)
+    data = arg[COPY.size :]
     if len(data) != length or length > MAX_COPY_BYTES:
-        return errno.EINVAL, _COPY.pack(dst, src, length, mode, -errno.EINVAL)
+        return errno.EINVAL, COPY.pack(dst, src, length, mode, -errno.EINVAL)
     err, done = await _filled(uf.uffdio_copy(ctx, None, dst, data, mode))
-    return err, _COPY.pack(dst, src, length, mode, done)
+    return err, COPY.pack(dst, src, length, mode, done)
 
 
 async def _move(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
     """userfaultfd_move()."""
-    dst, src, length, mode, _ = _COPY.unpack(arg)
+    dst, src, length, mode, _ = COPY.unpack(arg)
     err, done = await _filled(uf.uffdio_move(ctx, None, dst, src, length, mode))
-    return err, _COPY.pack(dst, src, length, mode, done)
+    return err, COPY.pack(dst, src, length, mode, done)
 
 
 def _range_fill(
@@ -386,30 +367,30 @@ def _range_fill(
     """ZEROPAGE, CONTINUE and POISON: {range, mode, result}."""
 
     async def run(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
-        start, length, mode, _ = _RANGE_MODE_RESULT.unpack(arg)
+        start, length, mode, _ = RANGE_MODE_RESULT.unpack(arg)
         err, done = await _filled(fill(ctx, None, start, length, mode))
-        return err, _RANGE_MODE_RESULT.pack(start, length, mode, done)
+        return err, RANGE_MODE_RESULT.pack(start, length, mode, done)
 
     return run
 
 
 async def _writeprotect(ctx: uf.UserfaultfdCtx, task: Task, arg: memoryview) -> tuple[int, bytes]:
     """userfaultfd_writeprotect()."""
-    start, length, mode = _RANGE_MODE.unpack(arg)
+    start, length, mode = RANGE_MODE.unpack(arg)
     return await _plain(uf.uffdio_writeprotect(ctx, None, start, length, mode)), bytes(arg)
 
 
 _IOCTLS: dict[int, tuple[int, IoctlRun]] = {
-    UFFDIO_API: (_RANGE3.size, _api),
-    UFFDIO_REGISTER: (_RANGE_MODE_RESULT.size, _register),
-    UFFDIO_UNREGISTER: (_RANGE2.size, _unregister),
-    UFFDIO_WAKE: (_RANGE2.size, _wake),
-    UFFDIO_COPY: (_COPY.size, _copy),
-    UFFDIO_ZEROPAGE: (_RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_zeropage)),
-    UFFDIO_MOVE: (_COPY.size, _move),
-    UFFDIO_WRITEPROTECT: (_RANGE_MODE.size, _writeprotect),
-    UFFDIO_CONTINUE: (_RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_continue)),
-    UFFDIO_POISON: (_RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_poison)),
+    UFFDIO_API: (RANGE3.size, _api),
+    UFFDIO_REGISTER: (RANGE_MODE_RESULT.size, _register),
+    UFFDIO_UNREGISTER: (RANGE2.size, _unregister),
+    UFFDIO_WAKE: (RANGE2.size, _wake),
+    UFFDIO_COPY: (COPY.size, _copy),
+    UFFDIO_ZEROPAGE: (RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_zeropage)),
+    UFFDIO_MOVE: (COPY.size, _move),
+    UFFDIO_WRITEPROTECT: (RANGE_MODE.size, _writeprotect),
+    UFFDIO_CONTINUE: (RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_continue)),
+    UFFDIO_POISON: (RANGE_MODE_RESULT.size, _range_fill(uf.uffdio_poison)),
 }
 """ioctl number → (the struct's size, the call)."""
 _WAKING = frozenset(
