@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vkclient import uffd as u
+from vkclient._selftest import FaulterRefs
 from vkclient.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -84,8 +85,6 @@ from vkclient.constants import (
     O_CREAT,
     O_RDWR,
     PAGE_SIZE,
-)
-from vkernel.kernel.userfaultfd import (
     UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     UFFD_FEATURE_WP_UNPOPULATED,
     UFFD_PAGEFAULT_FLAG_MINOR,
@@ -162,7 +161,7 @@ def mode_text(bounces: int) -> str:
 
 
 @dataclass
-class StressTest:
+class StressTest(FaulterRefs):
     """One ``uffd-stress TYPE MiB BOUNCES`` run in one process of ``kernel``."""
 
     kernel: Kernel
@@ -199,16 +198,6 @@ class StressTest:
     @property
     def area_bytes(self) -> int:
         return self.nr_pages * P
-
-    @property
-    def p(self) -> Process:
-        assert self.proc is not None
-        return self.proc
-
-    @property
-    def fd(self) -> u.Userfaultfd:
-        assert self.uffd is not None
-        return self.uffd
 
     # ---- set-up (uffd_test_ctx_init) ----------------------------------------------------------
 

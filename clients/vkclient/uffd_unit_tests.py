@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Literal
 
 from vkclient import uffd as u
 from vkclient._kernel import CAP_SYS_PTRACE
+from vkclient._selftest import FaulterRefs
 from vkclient.constants import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -156,7 +157,7 @@ def _sigbus(e: BaseException) -> bool:
 
 
 @dataclass
-class Ctx:
+class Ctx(FaulterRefs):
     """The global test state uffd-common.c keeps (area_src/dst, aliases, uffd, count_verify)."""
 
     k: Kernel
@@ -173,16 +174,6 @@ class Ctx:
     extra_uffds: list[u.Userfaultfd] = field(default_factory=list)
     _mem_fd: int = -1
     _file_offset: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def p(self) -> Process:
-        assert self.proc is not None
-        return self.proc
-
-    @property
-    def fd(self) -> u.Userfaultfd:
-        assert self.uffd is not None
-        return self.uffd
 
     @property
     def size(self) -> int:
