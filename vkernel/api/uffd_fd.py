@@ -184,9 +184,12 @@ class UffdFile:
                 loop.remove_reader(self.sock.fileno())
 
     async def _request(self, data: memoryview) -> None:
-        if len(data) < REQUEST.size or len(data) > MAX_DATAGRAM:
-            cmd, tag = REQUEST.unpack_from(data) if len(data) >= REQUEST.size else (0, 0)
-            self._answer(cmd, tag, errno.EINVAL if len(data) < 8 else errno.E2BIG, b"")
+        if len(data) < REQUEST.size:
+            self._answer(0, 0, errno.EINVAL, b"")
+            return
+        if len(data) > MAX_DATAGRAM:
+            cmd, tag = REQUEST.unpack_from(data)
+            self._answer(cmd, tag, errno.E2BIG, b"")
             return
         cmd, tag = REQUEST.unpack_from(data)
         arg = data[REQUEST.size :]
@@ -234,9 +237,10 @@ class UffdFile:
     def _read_now(self, tag: int, count: int, flags: int) -> bool:
         """Answer one read(2) if it need not sleep: messages, EOF, or an error (EAGAIN too
         under O_NONBLOCK). False: it must wait. Never raises (it runs inside wakeups)."""
+        if count > MAX_READ_COUNT:
+            self._answer(UFFD_FD_READ, tag, errno.EINVAL, b"")
+            return True
         try:
-            if count > MAX_READ_COUNT:
-                raise KernelError(errno.EINVAL, "read count above 4096 messages")
             msgs = self.ctx.read_nowait(count)
         except KernelError as e:
             if e.errno == errno.EAGAIN and not flags & uf.O_NONBLOCK:
