@@ -32,7 +32,7 @@ import asyncio
 import errno
 import time
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -217,7 +217,7 @@ def _release_pages(kernel: Kernel, pages: np.ndarray, n: int, foll: str, dirty: 
         _put_pages(kernel, pages, n, FOLL_GET, dirty)
 
 
-async def _wait_device(io: asyncio.Future[list[BaseException | None]]) -> None:
+async def _wait_device(io: asyncio.Future[Any]) -> None:
     """Wait for bios in flight even if the caller is being cancelled (no free under DMA)."""
     while not io.done():
         try:

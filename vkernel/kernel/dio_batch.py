@@ -1031,7 +1031,7 @@ async def iomap_dio_submit_array(
         )
     finally:
         for _, h in heads:  # the head's bios and pins are its own: it always finishes
-            await dio._wait_device(h)  # type: ignore[arg-type]
+            await dio._wait_device(h)
     for idx, h in heads:
         res[idx], c = h.result()
         cancelled |= c
